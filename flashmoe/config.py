@@ -1,0 +1,152 @@
+"""MoEConfig: what the user states about a Mixture-of-Experts layer.
+
+The config is frozen and validated on construction: an invalid value raises ``ValueError``
+naming the field, the value and what is allowed. It describes semantics only (what the layer
+computes); how the GPU kernel computes it lives in ``flashmoe.host.plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
+
+# dtype name -> torch dtype. Names are what the config stores, so a config stays hashable and
+# printable without torch objects in it.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32"}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical name ('bfloat16', 'float16', 'float32') of a torch dtype or a dtype string."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+        raise ValueError(f"dtype={dtype}: allowed are {', '.join(DTYPES)}")
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype, dtype.removeprefix("torch."))
+        if name in DTYPES:
+            return name
+    raise ValueError(f"dtype={dtype!r}: allowed are {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int                      # H: model width, input and output last dimension
+    intermediate_size: int                # I: width of one routed expert's FFN
+    num_experts: int                      # E: routed experts
+    top_k: int                            # k: experts chosen per token
+    activation: str = "silu"              # silu | gelu (erf) | gelu_tanh | relu
+    gated: bool = True                    # act(x Wg) * (x Wu) then W_down (SwiGLU when silu); else act(x W1) W2
+    scoring: str = "softmax"              # router probabilities: softmax over E, or per-expert sigmoid
+    norm_topk_prob: bool = False          # divide the k chosen weights by their sum
+    routed_scaling_factor: float = 1.0    # multiplies the k weights after normalisation (DeepSeek)
+    n_group: int = 1                      # group-limited routing: experts split into n_group groups ...
+    topk_group: int = 1                   # ... and only the best topk_group groups are eligible
+    group_score: str = "top2_sum"         # a group's score: sum of its 2 best (DeepSeek-V3) or its max (V2)
+    selection_bias: bool = False          # a per-expert bias added for selection only (e_score_correction_bias)
+    num_shared_experts: int = 0           # experts every token goes through, fused into one MLP
+    shared_intermediate_size: int | None = None   # width of one shared expert; None = intermediate_size
+    shared_expert_gate: bool = False      # scale the shared output by sigmoid(x w) (Qwen2-MoE)
+    capacity_factor: float | None = None  # None = dropless; else capacity ceil(cf * tokens * k / E) per expert
+    dtype: str = "bfloat16"               # activations and expert weights; the router is always fp32
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        _require_bool("gated", self.gated)
+        _require_bool("norm_topk_prob", self.norm_topk_prob)
+        _require_bool("selection_bias", self.selection_bias)
+        _require_bool("shared_expert_gate", self.shared_expert_gate)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("scoring", self.scoring, SCORINGS)
+        _require_choice("group_score", self.group_score, GROUP_SCORES)
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k}: must be at most num_experts={self.num_experts}")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group}: must divide num_experts={self.num_experts}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group}: must be at most n_group={self.n_group}")
+        eligible = self.topk_group * (self.num_experts // self.n_group)
+        if self.top_k > eligible:
+            raise ValueError(f"top_k={self.top_k}: only topk_group * num_experts / n_group = {eligible} "
+                             "experts are eligible per token")
+        if self.n_group > 1 and self.group_score == "top2_sum" and self.num_experts // self.n_group < 2:
+            raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
+                             f"n_group={self.n_group} leaves {self.num_experts // self.n_group}")
+        rsf = self.routed_scaling_factor
+        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not math.isfinite(rsf) or rsf <= 0:
+            raise ValueError(f"routed_scaling_factor={rsf!r}: must be a finite number > 0")
+        object.__setattr__(self, "routed_scaling_factor", float(rsf))
+
+        if self.shared_intermediate_size is not None:
+            _require_int("shared_intermediate_size", self.shared_intermediate_size, minimum=1)
+            if self.num_shared_experts == 0:
+                raise ValueError("shared_intermediate_size is set but num_shared_experts=0")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+
+        cf = self.capacity_factor
+        if cf is not None:
+            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf <= 0:
+                raise ValueError(f"capacity_factor={cf!r}: must be None (dropless) or a finite number > 0")
+            object.__setattr__(self, "capacity_factor", float(cf))
+
+    # Derived facts, one place each.
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def shared_intermediate_total(self) -> int:
+        """Width of the fused shared MLP: the shared experts side by side (0 when there are none).
+
+        Summing n gated MLPs equals one gated MLP whose intermediate is their concatenation,
+        which is how DeepSeek stores them; Qwen2-MoE has one shared expert of its own width.
+        """
+        per_expert = self.shared_intermediate_size or self.intermediate_size
+        return self.num_shared_experts * per_expert
+
+    @property
+    def up_rows(self) -> int:
+        """Rows of one expert's first projection: gate then up (2I) when gated, else I."""
+        return (2 if self.gated else 1) * self.intermediate_size
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for a forward over ``num_tokens`` tokens (all ranks together).
+
+        None when dropless. Computed in double precision, as the kernel does, so both agree.
+        """
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def replace(self, **changes) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def _require_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be True or False")
+
+
+def _require_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: allowed are {', '.join(allowed)}")

@@ -1,0 +1,149 @@
+// The one Params struct the host fills (flashmoe/host/abi.py mirrors it with ctypes) and the small
+// POD types that cross the host/device boundary. At compile time the host prepends a generated
+// header of static_asserts on every size and offset (abi.abi_header()), so drift fails the build.
+#pragma once
+
+namespace flashmoe {
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+constexpr int kMaxLocalRanks = 8;    // ranks one launch can host (virtual ranks on one GPU)
+constexpr int kMaxWorld = 64;        // ranks in the world (64-bit destination masks)
+constexpr int kChunkTokens = 64;     // tokens per route task / dispatch chunk (one u64 mask)
+
+// Heap regions, in the order of flashmoe/host/plan.py region_sizes(). Params holds each region's
+// bank-0 offset and its bank stride (0 for unbanked regions).
+enum RegionId : int {
+  kRecvRows, kEntries, kCounts, kRetRows, kDropMarks, kSyncCounters, kSelectDone, kTileDone,
+  kCountFlags, kDataFlags, kDoneFlags, kLogits, kTopkIds, kTopkWeights, kSharedGate,
+  kChunkCounts, kChunkBase, kInterRows, kSharedInter, kKeptList, kNumRegions
+};
+
+// The four words of kSyncCounters.
+enum SyncCounter : int { kBarrier = 0, kClaim = 1, kDispatched = 2, kFinished = 3 };
+
+// What a block was doing: the role of an error record and the kind of a trace record.
+enum TaskKind : u32 {
+  kTaskRoute = 0, kTaskPrefix = 1, kTaskDispatch = 2, kTaskSelect = 3, kTaskGemm0 = 4,
+  kTaskGemm1 = 5, kTaskCombine = 6, kTaskBarrier = 7, kTaskWait = 8, kNumTaskKinds = 9
+};
+
+// What a bounded wait waited for (ErrorRecord::what).
+enum WaitKind : u32 {
+  kWaitNone = 0, kWaitBarrier = 1, kWaitCountFlag = 2, kWaitDataFlag = 3, kWaitDoneFlag = 4,
+  kWaitTileDone = 5, kWaitSelectDone = 6
+};
+
+enum ErrorCode : u32 { kErrNone = 0, kErrTimeout = 1, kErrAborted = 2 };
+
+// Test-only fault injection (Params::fault_kind): kFaultStall makes rank Params::fault_rank never
+// signal that its dispatch is complete, as a dead or wedged peer would.
+enum FaultKind : u32 { kFaultNone = 0, kFaultStall = 1 };
+
+// One dispatched (token, expert) pair as the expert's rank sees it.
+struct Entry {
+  u32 recv_row;   // row in recv_rows[source] (the token index itself when source == this rank)
+  u32 token;      // token index on the source rank
+  u32 slot;       // j: the token's j-th expert
+  float weight;   // routing weight (ranks pairs under a capacity limit)
+};
+
+// The first thing each hosted rank's blocks saw go wrong.
+struct ErrorRecord {
+  u32 code;       // ErrorCode
+  u32 rank;       // global rank of the waiting block
+  u32 block;      // block index within the launch
+  u32 role;       // TaskKind the block was running
+  u32 what;       // WaitKind
+  u32 index;      // which source/expert rank, tile or expert it waited for
+  u64 expected;   // value awaited (epoch, count)
+  u64 observed;   // value last seen
+  u64 waited_ns;  // how long it waited
+};
+
+struct Control {
+  u32 abort;                           // set by the first block that times out; every wait polls it
+  u32 pad;
+  ErrorRecord errors[kMaxLocalRanks];  // one per hosted rank, first error wins
+};
+
+// One 32-byte trace record (flashmoe/trace.py reads them).
+struct TraceRecord {
+  u64 start_ns;   // %globaltimer at the start
+  u64 end_ns;     // %globaltimer at the end
+  u32 task;       // task index (tile id, chunk, ...)
+  u16 block;
+  u8 kind;        // TaskKind
+  u8 rank;
+  u16 sm;         // %smid
+  u16 pad;
+  u32 extra;      // kind-specific: expert, source rank, ...
+};
+
+// One hosted rank's tensors.
+struct LocalRank {
+  const void* x;    // [num_tokens, H] dtype, contiguous
+  void* out;        // [num_tokens, H] dtype, contiguous
+  i32 num_tokens;   // 0 .. max_tokens
+  i32 pad;
+};
+
+struct Params {
+  // Shapes.
+  i32 hidden;               // H
+  i32 intermediate;         // I
+  i32 shared_intermediate;  // I_s (0: no shared experts)
+  i32 num_experts;          // E
+  i32 experts_per_rank;     // E_l
+  i32 top_k;                // k
+  i32 slots;                // S = k + has shared experts
+  i32 world;                // W
+  i32 num_local_ranks;      // L
+  i32 first_local_rank;     // global rank of hosted rank 0
+  i32 blocks_per_rank;
+  i32 max_tokens;           // T
+  i32 num_chunks;           // ceil(T / kChunkTokens)
+  i32 max_row_tiles;        // entries of kTileDone
+  // Routing and experts.
+  i32 scoring;              // 0 softmax, 1 sigmoid
+  i32 norm_topk;
+  i32 n_group;
+  i32 topk_group;
+  i32 group_score;          // 0 sum of the best two, 1 max
+  i32 has_bias;
+  i32 shared_gate;          // the shared expert output is scaled by sigmoid(x . w)
+  i32 activation;           // 0 silu, 1 gelu, 2 gelu_tanh, 3 relu
+  float routed_scaling_factor;
+  i32 weights_first_expert; // global expert id of gate_up[0] / down[0]
+  double capacity_factor;   // 0: dropless
+  // Launch state.
+  u32 epoch;                // launch counter; flags hold it, bank = epoch & 1
+  u32 fault_kind;           // FaultKind (tests only)
+  u32 fault_rank;
+  u32 trace_capacity;       // records per block (0: no trace buffer)
+  u64 timeout_ns;           // bound of every wait
+  // Weights.
+  const float* router_weight;   // [E (+1 shared gate row), H] fp32
+  const float* selection_bias;  // [E] fp32
+  const void* gate_up;          // [experts, 2I or I, H]
+  const void* down;             // [experts, H, I]
+  const void* shared_gate_up;   // [2 I_s or I_s, H]
+  const void* shared_down;      // [H, I_s]
+  // Heap: hosted rank v's slice is heap + v * rank_heap_bytes.
+  u8* heap;
+  const u64* peer_bases;        // [W] every rank's slice as this GPU addresses it
+  u64 rank_heap_bytes;
+  u64 region_offset[kNumRegions];   // bank 0
+  u64 region_stride[kNumRegions];   // bank stride (0: unbanked)
+  Control* control;
+  u8* trace;                        // trace_layout(): counts then records
+  u64 trace_records_offset;
+  LocalRank local[kMaxLocalRanks];
+};
+
+}  // namespace flashmoe

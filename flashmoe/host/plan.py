@@ -1,0 +1,314 @@
+"""Plan: config + world + token bound + device -> placement, tiles, heap layout, grid.
+
+All layout arithmetic of the project lives here. The device reads every offset and stride from
+``Params`` (``abi.py`` fills it from a Plan) and never re-derives a layout.
+
+Notation: W ranks in the world, L of them hosted by this launch (L = W for virtual ranks on one
+GPU, L = 1 for one process per GPU), E experts, E_l = E / W per rank, k experts per token,
+T = max tokens per rank, H hidden, I intermediate, I_s the fused shared-expert width (0 if none),
+S = k + (1 if shared experts) result slots per token, b = element bytes (2, or 4 for fp32),
+C = ceil(T / 64) token chunks, R = W * T * min(k, E_l) expert rows a rank can receive, BM x BN the
+GEMM tile.
+
+Placement: rank r owns the contiguous experts [r * E_l, (r + 1) * E_l).
+
+Heap (one slice per rank, identical layout on every rank, so a peer's address is its base plus
+the same offset). Regions written by peers are *banked*: two copies, launch n uses bank n % 2.
+A rank can be at most one launch ahead of a peer it writes to (it cannot finish launch n without
+every rank's "done" signal of launch n), so the bank it writes is never one the peer still reads.
+
+    region          banked  bytes (one bank)           written by      holds
+    recv_rows       yes     W * T * H * b              source ranks    token rows, one per (token, destination rank)
+    entries         yes     E_l * W * T * 16           source ranks    Entry per (local expert, source, position)
+    counts          yes     W * (E_l + 2) * 4          source ranks    per source: rows per local expert, rows sent, tokens
+    ret_rows        yes     T * S * H * b              expert ranks    expert outputs per (token, slot); shared slot last
+    drop_marks      yes     T * k * 4                  expert ranks    epoch value when (token, slot) was dropped
+    sync_counters   yes     4 * 4                      this rank       barrier, claim, dispatched, finished
+    select_done     yes     E_l * 4                    this rank       capacity selection finished, per local expert
+    tile_done       yes     M * 4                      this rank       GEMM0 column tiles finished, per row tile
+    count_flags     no      W * 4                      source ranks    "my counts are written" (epoch value)
+    data_flags      no      W * 4                      source ranks    "my rows and entries are written"
+    done_flags      no      W * 4                      expert ranks    "your results are written"
+    logits          no      T * E * 4                  this rank       router logits (fp32)
+    topk_ids        no      T * k * 4                  this rank       chosen experts (int32)
+    topk_weights    no      T * k * 4                  this rank       combine weights (fp32)
+    shared_gate     no      T * 4                      this rank       sigmoid gate of the shared expert
+    chunk_counts    no      C * (E + W) * 4            this rank       per 64-token chunk: tokens per expert, per destination
+    chunk_base      no      C * (E + W) * 4            this rank       exclusive prefix of chunk_counts over chunks
+    inter_rows      no      R * I * b                  this rank       GEMM0 output of routed experts
+    shared_inter    no      T * I_s * b                this rank       GEMM0 output of the shared experts
+    kept_list       no      R * 4 (capacity mode only) this rank       kept entries per expert, compacted
+
+with M = ceil(R / BM) + E_l + ceil(T / BM) GEMM0 row tiles (each expert adds at most one partial
+tile; the shared experts add their own). Every region starts on a 256-byte boundary.
+
+Flags hold the launch epoch, so they need neither banks nor resets between launches (CUDA-graph
+safe); a wait accepts any epoch at or past the one it expects. The banked counters of launch n+1
+are zeroed by launch n, when nothing else can touch them.
+
+Dropless with bounded memory: a token travels once per destination rank (not once per expert), so
+a rank receives at most W * T rows whatever the routing, and holds at most R expert rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import MoEConfig
+from .spec import KernelSpec
+
+REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
+CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
+ENTRY_BYTES = 16             # struct Entry { u32 recv_row, token, slot; f32 weight; }
+NUM_BANKS = 2
+NUM_SYNC_COUNTERS = 4        # barrier, claim, dispatched, finished
+TRACE_RECORD_BYTES = 32
+
+
+def experts_per_rank(num_experts: int, world: int) -> int:
+    if world < 1 or num_experts % world:
+        raise ValueError(f"num_experts={num_experts} must be divisible by the world size {world}")
+    return num_experts // world
+
+
+def expert_owner(expert: int, num_experts: int, world: int) -> int:
+    return expert // experts_per_rank(num_experts, world)
+
+
+def rank_experts(rank: int, num_experts: int, world: int) -> range:
+    per = experts_per_rank(num_experts, world)
+    return range(rank * per, (rank + 1) * per)
+
+
+def _align(n: int, a: int = REGION_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    offset: int       # bytes from the rank's heap slice base (bank 0)
+    size: int         # bytes of one bank
+    banked: bool
+
+    @property
+    def bank_stride(self) -> int:
+        return _align(self.size) if self.banked else 0
+
+    @property
+    def total(self) -> int:
+        return self.bank_stride * NUM_BANKS if self.banked else self.size
+
+    def bank_offset(self, bank: int) -> int:
+        return self.offset + bank * self.bank_stride
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the plan needs to know about the GPU (read off the device, or stated for CPU checks)."""
+
+    sm_count: int = 132
+    max_smem_per_block: int = 227 * 1024    # opt-in dynamic shared memory limit (H100: 227 KiB)
+    arch: str = "sm_90a"
+
+    @staticmethod
+    def for_arch(arch: str) -> "DeviceInfo":
+        """Nominal limits for CPU-side checks: H100 for sm_90a, A100 for sm_80."""
+        if arch == "sm_80":
+            return DeviceInfo(sm_count=108, max_smem_per_block=163 * 1024, arch="sm_80")
+        return DeviceInfo()
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: MoEConfig
+    spec: KernelSpec
+    world: int                       # W
+    num_local_ranks: int             # L: ranks this launch hosts
+    first_local_rank: int            # global rank of the first hosted rank
+    max_tokens: int                  # T per rank
+    device: DeviceInfo
+    regions: dict[str, Region] = field(repr=False)
+    rank_heap_bytes: int = 0         # one rank's slice, all regions, both banks
+    blocks_per_rank: int = 0
+    smem_bytes: int = 0              # dynamic shared memory per block
+
+    # -- derived sizes (closed forms of the module docstring) --
+
+    @property
+    def experts_per_rank(self) -> int:
+        return experts_per_rank(self.config.num_experts, self.world)
+
+    @property
+    def slots(self) -> int:
+        """S: result slots per token (k routed, then one for the shared experts)."""
+        return self.config.top_k + (1 if self.config.num_shared_experts else 0)
+
+    @property
+    def num_chunks(self) -> int:
+        return ceil_div(self.max_tokens, CHUNK_TOKENS)
+
+    @property
+    def max_expert_rows(self) -> int:
+        """R: expert rows a rank can hold (every source sends each token once per rank)."""
+        return self.world * self.max_tokens * min(self.config.top_k, self.experts_per_rank)
+
+    @property
+    def max_row_tiles(self) -> int:
+        """M: GEMM0 row tiles of one rank, routed and shared."""
+        bm = self.spec.block_m
+        shared = ceil_div(self.max_tokens, bm) if self.config.num_shared_experts else 0
+        return ceil_div(self.max_expert_rows, bm) + self.experts_per_rank + shared
+
+    @property
+    def grid(self) -> int:
+        return self.blocks_per_rank * self.num_local_ranks
+
+    @property
+    def gemm0_cols_per_tile(self) -> int:
+        """Intermediate columns one GEMM0 tile produces (BN split between gate and up when gated)."""
+        return self.spec.block_n // self.spec.num_b_operands
+
+    def gemm0_col_tiles(self, intermediate: int) -> int:
+        return ceil_div(intermediate, self.gemm0_cols_per_tile)
+
+    def gemm1_col_tiles(self) -> int:
+        return ceil_div(self.config.hidden_size, self.spec.block_n)
+
+    def heap_bytes(self) -> int:
+        """All L hosted slices (the allocation a launch needs)."""
+        return self.rank_heap_bytes * self.num_local_ranks
+
+    def describe(self) -> str:
+        lines = [f"Plan W={self.world} L={self.num_local_ranks} T={self.max_tokens} "
+                 f"grid={self.grid} ({self.blocks_per_rank}/rank) smem={self.smem_bytes} B "
+                 f"heap/rank={self.rank_heap_bytes / 2**20:.1f} MiB"]
+        for r in self.regions.values():
+            lines.append(f"  {r.name:<13} @{r.offset:>12}  {r.size:>12} B{'  x2 banks' if r.banked else ''}")
+        return "\n".join(lines)
+
+
+def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: int) -> list[tuple[str, int, bool]]:
+    """(name, bytes of one bank, banked) in heap order; the table of the module docstring."""
+    W, T, H = world, max_tokens, config.hidden_size
+    E, k, I = config.num_experts, config.top_k, config.intermediate_size
+    El = experts_per_rank(E, W)
+    b = spec.element_bytes
+    S = k + (1 if config.num_shared_experts else 0)
+    C = ceil_div(T, CHUNK_TOKENS)
+    R = W * T * min(k, El)
+    bm = spec.block_m
+    M = ceil_div(R, bm) + El + (ceil_div(T, bm) if config.num_shared_experts else 0)
+    return [
+        ("recv_rows", W * T * H * b, True),
+        ("entries", El * W * T * ENTRY_BYTES, True),
+        ("counts", W * (El + 2) * 4, True),
+        ("ret_rows", T * S * H * b, True),
+        ("drop_marks", T * k * 4, True),
+        ("sync_counters", NUM_SYNC_COUNTERS * 4, True),
+        ("select_done", El * 4, True),
+        ("tile_done", M * 4, True),
+        ("count_flags", W * 4, False),
+        ("data_flags", W * 4, False),
+        ("done_flags", W * 4, False),
+        ("logits", T * E * 4, False),
+        ("topk_ids", T * k * 4, False),
+        ("topk_weights", T * k * 4, False),
+        ("shared_gate", T * 4, False),
+        ("chunk_counts", C * (E + W) * 4, False),
+        ("chunk_base", C * (E + W) * 4, False),
+        ("inter_rows", R * I * b, False),
+        ("shared_inter", T * config.shared_intermediate_total * b, False),
+        ("kept_list", R * 4 if config.capacity_factor is not None else 0, False),
+    ]
+
+
+def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | None:
+    """Why the kernel cannot run this layer (None when it can)."""
+    if spec.dtype != config.dtype:
+        return f"spec dtype {spec.dtype} differs from config dtype {config.dtype}"
+    if spec.gated != config.gated:
+        return f"spec gated={spec.gated} differs from config gated={config.gated}"
+    if config.num_experts % world:
+        return f"num_experts={config.num_experts} is not divisible by the world size {world}"
+    if world > 64:
+        return f"world size {world} is above the kernel's limit of 64 ranks"
+    row_multiple = 16 // spec.element_bytes     # rows move as 16-byte vectors
+    for name in ("hidden_size", "intermediate_size"):
+        if getattr(config, name) % row_multiple:
+            return f"{name}={getattr(config, name)} must be a multiple of {row_multiple} for {config.dtype}"
+    if config.shared_intermediate_total % row_multiple:
+        return f"shared width {config.shared_intermediate_total} must be a multiple of {row_multiple}"
+    if config.num_experts > 1024:
+        return f"num_experts={config.num_experts} is above the kernel's limit of 1024"
+    if config.top_k > 32:
+        return f"top_k={config.top_k} is above the kernel's limit of 32"
+    if config.n_group > 32:
+        return f"n_group={config.n_group} is above the kernel's limit of 32"
+    return None
+
+
+def scheduler_smem_bytes(config: MoEConfig, world: int) -> int:
+    """Shared memory the task map keeps for the whole task loop: per local expert its row count,
+    row offset, tile prefix and per-source segment starts (see device/roles/scheduler.cuh)."""
+    El = experts_per_rank(config.num_experts, world)
+    return _align((4 * (El + 1) + El * (world + 1)) * 4, 16)
+
+
+def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
+    """Shared memory of the route / dispatch / combine phases (they reuse the GEMM area)."""
+    E = config.num_experts
+    router = (CHUNK_TOKENS + 128) * 33 * 4               # x and W_router K-slices, padded rows
+    dispatch = (E + world) * 8 + CHUNK_TOKENS * 8 * 4    # 64-bit token masks + per-token scratch
+    return max(router, dispatch)
+
+
+def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: int = 1024,
+              num_local_ranks: int | None = None, first_local_rank: int = 0,
+              device: DeviceInfo | None = None) -> Plan:
+    """Lay out one launch. ``num_local_ranks`` defaults to ``world`` (all ranks virtual)."""
+    reason = kernel_support(config, spec, world)
+    if reason:
+        raise ValueError(f"the kernel cannot run this layer: {reason}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    L = world if num_local_ranks is None else num_local_ranks
+    if not 1 <= L <= min(world, 8):
+        raise ValueError(f"num_local_ranks={L}: must be in [1, min(world, 8)] (world={world})")
+    if not 0 <= first_local_rank <= world - L:
+        raise ValueError(f"first_local_rank={first_local_rank} out of range for world={world}, L={L}")
+    device = device or DeviceInfo.for_arch(spec.arch)
+
+    regions = {}
+    offset = 0
+    for name, size, banked in region_sizes(config, spec, world, max_tokens):
+        region = Region(name, offset, size, banked)
+        regions[name] = region
+        offset = _align(offset + region.total)
+
+    smem = (_align(max(spec.gemm_smem_bytes() + (spec.block_m + spec.block_n) * 8,
+                       phase_smem_bytes(config, spec, world)), 128)
+            + scheduler_smem_bytes(config, world) + 128)     # + 128: block-wide scratch words
+    if smem > device.max_smem_per_block:
+        raise ValueError(f"the kernel needs {smem} B of shared memory per block, above the device's "
+                         f"{device.max_smem_per_block} B; use fewer stages or a smaller tile")
+    blocks_per_rank = device.sm_count // L
+    if blocks_per_rank < 1:
+        raise ValueError(f"{L} local ranks need at least {L} SMs; the device has {device.sm_count}")
+    return Plan(config=config, spec=spec, world=world, num_local_ranks=L,
+                first_local_rank=first_local_rank, max_tokens=max_tokens, device=device,
+                regions=regions, rank_heap_bytes=offset, blocks_per_rank=blocks_per_rank,
+                smem_bytes=smem)
+
+
+def trace_layout(num_blocks: int, capacity: int) -> tuple[int, int, int]:
+    """Trace buffer: u32 record count per block, then ``capacity`` 32-byte records per block.
+    Returns (counts offset, records offset, total bytes)."""
+    counts = 0
+    records = _align(num_blocks * 4)
+    return counts, records, records + num_blocks * capacity * TRACE_RECORD_BYTES
