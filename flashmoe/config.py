@@ -93,7 +93,8 @@ class MoEConfig:
         if self.shared_intermediate_size is not None:
             _require_int("shared_intermediate_size", self.shared_intermediate_size, minimum=1)
             if self.num_shared_experts == 0:
-                raise ValueError("shared_intermediate_size is set but num_shared_experts=0")
+                raise ValueError(f"shared_intermediate_size={self.shared_intermediate_size}: needs "
+                                 "num_shared_experts >= 1 (it is 0)")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
 

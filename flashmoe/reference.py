@@ -211,7 +211,6 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: s
     x2d = x.reshape(-1, hidden)
     if routing is None:
         routing = route(x2d, weights, config)
-    out_dtype = torch.float32 if math == "fp32" else x.dtype
     acc_dtype = x.dtype if math == "native" else torch.float32
     t = x2d.shape[0]
 
@@ -222,15 +221,29 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: s
         tok, slot = torch.nonzero((routing.ids == e) & live, as_tuple=True)
         y[tok, slot] = expert_mlp(x2d[tok], weights.gate_up_proj[e], weights.down_proj[e], config,
                                   math).to(acc_dtype)
-
-    w = routing.weights.to(acc_dtype)
-    out = torch.zeros(t, hidden, dtype=acc_dtype, device=x.device)
-    for j in range(config.top_k):               # fixed slot order
-        out = out + torch.where(live[:, j:j + 1], w[:, j:j + 1] * y[:, j], 0)
+    shared = None
     if config.num_shared_experts:
-        shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj, config,
-                            math).to(acc_dtype)
+        shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj, config, math)
+    return combine(y, shared, routing, math, x.dtype).reshape(*lead, hidden)
+
+
+def combine(y: torch.Tensor, shared: torch.Tensor | None, routing: Routing, math: str,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The combine step on expert outputs ``y[T, k, H]`` and the shared output ``shared[T, H]``
+    (or None): sum of the kept slots' weighted outputs in slot order, shared last, rounded once.
+    ``dtype`` is the input's dtype. Shared here so the expert-parallel path (flashmoe.distributed)
+    combines in exactly the same order as the single-process one."""
+    acc_dtype = dtype if math == "native" else torch.float32
+    out_dtype = torch.float32 if math == "fp32" else dtype
+    y = y.to(acc_dtype)
+    live = routing.kept
+    w = routing.weights.to(acc_dtype)
+    out = torch.zeros(y.shape[0], y.shape[2], dtype=acc_dtype, device=y.device)
+    for j in range(y.shape[1]):                 # fixed slot order
+        out = out + torch.where(live[:, j:j + 1], w[:, j:j + 1] * y[:, j], 0)
+    if shared is not None:
+        shared = shared.to(acc_dtype)
         if routing.shared_gate is not None:
             shared = routing.shared_gate.to(acc_dtype)[:, None] * shared
         out = out + shared
-    return out.to(out_dtype).reshape(*lead, hidden)
+    return out.to(out_dtype)

@@ -1,0 +1,218 @@
+"""FlashMoELayer: the Mixture-of-Experts layer as a torch module.
+
+The module holds the parameters (named and laid out as transformers 5 stores them, so weights
+copy over unchanged), checks its inputs, and picks the backend per forward: the GPU kernel
+(``flashmoe.host.backend.KernelBackend``) or the reference (``flashmoe.reference``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import backend_select, reference
+from .config import MoEConfig
+from .distributed import ep_forward, group_rank_and_size
+from .host.plan import rank_experts
+from .inputs import check_input, check_weights
+
+
+class FlashMoELayer(nn.Module):
+    """A Mixture-of-Experts layer computing ``flashmoe.reference`` semantics.
+
+    Args:
+        config: what the layer computes (``MoEConfig``).
+        backend: 'auto' uses the GPU kernel when the input is on a CUDA device, the kernel
+            supports the config and autograd is not recording (the kernel is forward-only),
+            else the reference; 'kernel' always uses the kernel and raises
+            ``KernelUnavailable`` saying why when it cannot; 'reference' always uses the
+            reference (plain torch, differentiable, any device).
+        virtual_world: W expert-parallel ranks the kernel hosts on one GPU (tokens split
+            across them). The result does not depend on it.
+        device: where the parameters are created.
+        max_tokens: the most tokens one forward brings (sizes the kernel's buffers up front;
+            None lets them grow on demand, an allocation but never a recompile).
+        kernel_options: passed to the kernel backend: ``timeout_s`` (bound of every in-kernel
+            wait, default 10), ``error_check`` ('deferred' (default): a stopped launch raises
+            ``FlashMoEError`` at the next forward or ``synchronize()``; 'sync': at once, with a
+            host synchronisation per forward; 'none': for CUDA-graph capture, call
+            ``synchronize()`` yourself), ``blocks_per_rank``.
+        process_group: with a group of W > 1 processes, this process holds only its E/W
+            experts (``local_experts``) and forward is expert-parallel across the group; every
+            process calls forward with its own tokens (a collective, also with 0 tokens). The
+            kernel runs one launch per rank and forward over NVSHMEM
+            (``flashmoe.host.group_backend``; needs nvshmem4py) when every rank can run it, else
+            every rank runs ``flashmoe.distributed.ep_forward``. ``max_tokens`` is then a fixed
+            bound per rank (default 1024) that every rank must share. The replicated parameters
+            (router, bias, shared experts) are broadcast from the group's first rank at
+            construction so every rank routes alike.
+
+    The reference backend computes in fp32 and rounds once to the dtype. The last backend used
+    is in ``last_backend`` ('kernel' or 'reference').
+    """
+
+    def __init__(self, config: MoEConfig, *, backend: str = "auto", virtual_world: int = 1,
+                 device=None, max_tokens: int | None = None, process_group=None,
+                 kernel_options: dict | None = None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config is a {type(config).__name__}: expected a flashmoe.MoEConfig")
+        self.config = config
+        self.backend = backend_select.check_backend(backend)
+        if isinstance(virtual_world, bool) or not isinstance(virtual_world, int) or virtual_world < 1:
+            raise ValueError(f"virtual_world={virtual_world!r}: must be an integer >= 1")
+        if config.num_experts % virtual_world:
+            raise ValueError(f"virtual_world={virtual_world}: must divide num_experts="
+                             f"{config.num_experts} (each virtual rank owns E / W experts)")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens={max_tokens!r}: must be None or an integer >= 1")
+        self.virtual_world = virtual_world
+        self.max_tokens = max_tokens
+        self.kernel_options = dict(kernel_options or {})
+        self.process_group = process_group
+        self.rank, self.world_size = group_rank_and_size(process_group)
+        if self.world_size > 1 and virtual_world > 1:
+            raise ValueError(f"virtual_world={virtual_world} with a process group of "
+                             f"{self.world_size} ranks: each process is one expert-parallel rank; "
+                             "use one or the other")
+        if config.num_experts % self.world_size:
+            raise ValueError(f"num_experts={config.num_experts} must be divisible by the process "
+                             f"group's size {self.world_size}")
+        self.local_experts: range = rank_experts(self.rank, config.num_experts, self.world_size)
+        self.last_backend: str | None = None
+        self._kernel = None            # KernelBackend, built on the first kernel forward
+        self._kernel_device = None
+        self._kernel_reasons: dict = {}
+
+        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        fp32 = dict(device=device, dtype=torch.float32)
+        low = dict(device=device, dtype=config.torch_dtype)
+        e_local = len(self.local_experts)
+        self.router_weight = nn.Parameter(torch.empty(e, h, **fp32))
+        self.gate_up_proj = nn.Parameter(torch.empty(e_local, config.up_rows, h, **low))
+        self.down_proj = nn.Parameter(torch.empty(e_local, h, i, **low))
+        # A selection bias is adjusted by load balancing, not by gradients: a buffer, as in
+        # DeepSeek-V3. Absent features are registered as None so they stay out of state_dict.
+        self.register_buffer("selection_bias", torch.zeros(e, **fp32) if config.selection_bias else None)
+        shared = config.shared_intermediate_total
+        if shared:
+            rows = (2 if config.gated else 1) * shared
+            self.shared_gate_up_proj = nn.Parameter(torch.empty(rows, h, **low))
+            self.shared_down_proj = nn.Parameter(torch.empty(h, shared, **low))
+        else:
+            self.register_parameter("shared_gate_up_proj", None)
+            self.register_parameter("shared_down_proj", None)
+        if config.shared_expert_gate:
+            self.shared_gate_weight = nn.Parameter(torch.empty(1, h, **fp32))
+        else:
+            self.register_parameter("shared_gate_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init with std 1/sqrt(fan_in): unit-scale inputs give unit-scale router logits
+        (routing that is neither uniform nor one-hot) and expert outputs of the input's scale.
+        The selection bias starts at zero (neutral)."""
+        cfg = self.config
+        for p, fan_in in ((self.router_weight, cfg.hidden_size),
+                          (self.gate_up_proj, cfg.hidden_size),
+                          (self.down_proj, cfg.intermediate_size),
+                          (self.shared_gate_up_proj, cfg.hidden_size),
+                          (self.shared_down_proj, cfg.shared_intermediate_total),
+                          (self.shared_gate_weight, cfg.hidden_size)):
+            if p is not None and p.device.type != "meta":
+                nn.init.normal_(p, std=1.0 / math.sqrt(fan_in))
+        if self.selection_bias is not None:
+            self.selection_bias.zero_()
+        if self.world_size > 1:
+            self._broadcast_replicated()
+
+    def _broadcast_replicated(self) -> None:
+        import torch.distributed as dist
+        src = dist.get_global_rank(self.process_group, 0)
+        for t in (self.router_weight, self.selection_bias, self.shared_gate_up_proj,
+                  self.shared_down_proj, self.shared_gate_weight):
+            if t is not None:
+                dist.broadcast(t.data, src=src, group=self.process_group)
+
+    def weights(self) -> reference.MoEWeights:
+        """The parameters as ``reference.MoEWeights`` (views, no copies). With a process group,
+        gate_up_proj / down_proj hold only this rank's experts ``local_experts``."""
+        return reference.MoEWeights(
+            router_weight=self.router_weight, gate_up_proj=self.gate_up_proj,
+            down_proj=self.down_proj, selection_bias=self.selection_bias,
+            shared_gate_up_proj=self.shared_gate_up_proj, shared_down_proj=self.shared_down_proj,
+            shared_gate_weight=self.shared_gate_weight)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        """``x[..., H]`` -> same shape and dtype; with ``return_routing`` also the ``Routing``
+        (ids, weights, kept, shared gate, logits) of the flattened tokens."""
+        check_input(x, self.config, self.router_weight.device)
+        weights = self.weights()
+        check_weights(weights, self.config, num_experts=len(self.local_experts))
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.config.hidden_size)
+        if self.world_size > 1:
+            which = backend_select.group_choose(self.backend, self.config, x, weights,
+                                                self.process_group, self._kernel_reasons)
+            if which == "kernel":
+                result = self._kernel_for(x.device).forward(x2d.contiguous(), weights,
+                                                            return_routing=return_routing)
+                out, routing = result if return_routing else (result, None)
+            else:
+                out, routing = ep_forward(x2d, weights, self.config, self.process_group,
+                                          math=backend_select.REFERENCE_MATH, return_routing=True)
+                out = out.to(x.dtype)
+        else:
+            which = backend_select.choose(self.backend, self.config, x, weights, self.virtual_world,
+                                          self.process_group, self._kernel_reasons)
+            out, routing = backend_select.forward_2d(which, x2d, weights, self.config,
+                                                     kernel=lambda: self._kernel_for(x.device),
+                                                     return_routing=return_routing)
+        self.last_backend = which
+        out = out.reshape(*lead, self.config.hidden_size)
+        return (out, routing) if return_routing else out
+
+    def _kernel_for(self, device: torch.device):
+        """The KernelBackend for ``device``, built once (it compiles and allocates heaps)."""
+        if self._kernel is None or self._kernel_device != device:
+            group = self.process_group if self.world_size > 1 else None
+            self._kernel = backend_select.new_kernel(self.config, device, self.virtual_world,
+                                                     self.max_tokens, process_group=group,
+                                                     options=self.kernel_options)
+            self._kernel_device = device
+        return self._kernel
+
+    def synchronize(self) -> None:
+        """Wait for this layer's kernel launches; raise ``FlashMoEError`` if one stopped (with
+        the deferred error check, a stopped launch is otherwise reported at the next forward)."""
+        if self._kernel is not None:
+            self._kernel.synchronize()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the parameters invalidates what was cached for their device.
+        self._kernel, self._kernel_device, self._kernel_reasons = None, None, {}
+        return super()._apply(fn, *args, **kwargs)
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, backend: str = "auto", **kwargs) -> "FlashMoELayer":
+        """A layer computing what a transformers 5 sparse-MoE block computes, with its weights
+        copied (see ``flashmoe.hf`` for the supported blocks). ``kwargs`` go to the
+        constructor (virtual_world, device, max_tokens, process_group)."""
+        from .hf import from_hf
+        return from_hf(cls, block, backend=backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        parts = [f"hidden={c.hidden_size}", f"intermediate={c.intermediate_size}",
+                 f"experts={c.num_experts}", f"top_k={c.top_k}", f"dtype={c.dtype}",
+                 f"backend={self.backend!r}"]
+        if self.world_size > 1:
+            parts.append(f"rank={self.rank}/{self.world_size} experts "
+                         f"{self.local_experts.start}..{self.local_experts.stop - 1}")
+        if self.virtual_world > 1:
+            parts.append(f"virtual_world={self.virtual_world}")
+        return ", ".join(parts)

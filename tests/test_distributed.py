@@ -1,0 +1,181 @@
+"""Expert parallelism over gloo (CPU processes) against the single-process reference on the
+concatenation of all ranks' tokens. One group of processes per world size runs every case, to stay fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flashmoe import FlashMoELayer, MoEConfig, MoEWeights, reference
+from flashmoe.distributed import ep_forward
+
+# Imported here, before the workers fork, so they inherit it instead of importing it each.
+mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+
+# tokens each rank brings, per world size: one rank with none, uneven others
+TOKENS = {2: [11, 0], 4: [5, 0, 9, 6]}
+
+CASES = {
+    "dropless": dict(config=dict(), math="contract"),
+    "dropless_fp32_math": dict(config=dict(num_shared_experts=1), math="fp32"),
+    "capacity_deepseek_like": dict(config=dict(
+        scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, num_shared_experts=2, shared_intermediate_size=4,
+        capacity_factor=0.5), math="contract"),
+    "capacity_bf16_shared_gate": dict(config=dict(
+        dtype="bfloat16", num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0,
+        activation="gelu_tanh"), math="contract"),
+    "plain_relu_native": dict(config=dict(gated=False, activation="relu", top_k=3), math="native"),
+    # experts 2 and 3 are never chosen: in a world of 4, rank 1 receives no rows at all
+    "idle_experts": dict(config=dict(scoring="sigmoid", selection_bias=True), math="contract",
+                         bias={2: -100.0, 3: -100.0}),
+}
+
+
+def make_config(fields):
+    base = dict(hidden_size=16, intermediate_size=8, num_experts=8, top_k=2, dtype="float32")
+    return MoEConfig(**{**base, **fields})
+
+
+def make_weights(config, bias=None):
+    """The same full weights on every rank (fixed seed)."""
+    g = torch.Generator().manual_seed(1234)
+    e, h, i, dt = config.num_experts, config.hidden_size, config.intermediate_size, config.torch_dtype
+
+    def rnd(*shape, fan_in, dtype=dt, std=1.0):
+        return (torch.randn(*shape, generator=g) * std / fan_in ** 0.5).to(dtype)
+    w = MoEWeights(router_weight=rnd(e, h, fan_in=h, dtype=torch.float32, std=3.0),
+                   gate_up_proj=rnd(e, config.up_rows, h, fan_in=h),
+                   down_proj=rnd(e, h, i, fan_in=i))
+    if config.selection_bias:
+        w.selection_bias = torch.randn(e, generator=g) * 0.1
+        for expert, value in (bias or {}).items():
+            w.selection_bias[expert] = value
+    if config.num_shared_experts:
+        s = config.shared_intermediate_total
+        w.shared_gate_up_proj = rnd((2 if config.gated else 1) * s, h, fan_in=h)
+        w.shared_down_proj = rnd(h, s, fan_in=s)
+    if config.shared_expert_gate:
+        w.shared_gate_weight = rnd(1, h, fan_in=h, dtype=torch.float32)
+    return w
+
+
+def all_tokens(config, counts):
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(sum(counts), config.hidden_size, generator=g).to(config.torch_dtype)
+    # exact duplicates on different ranks: their capacity ties are broken by global token index
+    x[-1] = x[0]
+    x[-2] = x[1]
+    return x
+
+
+def assert_close(out, expected, name, rtol=1e-5, atol=1e-6):
+    # Not torch.testing.assert_close: with torch.distributed initialised it imports the DTensor
+    # package, which alone takes seconds per process.
+    assert out.shape == expected.shape and out.dtype == expected.dtype, name
+    bad = (out.double() - expected.double()).abs() > atol + rtol * expected.double().abs()
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements differ, max abs diff " \
+        f"{float((out.double() - expected.double()).abs().max()):.3g}"
+
+
+def check_case(name, case, rank, world):
+    config = make_config(case["config"])
+    weights = make_weights(config, case.get("bias"))
+    counts = TOKENS[world]
+    x = all_tokens(config, counts)
+    start = sum(counts[:rank])
+    mine = x[start:start + counts[rank]]
+    expected_routing = reference.route(x, weights, config)
+    expected = reference.moe_forward(x, weights, config, math=case["math"])[start:start + counts[rank]]
+    if "bias" in case:
+        assert not torch.isin(expected_routing.ids, torch.tensor(list(case["bias"]))).any()
+    if config.capacity_factor is not None:
+        assert not expected_routing.kept.all(), f"{name}: the capacity should drop something"
+
+    # with all experts' weights given, and with only this rank's share
+    mine_only = reference.MoEWeights(**vars(weights))
+    per = config.num_experts // world
+    mine_only.gate_up_proj = weights.gate_up_proj[rank * per:(rank + 1) * per].clone()
+    mine_only.down_proj = weights.down_proj[rank * per:(rank + 1) * per].clone()
+    for w in (weights, mine_only):
+        out, routing = ep_forward(mine, w, config, math=case["math"], return_routing=True)
+        assert out.shape == mine.shape, name
+        assert out.dtype == (torch.float32 if case["math"] == "fp32" else config.torch_dtype), name
+        sl = slice(start, start + counts[rank])
+        assert torch.equal(routing.ids, expected_routing.ids[sl]), name
+        assert torch.equal(routing.kept, expected_routing.kept[sl]), name
+        assert_close(out, expected, name)
+
+
+def check_layer(rank, world):
+    """FlashMoELayer with a process group: the replicated weights agree after construction, and
+    forward equals a single-process layer holding all experts."""
+    config = make_config(dict(num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0))
+    torch.manual_seed(100 + rank)                 # different init on every rank ...
+    layer = FlashMoELayer(config, process_group=dist.group.WORLD)
+    router = [torch.empty_like(layer.router_weight) for _ in range(world)]
+    dist.all_gather(router, layer.router_weight.detach())
+    assert all(torch.equal(r, router[0]) for r in router)    # ... but one router after the broadcast
+    assert len(layer.local_experts) == 8 // world and layer.gate_up_proj.shape[0] == 8 // world
+
+    torch.manual_seed(7)
+    full = FlashMoELayer(config)                   # the same on every rank
+    state = full.state_dict()
+    mine = layer.local_experts
+    state["gate_up_proj"] = state["gate_up_proj"][mine.start:mine.stop]
+    state["down_proj"] = state["down_proj"][mine.start:mine.stop]
+    layer.load_state_dict(state)
+    counts = TOKENS[world]
+    x = all_tokens(config, counts)
+    start = sum(counts[:rank])
+    with torch.no_grad():
+        out = layer(x[start:start + counts[rank]].reshape(1, -1, 16))
+        expected = full(x)[start:start + counts[rank]]
+    assert_close(out.reshape(-1, 16), expected, "layer")
+    assert layer.last_backend == "reference"
+
+    with pytest.raises(RuntimeError, match="computes no gradients"):
+        layer(x[:1])                               # parameters require grad: refused, not wrong
+
+    # from_hf with a process group copies this rank's experts only
+    torch.manual_seed(11)
+    block = mixtral.MixtralSparseMoeBlock(mixtral.MixtralConfig(
+        hidden_size=16, intermediate_size=8, num_local_experts=8, num_experts_per_tok=2,
+        experts_implementation="eager")).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=2.0 / p.shape[-1] ** 0.5)
+    layer = FlashMoELayer.from_hf(block, process_group=dist.group.WORLD)
+    assert torch.equal(layer.gate_up_proj, block.experts.gate_up_proj[mine.start:mine.stop])
+    with torch.no_grad():
+        out = layer(x[start:start + counts[rank]])
+        expected = block(x.reshape(1, -1, 16)).reshape(-1, 16)[start:start + counts[rank]]
+    assert_close(out, expected, "from_hf", rtol=1e-5, atol=1e-5)
+
+
+def worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        with torch.no_grad():
+            for name, case in CASES.items():
+                check_case(name, case, rank, world)
+        check_layer(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(TOKENS))
+def test_expert_parallel_equals_single_process(world, tmp_path):
+    # fork, not spawn: a spawned process imports torch again, which takes seconds per rank on
+    # a small CI machine; the workers set one intra-op thread, so the forked OpenMP state is
+    # never used.
+    mp.start_processes(worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world,
+                       join=True, start_method="fork")
+
+
+def test_ep_forward_needs_an_initialised_group():
+    config = make_config({})
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        ep_forward(torch.randn(2, 16), make_weights(config), config)

@@ -1,0 +1,182 @@
+"""The reference forward against an independent float64 oracle (tests/oracle.py), and the
+contract's properties: NaN isolation, capacity limits, empty input, the three math modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmoe import MoEConfig, MoEWeights
+from flashmoe.reference import moe_forward, route
+from oracle import oracle_forward
+
+
+def random_weights(config, scale=1.0, bias_scale=0.0):
+    e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+    dt = config.torch_dtype
+    w = MoEWeights(
+        router_weight=torch.randn(e, h) * scale / h ** 0.5,
+        gate_up_proj=(torch.randn(e, config.up_rows, h) / h ** 0.5).to(dt),
+        down_proj=(torch.randn(e, h, i) / i ** 0.5).to(dt))
+    if config.selection_bias:
+        w.selection_bias = torch.randn(e) * bias_scale
+    if config.num_shared_experts:
+        s = config.shared_intermediate_total
+        w.shared_gate_up_proj = (torch.randn((2 if config.gated else 1) * s, h) / h ** 0.5).to(dt)
+        w.shared_down_proj = (torch.randn(h, s) / s ** 0.5).to(dt)
+    if config.shared_expert_gate:
+        w.shared_gate_weight = torch.randn(1, h) / h ** 0.5
+    return w
+
+
+def small(**kw):
+    fields = dict(hidden_size=12, intermediate_size=6, num_experts=8, top_k=2, dtype="float32")
+    fields.update(kw)
+    return MoEConfig(**fields)
+
+
+def relative_error(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_activation_matches_the_oracle(activation, gated):
+    config = small(activation=activation, gated=gated)
+    w = random_weights(config)
+    x = torch.randn(10, 12)
+    assert relative_error(moe_forward(x, w, config, math="fp32"), oracle_forward(x, w, config)) < 1e-5
+
+
+@pytest.mark.parametrize("options", [
+    dict(norm_topk_prob=True),
+    dict(scoring="sigmoid", routed_scaling_factor=2.5),
+    dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2, norm_topk_prob=True),
+    dict(scoring="softmax", n_group=2, topk_group=1, group_score="max", top_k=3),
+    dict(num_shared_experts=1),
+    dict(num_shared_experts=2, shared_intermediate_size=3, shared_expert_gate=True),
+    dict(num_shared_experts=1, shared_expert_gate=True, gated=False, activation="relu"),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_routing_options_and_shared_experts_match_the_oracle(options):
+    config = small(**options)
+    w = random_weights(config, scale=3.0, bias_scale=0.3)
+    x = torch.randn(16, 12)
+    assert relative_error(moe_forward(x, w, config, math="fp32"), oracle_forward(x, w, config)) < 1e-5
+
+
+def test_shared_gate_scales_only_the_shared_output():
+    config = small(num_shared_experts=1, shared_expert_gate=True)
+    w = random_weights(config)
+    x = torch.randn(6, 12)
+    routed_only = moe_forward(x, MoEWeights(w.router_weight, w.gate_up_proj, w.down_proj),
+                              small(), math="fp32")
+    ungated = moe_forward(x, w, config.replace(shared_expert_gate=False), math="fp32")
+    gated = moe_forward(x, w, config, math="fp32")
+    gate = torch.sigmoid(x @ w.shared_gate_weight.t())
+    torch.testing.assert_close(gated - routed_only, gate * (ungated - routed_only), rtol=1e-5, atol=1e-6)
+
+
+def test_dropless_equals_capacity_with_a_huge_factor():
+    config = small(top_k=3)
+    w = random_weights(config, scale=3.0)
+    x = torch.randn(40, 12)
+    huge = config.replace(capacity_factor=1e6)
+    assert route(x, w, huge).kept.all()
+    for math in ("contract", "fp32", "native"):
+        assert torch.equal(moe_forward(x, w, config, math=math), moe_forward(x, w, huge, math=math))
+
+
+def test_capacity_bounds_rows_per_expert():
+    config = small(top_k=2, capacity_factor=0.5)
+    w = random_weights(config, scale=4.0)
+    x = torch.randn(64, 12)
+    routing = route(x, w, config)
+    cap = config.capacity(64)
+    assert cap == 8
+    per_expert = torch.bincount(routing.ids[routing.kept], minlength=8)
+    assert per_expert.max() <= cap
+    # every expert that had more candidates than room is full, none is over
+    wanted = torch.bincount(routing.ids.reshape(-1), minlength=8)
+    assert torch.equal(per_expert, wanted.clamp(max=cap))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("math", ["contract", "fp32", "native"])
+def test_a_poisoned_row_changes_no_other_row_dropless(poison, math):
+    config = small(num_shared_experts=1, shared_expert_gate=True)
+    w = random_weights(config)
+    x = torch.randn(12, 12)
+    clean = moe_forward(x, w, config, math=math)
+    x[5, 3] = poison
+    out = moe_forward(x, w, config, math=math)
+    others = torch.arange(12) != 5
+    assert torch.isfinite(out[others]).all()
+    torch.testing.assert_close(out[others], clean[others], rtol=1e-6, atol=1e-6)
+
+
+def test_a_nan_row_ranks_lowest_under_capacity():
+    config = small(top_k=2, capacity_factor=0.5)
+    w = random_weights(config, scale=4.0)
+    x = torch.randn(32, 12)
+    x[0] = float("nan")
+    routing = route(x, w, config)
+    # token 0 would win every tie as the lowest index; as NaN it loses to every real weight,
+    # so the others keep exactly what they keep without it competing
+    from flashmoe.reference import capacity_keep
+    rest = capacity_keep(routing.ids[1:], routing.weights[1:], config, torch.arange(1, 32), 32)
+    assert torch.equal(routing.kept[1:], rest)
+    full = torch.bincount(routing.ids[1:][rest], minlength=8) >= config.capacity(32)
+    assert not routing.kept[0][full[routing.ids[0]]].any()
+    out = moe_forward(x, w, config)
+    assert torch.isfinite(out[1:]).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 12), (3, 0, 12)])
+def test_zero_tokens(shape):
+    config = small(capacity_factor=1.0, num_shared_experts=1)
+    w = random_weights(config)
+    out = moe_forward(torch.randn(shape), w, config)
+    assert out.shape == shape and out.dtype == torch.float32
+
+
+def test_math_modes_agree_closely_in_fp32():
+    config = small(num_shared_experts=1)
+    w = random_weights(config)
+    x = torch.randn(32, 12)
+    ideal = moe_forward(x, w, config, math="fp32")
+    for math in ("contract", "native"):
+        # both use TF32 operands for float32 (10 mantissa bits): agree to ~1e-3 relative
+        assert relative_error(moe_forward(x, w, config, math=math), ideal) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_math_modes_differ_by_rounding_in_low_precision(dtype):
+    config = small(num_shared_experts=1, dtype=dtype, hidden_size=64, intermediate_size=32)
+    w = random_weights(config)
+    x = torch.randn(64, 64).to(config.torch_dtype)
+    ideal = moe_forward(x, w, config, math="fp32")
+    eps = torch.finfo(config.torch_dtype).eps
+    errors = {}
+    for math in ("contract", "native"):
+        out = moe_forward(x, w, config, math=math)
+        assert out.dtype == config.torch_dtype
+        errors[math] = relative_error(out, ideal)
+        # a few roundings of size eps/2 each, not a different computation
+        assert 0 < errors[math] < 8 * eps
+    # contract keeps fp32 arithmetic between its roundings; native rounds after every op
+    assert errors["contract"] <= errors["native"]
+
+
+def test_routing_override_is_used():
+    config = small()
+    w = random_weights(config)
+    x = torch.randn(4, 12)
+    routing = route(x, w, config)
+    routing.ids = (routing.ids + 1) % 8          # a different (still valid) choice
+    assert not torch.equal(moe_forward(x, w, config, routing=routing), moe_forward(x, w, config))
+
+
+def test_unknown_math_mode_is_refused():
+    config = small()
+    with pytest.raises(ValueError, match=r"math='tf32': allowed are contract, fp32, native"):
+        moe_forward(torch.randn(2, 12), random_weights(config), config, math="tf32")
