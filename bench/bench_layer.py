@@ -1,0 +1,164 @@
+"""One MoE layer on one GPU: flashmoe against a torch loop and transformers' grouped_mm experts.
+
+    python bench/bench_layer.py [--configs ...] [--tokens ...] [--providers ...] [--repeats N]
+    python bench/bench_layer.py --dry-run        # CPU, tiny shapes, reference backend
+
+Every row is checked once against the fp32 reference (``flashmoe.accuracy`` rule) before it is
+timed, and is reported as a fraction of the two ceilings measured at the start of the same run:
+the dense bf16 matmul rate (useful FLOPs / time) and the copy bandwidth (expert-weight bytes /
+time). Speed-ups are over the baselines of the same row, and only between correct results.
+Writes ``bench/results/layer_<device>_<date>.{csv,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):       # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench import layers, providers, report, timing
+from bench.measure import measure, speedups
+from flashmoe import FlashMoELayer, reference
+
+PROVIDERS = ("flashmoe", "torch_loop", "hf_grouped_mm")
+BASELINES = ("torch_loop", "hf_grouped_mm")
+COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tokens", "provider",
+           "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
+           "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "max_abs_err", "tol", "correct",
+           "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + ["sm_busy", "comm_overlap", "note"]
+TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""),
+         ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"), ("pct_matmul", "%mm", ".3g"),
+         ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"),
+         ("max_abs_err", "err", ".2e"), ("tol", "tol", ".2e"), ("route_agree", "route", ".4f"),
+         ("speedup_vs_torch_loop", "x loop", ".3g"), ("speedup_vs_hf_grouped_mm", "x hf", ".3g"),
+         ("status", "status", "")]
+WIDTHS = {"config": 16, "provider": 13, "tokens": 6}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=list(layers.LAYERS), choices=list(layers.LAYERS))
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help=f"default {list(layers.TOKENS)} ({list(layers.DRY_RUN_TOKENS)} with --dry-run)")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 30; 2 dry)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 1 dry)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays (a provider that cannot be captured is timed eagerly)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny shapes, reference backend: runs every path, measures nothing")
+    p.add_argument("--out-dir", default=None, help="default bench/results (a temp dir with --dry-run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="record the kernel's timeline (N records per block) and write, per row, a "
+                        "Perfetto JSON, a PNG timeline and the SM-busy / overlap figures")
+    args = p.parse_args(argv)
+    args.tokens = args.tokens or list(layers.DRY_RUN_TOKENS if args.dry_run else layers.TOKENS)
+    args.repeats = args.repeats or (2 if args.dry_run else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 5)
+    return args
+
+
+def build_providers(names, source: FlashMoELayer, family: str, dry_run: bool):
+    """{name: Provider or the reason it is unavailable}."""
+    config, weights = source.config, source.weights()
+    made = {}
+    for name in names:
+        try:
+            if name == "flashmoe":
+                made[name] = providers.flashmoe(source, dry_run=dry_run)
+            elif name == "torch_loop":
+                made[name] = providers.torch_loop(config, weights)
+            else:
+                made[name] = providers.hf_grouped_mm(config, weights, family)
+        except providers.Unavailable as exc:
+            made[name] = str(exc)
+    return made
+
+
+def attach_trace(layer: FlashMoELayer, stem: str) -> dict:
+    """The last forward's kernel timeline: Perfetto JSON and PNG beside the results, and the
+    utilisation figures (flashmoe.trace) for the row."""
+    from flashmoe import trace
+    t = layer._kernel.last_trace()
+    trace.to_chrome_json(t, f"{stem}.trace.json")
+    try:
+        trace.plot_timeline(t, f"{stem}.trace.png")
+    except ImportError:
+        pass
+    u = trace.utilisation(t)
+    return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = timing.pick_device(args.dry_run)
+    with timing.cpu_threads(1 if args.dry_run else None):
+        return run(args, device)
+
+
+def run(args, device: torch.device) -> int:
+    torch.manual_seed(args.seed)
+    meta = report.run_metadata(device, args.dry_run)
+    ceilings = timing.measure_ceilings(device, args.dry_run)
+    report.print_header(meta, ceilings)
+    stem = report.output_stem("layer", meta, args.out_dir)
+    rows: list[dict] = []
+    show = report.RowPrinter(TABLE, WIDTHS)
+    for name in args.configs:
+        config, family = layers.layer(name, args.dry_run)
+        shape = dict(config=name, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                     experts=config.num_experts, top_k=config.top_k, gated=config.gated)
+        traced = args.trace and not args.dry_run
+        source = FlashMoELayer(config, backend="reference" if args.dry_run else "kernel",
+                               device=device, max_tokens=max(args.tokens),
+                               kernel_options={"trace_capacity": args.trace} if traced else None)
+        weights = source.weights()
+        made = build_providers(args.providers, source, family, args.dry_run)
+        for tokens in args.tokens:
+            inputs = timing.rotating_inputs((tokens, config.hidden_size), config.torch_dtype, device,
+                                            seed=args.seed + tokens)
+            with torch.inference_mode():
+                ref_routing = reference.route(inputs[0], weights, config)
+            group = []
+            for pname in args.providers:
+                p = made[pname]
+                if isinstance(p, str):
+                    group.append({"provider": pname, "tokens": tokens, "status": f"skipped: {p}"})
+                    continue
+                group.append(measure(p, inputs, weights, config, ref_routing, ceilings,
+                                     warmup=args.warmup, repeats=args.repeats, graph=args.cuda_graph))
+                if traced and pname == "flashmoe" and group[-1].get("status") == "ok":
+                    group[-1].update(attach_trace(source, f"{stem}_{name}_{tokens}"))
+            speedups(group, list(BASELINES))
+            for r in group:
+                r.update(shape)
+                show(r)
+            rows += group
+            report.write_results(stem, COLUMNS, rows, meta, ceilings)
+            del inputs
+        del made, source, weights
+        if not args.dry_run:       # after each config, so a run cut short still has its plot
+            _plot(stem, rows, meta, ceilings)
+    print("\nsummary")
+    report.print_table(rows, TABLE)
+    png = _plot(stem, rows, meta, ceilings)
+    print(f"wrote {stem}.csv, {stem}.json" + (f", {png}" if png else ""))
+    return 0
+
+
+def _plot(stem, rows, meta, ceilings):
+    title = f"MoE layer forward, {meta['device_name']}, {meta['date_utc']}"
+    if meta["dry_run"]:
+        title += " (DRY RUN: not a measurement)"
+    return report.plot(f"{stem}.png", rows, y="tflops", ylabel="useful TFLOP/s", series="provider",
+                       title=title, hline=ceilings["matmul_tflops"], hline_label="dense bf16 matmul")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The implementations a benchmark compares, behind one interface, plus the correctness check.
+
+A provider has ``forward(x2d) -> out2d`` (what is timed) and ``checked(x2d) -> (out2d, Routing)``
+(run once per row: the output and the routing it was computed under). Building one either
+succeeds or raises ``Unavailable`` with the reason the row will print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from flashmoe import FlashMoELayer, accuracy, backend_select
+from flashmoe.config import MoEConfig
+from flashmoe.reference import MoEWeights, Routing
+
+from . import baselines, hf_baseline
+
+
+class Unavailable(Exception):
+    """A provider cannot run here; the message says why."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line, for a status cell (some messages carry install advice below)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+@dataclass
+class Provider:
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    checked: Callable[[torch.Tensor], tuple[torch.Tensor, Routing]]
+    # Called after the timed runs: surfaces an error a launch reported asynchronously.
+    finish: Callable[[torch.Tensor], None] = lambda x: None
+
+
+def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
+    """Make ``dst`` hold ``src``'s tensors (not copies: one Mixtral layer's experts are 2.8 GB)."""
+    for name, t in list(src.named_parameters(recurse=False)) + list(src.named_buffers(recurse=False)):
+        setattr(dst, name, t)
+    return dst
+
+
+def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int | None = None,
+             dry_run: bool = False) -> Provider:
+    """The flashmoe layer on ``source``'s weights. On a GPU the kernel backend is forced (a
+    silent fallback to the reference must never be timed as flashmoe); a dry run uses the
+    reference backend."""
+    config = source.config
+    device = source.router_weight.device
+    if not dry_run:
+        reason = backend_select.kernel_unavailable_reason(config, device, virtual_world)
+        if reason:
+            raise Unavailable(f"flashmoe kernel: {reason}")
+    if virtual_world == 1 and max_tokens in (None, source.max_tokens):
+        layer = source
+    else:
+        # Built on the meta device, then given the source's tensors.
+        layer = FlashMoELayer(config, backend=source.backend, virtual_world=virtual_world,
+                              device="meta", max_tokens=max_tokens)
+        share_weights(layer, source)
+
+    def checked(x2d):
+        out, routing = layer(x2d, return_routing=True)
+        want = "reference" if dry_run else "kernel"
+        if layer.last_backend != want:
+            raise Unavailable(f"flashmoe ran on the {layer.last_backend} backend, not the {want}")
+        return out, routing
+
+    def finish(x2d):
+        # The kernel checks its error word after the launch (deferred): wait for every launch,
+        # then one more forward reads the words of all of them.
+        if x2d.device.type == "cuda":
+            torch.cuda.synchronize(x2d.device)
+        layer(x2d)
+        if x2d.device.type == "cuda":
+            torch.cuda.synchronize(x2d.device)
+
+    return Provider("flashmoe", layer, checked, finish)
+
+
+def torch_loop(config: MoEConfig, weights: MoEWeights) -> Provider:
+    def checked(x2d):
+        routing = baselines.torch_router(x2d, weights, config)
+        return baselines.torch_loop(x2d, weights, config, routing), routing
+    return Provider("torch_loop", lambda x: baselines.torch_loop(x, weights, config), checked)
+
+
+def hf_grouped_mm(config: MoEConfig, weights: MoEWeights, family: str) -> Provider:
+    try:
+        module = hf_baseline.build(family, config, weights)
+    except ImportError as exc:
+        raise Unavailable(f"transformers is not importable: {one_line(exc)}") from exc
+    except ValueError as exc:
+        raise Unavailable(one_line(exc)) from exc
+
+    def checked(x2d):
+        return hf_baseline.forward(module, x2d), hf_baseline.routing(module, x2d)
+    return Provider("hf_grouped_mm", lambda x: hf_baseline.forward(module, x), checked)
+
+
+def bulk_sync(config: MoEConfig, weights: MoEWeights, world: int) -> Provider:
+    if config.num_experts % world:
+        raise Unavailable(f"num_experts={config.num_experts} is not divisible by W={world}")
+
+    def checked(x2d):
+        routing = baselines.torch_router(x2d, weights, config)
+        return baselines.bulk_sync(x2d, weights, config, world, routing), routing
+    return Provider("bulk_sync", lambda x: baselines.bulk_sync(x, weights, config, world), checked)
+
+
+def check(out: torch.Tensor, x2d: torch.Tensor, weights: MoEWeights, config: MoEConfig,
+          routing: Routing, reference_routing: Routing) -> dict:
+    """The project's accuracy rule (``flashmoe.accuracy``) on ``out`` under the routing it was
+    computed with, plus the share of tokens routed to the same expert set as the fp32 reference
+    router (a router in bf16 disagrees on near-ties; a broken router disagrees everywhere)."""
+    ok, err, tol = accuracy.check(out, x2d, weights, config, routing=routing)
+    same = torch.equal(routing.ids.sort(dim=-1).values, reference_routing.ids.sort(dim=-1).values)
+    if same:
+        agree = 1.0
+    else:
+        match = (routing.ids.sort(dim=-1).values == reference_routing.ids.sort(dim=-1).values).all(dim=-1)
+        agree = float(match.float().mean())
+    return {"max_abs_err": err, "tol": tol, "correct": bool(ok), "route_agree": agree}

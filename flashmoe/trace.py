@@ -1,0 +1,396 @@
+"""In-kernel timeline traces: decode the trace buffer, export it, and measure utilisation.
+
+A kernel compiled with ``KernelSpec(trace=True)`` writes one ``TraceRecord`` (device/common/
+params.cuh, mirrored by ``abi.TraceRecord``) per task per block into the buffer that
+``plan.trace_layout(num_blocks, capacity)`` lays out: a u32 record count per block, then
+``capacity`` 32-byte records per block. A block that runs more tasks than ``capacity`` keeps
+counting but stops writing, so ``count > capacity`` marks a truncated block.
+
+Times are ``%globaltimer`` nanoseconds: one clock for the whole GPU, so records of different SMs
+compare directly. A record whose end precedes its start (only a corrupt record can) counts as
+zero-length everywhere below.
+
+    python -m flashmoe.trace trace.bin --blocks 132 --capacity 256 --json t.json --png t.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .host import abi
+from .host.plan import TRACE_RECORD_BYTES, trace_layout
+
+# One definition of the record layout: numpy reads the ctypes mirror of the device struct.
+RECORD_DTYPE = np.dtype(abi.TraceRecord)
+assert RECORD_DTYPE.itemsize == TRACE_RECORD_BYTES
+
+COMPUTE_KINDS = frozenset({abi.TaskKind.GEMM0, abi.TaskKind.GEMM1})
+COMM_KINDS = frozenset({abi.TaskKind.DISPATCH, abi.TaskKind.COMBINE, abi.TaskKind.WAIT})
+# Records that hold an SM without doing work (spinning on a flag or a barrier).
+IDLE_KINDS = frozenset({abi.TaskKind.WAIT, abi.TaskKind.BARRIER})
+
+# Fixed colours per kind, so plots of different runs read the same (matplotlib tab10 values).
+KIND_COLOURS = {
+    abi.TaskKind.ROUTE: "#1f77b4", abi.TaskKind.PREFIX: "#17becf", abi.TaskKind.DISPATCH: "#ff7f0e",
+    abi.TaskKind.SELECT: "#bcbd22", abi.TaskKind.GEMM0: "#2ca02c", abi.TaskKind.GEMM1: "#98df8a",
+    abi.TaskKind.COMBINE: "#d62728", abi.TaskKind.BARRIER: "#7f7f7f", abi.TaskKind.WAIT: "#c7c7c7",
+}
+_UNKNOWN_COLOUR = "#000000"
+
+# Perfetto drops "X" events that overlap on one thread without nesting; records that would do so
+# (two blocks resident on one SM) go to extra tracks with tid = sm + lane * _LANE_TID.
+_LANE_TID = 1 << 16     # above every u16 SM id
+
+
+def kind_name(kind: int) -> str:
+    try:
+        return abi.TaskKind(int(kind)).name
+    except ValueError:
+        return f"KIND_{int(kind)}"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Decoded records of one launch."""
+
+    records: np.ndarray     # RECORD_DTYPE, sorted by start_ns (ties keep block order)
+    counts: np.ndarray      # u32 [num_blocks]: records each block counted (written or not)
+    capacity: int           # records per block the buffer holds
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.counts)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """Blocks that ran out of record slots (their later tasks are missing)."""
+        return np.flatnonzero(self.counts > self.capacity)
+
+    @property
+    def lost_records(self) -> int:
+        return int(np.maximum(self.counts.astype(np.int64) - self.capacity, 0).sum())
+
+
+def _as_uint8(buffer) -> np.ndarray:
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        return np.frombuffer(buffer, dtype=np.uint8)
+    if isinstance(buffer, np.ndarray):
+        if buffer.dtype != np.uint8:
+            raise TypeError(f"trace buffer has dtype {buffer.dtype}; pass the raw bytes as uint8")
+        return np.ascontiguousarray(buffer).reshape(-1)
+    if type(buffer).__module__.startswith("torch"):
+        import torch
+        if buffer.dtype != torch.uint8:
+            raise TypeError(f"trace buffer has dtype {buffer.dtype}; pass the raw bytes as torch.uint8")
+        return buffer.detach().cpu().contiguous().reshape(-1).numpy()
+    raise TypeError(f"trace buffer of type {type(buffer).__name__}: expected bytes, a numpy uint8 "
+                    "array or a torch uint8 tensor")
+
+
+def decode(buffer, num_blocks: int, capacity: int) -> Trace:
+    """Records of a trace buffer laid out by ``plan.trace_layout(num_blocks, capacity)``.
+
+    ``num_blocks`` is the launch's grid (``plan.grid``) and ``capacity`` the
+    ``Params.trace_capacity`` it ran with. Raises ``ValueError`` when the buffer is too small for
+    that layout, or when a record's block field disagrees with the slot it sits in (the layout
+    arguments do not match the launch that wrote the buffer).
+    """
+    if num_blocks < 0 or capacity < 0:
+        raise ValueError(f"num_blocks={num_blocks}, capacity={capacity}: must be >= 0")
+    raw = _as_uint8(buffer)
+    counts_off, records_off, total = trace_layout(num_blocks, capacity)
+    if raw.size < total:
+        raise ValueError(f"trace buffer holds {raw.size} B; {num_blocks} blocks x {capacity} records "
+                         f"need {total} B (check --blocks / --capacity against the launch)")
+    counts = raw[counts_off:counts_off + 4 * num_blocks].view(np.uint32).copy()
+    slots = raw[records_off:total].view(RECORD_DTYPE).reshape(num_blocks, capacity)
+    written = np.minimum(counts, capacity)
+    mask = np.arange(capacity)[None, :] < written[:, None]
+    records = slots[mask]       # block-major, slot order
+    slot_block = np.repeat(np.arange(num_blocks), written)
+    bad = np.flatnonzero(records["block"] != slot_block)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"record in block {slot_block[i]}'s slots says block {records['block'][i]}: "
+                         f"the buffer was not written by a launch of {num_blocks} blocks x "
+                         f"{capacity} records per block")
+    order = np.argsort(records["start_ns"], kind="stable")
+    return Trace(records=records[order].copy(), counts=counts, capacity=capacity)
+
+
+def _spans(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) as int64 ns relative to the earliest start; end clamped to >= start."""
+    if records.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    t0 = records["start_ns"].min()
+    start = (records["start_ns"] - t0).astype(np.int64)
+    end = np.maximum((records["end_ns"].astype(np.int64) - t0.astype(np.int64)), start)
+    return start, end
+
+
+def _lanes(start: np.ndarray, end: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Lane per record (``order``: one track's records by start asc, end desc) such that the
+    records of one lane nest or are disjoint, as the Trace Event Format requires of one thread."""
+    lane = np.zeros(len(start), np.int64)
+    stacks: list[list[int]] = []        # per lane: ends of the open (enclosing) records
+    for i in order:
+        s, e = start[i], end[i]
+        for j, stack in enumerate(stacks):
+            while stack and stack[-1] <= s:
+                stack.pop()
+            if not stack or e <= stack[-1]:
+                break
+        else:
+            j = len(stacks)
+            stacks.append([])
+        stacks[j].append(e)
+        lane[i] = j
+    return lane
+
+
+def to_chrome_json(trace: Trace, path=None) -> dict:
+    """The trace as Trace Event Format JSON (loads in ui.perfetto.dev and chrome://tracing).
+
+    One complete ("X") event per record: ``ts`` and ``dur`` in microseconds from the earliest
+    start (exact to the nanosecond: three decimals), ``pid`` = rank, ``tid`` = SM, ``name`` = the
+    task kind, ``cat`` = compute / comm / sync / control, ``args`` = task, extra, block. Metadata
+    events name the processes "rank r" and the threads "SM n". Should records on one SM overlap
+    without nesting (two resident blocks), the later ones move to an extra track per SM
+    (tid = sm + lane * 65536, named "SM n #lane"), since viewers drop such overlaps.
+    Written to ``path`` when given; returned either way.
+    """
+    rec = trace.records
+    start, end = _spans(rec)
+    pid = rec["rank"].astype(np.int64)
+    sm = rec["sm"].astype(np.int64)
+    lane = np.zeros(len(rec), np.int64)
+    for key in np.unique(pid * _LANE_TID + sm):
+        idx = np.flatnonzero(pid * _LANE_TID + sm == key)
+        lane[idx] = _lanes(start[idx], end[idx], np.lexsort((-end[idx], start[idx])))
+    tid = sm + lane * _LANE_TID
+
+    events = []
+    for r in np.unique(pid).tolist():
+        events.append({"name": "process_name", "ph": "M", "pid": r, "tid": 0,
+                       "args": {"name": f"rank {r}"}})
+        events.append({"name": "process_sort_index", "ph": "M", "pid": r, "tid": 0,
+                       "args": {"sort_index": r}})
+    for r, t in sorted(set(zip(pid.tolist(), tid.tolist()))):
+        s, ln = t % _LANE_TID, t // _LANE_TID
+        events.append({"name": "thread_name", "ph": "M", "pid": r, "tid": t,
+                       "args": {"name": f"SM {s}" + (f" #{ln}" if ln else "")}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": r, "tid": t,
+                       "args": {"sort_index": t}})
+    # Parents before children at equal ts, as an importer processing in order expects.
+    for i in np.lexsort((-(end - start), start)).tolist():
+        kind = int(rec["kind"][i])
+        events.append({
+            "name": kind_name(kind), "cat": _category(kind), "ph": "X",
+            "ts": int(start[i]) / 1000, "dur": int(end[i] - start[i]) / 1000,
+            "pid": int(pid[i]), "tid": int(tid[i]),
+            "args": {"task": int(rec["task"][i]), "extra": int(rec["extra"][i]),
+                     "block": int(rec["block"][i])},
+        })
+    doc = {"traceEvents": events, "displayTimeUnit": "ns",
+           "otherData": {"source": "flashmoe kernel trace", "blocks": trace.num_blocks,
+                         "capacity": trace.capacity,
+                         "truncated_blocks": trace.truncated.tolist()}}
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(doc, f)
+    return doc
+
+
+def _category(kind: int) -> str:
+    if kind in COMPUTE_KINDS:
+        return "compute"
+    if kind in COMM_KINDS:
+        return "comm"
+    if kind == abi.TaskKind.BARRIER:
+        return "sync"
+    return "control"
+
+
+def _merge(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union of half-open intervals [start, end) as disjoint intervals sorted by start."""
+    keep = end > start
+    start, end = start[keep], end[keep]
+    if start.size == 0:
+        return start, end
+    order = np.argsort(start, kind="stable")
+    start, end = start[order], end[order]
+    reach = np.maximum.accumulate(end)
+    # A new run begins where an interval starts past the end of everything before it.
+    first = np.flatnonzero(np.r_[True, start[1:] > reach[:-1]])
+    return start[first], np.maximum.reduceat(end, first)
+
+
+def _covered(ms: np.ndarray, me: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Length of each [a, b) covered by the disjoint sorted intervals [ms, me)."""
+    full = np.r_[0, np.cumsum(me - ms)]     # full[i]: total length of intervals 0..i-1
+
+    def upto(x):    # covered length of (-inf, x): intervals starting at or before x, less the
+        i = np.searchsorted(ms, x, side="right")        # part of the last one that runs past x
+        last_end = np.where(i > 0, me[np.maximum(i - 1, 0)] if me.size else x, x)
+        return full[i] - np.maximum(last_end - x, 0)
+    return upto(b) - upto(a)
+
+
+def utilisation(trace: Trace) -> dict:
+    """Utilisation figures of one launch. All times are ns; intervals are half-open [start, end).
+
+    - ``span_ns``: the kernel's span, latest end minus earliest start over all records.
+    - ``sm_busy[sm]``: length of the union of the intervals of every record on that SM, divided by
+      ``span_ns``. Overlapping records on one SM (a WAIT inside a task, two resident blocks)
+      count once. Only SMs that appear in the trace are listed.
+    - ``mean_busy``: the mean of ``sm_busy`` over those SMs.
+    - ``sm_work[sm]``, ``mean_work``: the same without WAIT and BARRIER records (an SM spinning
+      on a flag is resident but does no work).
+    - ``comm_ns``: summed length of the communication records (DISPATCH, COMBINE, WAIT).
+    - ``comm_overlapped_ns``: summed, over those records, the part of each record's interval
+      during which at least one compute record (GEMM0, GEMM1) runs on a *different* SM.
+    - ``comm_compute_overlap``: ``comm_overlapped_ns / comm_ns`` (None when ``comm_ns`` is 0).
+    - ``kind_ns[name]``, ``kind_count[name]``: summed record length and record count per kind.
+    - ``records``, ``truncated_blocks``, ``lost_records``: what the figures are computed from;
+      truncated blocks are missing their later records, so their SMs read less busy than they were.
+    """
+    rec = trace.records
+    start, end = _spans(rec)
+    span = int(end.max() - start.min()) if rec.size else 0
+    kinds = rec["kind"]
+    sms = rec["sm"]
+    idle = np.isin(kinds, [int(k) for k in IDLE_KINDS])
+    busy, work = {}, {}
+    for s in np.unique(sms).tolist():
+        on = sms == s
+        for table, sel in ((busy, on), (work, on & ~idle)):
+            ms, me = _merge(start[sel], end[sel])
+            table[s] = float((me - ms).sum() / span) if span else 0.0
+
+    comm = np.isin(kinds, [int(k) for k in COMM_KINDS])
+    compute = np.isin(kinds, [int(k) for k in COMPUTE_KINDS])
+    comm_ns = int((end[comm] - start[comm]).sum())
+    overlapped = 0
+    for s in np.unique(sms[comm]).tolist():
+        mine = comm & (sms == s)
+        ms, me = _merge(start[compute & (sms != s)], end[compute & (sms != s)])
+        overlapped += int(_covered(ms, me, start[mine], end[mine]).sum())
+
+    kind_ns, kind_count = {}, {}
+    for k in np.unique(kinds).tolist():
+        sel = kinds == k
+        kind_ns[kind_name(k)] = int((end[sel] - start[sel]).sum())
+        kind_count[kind_name(k)] = int(sel.sum())
+    return {
+        "span_ns": span,
+        "records": int(rec.size),
+        "truncated_blocks": trace.truncated.tolist(),
+        "lost_records": trace.lost_records,
+        "sm_busy": busy,
+        "mean_busy": float(np.mean(list(busy.values()))) if busy else 0.0,
+        "sm_work": work,
+        "mean_work": float(np.mean(list(work.values()))) if work else 0.0,
+        "comm_ns": comm_ns,
+        "comm_overlapped_ns": overlapped,
+        "comm_compute_overlap": overlapped / comm_ns if comm_ns else None,
+        "kind_ns": kind_ns,
+        "kind_count": kind_count,
+    }
+
+
+def format_utilisation(u: dict) -> str:
+    """The utilisation dict as a text table."""
+    overlap = u["comm_compute_overlap"]
+    lines = [f"span {u['span_ns'] / 1e3:.3f} us, {u['records']} records",
+             f"mean SM busy {u['mean_busy']:.1%}, mean SM work {u['mean_work']:.1%} "
+             f"({len(u['sm_busy'])} SMs)",
+             "comm/compute overlap " + ("n/a (no comm records)" if overlap is None else
+                                        f"{overlap:.1%} of {u['comm_ns'] / 1e3:.3f} us")]
+    if u["truncated_blocks"]:
+        lines.append(f"WARNING: {len(u['truncated_blocks'])} truncated block(s), {u['lost_records']} "
+                     "record(s) lost; raise the trace capacity")
+    lines.append(f"{'kind':<10}{'count':>8}{'total us':>12}{'share':>8}")
+    total = sum(u["kind_ns"].values()) or 1
+    for name, ns in u["kind_ns"].items():
+        lines.append(f"{name:<10}{u['kind_count'][name]:>8}{ns / 1e3:>12.3f}{ns / total:>8.1%}")
+    lines.append("SM busy / work:")
+    cells = [f"{s:>4}: {b:5.1%} {u['sm_work'][s]:5.1%}" for s, b in u["sm_busy"].items()]
+    lines += ["  " + "   ".join(cells[i:i + 4]) for i in range(0, len(cells), 4)]
+    return "\n".join(lines)
+
+
+def plot_timeline(trace: Trace, path) -> None:
+    """A PNG of the trace: one row per SM, time (us from the earliest start) across, one bar per
+    record coloured by kind, longest drawn first so nested records stay visible."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.collections import PolyCollection
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise ImportError("plot_timeline needs matplotlib: pip install matplotlib "
+                          "(or pip install 'flashmoe[bench]')") from e
+    rec = trace.records
+    start, end = _spans(rec)
+    sms = np.unique(rec["sm"])
+    fig, ax = plt.subplots(figsize=(12, min(2 + 0.15 * len(sms), 30)))
+    try:
+        # One collection of rectangles: a bar artist per record takes minutes at 30k records.
+        order = np.argsort(-(end - start), kind="stable")
+        x0, x1 = start[order] / 1e3, end[order] / 1e3
+        y = rec["sm"][order].astype(float)
+        verts = np.stack([np.stack(p, axis=-1) for p in
+                          ((x0, y - 0.4), (x0, y + 0.4), (x1, y + 0.4), (x1, y - 0.4))], axis=1)
+        colours = [KIND_COLOURS.get(int(k), _UNKNOWN_COLOUR) for k in rec["kind"][order]]
+        ax.add_collection(PolyCollection(verts, facecolors=colours, edgecolors="white",
+                                         linewidths=0.2))
+        present = sorted(set(rec["kind"].tolist()))
+        ax.legend(handles=[Patch(color=KIND_COLOURS.get(k, _UNKNOWN_COLOUR), label=kind_name(k))
+                           for k in present], loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                  fontsize="small")
+        if rec.size:
+            ax.set_xlim(0, max(end.max() / 1e3 * 1.01, 1e-3))
+            ax.set_ylim(sms.max() + 0.6, sms.min() - 0.6)    # SM 0 on top
+        ax.set_xlabel("time (us)")
+        ax.set_ylabel("SM")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        title = f"flashmoe kernel trace: {rec.size} records on {len(sms)} SMs"
+        if trace.truncated.size:
+            title += f" ({trace.truncated.size} truncated block(s))"
+        ax.set_title(title if rec.size else "flashmoe kernel trace: no records")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flashmoe.trace", description=__doc__.split("\n")[0])
+    p.add_argument("buffer", help="raw trace buffer (the bytes of the launch's trace allocation)")
+    p.add_argument("--blocks", type=int, required=True, help="grid size of the launch (plan.grid)")
+    p.add_argument("--capacity", type=int, required=True, help="records per block (trace_capacity)")
+    p.add_argument("--json", help="write Trace Event Format JSON here (open in ui.perfetto.dev)")
+    p.add_argument("--png", help="write a timeline plot here (needs matplotlib)")
+    args = p.parse_args(argv)
+    with open(args.buffer, "rb") as f:
+        raw = f.read()
+    try:
+        trace = decode(raw, args.blocks, args.capacity)
+    except ValueError as e:
+        p.error(str(e))     # a wrong --blocks / --capacity: a message, not a traceback
+    if args.json:
+        to_chrome_json(trace, args.json)
+    if args.png:
+        plot_timeline(trace, args.png)
+    print(format_utilisation(utilisation(trace)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The benchmarks' dry runs: every code path on the CPU, tiny shapes, the reference backend.
+
+They check that each script runs end to end and writes CSV, JSON and PNG with the expected
+columns, and that every provider's output passed the accuracy check. Nothing here looks at a
+time: a dry run measures nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:          # bench/ is a directory of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+from bench import bench_layer, sweep_ep  # noqa: E402
+
+
+def _outputs(directory: Path, prefix: str) -> dict:
+    files = {p.suffix: p for p in directory.iterdir() if p.name.startswith(prefix)}
+    assert set(files) == {".csv", ".json", ".png"}, sorted(p.name for p in directory.iterdir())
+    assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(files[".csv"]) as f:
+        rows = list(csv.DictReader(f))
+    data = json.loads(files[".json"].read_text())
+    return {"csv": rows, "json": data}
+
+
+def test_bench_layer_dry_run(tmp_path, capsys):
+    assert bench_layer.main(["--dry-run", "--tokens", "16", "--out-dir", str(tmp_path)]) == 0
+    out = _outputs(tmp_path, "layer_dryrun_")
+    rows = out["csv"]
+    assert list(rows[0]) == bench_layer.COLUMNS
+    assert {r["config"] for r in rows} == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite",
+                                           "flashmoe-paper"}
+    assert {r["provider"] for r in rows} == set(bench_layer.PROVIDERS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["correct"] == "True"
+        assert float(r["max_abs_err"]) <= float(r["tol"])
+        assert r["clock"] == "host"
+    data = out["json"]
+    assert data["meta"]["dry_run"] is True
+    assert {"matmul_tflops", "copy_gbps"} <= set(data["ceilings"])
+    assert len(data["rows"]) == len(rows)
+    assert "DRY RUN" in capsys.readouterr().out
+
+
+def test_sweep_ep_dry_run(tmp_path):
+    args = ["--dry-run", "--tokens", "24", "--configs", "mixtral-8x7b", "flashmoe-paper",
+            "--out-dir", str(tmp_path)]
+    assert sweep_ep.main(args) == 0
+    rows = _outputs(tmp_path, "ep_dryrun_")["csv"]
+    assert list(rows[0]) == sweep_ep.COLUMNS
+    seen = {(r["config"], r["world"], r["provider"]) for r in rows}
+    assert seen == {(c, w, p) for c in ("mixtral-8x7b", "flashmoe-paper") for w in ("1", "2", "4", "8")
+                    for p in sweep_ep.PROVIDERS}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["max_abs_err"]) <= float(r["tol"])
+        assert r["ratio_vs_w1"] != "" and r["speedup_vs_bulk_sync"] != ""
+
+
+def test_sweep_ep_world_that_does_not_divide_the_experts_is_skipped_with_a_reason(tmp_path):
+    args = ["--dry-run", "--tokens", "16", "--configs", "mixtral-8x7b", "--worlds", "1", "3",
+            "--out-dir", str(tmp_path)]
+    assert sweep_ep.main(args) == 0
+    rows = _outputs(tmp_path, "ep_dryrun_")["csv"]
+    skipped = [r for r in rows if r["world"] == "3"]
+    assert len(skipped) == 2
+    assert all(r["status"].startswith("skipped: num_experts=8 is not divisible by W=3") for r in skipped)
+
+
+def test_multiprocess_mode_says_what_is_missing(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert sweep_ep.main(["--multiprocess"]) == 2
+    assert "torchrun --nproc_per_node=N" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert sweep_ep.main(["--multiprocess"]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -1,0 +1,271 @@
+"""flashmoe.trace on synthetic buffers.
+
+Buffers are packed here with ``struct`` from the C declaration of ``TraceRecord``
+(device/common/params.cuh), not with the module's own numpy dtype, so a drift between the
+decoder and the device layout fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from flashmoe import trace as tr
+from flashmoe.host.abi import TaskKind as K
+from flashmoe.host.plan import trace_layout
+
+# struct TraceRecord { u64 start_ns, end_ns; u32 task; u16 block; u8 kind, rank; u16 sm, pad;
+#                      u32 extra; }
+RECORD = struct.Struct("<QQIHBBHHI")
+BASE = 7_000_000_000    # a %globaltimer-like origin: times are relative to the earliest start
+
+
+def rec(start, end, kind, sm, rank=0, task=0, extra=0):
+    return dict(start=BASE + start, end=BASE + end, kind=int(kind), sm=sm, rank=rank, task=task,
+                extra=extra)
+
+
+def pack(blocks: list[list[dict]], capacity: int, counts: dict[int, int] | None = None,
+         slack: int = 0) -> bytes:
+    """Raw trace buffer: ``blocks[b]`` are block b's records; ``counts`` overrides a block's
+    counter (a truncated block counted more than it wrote). Unused slots hold garbage."""
+    counts_off, records_off, total = trace_layout(len(blocks), capacity)
+    buf = bytearray(b"\xab" * (total + slack))
+    for b, records in enumerate(blocks):
+        assert len(records) <= capacity
+        struct.pack_into("<I", buf, counts_off + 4 * b, (counts or {}).get(b, len(records)))
+        for i, r in enumerate(records):
+            RECORD.pack_into(buf, records_off + (b * capacity + i) * RECORD.size, r["start"],
+                             r["end"], r["task"], b, r["kind"], r["rank"], r["sm"], 0, r["extra"])
+    return bytes(buf)
+
+
+def decode(blocks, capacity=None, **kw):
+    capacity = capacity if capacity is not None else max([len(b) for b in blocks] + [1])
+    return tr.decode(pack(blocks, capacity, **kw), len(blocks), capacity)
+
+
+def test_record_dtype_matches_the_c_layout():
+    assert tr.RECORD_DTYPE.itemsize == RECORD.size == 32
+    offsets = {name: tr.RECORD_DTYPE.fields[name][1] for name in tr.RECORD_DTYPE.names}
+    assert offsets == {"start_ns": 0, "end_ns": 8, "task": 16, "block": 20, "kind": 22, "rank": 23,
+                       "sm": 24, "pad": 26, "extra": 28}
+
+
+@pytest.mark.parametrize("num_blocks,capacity", [(0, 0), (1, 0), (3, 4), (132, 256), (65, 1)])
+def test_trace_layout(num_blocks, capacity):
+    counts, records, total = trace_layout(num_blocks, capacity)
+    assert counts == 0 and records >= 4 * num_blocks
+    assert records % RECORD.size == 0     # u64 fields stay 8-byte aligned on the device
+    assert total == records + num_blocks * capacity * RECORD.size
+
+
+def test_decode_truncated_and_empty_blocks():
+    blocks = [
+        [rec(300, 400, K.GEMM0, sm=0, task=7, extra=3), rec(0, 100, K.ROUTE, sm=0)],
+        [rec(50 + 10 * i, 55 + 10 * i, K.DISPATCH, sm=5, rank=1, extra=i) for i in range(4)],
+        [],
+    ]
+    t = decode(blocks, capacity=4, counts={1: 9})
+    assert t.num_blocks == 3 and t.capacity == 4
+    assert t.counts.tolist() == [2, 9, 0]
+    assert t.truncated.tolist() == [1] and t.lost_records == 5
+    assert len(t.records) == 6            # 2 + the 4 that block 1 wrote + none of the garbage
+    assert np.all(np.diff(t.records["start_ns"].astype(np.int64)) >= 0)
+    first, last = t.records[0], t.records[-1]
+    assert (first["kind"], first["block"], first["start_ns"] - BASE) == (K.ROUTE, 0, 0)
+    assert (last["task"], last["extra"], last["end_ns"] - BASE) == (7, 3, 400)
+    assert sorted(t.records[t.records["block"] == 1]["extra"].tolist()) == [0, 1, 2, 3]
+    assert set(t.records[t.records["block"] == 1]["rank"].tolist()) == {1}
+
+
+def test_decode_accepts_bytes_numpy_torch_and_a_larger_allocation():
+    blocks = [[rec(0, 10, K.GEMM1, sm=1)], [rec(5, 20, K.COMBINE, sm=2)]]
+    raw = pack(blocks, 2, slack=100)
+    views = [raw, bytearray(raw), np.frombuffer(raw, np.uint8),
+             torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
+    decoded = [tr.decode(v, 2, 2).records for v in views]
+    for d in decoded[1:]:
+        assert np.array_equal(d, decoded[0])
+
+
+def test_decode_errors_say_what_is_wrong():
+    raw = pack([[rec(0, 10, K.GEMM0, sm=0)] * 2, [rec(0, 10, K.GEMM0, sm=1)] * 2], 2)
+    with pytest.raises(ValueError, match="need"):
+        tr.decode(raw[:-1], 2, 2)
+    with pytest.raises(ValueError, match="not written by a launch"):
+        tr.decode(raw, 2, 1)        # block 1's first slot would be block 0's second record
+    with pytest.raises(TypeError, match="uint8"):
+        tr.decode(np.frombuffer(raw, np.uint32), 2, 2)
+    with pytest.raises(TypeError, match="expected bytes"):
+        tr.decode([0] * len(raw), 2, 2)
+
+
+def test_chrome_json_events():
+    blocks = [[rec(1_000, 2_500, K.GEMM0, sm=3, rank=0, task=11, extra=4)],
+              [rec(1_234, 1_235, K.WAIT, sm=9, rank=2, task=5, extra=1),
+               rec(3_000, 3_000, K.BARRIER, sm=9, rank=2)]]
+    t = decode(blocks)
+    doc = tr.to_chrome_json(t)
+    json.loads(json.dumps(doc))          # plain JSON types only
+    events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == 3
+    assert [(e["name"], e["ts"], e["dur"], e["pid"], e["tid"]) for e in events] == [
+        ("GEMM0", 0.0, 1.5, 0, 3), ("WAIT", 0.234, 0.001, 2, 9), ("BARRIER", 2.0, 0.0, 2, 9)]
+    assert events[0]["args"] == {"task": 11, "extra": 4, "block": 0}
+    assert events[0]["cat"] == "compute" and events[1]["cat"] == "comm"
+    meta = {(e["name"], e["pid"], e.get("tid")): e["args"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    assert meta[("process_name", 2, 0)] == {"name": "rank 2"}
+    assert meta[("thread_name", 0, 3)] == {"name": "SM 3"}
+    assert meta[("thread_name", 2, 9)] == {"name": "SM 9"}
+    assert doc["displayTimeUnit"] == "ns"
+
+
+def test_chrome_json_written_to_path(tmp_path):
+    t = decode([[rec(0, 10, K.GEMM0, sm=0)]])
+    doc = tr.to_chrome_json(t, tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text()) == doc
+
+
+def test_chrome_json_overlap_moves_to_a_second_track():
+    # Two blocks on SM 4: the second overlaps the first without nesting; a WAIT nests inside.
+    blocks = [[rec(0, 100, K.GEMM0, sm=4), rec(10, 20, K.WAIT, sm=4)],
+              [rec(50, 150, K.GEMM1, sm=4)]]
+    events = [e for e in tr.to_chrome_json(decode(blocks))["traceEvents"] if e["ph"] == "X"]
+    tids = {e["name"]: e["tid"] for e in events}
+    assert tids == {"GEMM0": 4, "WAIT": 4, "GEMM1": 4 + 65536}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 200), st.integers(0, 60),
+                          st.integers(0, 1)), min_size=0, max_size=30))
+def test_chrome_json_every_track_nests(items):
+    """Events of one (pid, tid) nest or are disjoint, as the Trace Event Format requires of "X"
+    events (Perfetto drops the others), and every record is exported exactly once."""
+    blocks = [[rec(s, s + d, K.GEMM0, sm=sm, rank=rank) for sm, s, d, rank in items]]
+    events = [e for e in tr.to_chrome_json(decode(blocks))["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == len(items)
+    assert {(e["pid"], e["tid"] % 65536) for e in events} == {(r, sm) for sm, _, _, r in items}
+    tracks = {}
+    for e in events:
+        ns = round(e["ts"] * 1000), round((e["ts"] + e["dur"]) * 1000)
+        tracks.setdefault((e["pid"], e["tid"]), []).append(ns)
+    for spans in tracks.values():
+        for i, (a0, a1) in enumerate(spans):
+            for b0, b1 in spans[i + 1:]:
+                disjoint = a1 <= b0 or b1 <= a0
+                nested = (a0 <= b0 and b1 <= a1) or (b0 <= a0 and a1 <= b1)
+                assert disjoint or nested, (spans, (a0, a1), (b0, b1))
+
+
+def test_png_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    t = decode([[rec(0, 100, K.GEMM0, sm=0), rec(100, 150, K.DISPATCH, sm=0)],
+                [rec(20, 90, K.WAIT, sm=1)]])
+    tr.plot_timeline(t, tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+    tr.plot_timeline(decode([[]]), tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_utilisation_two_sms():
+    t = decode([[rec(0, 100, K.GEMM0, sm=0), rec(100, 200, K.DISPATCH, sm=0)],
+                [rec(0, 50, K.GEMM1, sm=1)]])
+    u = tr.utilisation(t)
+    assert u["span_ns"] == 200 and u["records"] == 3
+    assert u["sm_busy"] == {0: 1.0, 1: 0.25} and u["mean_busy"] == 0.625
+    assert u["kind_ns"] == {"DISPATCH": 100, "GEMM0": 100, "GEMM1": 50}
+    assert u["kind_count"] == {"DISPATCH": 1, "GEMM0": 1, "GEMM1": 1}
+    # The DISPATCH runs after SM 1's GEMM1 ended and beside SM 0's own GEMM0: no overlap.
+    assert u["comm_ns"] == 100 and u["comm_compute_overlap"] == 0.0
+
+
+def test_utilisation_overlapping_records_on_one_sm_count_once():
+    t = decode([[rec(0, 100, K.GEMM0, sm=0)], [rec(50, 150, K.WAIT, sm=0)],
+                [rec(0, 200, K.GEMM1, sm=1)]])
+    u = tr.utilisation(t)
+    assert u["sm_busy"] == {0: 0.75, 1: 1.0}
+    assert u["sm_work"] == {0: 0.5, 1: 1.0}      # the WAIT holds SM 0 but does no work
+    # The WAIT [50, 150) is covered by SM 1's GEMM1 throughout (SM 0's own GEMM0 does not count).
+    assert u["comm_compute_overlap"] == 1.0
+
+
+def test_utilisation_comm_half_overlapped():
+    t = decode([[rec(0, 100, K.DISPATCH, sm=0), rec(0, 100, K.GEMM1, sm=0, task=1)],
+                [rec(50, 150, K.GEMM0, sm=1)]])
+    u = tr.utilisation(t)
+    assert u["comm_ns"] == 100 and u["comm_overlapped_ns"] == 50
+    assert u["comm_compute_overlap"] == 0.5
+
+
+def test_utilisation_compute_on_two_sms_covers_once():
+    t = decode([[rec(0, 100, K.COMBINE, sm=0)], [rec(20, 60, K.GEMM0, sm=1)],
+                [rec(40, 80, K.GEMM1, sm=2)]])
+    assert tr.utilisation(t)["comm_compute_overlap"] == pytest.approx(0.6)
+
+
+def test_utilisation_degenerate():
+    u = tr.utilisation(decode([[], []]))
+    assert u["span_ns"] == 0 and u["sm_busy"] == {} and u["mean_busy"] == 0.0
+    assert u["comm_compute_overlap"] is None
+    # A record ending before it starts (corrupt) counts as zero-length.
+    u = tr.utilisation(decode([[rec(0, 100, K.GEMM0, sm=0), rec(50, 10, K.GEMM1, sm=1)]]))
+    assert u["kind_ns"]["GEMM1"] == 0 and u["sm_busy"][1] == 0.0
+
+
+KINDS = st.sampled_from([K.GEMM0, K.GEMM1, K.DISPATCH, K.COMBINE, K.WAIT, K.BARRIER, K.ROUTE])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(0, 30), KINDS),
+                min_size=1, max_size=25))
+def test_utilisation_matches_a_nanosecond_count(items):
+    """Against a brute-force tally of every nanosecond: union, span and overlap definitions."""
+    t = decode([[rec(s, s + d, k, sm=sm) for sm, s, d, k in items]])
+    u = tr.utilisation(t)
+    t0 = min(s for _, s, _, _ in items)
+    t1 = max(s + d for _, s, d, _ in items)
+    assert u["span_ns"] == t1 - t0
+
+    def ticks(sm=None, kinds=None, not_sm=None):
+        return {x for s_m, s, d, k in items for x in range(s, s + d)
+                if (sm is None or s_m == sm) and (not_sm is None or s_m != not_sm)
+                and (kinds is None or k in kinds)}
+    for sm in u["sm_busy"]:
+        assert u["sm_busy"][sm] == pytest.approx(len(ticks(sm)) / (t1 - t0) if t1 > t0 else 0.0)
+    comm = [(sm, s, d) for sm, s, d, k in items if k in tr.COMM_KINDS]
+    covered = sum(len(set(range(s, s + d)) & ticks(kinds=tr.COMPUTE_KINDS, not_sm=sm))
+                  for sm, s, d in comm)
+    assert u["comm_ns"] == sum(d for _, _, d in comm)
+    assert u["comm_overlapped_ns"] == covered
+
+
+def tr_has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_cli(tmp_path, capsys):
+    dispatches = [rec(25 * i, 25 * i + 25, K.DISPATCH, sm=1) for i in range(4)]
+    raw = pack([[rec(0, 100, K.GEMM0, sm=0)], dispatches], 4, counts={1: 5})
+    (tmp_path / "t.bin").write_bytes(raw)
+    args = [str(tmp_path / "t.bin"), "--blocks", "2", "--capacity", "4",
+            "--json", str(tmp_path / "t.json")]
+    if tr_has_matplotlib():
+        args += ["--png", str(tmp_path / "t.png")]
+    assert tr.main(args) == 0
+    out = capsys.readouterr().out
+    assert "mean SM busy 100.0%" in out and "comm/compute overlap 100.0%" in out
+    assert "1 truncated block(s), 1 record(s) lost" in out
+    assert len(json.loads((tmp_path / "t.json").read_text())["traceEvents"]) > 2
+    if tr_has_matplotlib():
+        assert (tmp_path / "t.png").stat().st_size > 0
