@@ -13,19 +13,23 @@ GEMM tile.
 Placement: rank r owns the contiguous experts [r * E_l, (r + 1) * E_l).
 
 Heap (one slice per rank, identical layout on every rank, so a peer's address is its base plus
-the same offset). Regions written by peers are *banked*: two copies, launch n uses bank n % 2.
-A rank can be at most one launch ahead of a peer it writes to (it cannot finish launch n without
-every rank's "done" signal of launch n), so the bank it writes is never one the peer still reads.
+the same offset). Regions written by peers are *banked* when ranks run in separate launches (one
+process per GPU): two copies, launch n uses bank n % 2. A rank can be at most one launch ahead of
+a peer it writes to (it cannot finish launch n without every rank's "done" signal of launch n), so
+the bank it writes is never one the peer still reads. When one launch hosts every rank (virtual
+ranks) launches are stream-ordered and one copy suffices: both banks alias (stride 0). The small
+counters are always banked: launch n zeroes launch n+1's.
 
-    region          banked  bytes (one bank)           written by      holds
-    recv_rows       yes     W * T * H * b              source ranks    token rows, one per (token, destination rank)
-    entries         yes     E_l * W * T * 16           source ranks    Entry per (local expert, source, position)
-    counts          yes     W * (E_l + 2) * 4          source ranks    per source: rows per local expert, rows sent, tokens
-    ret_rows        yes     T * S * H * b              expert ranks    expert outputs per (token, slot); shared slot last
-    drop_marks      yes     T * k * 4                  expert ranks    epoch value when (token, slot) was dropped
-    sync_counters   yes     4 * 4                      this rank       barrier, claim, dispatched, finished
+    region          banked  bytes (one bank)           written by      holds  (banked: "peer" = when L < W)
+    recv_rows       peer    W * T * H * b              source ranks    token rows, one per (token, destination rank)
+    entries         peer    E_l * W * T * 16           source ranks    Entry per (local expert, source, position)
+    counts          peer    W * (E_l + 2) * 4          source ranks    per source: rows per local expert, rows sent, tokens
+    ret_rows        peer    T * S * H * b              expert ranks    expert outputs per (token, slot); shared slot last
+    drop_marks      peer    T * k * 4                  expert ranks    epoch value when (token, slot) was dropped
+    sync_counters   yes     5 * 4                      this rank       barrier, claim, dispatched, finished, exited
     select_done     yes     E_l * 4                    this rank       capacity selection finished, per local expert
     tile_done       yes     M * 4                      this rank       GEMM0 column tiles finished, per row tile
+    epoch           no      4                          this rank       launch counter (the kernel bumps it)
     count_flags     no      W * 4                      source ranks    "my counts are written" (epoch value)
     data_flags      no      W * 4                      source ranks    "my rows and entries are written"
     done_flags      no      W * 4                      expert ranks    "your results are written"
@@ -38,13 +42,20 @@ every rank's "done" signal of launch n), so the bank it writes is never one the 
     inter_rows      no      R * I * b                  this rank       GEMM0 output of routed experts
     shared_inter    no      T * I_s * b                this rank       GEMM0 output of the shared experts
     kept_list       no      R * 4 (capacity mode only) this rank       kept entries per expert, compacted
+    x_stage         no      T * H * b (nvshmem)        this rank       x, copied here when a peer takes NVSHMEM puts
+    put_stage       no      P * BM * BN * b (nvshmem)  this rank       GEMM1 result tiles bound for NVSHMEM peers
 
-with M = ceil(R / BM) + E_l + ceil(T / BM) GEMM0 row tiles (each expert adds at most one partial
-tile; the shared experts add their own). Every region starts on a 256-byte boundary.
+The last two exist for the NVSHMEM transport only (0 bytes otherwise): a NIC reads a put's source,
+so it must be symmetric memory; P = PUT_STAGE_TILES, one staging tile per block of the rank
+(device/common/transport_nvshmem.cuh says why and what it costs).
 
-Flags hold the launch epoch, so they need neither banks nor resets between launches (CUDA-graph
-safe); a wait accepts any epoch at or past the one it expects. The banked counters of launch n+1
-are zeroed by launch n, when nothing else can touch them.
+with M = ceil(R / BM) + E_l GEMM0 row tiles (each expert adds at most one partial tile), plus
+ceil(T / BM) when there are shared experts. Every region starts on a 256-byte boundary.
+
+Flags hold the launch epoch, so they need neither banks nor resets between launches; a wait
+accepts any epoch at or past the one it expects. The epoch itself lives in the heap and the kernel
+advances it (the rank's last block to exit), so a captured CUDA graph replays correctly. The
+banked counters of launch n+1 are zeroed by launch n, when nothing else can touch them.
 
 Dropless with bounded memory: a token travels once per destination rank (not once per expert), so
 a rank receives at most W * T rows whatever the routing, and holds at most R expert rows.
@@ -52,18 +63,18 @@ a rank receives at most W * T rows whatever the routing, and holds at most R exp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..config import MoEConfig
-from .spec import KernelSpec
+from .spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, KernelSpec
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
 ENTRY_BYTES = 16             # struct Entry { u32 recv_row, token, slot; f32 weight; }
 NUM_BANKS = 2
-NUM_SYNC_COUNTERS = 4        # barrier, claim, dispatched, finished
+NUM_SYNC_COUNTERS = 5        # barrier, claim, dispatched, finished, exited
 TRACE_RECORD_BYTES = 32
+PUT_STAGE_TILES = 256        # P: GEMM1 staging tiles per rank (NVSHMEM transport), one per block
 
 
 def experts_per_rank(num_experts: int, world: int) -> int:
@@ -137,6 +148,9 @@ class Plan:
     rank_heap_bytes: int = 0         # one rank's slice, all regions, both banks
     blocks_per_rank: int = 0
     smem_bytes: int = 0              # dynamic shared memory per block
+    smem_sched_offset: int = 0       # where the task map starts in it
+    smem_scratch_offset: int = 0     # where the block-wide scratch words start
+    row_tile: int = 0                # BM the row-tile counters are sized for (<= spec.block_m)
 
     # -- derived sizes (closed forms of the module docstring) --
 
@@ -161,7 +175,7 @@ class Plan:
     @property
     def max_row_tiles(self) -> int:
         """M: GEMM0 row tiles of one rank, routed and shared."""
-        bm = self.spec.block_m
+        bm = self.row_tile
         shared = ceil_div(self.max_tokens, bm) if self.config.num_shared_experts else 0
         return ceil_div(self.max_expert_rows, bm) + self.experts_per_rank + shared
 
@@ -193,8 +207,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: int) -> list[tuple[str, int, bool]]:
-    """(name, bytes of one bank, banked) in heap order; the table of the module docstring."""
+def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: int,
+                 peer_banked: bool = True, row_tile: int | None = None) -> list[tuple[str, int, bool]]:
+    """(name, bytes of one bank, banked) in heap order; the table of the module docstring.
+    ``peer_banked``: whether the regions peers write get two banks (ranks in separate launches).
+    ``row_tile``: the BM the row-tile counters are sized for (default the spec's; a heap shared by
+    several specs is sized for the smallest)."""
     W, T, H = world, max_tokens, config.hidden_size
     E, k, I = config.num_experts, config.top_k, config.intermediate_size
     El = experts_per_rank(E, W)
@@ -202,17 +220,19 @@ def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: in
     S = k + (1 if config.num_shared_experts else 0)
     C = ceil_div(T, CHUNK_TOKENS)
     R = W * T * min(k, El)
-    bm = spec.block_m
+    bm = row_tile or spec.block_m
     M = ceil_div(R, bm) + El + (ceil_div(T, bm) if config.num_shared_experts else 0)
+    nvshmem = spec.transport == "nvshmem"
     return [
-        ("recv_rows", W * T * H * b, True),
-        ("entries", El * W * T * ENTRY_BYTES, True),
-        ("counts", W * (El + 2) * 4, True),
-        ("ret_rows", T * S * H * b, True),
-        ("drop_marks", T * k * 4, True),
+        ("recv_rows", W * T * H * b, peer_banked),
+        ("entries", El * W * T * ENTRY_BYTES, peer_banked),
+        ("counts", W * (El + 2) * 4, peer_banked),
+        ("ret_rows", T * S * H * b, peer_banked),
+        ("drop_marks", T * k * 4, peer_banked),
         ("sync_counters", NUM_SYNC_COUNTERS * 4, True),
         ("select_done", El * 4, True),
         ("tile_done", M * 4, True),
+        ("epoch", 4, False),
         ("count_flags", W * 4, False),
         ("data_flags", W * 4, False),
         ("done_flags", W * 4, False),
@@ -225,6 +245,8 @@ def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: in
         ("inter_rows", R * I * b, False),
         ("shared_inter", T * config.shared_intermediate_total * b, False),
         ("kept_list", R * 4 if config.capacity_factor is not None else 0, False),
+        ("x_stage", T * H * b if nvshmem else 0, False),
+        ("put_stage", PUT_STAGE_TILES * bm * spec.block_n * b if nvshmem else 0, False),
     ]
 
 
@@ -254,24 +276,55 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
 
 
 def scheduler_smem_bytes(config: MoEConfig, world: int) -> int:
-    """Shared memory the task map keeps for the whole task loop: per local expert its row count,
-    row offset, tile prefix and per-source segment starts (see device/roles/scheduler.cuh)."""
+    """Shared memory the task map keeps for the whole task loop (device/roles/scheduler.cuh
+    TaskMap): 16 header words, then per local expert its kept rows, row and tile prefixes
+    (E_l + 1 each), its per-source segment starts (E_l x (W + 1)) and the token prefix (W + 1)."""
     El = experts_per_rank(config.num_experts, world)
-    return _align((4 * (El + 1) + El * (world + 1)) * 4, 16)
+    return _align((16 + El + 2 * (El + 1) + El * (world + 1) + world + 1) * 4, 16)
+
+
+GEMM_WEIGHT_TILE_BYTES = 16   # TileTables::wt: tensor map pointer, first row, expert (TMA B tile)
+
+
+def gemm_tables_bytes(spec: KernelSpec) -> int:
+    """Per-tile row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables):
+    A and B row pointers, the B tile as a tensor-map box (16 bytes), output offsets (u64), output
+    ranks (i32) and row-valid flags."""
+    return _align((spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + spec.block_m * (8 + 4 + 1), 16)
 
 
 def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
-    """Shared memory of the route / dispatch / combine phases (they reuse the GEMM area)."""
+    """Shared memory of the route and dispatch phases (they reuse the GEMM area):
+    router K-slices of x (64 x 33 fp32) and W_router (128 x 33 fp32) plus per-chunk counters
+    (E + 1 + W), or the dispatch masks (one u64 per expert and per destination rank)."""
     E = config.num_experts
-    router = (CHUNK_TOKENS + 128) * 33 * 4               # x and W_router K-slices, padded rows
-    dispatch = (E + world) * 8 + CHUNK_TOKENS * 8 * 4    # 64-bit token masks + per-token scratch
-    return max(router, dispatch)
+    router = (CHUNK_TOKENS + 128) * 33 * 4 + (E + 1 + world) * 4
+    dispatch = (E + world) * 8
+    return _align(max(router, dispatch), 16)
+
+
+def smem_layout(config: MoEConfig, spec: KernelSpec, world: int) -> tuple[int, int, int]:
+    """(task map offset, scratch offset, total bytes) of a block's dynamic shared memory:
+    [GEMM pipeline + row tables | route/dispatch scratch] [task map] [128 B of scratch words].
+    The pipeline starts at the dynamic shared memory base, which the kernel declares 1024-byte
+    aligned, and its stages are (BM + BN) x 128 bytes: every A and B tile starts on a 1024-byte
+    boundary, the start of the 128-byte swizzle pattern (wgmma descriptors, TMA)."""
+    union = _align(max(spec.gemm_smem_bytes() + gemm_tables_bytes(spec),
+                       phase_smem_bytes(config, spec, world)), 128)
+    sched = union
+    scratch = sched + scheduler_smem_bytes(config, world)
+    return sched, scratch, scratch + 128
 
 
 def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: int = 1024,
               num_local_ranks: int | None = None, first_local_rank: int = 0,
-              device: DeviceInfo | None = None) -> Plan:
-    """Lay out one launch. ``num_local_ranks`` defaults to ``world`` (all ranks virtual)."""
+              device: DeviceInfo | None = None, row_tile: int | None = None) -> Plan:
+    """Lay out one launch. ``num_local_ranks`` defaults to ``world`` (all ranks virtual).
+    ``row_tile``: size the row-tile counters for this BM (<= spec.block_m), so that plans of specs
+    with different tiles (``choose_block_m``) share one heap layout."""
+    row_tile = row_tile or spec.block_m
+    if not 16 <= row_tile <= spec.block_m:
+        raise ValueError(f"row_tile={row_tile}: must be in [16, block_m={spec.block_m}]")
     reason = kernel_support(config, spec, world)
     if reason:
         raise ValueError(f"the kernel cannot run this layer: {reason}")
@@ -286,24 +339,35 @@ def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: i
 
     regions = {}
     offset = 0
-    for name, size, banked in region_sizes(config, spec, world, max_tokens):
+    for name, size, banked in region_sizes(config, spec, world, max_tokens, peer_banked=L < world,
+                                           row_tile=row_tile):
         region = Region(name, offset, size, banked)
         regions[name] = region
         offset = _align(offset + region.total)
 
-    smem = (_align(max(spec.gemm_smem_bytes() + (spec.block_m + spec.block_n) * 8,
-                       phase_smem_bytes(config, spec, world)), 128)
-            + scheduler_smem_bytes(config, world) + 128)     # + 128: block-wide scratch words
+    sched_offset, scratch_offset, smem = smem_layout(config, spec, world)
     if smem > device.max_smem_per_block:
         raise ValueError(f"the kernel needs {smem} B of shared memory per block, above the device's "
                          f"{device.max_smem_per_block} B; use fewer stages or a smaller tile")
     blocks_per_rank = device.sm_count // L
     if blocks_per_rank < 1:
         raise ValueError(f"{L} local ranks need at least {L} SMs; the device has {device.sm_count}")
+    if spec.transport == "nvshmem" and blocks_per_rank > PUT_STAGE_TILES:
+        raise ValueError(f"{blocks_per_rank} blocks per rank: the NVSHMEM transport stages GEMM1 "
+                         f"tiles for at most {PUT_STAGE_TILES}; use fewer blocks per rank")
     return Plan(config=config, spec=spec, world=world, num_local_ranks=L,
                 first_local_rank=first_local_rank, max_tokens=max_tokens, device=device,
                 regions=regions, rank_heap_bytes=offset, blocks_per_rank=blocks_per_rank,
-                smem_bytes=smem)
+                smem_bytes=smem, smem_sched_offset=sched_offset, smem_scratch_offset=scratch_offset,
+                row_tile=row_tile)
+
+
+def choose_block_m(config: MoEConfig, total_tokens: int) -> int:
+    """GEMM tile height for a forward of ``total_tokens`` (all ranks): the decode tile when an
+    expert gets at most 64 rows on average (its weights dominate the time and a 128-row tile would
+    be mostly padding), else the prefill tile that keeps the tensor cores busy."""
+    rows_per_expert = total_tokens * config.top_k / config.num_experts
+    return DECODE_BLOCK_M if rows_per_expert <= DECODE_BLOCK_M else PREFILL_BLOCK_M
 
 
 def trace_layout(num_blocks: int, capacity: int) -> tuple[int, int, int]:

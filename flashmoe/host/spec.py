@@ -13,9 +13,10 @@ tile that took a full K loop, so it is not measurable, and it divides the number
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
-ARCHS = ("sm_80", "sm_90a")
+ARCHS = ("sm_80", "sm_90a")   # the shipped cubin targets; any sm_XX >= 80 compiles on demand
 DTYPE_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 GEMM_ENGINES = ("mma_sync", "wgmma")
 TRANSPORTS = ("peer", "nvshmem")
@@ -23,6 +24,16 @@ TRANSPORTS = ("peer", "nvshmem")
 # Bytes of K one pipeline stage holds per row: 64 bf16/fp16 or 32 fp32 elements. One 128-byte
 # row is one swizzle atom (8 chunks of 16 bytes), for ldmatrix and for the wgmma 128B swizzle.
 STAGE_K_BYTES = 128
+# The wgmma engine keeps its pipeline's mbarriers (a full and an empty one per stage, 8 bytes
+# each, at most 8 stages) after the stages: device/gemm/wgmma.cuh kBarrierBytes.
+WGMMA_BARRIER_BYTES = 128
+# Threads of a wgmma block: one producer warpgroup (cp.async + TMA) and two consumer warpgroups
+# (wgmma), each consumer taking half of the 128 tile rows (one m64 slab).
+# GEMM tile heights: prefill tiles fill the tensor cores; decode tiles (an expert gets few rows,
+# the time goes into reading its weights) halve the padding rows a 128-row tile would multiply.
+PREFILL_BLOCK_M = 128
+DECODE_BLOCK_M = 64
+_ARCH_RE = re.compile(r"sm_(\d+)a?")
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,8 @@ class KernelSpec:
     trace: bool = False           # record per-task timestamps into the trace buffer
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch={self.arch!r}: allowed are {', '.join(ARCHS)}")
+        if not _ARCH_RE.fullmatch(self.arch) or int(_ARCH_RE.fullmatch(self.arch).group(1)) < 80:
+            raise ValueError(f"arch={self.arch!r}: expected sm_XX (XX >= 80, e.g. {', '.join(ARCHS)})")
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype={self.dtype!r}: allowed are {', '.join(DTYPE_CODES)}")
         if self.gemm not in GEMM_ENGINES:
@@ -57,6 +68,20 @@ class KernelSpec:
             raise ValueError(f"stages={self.stages}: must be in [2, 8]")
         if self.threads % 128 or not 128 <= self.threads <= 512:
             raise ValueError(f"threads={self.threads}: must be a multiple of 128 in [128, 512]")
+        if self.gemm == "mma_sync" and self.threads not in (128, 256):
+            raise ValueError(f"threads={self.threads}: the mma_sync engine tiles 4 or 8 warps (128 or 256)")
+        # The GEMM epilogue stages an output tile (rows padded by 16 bytes) in the pipeline's
+        # shared memory; the widest is GEMM1's BM x BN.
+        staging = self.block_m * (self.block_n * self.element_bytes + 16)
+        if staging > self.gemm_smem_bytes():
+            raise ValueError(f"stages={self.stages}: the {self.block_m} x {self.block_n} {self.dtype} epilogue "
+                             f"tile ({staging} B) needs more shared memory than the pipeline "
+                             f"({self.gemm_smem_bytes()} B); use more stages")
+        if self.gemm == "wgmma":
+            consumers = self.threads // 128 - 1    # warpgroup 0 produces, the others run wgmma
+            if consumers < 1 or self.block_m % (64 * consumers):
+                raise ValueError(f"gemm='wgmma' with threads={self.threads}: {consumers} consumer warpgroups "
+                                 f"must split block_m={self.block_m} into whole 64-row slabs")
 
     @property
     def element_bytes(self) -> int:
@@ -72,8 +97,10 @@ class KernelSpec:
         return 2 if self.gated else 1
 
     def gemm_smem_bytes(self) -> int:
-        """Shared memory of the GEMM pipeline: every stage holds a BM x BK A tile and a BN x BK B tile."""
-        return self.stages * (self.block_m + self.block_n) * STAGE_K_BYTES
+        """Shared memory of the GEMM pipeline: every stage holds a BM x BK A tile and a BN x BK B tile
+        (the wgmma engine adds its stage barriers). Device side: kPipeBytes of the engine."""
+        stages = self.stages * (self.block_m + self.block_n) * STAGE_K_BYTES
+        return stages + (WGMMA_BARRIER_BYTES if self.gemm == "wgmma" else 0)
 
     def defines(self) -> dict[str, int]:
         """The -D macros the device code is compiled with (the only channel from spec to code)."""
@@ -95,15 +122,45 @@ class KernelSpec:
 
 
 def shipped_specs() -> list[KernelSpec]:
-    """The specs every CPU CI run compiles and checks (resources, spills, SASS).
-
-    One per arch x dtype x gated for the default tile; the decode tile and the NVSHMEM transport
-    are added by the modules that introduce them.
+    """The specs every CPU CI run compiles and checks (resources, spills, SASS): what
+    ``select_spec`` picks on an A100-class GPU (mma_sync) and on Hopper (wgmma), for every dtype,
+    gated and plain, at the prefill and the decode tile. Other archs compile on demand.
     """
     specs = []
-    for arch in ARCHS:
-        for dtype in DTYPE_CODES:
-            for gated in (True, False):
-                specs.append(KernelSpec(arch=arch, dtype=dtype, gated=gated,
-                                        stages=3 if arch == "sm_80" else 4))
+    for dtype in DTYPE_CODES:
+        for gated in (True, False):
+            for block_m in (PREFILL_BLOCK_M, DECODE_BLOCK_M):
+                specs.append(select_spec(dtype, gated, "sm_80", 163 * 1024, block_m))
+                specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, block_m))
     return specs
+
+
+def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128) -> KernelSpec:
+    """The Hopper spec: a producer warpgroup and one consumer warpgroup per 64 rows of the tile."""
+    return KernelSpec(arch="sm_90a", dtype=dtype, gated=gated, stages=stages, block_m=block_m,
+                      threads=128 * (1 + block_m // 64), gemm="wgmma")
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The cubin target for a GPU: sm_90a on Hopper (wgmma needs the 'a' target), else exact."""
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
+                block_m: int = 128) -> KernelSpec:
+    """The spec for a device and a tile height (``plan.choose_block_m``): the wgmma engine on
+    sm_90a, mma_sync elsewhere, with the deepest pipeline (up to 6 stages for the decode tile,
+    whose loads are the whole cost, else 4) that leaves 16 KiB for the row tables and task map."""
+    deepest = 6 if block_m <= DECODE_BLOCK_M else 4
+    for stages in range(deepest, 1, -1):
+        try:
+            if arch == "sm_90a":
+                spec = wgmma_spec(dtype, gated, stages, block_m)
+            else:
+                spec = KernelSpec(arch=arch, dtype=dtype, gated=gated, stages=stages, block_m=block_m)
+        except ValueError:      # e.g. the epilogue tile does not fit this shallow a pipeline
+            continue
+        if spec.gemm_smem_bytes() + 16 * 1024 <= max_smem_per_block:
+            return spec
+    raise ValueError(f"no {dtype} spec with block_m={block_m} fits {max_smem_per_block} B of shared "
+                     f"memory per block on {arch}")

@@ -20,12 +20,14 @@ constexpr int kChunkTokens = 64;     // tokens per route task / dispatch chunk (
 // bank-0 offset and its bank stride (0 for unbanked regions).
 enum RegionId : int {
   kRecvRows, kEntries, kCounts, kRetRows, kDropMarks, kSyncCounters, kSelectDone, kTileDone,
-  kCountFlags, kDataFlags, kDoneFlags, kLogits, kTopkIds, kTopkWeights, kSharedGate,
-  kChunkCounts, kChunkBase, kInterRows, kSharedInter, kKeptList, kNumRegions
+  kEpoch, kCountFlags, kDataFlags, kDoneFlags, kLogits, kTopkIds, kTopkWeights, kSharedGate,
+  kChunkCounts, kChunkBase, kInterRows, kSharedInter, kKeptList, kXStage, kPutStage, kNumRegions
 };
 
-// The four words of kSyncCounters.
-enum SyncCounter : int { kBarrier = 0, kClaim = 1, kDispatched = 2, kFinished = 3 };
+// The words of kSyncCounters.
+enum SyncCounter : int {
+  kBarrier = 0, kClaim = 1, kDispatched = 2, kFinished = 3, kExited = 4, kNumSyncCounters = 5
+};
 
 // What a block was doing: the role of an error record and the kind of a trace record.
 enum TaskKind : u32 {
@@ -85,6 +87,15 @@ struct TraceRecord {
   u32 extra;      // kind-specific: expert, source rank, ...
 };
 
+// A CUtensorMap (cuTensorMapEncodeTiled, flashmoe/host/tensormap.py): opaque to the device code,
+// only cp.async.bulk.tensor reads it, from a 64-byte aligned address.
+struct alignas(64) TensorMap {
+  u64 opaque[16];
+};
+
+// Params::weight_maps: the expert weights as 4-D tensor maps (wgmma engine, TMA B operands).
+enum WeightMap : int { kMapGateUp = 0, kMapDown = 1, kMapSharedGateUp = 2, kMapSharedDown = 3, kNumWeightMaps = 4 };
+
 // One hosted rank's tensors.
 struct LocalRank {
   const void* x;    // [num_tokens, H] dtype, contiguous
@@ -94,6 +105,11 @@ struct LocalRank {
 };
 
 struct Params {
+  // TMA descriptors of the weights (gemm="wgmma" specs; zeros otherwise). First, so that their
+  // 64-byte alignment needs no padding; Params is 64-byte aligned and a multiple of 64 bytes.
+  TensorMap weight_maps[kNumWeightMaps];
+  u32 weight_maps_valid;    // 1: weight_maps are encoded; 0: the wgmma engine loads B with cp.async
+  u32 pad_maps;
   // Shapes.
   i32 hidden;               // H
   i32 intermediate;         // I
@@ -121,11 +137,14 @@ struct Params {
   float routed_scaling_factor;
   i32 weights_first_expert; // global expert id of gate_up[0] / down[0]
   double capacity_factor;   // 0: dropless
-  // Launch state.
-  u32 epoch;                // launch counter; flags hold it, bank = epoch & 1
+  // Launch state. The launch counter (epoch) lives in the heap (kEpoch), so a captured CUDA graph
+  // replays with a fresh epoch every time.
   u32 fault_kind;           // FaultKind (tests only)
   u32 fault_rank;
   u32 trace_capacity;       // records per block (0: no trace buffer)
+  u32 smem_sched_offset;    // shared memory: the task map, after the GEMM/phase union
+  u32 smem_scratch_offset;  // shared memory: block-wide scratch words
+  u32 pad0;
   u64 timeout_ns;           // bound of every wait
   // Weights.
   const float* router_weight;   // [E (+1 shared gate row), H] fp32
@@ -136,7 +155,8 @@ struct Params {
   const void* shared_down;      // [H, I_s]
   // Heap: hosted rank v's slice is heap + v * rank_heap_bytes.
   u8* heap;
-  const u64* peer_bases;        // [W] every rank's slice as this GPU addresses it
+  const u64* peer_bases;        // [W] every rank's slice as this GPU addresses it; 0 (NVSHMEM
+                                //     transport only): no load/store path, use NVSHMEM puts
   u64 rank_heap_bytes;
   u64 region_offset[kNumRegions];   // bank 0
   u64 region_stride[kNumRegions];   // bank stride (0: unbanked)
@@ -145,5 +165,6 @@ struct Params {
   u64 trace_records_offset;
   LocalRank local[kMaxLocalRanks];
 };
+static_assert(alignof(Params) == 64 && sizeof(Params) % 64 == 0, "a TensorMap needs 64-byte alignment");
 
 }  // namespace flashmoe

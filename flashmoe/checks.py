@@ -1,0 +1,244 @@
+"""Kernel-versus-reference checks, shared by ``python -m flashmoe.selftest``, the GPU tests and the
+emulated CPU tests.
+
+One check: fresh random inputs (never zeros), the output poisoned with NaN before the launch, the
+kernel's routing compared with the reference router, then the kernel's output compared with the
+reference computed on the kernel's own routing under the project's tolerance (flashmoe.accuracy).
+
+Why the routing is split off: the kernel and torch compute the fp32 logits in different orders,
+so a token whose k-th and (k+1)-th scores are within rounding of each other may pick a different
+expert in either. Such a token is a near tie, not an error; any other routing difference is. The
+capacity mask must match the reference rule applied to the kernel's routing exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import accuracy, reference
+from .config import MoEConfig
+from .reference import MoEWeights, Routing
+
+# Two selection scores closer than this (in score units, ~1) may be ordered either way: fp32
+# logits over H <= 8192 products differ between summation orders by well under 1e-5.
+NEAR_TIE = 1e-4
+# Kernel and reference combine weights of the same expert agree to fp32 rounding: the logits'
+# rounding (relative 1e-6 of their magnitude) moves a softmax/sigmoid weight by about that much
+# times the logit, then the scaling factor multiplies it. weight_tolerance() scales accordingly.
+WEIGHT_TOL = 1e-5
+
+
+def weight_tolerance(x, weights, config) -> float:
+    logit_scale = float(reference.router_logits(x, weights.router_weight).abs().max()) if x.numel() else 0.0
+    return WEIGHT_TOL * max(1.0, logit_scale) * config.routed_scaling_factor
+ROUTINGS = ("uniform", "skewed", "single")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    config: MoEConfig
+    world: int = 1            # virtual ranks
+    tokens: int = 256         # all ranks together (split as evenly as possible)
+    routing: str = "uniform"  # uniform, skewed (a few popular experts) or single (all on the same k)
+    seed: int = 0
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"name": self.name, "dtype": c.dtype, "H": c.hidden_size, "I": c.intermediate_size,
+                "E": c.num_experts, "k": c.top_k, "act": c.activation, "gated": c.gated,
+                "scoring": c.scoring, "shared": c.num_shared_experts, "capacity": c.capacity_factor,
+                "W": self.world, "tokens": self.tokens, "routing": self.routing}
+
+
+@dataclass
+class CaseResult:
+    case: dict
+    passed: bool
+    err: float = float("nan")
+    tol: float = float("nan")
+    routing_mismatches: int = 0      # tokens routed differently that are not near ties
+    near_ties: int = 0
+    weight_err: float = 0.0
+    ms: float | None = None          # median kernel time, when timed
+    detail: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("case"))
+        return d
+
+
+def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
+    """Random x and weights with O(1) outputs. ``routing`` shapes the router: 'skewed' adds a
+    direction every token shares and makes a few experts favour it; 'single' makes k experts
+    favour it so strongly that every token picks them."""
+    cfg = case.config
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    E, H, I, dt = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.torch_dtype
+    randn = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
+    x = randn(case.tokens, H)
+    router = randn(E, H, scale=H ** -0.5)
+    if case.routing != "uniform":
+        d = randn(H)
+        d = d / d.norm()
+        x = x + 2.0 * d
+        strength = torch.zeros(E)
+        if case.routing == "single":
+            strength[:cfg.top_k] = 20.0
+        else:
+            strength[:max(1, E // 8)] = 3.0
+        router = router + strength[:, None] * d
+    Iu = cfg.up_rows
+    w = MoEWeights(router_weight=router,
+                   gate_up_proj=randn(E, Iu, H, scale=H ** -0.5),
+                   down_proj=randn(E, H, I, scale=I ** -0.5))
+    if cfg.selection_bias:
+        w.selection_bias = randn(E, scale=0.05)
+    if cfg.num_shared_experts:
+        Is = cfg.shared_intermediate_total
+        w.shared_gate_up_proj = randn((2 if cfg.gated else 1) * Is, H, scale=H ** -0.5)
+        w.shared_down_proj = randn(H, Is, scale=Is ** -0.5)
+    if cfg.shared_expert_gate:
+        w.shared_gate_weight = randn(1, H, scale=H ** -0.5)
+    to = lambda t, dtype: None if t is None else t.to(device=device, dtype=dtype).contiguous()
+    fp32 = torch.float32
+    weights = MoEWeights(router_weight=to(w.router_weight, fp32), gate_up_proj=to(w.gate_up_proj, dt),
+                         down_proj=to(w.down_proj, dt), selection_bias=to(w.selection_bias, fp32),
+                         shared_gate_up_proj=to(w.shared_gate_up_proj, dt),
+                         shared_down_proj=to(w.shared_down_proj, dt),
+                         shared_gate_weight=to(w.shared_gate_weight, fp32))
+    return to(x, dt), weights
+
+
+def selection_gaps(x: torch.Tensor, weights: MoEWeights, config: MoEConfig) -> torch.Tensor:
+    """Per token, the smallest margin of any routing decision: between the k-th and (k+1)-th
+    eligible selection score, and between the topk_group-th and next group score."""
+    logits = reference.router_logits(x, weights.router_weight)
+    scores = torch.softmax(logits, -1) if config.scoring == "softmax" else torch.sigmoid(logits)
+    select = scores + (weights.selection_bias.float() if config.selection_bias else 0)
+    gap = torch.full((x.shape[0],), float("inf"), device=x.device)
+    if config.n_group > 1:
+        grouped = select.view(x.shape[0], config.n_group, config.num_experts // config.n_group)
+        gs = (grouped.topk(2, -1).values.sum(-1) if config.group_score == "top2_sum"
+              else grouped.max(-1).values)
+        top = gs.sort(-1, descending=True).values
+        if config.topk_group < config.n_group:
+            gap = torch.minimum(gap, top[:, config.topk_group - 1] - top[:, config.topk_group])
+        keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(config.topk_group, -1).indices, True)
+        select = select.masked_fill(~keep.repeat_interleave(config.num_experts // config.n_group, 1), -1e30)
+    if config.top_k < config.num_experts:
+        top = select.sort(-1, descending=True).values
+        gap = torch.minimum(gap, top[:, config.top_k - 1] - top[:, config.top_k])
+    return gap
+
+
+def compare_routing(x, weights, config, got: Routing) -> tuple[int, int, float]:
+    """(tokens routed differently without a near tie, near-tie tokens, max weight error)."""
+    want = reference.route(x, weights, config)
+    same = (got.ids.sort(-1).values == want.ids.sort(-1).values).all(-1)
+    near = selection_gaps(x, weights, config) < NEAR_TIE
+    mismatches = int((~same & ~near).sum())
+    weight_err = 0.0
+    if bool(same.any()):
+        order_got, order_want = got.ids.argsort(-1), want.ids.argsort(-1)
+        wg = got.weights.gather(1, order_got)[same]
+        ww = want.weights.gather(1, order_want)[same]
+        weight_err = float((wg - ww).abs().max()) if wg.numel() else 0.0
+    return mismatches, int((~same & near).sum()), weight_err
+
+
+def run_case(backend, case: Case, device, time_it: bool = False) -> CaseResult:
+    """Run one case on a KernelBackend built for case.config / case.world."""
+    cfg = case.config
+    x, weights = make_inputs(case, device)
+    out = torch.full_like(x, float("nan"))
+    try:
+        out, routing = backend.forward(x, weights, return_routing=True, out=out)
+        backend.synchronize()
+    except Exception as exc:   # a kernel error is a failed case, with its message
+        return CaseResult(case.describe(), False, detail=f"{type(exc).__name__}: {exc}")
+    mismatches, near, weight_err = compare_routing(x, weights, cfg, routing)
+    T_total = x.shape[0]
+    want_kept = reference.capacity_keep(routing.ids, routing.weights, cfg,
+                                        torch.arange(T_total, device=x.device), T_total)
+    kept_ok = bool((want_kept == routing.kept).all())
+    routing.kept = want_kept
+    unwritten = int(torch.isnan(out).any(-1).sum())
+    ok, err, tol = accuracy.check(out, x, weights, cfg, routing=routing)
+    weight_tol = weight_tolerance(x, weights, cfg)
+    passed = ok and mismatches == 0 and kept_ok and unwritten == 0 and weight_err <= weight_tol
+    detail = []
+    if mismatches:
+        detail.append(f"{mismatches} tokens routed differently (not near ties)")
+    if not kept_ok:
+        detail.append("capacity mask differs from the reference rule")
+    if unwritten:
+        detail.append(f"{unwritten} output rows still poisoned")
+    if weight_err > weight_tol:
+        detail.append(f"routing weights off by {weight_err:.2e}")
+    if not ok:
+        detail.append(f"error {err:.3e} above tolerance {tol:.3e}")
+    result = CaseResult(case.describe(), passed, err, tol, mismatches, near, weight_err,
+                        detail="; ".join(detail))
+    if time_it and x.is_cuda:
+        result.ms = time_forward(backend, x, weights, out)
+    return result
+
+
+def time_forward(backend, x, weights, out, warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of one forward (CUDA events)."""
+    for _ in range(warmup):
+        backend.forward(x, weights, out=out)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        backend.forward(x, weights, out=out)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    backend.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def check_determinism(make_backend, case: Case, device, worlds=(1, 2, 4, 8)) -> tuple[bool, str]:
+    """The same inputs give bitwise-identical outputs on repeated runs and for every W."""
+    x, weights = make_inputs(case, device)
+    reference_out = None
+    for w in worlds:
+        backend = make_backend(case.config, w)
+        outs = [backend.forward(x, weights).clone() for _ in range(2)]
+        backend.synchronize()
+        if not torch.equal(outs[0], outs[1]):
+            return False, f"W={w}: two runs differ"
+        if reference_out is None:
+            reference_out = outs[0]
+        elif not torch.equal(reference_out, outs[0]):
+            diff = (reference_out.float() - outs[0].float()).abs().max()
+            return False, f"W={w} differs from W={worlds[0]} (max diff {float(diff):.3e})"
+    return True, "bitwise identical across runs and W in " + ",".join(map(str, worlds))
+
+
+def check_fault(make_backend, case: Case, device, stalled_rank: int) -> tuple[bool, str]:
+    """A stalled rank gives a FlashMoEError that names it; the next forward works again."""
+    from .errors import FlashMoEError
+    backend = make_backend(case.config, case.world, timeout_s=0.5)
+    x, weights = make_inputs(case, device)
+    t0 = time.time()
+    try:
+        backend.forward(x, weights, fault_rank=stalled_rank)
+        backend.synchronize()
+        return False, "the stalled launch raised nothing"
+    except FlashMoEError as exc:
+        message = str(exc)
+    # Whoever timed out first waited for the stalled rank: its rows or its results.
+    named = f"of rank {stalled_rank}" in message.splitlines()[0]
+    result = run_case(backend, case, device)
+    ok = named and result.passed
+    return ok, (f"raised after {time.time() - t0:.1f} s: {message.splitlines()[0]}; "
+                f"next forward {'passed' if result.passed else 'FAILED: ' + result.detail}")

@@ -1,0 +1,68 @@
+// Where things are: the hosted rank a block serves, its heap slice, its peers' slices and the
+// regions inside them. Offsets come from Params (flashmoe/host/plan.py computes them).
+#pragma once
+
+#include "flashmoe/device/common/spec.cuh"
+
+namespace flashmoe {
+
+// Per-block context, fixed for the whole launch.
+struct Ctx {
+  int local;        // hosted rank index v (0 .. L-1)
+  int rank;         // global rank
+  int block;        // block index within the rank (0 .. blocks_per_rank-1)
+  int bank;         // epoch & 1: which copy of the banked regions this launch uses
+  u32 epoch;
+  int num_tokens;   // this rank's tokens
+  u8* slice;        // this rank's heap slice
+  const elem_t* x;
+  elem_t* out;
+  u8* smem;         // dynamic shared memory
+};
+
+__device__ __forceinline__ Ctx make_ctx(const Params& p, u8* smem) {
+  Ctx c;
+  c.local = blockIdx.x / p.blocks_per_rank;
+  c.rank = p.first_local_rank + c.local;
+  c.block = blockIdx.x % p.blocks_per_rank;
+  c.num_tokens = p.local[c.local].num_tokens;
+  c.slice = p.heap + (u64)c.local * p.rank_heap_bytes;
+  // The heap word counts finished launches; this launch's epoch is one more, so it is never the
+  // 0 that fresh (zeroed) flags hold. The previous launch on this stream has completed.
+  c.epoch = *reinterpret_cast<const volatile u32*>(c.slice + p.region_offset[kEpoch]) + 1;
+  c.bank = c.epoch & 1;
+  c.x = static_cast<const elem_t*>(p.local[c.local].x);
+  c.out = static_cast<elem_t*>(p.local[c.local].out);
+  c.smem = smem;
+  return c;
+}
+
+// Base of rank r's slice as this GPU addresses it (a peer pointer, or this GPU's own memory).
+__device__ __forceinline__ u8* peer_slice(const Params& p, int r) {
+  return reinterpret_cast<u8*>(p.peer_bases[r]);
+}
+
+template <class T>
+__device__ __forceinline__ T* region(const Params& p, u8* slice, RegionId id, int bank = 0) {
+  return reinterpret_cast<T*>(slice + p.region_offset[id] + (u64)bank * p.region_stride[id]);
+}
+
+__device__ __forceinline__ int expert_owner(const Params& p, int expert) {
+  return expert / p.experts_per_rank;
+}
+
+// Row-major strides of the banked peer-written regions (the sizes of plan.region_sizes()).
+__device__ __forceinline__ u64 recv_row_index(const Params& p, int source, u32 row) {
+  return (u64)source * p.max_tokens + row;                      // recv_rows[W][T][H]
+}
+__device__ __forceinline__ u64 entry_index(const Params& p, int local_expert, int source, u32 pos) {
+  return ((u64)local_expert * p.world + source) * p.max_tokens + pos;  // entries[E_l][W][T]
+}
+__device__ __forceinline__ u64 count_index(const Params& p, int source, int column) {
+  return (u64)source * (p.experts_per_rank + 2) + column;       // counts[W][E_l + 2]
+}
+__device__ __forceinline__ u64 ret_row_index(const Params& p, u32 token, int slot) {
+  return (u64)token * p.slots + slot;                           // ret_rows[T][S][H]
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,87 @@
+// Compile-time facts of one kernel spec (flashmoe/host/spec.py KernelSpec.defines()), the element
+// type they imply and its conversions. Everything else is a run-time value in Params.
+#pragma once
+
+#include "flashmoe/device/common/ptx.cuh"
+
+#if !defined(FLASHMOE_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#if !defined(FLASHMOE_DTYPE) || !defined(FLASHMOE_GATED) || !defined(FLASHMOE_BLOCK_M) || \
+    !defined(FLASHMOE_BLOCK_N) || !defined(FLASHMOE_STAGES) || !defined(FLASHMOE_THREADS)
+#error "compile through flashmoe.host.compile: the FLASHMOE_* spec macros are missing"
+#endif
+#ifndef FLASHMOE_GEMM_WGMMA
+#define FLASHMOE_GEMM_WGMMA 0
+#endif
+#ifndef FLASHMOE_TRANSPORT_NVSHMEM
+#define FLASHMOE_TRANSPORT_NVSHMEM 0
+#endif
+#ifndef FLASHMOE_TRACE
+#define FLASHMOE_TRACE 0
+#endif
+
+namespace flashmoe {
+
+constexpr int kThreads = FLASHMOE_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlockM = FLASHMOE_BLOCK_M;
+constexpr int kBlockN = FLASHMOE_BLOCK_N;       // B rows per tile (gate + up when gated)
+constexpr int kStages = FLASHMOE_STAGES;
+constexpr bool kGated = FLASHMOE_GATED != 0;
+constexpr int kNumB = kGated ? 2 : 1;           // B operands sharing one A tile
+constexpr int kGemm0Cols = kBlockN / kNumB;     // intermediate columns per GEMM0 tile
+constexpr bool kTrace = FLASHMOE_TRACE != 0;
+constexpr int kStageKBytes = 128;               // K bytes per stage and row: one swizzle atom
+static_assert(kThreads % 128 == 0, "blocks are whole warpgroups");
+
+#if FLASHMOE_DTYPE == 0
+typedef __nv_bfloat16 elem_t;
+#elif FLASHMOE_DTYPE == 1
+typedef __half elem_t;
+#else
+typedef float elem_t;
+#endif
+constexpr bool kFp32 = FLASHMOE_DTYPE == 2;
+constexpr int kElemBytes = sizeof(elem_t);
+constexpr int kVecElems = 16 / kElemBytes;      // elements per 16-byte vector
+
+__device__ __forceinline__ float to_float(elem_t v) {
+#if FLASHMOE_DTYPE == 0
+  return __bfloat162float(v);
+#elif FLASHMOE_DTYPE == 1
+  return __half2float(v);
+#else
+  return v;
+#endif
+}
+__device__ __forceinline__ elem_t from_float(float v) {
+#if FLASHMOE_DTYPE == 0
+  return __float2bfloat16_rn(v);
+#elif FLASHMOE_DTYPE == 1
+  return __float2half_rn(v);
+#else
+  return v;
+#endif
+}
+
+// Activation codes of Params::activation (flashmoe/host/abi.py ACTIVATION_CODES), computed in fp32
+// with the accurate library functions, as torch does.
+__device__ __forceinline__ float activate(float v, int activation) {
+  switch (activation) {
+    case 0: return v / (1.0f + expf(-v));                                       // silu
+    case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));          // gelu (erf)
+    case 2: {                                                                    // gelu, tanh form
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + tanhf(inner));
+    }
+    default: return (v > 0.0f || v != v) ? v : 0.0f;                            // relu (NaN stays)
+  }
+}
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+}  // namespace flashmoe

@@ -1,0 +1,39 @@
+// Per-task timeline records (compiled in only when the spec has trace=True; no cost otherwise).
+// Layout: flashmoe/host/plan.py trace_layout(); reader: flashmoe/trace.py.
+#pragma once
+
+#include "flashmoe/device/common/heap.cuh"
+
+namespace flashmoe {
+
+struct TraceScope {
+  u64 start;
+  __device__ __forceinline__ TraceScope() : start(kTrace ? globaltimer_ns() : 0) {}
+};
+
+// Each block starts its record count at 0 (so graph replays need no host reset).
+__device__ __forceinline__ void trace_begin(const Params& p) {
+  if (kTrace && p.trace != nullptr && threadIdx.x == 0) reinterpret_cast<u32*>(p.trace)[blockIdx.x] = 0;
+}
+
+// Called by thread 0 of a block when a task ends.
+__device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, const TraceScope& scope,
+                                             u32 kind, u32 task, u32 extra) {
+  if (!kTrace || p.trace == nullptr || p.trace_capacity == 0) return;
+  u32* counts = reinterpret_cast<u32*>(p.trace);
+  const u32 n = counts[blockIdx.x]++;          // only thread 0 of this block writes it
+  if (n >= p.trace_capacity) return;           // keeps counting: the reader reports truncation
+  TraceRecord* rec = reinterpret_cast<TraceRecord*>(p.trace + p.trace_records_offset) +
+                     (u64)blockIdx.x * p.trace_capacity + n;
+  rec->start_ns = scope.start;
+  rec->end_ns = globaltimer_ns();
+  rec->task = task;
+  rec->block = static_cast<u16>(blockIdx.x);
+  rec->kind = static_cast<u8>(kind);
+  rec->rank = static_cast<u8>(c.rank);
+  rec->sm = static_cast<u16>(sm_id());
+  rec->pad = 0;
+  rec->extra = extra;
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,109 @@
+// Bounded waits. Every spin in the kernel goes through wait_reached(): on timeout it records who
+// waited for what into Control::errors (first record per hosted rank wins), raises Control::abort
+// and returns false; the caller then leaves the kernel. Every other waiter polls abort and leaves
+// too, recording what it was waiting for, so the host gets every rank's state, never a hang.
+#pragma once
+
+#include "flashmoe/device/common/transport.cuh"
+
+namespace flashmoe {
+
+struct WaitSite {
+  u32 role;    // TaskKind the block is running
+  u32 what;    // WaitKind
+  u32 index;   // source/expert rank, tile or expert
+};
+
+__device__ __forceinline__ bool reached(u32 observed, u32 target) {
+  // Flags hold epochs and counters count up from 0: compare on the circle, so an epoch that
+  // wrapped around 2^32 still counts as reached, and a peer one launch ahead does too.
+  return static_cast<i32>(observed - target) >= 0;
+}
+
+__device__ __forceinline__ bool aborted(const Params& p) {
+  return ld_relaxed_gpu(&p.control->abort) != 0;
+}
+
+// Out of line (it runs once, at the end of a failed launch); takes scalars so the caller's
+// context stays in registers.
+__device__ __noinline__ void record_error(const Params& p, int local, int rank, u32 code, WaitSite site,
+                                          u32 expected, u32 observed, u64 waited_ns) {
+  ErrorRecord* e = &p.control->errors[local];
+  if (atomicCAS(&e->code, 0u, code) == 0u) {
+    e->rank = rank;
+    e->block = blockIdx.x;
+    e->role = site.role;
+    e->what = site.what;
+    e->index = site.index;
+    e->expected = expected;
+    e->observed = observed;
+    e->waited_ns = waited_ns;
+  }
+  if (code == kErrTimeout) {
+    atomicExch(&p.control->abort, 1u);
+    fence_acq_rel_sys();
+  }
+}
+
+// One thread spins until *flag reaches target (acquire at the given scope). False: timed out or
+// the launch was aborted; the error is recorded.
+template <bool kSys>
+__device__ bool wait_reached(const Params& p, const Ctx& c, const u32* flag, u32 target, WaitSite site) {
+  u32 seen = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
+  if (reached(seen, target)) return true;
+  const u64 start = globaltimer_ns();
+  u32 backoff = 32;
+  for (;;) {
+    sleep_ns(backoff);
+    if (backoff < 1024) backoff *= 2;
+    seen = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
+    if (reached(seen, target)) return true;
+    const u64 waited = globaltimer_ns() - start;
+    if (aborted(p)) {
+      record_error(p, c.local, c.rank, kErrAborted, site, target, seen, waited);
+      return false;
+    }
+    if (waited > p.timeout_ns) {
+      record_error(p, c.local, c.rank, kErrTimeout, site, target, seen, waited);
+      return false;
+    }
+  }
+}
+
+// Whole-block versions: thread 0 waits, the block learns the outcome through shared memory.
+// `scratch` is a block-wide shared word.
+template <bool kSys>
+__device__ __forceinline__ bool block_wait(const Params& p, const Ctx& c, const u32* flag, u32 target,
+                                           WaitSite site, volatile u32* scratch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool ok = wait_reached<kSys>(p, c, flag, target, site);
+    // System-scope flags are written by rank site.index; its transport may need a step before
+    // its data is visible (NVSHMEM over a NIC).
+    if (kSys && ok) remote_acquired(p, site.index, flag);
+    *scratch = ok ? 1u : 0u;
+  }
+  __syncthreads();
+  return *scratch != 0;
+}
+
+// Barrier over the blocks of one rank (all co-resident: cooperative launch). `generation` counts
+// this rank's barriers in the launch from 1; the counter lives in this launch's bank.
+__device__ __forceinline__ bool rank_barrier(const Params& p, const Ctx& c, u32 generation, u32 role,
+                                             volatile u32* scratch) {
+  u32* counter = region<u32>(p, c.slice, kSyncCounters, c.bank) + kBarrier;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // Publish this block's writes (including remote ones) before arriving.
+    fence_acq_rel_sys();
+    atomic_add_relaxed_gpu(counter, 1);
+    const bool ok = wait_reached<false>(p, c, counter, generation * p.blocks_per_rank,
+                                        WaitSite{role, kWaitBarrier, generation});
+    fence_acq_rel_sys();
+    *scratch = ok ? 1u : 0u;
+  }
+  __syncthreads();
+  return *scratch != 0;
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,321 @@
+// The CUDA surface the device code uses, for a host C++ compiler: what ptx.cuh includes instead of
+// its inline PTX when FLASHMOE_EMULATION is defined (flashmoe/host/emulator.py builds it with g++).
+//
+// Every CUDA thread of a launch runs as a cooperative fiber on one OS thread (runtime.cpp), so the
+// kernel's own source runs unchanged on a CPU: threadIdx/blockIdx resolve to the running fiber,
+// __syncthreads is a per-block barrier, warp collectives (shuffles, ballot, ldmatrix, mma) are
+// exchanges among the 32 fibers of a warp, and %globaltimer is a virtual clock. What this checks
+// is the kernel's logic: indexing, fragment layouts, the protocol between blocks and ranks, bounded
+// waits. What it cannot check: real concurrency and memory ordering. Fibers switch only at the
+// yield points listed in runtime.cpp and memory is sequentially consistent, so a missing fence or
+// a data race between blocks stays invisible here (compute-sanitizer on a GPU covers those).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+
+#include "flashmoe/device/common/params.cuh"
+
+// ---- qualifiers: plain host C++ ----------------------------------------------------------------
+// Defined after the standard headers above: libstdc++ spells __attribute__((__noinline__)).
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __align__(n) __attribute__((aligned(n)))
+// Static __shared__ variables would be one copy for all blocks: the kernel takes its shared memory
+// from flashmoe::emu::dynamic_smem() only, and a use of __shared__ fails to compile by this name.
+#define __shared__ __shared___is_not_emulated__use_dynamic_smem
+
+#define FLASHMOE_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+struct uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+
+namespace flashmoe::emu {
+
+struct Dim3 { unsigned int x, y, z; };
+
+// What the built-in variables read: the running fiber's identity (runtime.cpp keeps `current`
+// pointing at the fiber it switched to; every read goes through the pointer, and every switch is
+// an out-of-line call, so the compiler never carries one fiber's value into another).
+struct FiberView {
+  Dim3 thread, block;
+  u8* smem;          // this block's dynamic shared memory
+  u64 smem_bytes;
+};
+extern FiberView* current;
+extern Dim3 block_dim, grid_dim;
+
+inline u8* dynamic_smem() { return current->smem; }
+
+// Runtime entry points (runtime.cpp). None of them is inlined: each may switch fibers.
+void yield();                                  // let every other runnable fiber run once
+void sleep_for(u32 ns);                        // park until the virtual clock has advanced by ns
+u64 now_ns();                                  // the virtual clock
+void block_barrier();                          // __syncthreads
+[[noreturn]] void fatal(const char* fmt, ...); // end the launch with this message
+enum WarpOp : int { kOpShfl, kOpBallot, kOpLdmatrix, kOpMmaBf16, kOpMmaF16, kOpMmaTf32 };
+// One warp-wide exchange: this lane deposits `in` (n words); once all 32 lanes have, the last one
+// computes every lane's result; this lane gets back its 4 result words.
+void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]);
+// cp.async: queue a 16-byte copy (src nullptr: zero-fill) in this thread's current group; close
+// the group; complete every group but the n most recently committed ones.
+void cp_async_issue(void* dst, const void* src);
+void cp_async_commit_group();
+void cp_async_wait_groups(int n);
+// Byte offset of p in this block's shared memory; fatal unless [p, p + bytes) lies inside it.
+u32 smem_offset(const void* p, u32 bytes, const char* what);
+void check_aligned(const void* p, u32 align, const char* what);
+
+// Function-pointer launch: body(ctx) runs once per thread of grid x block threads.
+int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), void* ctx, char* err,
+           u64 err_len);
+
+template <class To, class From>
+inline To bits(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof(t));
+  return t;
+}
+
+}  // namespace flashmoe::emu
+
+#define threadIdx (::flashmoe::emu::current->thread)
+#define blockIdx (::flashmoe::emu::current->block)
+#define blockDim (::flashmoe::emu::block_dim)
+#define gridDim (::flashmoe::emu::grid_dim)
+
+// ---- 16-bit floats: IEEE round to nearest even, as cuda_bf16.h / cuda_fp16.h ---------------------
+struct __nv_bfloat16 { unsigned short __x; };
+struct __half { unsigned short __x; };
+
+inline float __bfloat162float(__nv_bfloat16 h) { return flashmoe::emu::bits<float>((unsigned int)h.__x << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  const unsigned int x = flashmoe::emu::bits<unsigned int>(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return {0x7fff};                  // NaN: CUDA's canonical one
+  return {static_cast<unsigned short>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
+}
+
+namespace flashmoe::emu {
+// m >> s rounded to nearest, ties to even (1 <= s <= 31).
+inline u32 shift_rne(u32 m, int s) {
+  const u32 q = m >> s, rem = m & ((1u << s) - 1), half = 1u << (s - 1);
+  return q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+}
+}  // namespace flashmoe::emu
+
+inline __half __float2half_rn(float f) {
+  const unsigned int x = flashmoe::emu::bits<unsigned int>(f);
+  const unsigned short sign = static_cast<unsigned short>((x >> 16) & 0x8000u);
+  const unsigned int ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return {0x7fff};                                 // NaN
+  if (ax >= 0x477ff000u) return {static_cast<unsigned short>(sign | 0x7c00u)};   // >= 65520: inf
+  const int e = static_cast<int>(ax >> 23);
+  if (e <= 112) {                                                         // half subnormal (or 0)
+    const int s = 126 - e;
+    if (s > 31) return {sign};
+    return {static_cast<unsigned short>(sign | flashmoe::emu::shift_rne((ax & 0x7fffffu) | 0x800000u, s))};
+  }
+  // A carry out of the mantissa rolls into the exponent, which is the right encoding.
+  return {static_cast<unsigned short>(sign | (((e - 112) << 10) + flashmoe::emu::shift_rne(ax & 0x7fffffu, 13)))};
+}
+inline float __half2float(__half h) {
+  const unsigned int sign = (h.__x & 0x8000u) << 16, e = (h.__x >> 10) & 31u, m = h.__x & 0x3ffu;
+  if (e == 31) return flashmoe::emu::bits<float>(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {                                                           // subnormal: m * 2^-24
+    const float v = std::ldexp(static_cast<float>(m), -24);
+    return sign ? -v : v;
+  }
+  return flashmoe::emu::bits<float>(sign | ((e + 112) << 23) | (m << 13));
+}
+
+// ---- bit casts, bit counts, min/max ------------------------------------------------------------
+inline unsigned int __float_as_uint(float f) { return flashmoe::emu::bits<unsigned int>(f); }
+inline float __uint_as_float(unsigned int u) { return flashmoe::emu::bits<float>(u); }
+inline float __int_as_float(int i) { return flashmoe::emu::bits<float>(i); }
+inline int __float_as_int(float f) { return flashmoe::emu::bits<int>(f); }
+inline int __popc(unsigned int v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+// CUDA's min/max take mixed integer types; the common type does what its overloads do.
+template <class A, class B>
+inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
+template <class A, class B>
+inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+
+// ---- block and warp primitives -----------------------------------------------------------------
+inline void __syncthreads() { flashmoe::emu::block_barrier(); }
+inline void __nanosleep(unsigned int ns) { flashmoe::emu::sleep_for(ns); }
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return flashmoe::emu::smem_offset(p, 1, "__cvta_generic_to_shared");
+}
+
+namespace flashmoe::emu {
+// Shuffle of a 4-byte value; `src` is the lane read (>= 32: the lane keeps its own value).
+template <class T>
+inline T shfl(u32 mask, T v, u32 src) {
+  static_assert(sizeof(T) == 4, "the emulator shuffles 4-byte values");
+  const u32 in[2] = {bits<u32>(v), src};
+  u32 out[4];
+  warp_exchange(kOpShfl, mask, in, 2, out);
+  return bits<T>(out[0]);
+}
+}  // namespace flashmoe::emu
+
+template <class T>
+inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) {
+  if (width != 32) flashmoe::emu::fatal("__shfl_xor_sync with width %d is not emulated", width);
+  return flashmoe::emu::shfl(mask, v, (threadIdx.x & 31u) ^ static_cast<unsigned int>(lane_mask));
+}
+template <class T>
+inline T __shfl_sync(unsigned int mask, T v, int src_lane, int width = 32) {
+  if (width != 32) flashmoe::emu::fatal("__shfl_sync with width %d is not emulated", width);
+  return flashmoe::emu::shfl(mask, v, static_cast<unsigned int>(src_lane) & 31u);
+}
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+  const flashmoe::u32 in[1] = {0};
+  flashmoe::u32 out[4];
+  flashmoe::emu::warp_exchange(flashmoe::emu::kOpBallot, mask, in, 1, out);   // a vote nobody reads
+}
+inline void __threadfence() { flashmoe::emu::yield(); }
+inline void __threadfence_system() { flashmoe::emu::yield(); }
+inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+  const flashmoe::u32 in[1] = {predicate != 0};
+  flashmoe::u32 out[4];
+  flashmoe::emu::warp_exchange(flashmoe::emu::kOpBallot, mask, in, 1, out);
+  return out[0];
+}
+
+// ---- atomics: one OS thread runs every fiber, so a plain read-modify-write is atomic -------------
+namespace flashmoe::emu {
+template <class T, class F>
+inline T rmw(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
+  return old;
+}
+}  // namespace flashmoe::emu
+inline int atomicAdd(int* p, int v) { return flashmoe::emu::rmw(p, [v](int o) { return o + v; }); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return flashmoe::emu::rmw(p, [v](unsigned o) { return o + v; }); }
+inline float atomicAdd(float* p, float v) { return flashmoe::emu::rmw(p, [v](float o) { return o + v; }); }
+inline unsigned atomicSub(unsigned* p, unsigned v) { return flashmoe::emu::rmw(p, [v](unsigned o) { return o - v; }); }
+inline int atomicMax(int* p, int v) { return flashmoe::emu::rmw(p, [v](int o) { return o < v ? v : o; }); }
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  return flashmoe::emu::rmw(p, [v](unsigned o) { return o < v ? v : o; });
+}
+inline int atomicMin(int* p, int v) { return flashmoe::emu::rmw(p, [v](int o) { return v < o ? v : o; }); }
+inline unsigned atomicMin(unsigned* p, unsigned v) {
+  return flashmoe::emu::rmw(p, [v](unsigned o) { return v < o ? v : o; });
+}
+inline unsigned atomicOr(unsigned* p, unsigned v) { return flashmoe::emu::rmw(p, [v](unsigned o) { return o | v; }); }
+inline unsigned long long atomicOr(unsigned long long* p, unsigned long long v) {
+  return flashmoe::emu::rmw(p, [v](unsigned long long o) { return o | v; });
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) { return flashmoe::emu::rmw(p, [v](unsigned) { return v; }); }
+inline unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v) {
+  return flashmoe::emu::rmw(p, [=](unsigned o) { return o == compare ? v : o; });
+}
+
+// ---- the functions of ptx.cuh, same names, signatures and semantics -----------------------------
+namespace flashmoe {
+
+// Memory ordering. Memory is sequentially consistent here, so ordering is free; what matters is
+// that a spinning fiber lets the others run, so every load another block may be waiting to change
+// is a yield point. Fences and the relaxed atomic add are yield points too: more interleavings at
+// the places where the protocol hands data from one block to another.
+inline u32 ld_acquire_gpu(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
+inline u32 ld_acquire_sys(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
+inline u32 ld_relaxed_gpu(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
+inline void st_release_gpu(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
+inline void st_release_sys(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
+inline void st_relaxed_gpu(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
+inline void fence_acq_rel_gpu() { emu::yield(); }
+inline void fence_acq_rel_sys() { emu::yield(); }
+inline u32 atomic_add_relaxed_gpu(u32* p, u32 v) {
+  emu::yield();
+  const u32 old = *p;
+  *p = old + v;
+  return old;
+}
+
+// Vector accesses: the hardware faults on a misaligned 16-byte access, so the emulator does too.
+inline uint4 ld_cg_v4(const void* p) {
+  emu::check_aligned(p, 16, "ld_cg_v4");
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+inline u32 ld_cg_u32(const void* p) {
+  emu::check_aligned(p, 4, "ld_cg_u32");
+  return *static_cast<const volatile u32*>(p);
+}
+inline uint4 ld_nc_v4(const void* p) {
+  emu::check_aligned(p, 16, "ld_nc_v4");
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+inline void st_v4(void* p, uint4 v) {
+  emu::check_aligned(p, 16, "st_v4");
+  std::memcpy(p, &v, 16);
+}
+
+inline u64 globaltimer_ns() { return emu::now_ns(); }
+inline u32 sm_id() { return blockIdx.x; }
+inline void sleep_ns(u32 ns) { emu::sleep_for(ns); }
+
+inline u32 smem_addr(const void* p) { return emu::smem_offset(p, 1, "smem_addr"); }
+// cp.async with cp-size 16. A copy lands when its issuing thread waits for its group (the latest
+// moment the hardware allows), so a stage read before its cp_async_wait + __syncthreads reads the
+// shared-memory poison, and a wrong wait_group count shows up as wrong data, not as luck.
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  emu::smem_offset(smem, 16, "cp_async_16 destination");
+  emu::check_aligned(smem, 16, "cp_async_16 destination");
+  if (valid) emu::check_aligned(gmem, 16, "cp_async_16 source");
+  emu::cp_async_issue(smem, valid ? gmem : nullptr);
+}
+inline void cp_async_commit() { emu::cp_async_commit_group(); }
+template <int N>
+inline void cp_async_wait() { emu::cp_async_wait_groups(N); }
+
+// Tensor-core fragments: the layouts are in warp_ops.h, cited from the PTX ISA.
+inline void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+  emu::smem_offset(smem, 16, "ldmatrix_x4 row");
+  emu::check_aligned(smem, 16, "ldmatrix_x4 row");
+  const u64 a = reinterpret_cast<u64>(smem);
+  const u32 in[2] = {static_cast<u32>(a), static_cast<u32>(a >> 32)};
+  emu::warp_exchange(emu::kOpLdmatrix, 0xffffffffu, in, 2, r);
+}
+namespace emu {
+inline void mma(WarpOp op, float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  const u32 in[10] = {a[0], a[1], a[2], a[3], b0, b1, bits<u32>(d[0]), bits<u32>(d[1]), bits<u32>(d[2]),
+                      bits<u32>(d[3])};
+  u32 out[4];
+  warp_exchange(op, 0xffffffffu, in, 10, out);
+  for (int i = 0; i < 4; ++i) d[i] = bits<float>(out[i]);
+}
+}  // namespace emu
+inline void mma_bf16_m16n8k16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  emu::mma(emu::kOpMmaBf16, d, a, b0, b1);
+}
+inline void mma_f16_m16n8k16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  emu::mma(emu::kOpMmaF16, d, a, b0, b1);
+}
+inline void mma_tf32_m16n8k8(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  emu::mma(emu::kOpMmaTf32, d, a, b0, b1);
+}
+
+// cvt.rna.tf32.f32: keep 10 explicit mantissa bits, round to nearest with ties away from zero
+// (adding half an ulp to the magnitude bits does exactly that); NaN and Inf pass unchanged.
+inline u32 to_tf32(u32 fp32_bits) {
+  if ((fp32_bits & 0x7f800000u) == 0x7f800000u) return fp32_bits;
+  return (fp32_bits + 0x1000u) & 0xffffe000u;
+}
+
+}  // namespace flashmoe

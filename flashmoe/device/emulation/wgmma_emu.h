@@ -1,0 +1,272 @@
+// The functions of ptx_sm90.cuh (the wgmma engine's Hopper instructions) for the CPU emulator, with
+// the same names, signatures and semantics, from the PTX ISA sections cited there. What this lets
+// a CPU check: the engine's warp roles and mbarrier protocol (counts, phases, parities; a wait that
+// can never complete is reported), the shared-memory addresses its descriptors and TMA boxes
+// produce (the 128-byte swizzle is applied to the shared-memory offset, as the hardware applies it
+// to the address), the accumulator fragment layout and the epilogue indexing.
+//
+// Emulated semantics:
+// - mbarrier: its 8 bytes hold pending count, expected count, phase, tx-count and a valid bit;
+//   every operation checks the object is valid (init of a valid one, or use after inval, is an
+//   error), a phase completes when pending and tx-count both reach 0.
+// - cp.async.mbarrier.arrive.noinc lands the thread's outstanding cp.async copies (simt.h defers
+//   them to the latest moment the hardware allows) and arrives.
+// - cp.async.bulk.tensor reads an emulator tensor map (make_emu_tensor_map(); the host encodes the
+//   same format with flashmoe/host/tensormap.py emulated_map()), zero-fills out-of-bounds elements,
+//   swizzles 128-byte rows and completes its bytes on the mbarrier.
+// - wgmma.mma_async is deferred: each thread queues its operations and runs them at the
+//   wgmma.wait_group that retires their group, reading shared memory then. A stage refilled
+//   before the wgmma reading it was waited for therefore gives wrong results, as on the GPU.
+//   Each thread computes its own fragment (row 16 * warp + lane / 4 + 8h, column 8j + 2(lane % 4)
+//   + c) as a double-precision dot product, rounded once into the fp32 accumulator; .tf32 inputs
+//   drop their low 13 mantissa bits, as the PTX ISA says the hardware does.
+// - wgmma.fence / commit_group / wait_group are warp-synchronous (.sync.aligned): a warp barrier.
+// - Fences are yield points; named barriers park until `threads` threads have arrived.
+#pragma once
+
+#include <map>
+#include <utility>
+#include <vector>
+
+namespace flashmoe {
+
+inline void fail_launch() { emu::fatal("the launch trapped (the wgmma engine's shared memory is not 1024-byte aligned)"); }
+inline u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
+
+namespace emu {
+
+// A wait that has not completed after this much virtual time is a protocol error (a deadlock the
+// fiber scheduler cannot see, since the waiter keeps sleeping and waking).
+constexpr u64 kMbarrierWaitLimitNs = 2'000'000'000ull;
+
+struct Mbarrier {
+  u64 pending : 20, expected : 20, phase : 1, valid : 1;
+  i64 tx : 22;
+};
+static_assert(sizeof(Mbarrier) == 8, "an mbarrier object is 8 bytes");
+
+inline Mbarrier* mbarrier(u64* bar, const char* what, bool must_be_valid = true) {
+  smem_offset(bar, 8, what);
+  check_aligned(bar, 8, what);
+  Mbarrier* m = reinterpret_cast<Mbarrier*>(bar);
+  if (must_be_valid && !m->valid) fatal("%s on a shared-memory location that holds no valid mbarrier", what);
+  return m;
+}
+
+inline void mbarrier_progress(Mbarrier* m, const char* what) {
+  if (m->tx < 0 && m->pending == 0) fatal("%s: more transaction bytes completed than expected", what);
+  if (m->pending == 0 && m->tx == 0) {
+    m->phase ^= 1;
+    m->pending = m->expected;
+  }
+}
+
+inline void mbarrier_arrive(u64* bar, const char* what) {
+  Mbarrier* m = mbarrier(bar, what);
+  if (m->pending == 0) fatal("%s: more arrivals than the mbarrier's expected count", what);
+  m->pending -= 1;
+  mbarrier_progress(m, what);
+}
+
+inline void mbarrier_complete_tx(u64* bar, u32 bytes) {
+  Mbarrier* m = mbarrier(bar, "complete_tx");
+  m->tx -= static_cast<i64>(bytes);
+  mbarrier_progress(m, "complete_tx");
+}
+
+// The emulator's tensor map: what cuTensorMapEncodeTiled is given (rank 4, 128-byte swizzle,
+// zero fill), in the 16 words of a TensorMap.
+constexpr u64 kEmuTensorMapMagic = 0x50414d554d454d46ull;   // "FMEMUMAP"
+inline void make_emu_tensor_map(TensorMap& map, const void* address, const u64 (&dims)[4], const u64 (&strides)[3],
+                                const u32 (&box)[4], u32 element_bytes) {
+  map = TensorMap{};
+  map.opaque[0] = kEmuTensorMapMagic;
+  map.opaque[1] = reinterpret_cast<u64>(address);
+  for (int i = 0; i < 4; ++i) map.opaque[2 + i] = dims[i];
+  for (int i = 0; i < 3; ++i) map.opaque[6 + i] = strides[i];
+  for (int i = 0; i < 4; ++i) map.opaque[9 + i] = box[i];
+  map.opaque[13] = element_bytes;
+}
+
+inline const TensorMap& tensor_map(const void* map) {
+  check_aligned(map, 64, "tensor map");
+  const TensorMap& m = *static_cast<const TensorMap*>(map);
+  if (m.opaque[0] != kEmuTensorMapMagic) fatal("tensor map at %p was not made for the emulator", map);
+  return m;
+}
+
+// Per-thread wgmma queue: committed groups of (accumulator, N, descriptors), oldest first.
+struct WgmmaOp {
+  float* d;
+  int n;
+  u64 desc_a, desc_b;
+};
+struct WgmmaQueue {
+  std::vector<WgmmaOp> open;
+  std::vector<std::vector<WgmmaOp>> groups;
+};
+inline WgmmaQueue& wgmma_queue() {
+  static std::map<u64, WgmmaQueue> queues;   // one OS thread runs every fiber
+  return queues[(static_cast<u64>(blockIdx.x) << 32) | threadIdx.x];
+}
+
+inline float wgmma_element(const u8* p) {
+#if FLASHMOE_DTYPE == 0
+  return __bfloat162float(bits<__nv_bfloat16>(*reinterpret_cast<const u16*>(p)));
+#elif FLASHMOE_DTYPE == 1
+  return __half2float(bits<__half>(*reinterpret_cast<const u16*>(p)));
+#else
+  return bits<float>(*reinterpret_cast<const u32*>(p) & 0xffffe000u);   // .tf32: low 13 bits ignored
+#endif
+}
+
+// Byte offset in shared memory of byte `kbyte` of row `row` of a K-major SW128 operand.
+inline u32 wgmma_operand_offset(u64 desc, int row, int kbyte) {
+  const u32 start = static_cast<u32>(desc & 0x3fff) << 4;
+  const u32 lbo = static_cast<u32>((desc >> 16) & 0x3fff), sbo = static_cast<u32>((desc >> 32) & 0x3fff) << 4;
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0 || lbo != 1 || sbo != 1024)
+    fatal("wgmma descriptor %#llx is not the K-major 128-byte swizzle layout the engine uses",
+          (unsigned long long)desc);
+  const u32 linear = start + (row % 8) * 128 + (row / 8) * sbo + kbyte;
+  return linear ^ ((linear & 0x380) >> 3);   // Swizzle<3,4,3>: bits [4,7) ^= bits [7,10)
+}
+
+inline void wgmma_run(const WgmmaOp& op) {
+  const u8* smem = current->smem;
+  const int t = threadIdx.x & 127, warp = t >> 5, lane = t & 31;
+  constexpr int kEl = sizeof(elem_t) == 4 ? 4 : 2, kK = 32 / kEl;   // k16 (16-bit) or k8 (tf32)
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 2; ++c) {
+        const int row = warp * 16 + (lane >> 2) + h * 8, col = j * 8 + (lane & 3) * 2 + c;
+        double sum = 0.0;
+        for (int k = 0; k < kK; ++k) {
+          const u32 a = wgmma_operand_offset(op.desc_a, row, k * kEl), b = wgmma_operand_offset(op.desc_b, col, k * kEl);
+          if (a + kEl > current->smem_bytes || b + kEl > current->smem_bytes)
+            fatal("wgmma operand outside shared memory (A at %u, B at %u)", a, b);
+          sum += static_cast<double>(wgmma_element(smem + a)) * wgmma_element(smem + b);
+        }
+        float& d = op.d[4 * j + 2 * h + c];
+        d = static_cast<float>(static_cast<double>(d) + sum);
+      }
+}
+
+}  // namespace emu
+
+// ---- mbarrier ----------------------------------------------------------------------------------
+inline void mbar_init(u64* bar, u32 count) {
+  emu::Mbarrier* m = emu::mbarrier(bar, "mbarrier.init", false);
+  if (m->valid) emu::fatal("mbarrier.init of a valid mbarrier (invalidate it first)");
+  if (count < 1 || count >= (1u << 20)) emu::fatal("mbarrier.init count %u out of range", count);
+  *m = emu::Mbarrier{count, count, 0, 1, 0};
+}
+inline void mbar_inval(u64* bar) { emu::mbarrier(bar, "mbarrier.inval")->valid = 0; }
+inline void fence_mbar_init() { emu::yield(); }
+inline void mbar_arrive(u64* bar) { emu::mbarrier_arrive(bar, "mbarrier.arrive"); }
+inline void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+  emu::mbarrier(bar, "mbarrier.arrive.expect_tx")->tx += bytes;
+  emu::mbarrier_arrive(bar, "mbarrier.arrive.expect_tx");
+}
+// The arrive follows the completion of every cp.async this thread issued: land them, then arrive.
+inline void cp_async_mbar_arrive_noinc(u64* bar) {
+  emu::cp_async_commit_group();
+  emu::cp_async_wait_groups(0);
+  emu::mbarrier_arrive(bar, "cp.async.mbarrier.arrive.noinc");
+}
+inline bool mbar_try_wait(u64* bar, u32 parity) {
+  emu::yield();
+  return emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1);
+}
+inline void mbar_wait(u64* bar, u32 parity) {
+  const u64 start = emu::now_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (emu::now_ns() - start > emu::kMbarrierWaitLimitNs)
+      emu::fatal("mbarrier wait for parity %u at shared offset %u never completes", parity,
+                 emu::smem_offset(bar, 8, "mbarrier"));
+    emu::sleep_for(64);
+  }
+}
+
+// ---- proxies and barriers --------------------------------------------------------------------
+inline void fence_proxy_async_smem() { emu::yield(); }
+inline void named_barrier_sync(u32 id, u32 threads) {
+  struct State { u32 arrived = 0, threads = 0; u64 generation = 0; };
+  static std::map<std::pair<u32, u32>, State> barriers;
+  if (id == 0 || id > 15 || threads % 32) emu::fatal("bar.sync %u, %u: bad barrier or thread count", id, threads);
+  State& b = barriers[{blockIdx.x, id}];
+  if (b.arrived && b.threads != threads) emu::fatal("bar.sync %u: thread counts %u and %u differ", id, b.threads, threads);
+  b.threads = threads;
+  const u64 generation = b.generation;
+  if (++b.arrived == threads) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  const u64 start = emu::now_ns();
+  while (b.generation == generation) {
+    if (emu::now_ns() - start > emu::kMbarrierWaitLimitNs) emu::fatal("bar.sync %u never completes", id);
+    emu::sleep_for(64);
+  }
+}
+
+// ---- bulk tensor copy (TMA) --------------------------------------------------------------------
+inline void prefetch_tensor_map(const void* map) { emu::tensor_map(map); }
+inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, int c2, int c3) {
+  const TensorMap& m = emu::tensor_map(map);
+  const u8* src = reinterpret_cast<const u8*>(m.opaque[1]);
+  const u64* dims = &m.opaque[2];
+  const u64* strides = &m.opaque[6];
+  const u64* box = &m.opaque[9];
+  const u32 eb = static_cast<u32>(m.opaque[13]);
+  const u32 row_bytes = static_cast<u32>(box[0]) * eb;
+  if (row_bytes != 128) emu::fatal("tma_load_4d: the box's inner extent is %u bytes, not the 128-byte swizzle row", row_bytes);
+  const u32 rows = static_cast<u32>(box[1] * box[2] * box[3]);
+  const u32 base = emu::smem_offset(dst, rows * row_bytes, "tma_load_4d destination");
+  if (base % 1024) emu::fatal("tma_load_4d: destination offset %u is not 1024-byte aligned (128B swizzle)", base);
+  u8* smem = emu::current->smem;
+  const int c[4] = {c0, c1, c2, c3};
+  u32 r = 0;
+  for (u64 i3 = 0; i3 < box[3]; ++i3)
+    for (u64 i2 = 0; i2 < box[2]; ++i2)
+      for (u64 i1 = 0; i1 < box[1]; ++i1, ++r)
+        for (u32 byte = 0; byte < row_bytes; byte += eb) {
+          const i64 g[4] = {c[0] + static_cast<i64>(byte / eb), c[1] + static_cast<i64>(i1), c[2] + static_cast<i64>(i2),
+                            c[3] + static_cast<i64>(i3)};
+          bool inside = true;
+          for (int d = 0; d < 4; ++d) inside = inside && g[d] >= 0 && static_cast<u64>(g[d]) < dims[d];
+          const u32 linear = base + r * row_bytes + byte;
+          u8* out = smem + (linear ^ ((linear & 0x380) >> 3));
+          if (inside)
+            std::memcpy(out, src + g[0] * eb + g[1] * strides[0] + g[2] * strides[1] + g[3] * strides[2], eb);
+          else
+            std::memset(out, 0, eb);
+        }
+  emu::mbarrier_complete_tx(bar, rows * row_bytes);
+}
+
+// ---- wgmma -----------------------------------------------------------------------------------
+inline void wgmma_fence() { __syncwarp(); }
+inline void wgmma_commit() {
+  emu::WgmmaQueue& q = emu::wgmma_queue();
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+  __syncwarp();
+}
+// .sync.aligned: the warp leaves together, so once any lane is past the wait every lane of its
+// warp has its fragments (a lane then may release the stage for the warp, as the engine does).
+template <int N>
+inline void wgmma_wait() {
+  emu::WgmmaQueue& q = emu::wgmma_queue();
+  while (q.groups.size() > static_cast<size_t>(N)) {
+    for (const emu::WgmmaOp& op : q.groups.front()) emu::wgmma_run(op);
+    q.groups.erase(q.groups.begin());
+  }
+  __syncwarp();
+}
+inline void wgmma_pin(float&) {}
+template <int N>
+inline void wgmma_m64k(float* d, u64 desc_a, u64 desc_b) {
+  emu::wgmma_queue().open.push_back(emu::WgmmaOp{d, N, desc_a, desc_b});
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,283 @@
+// Tile GEMM on Hopper (sm_90a) with wgmma: C[BM, BN/NB] (x NB) = A . B^T with fp32 accumulators,
+// the same contract and interface as MmaSyncTile (mma_sync.cuh): A rows gathered through one
+// pointer each (null: zeros), B an expert's weight rows (gate rows then up rows for a gated GEMM0),
+// NB accumulator sets with identical fragments so one thread holds gate and up of an element.
+//
+// Warp specialisation (kThreads = 128 x (1 + consumers), 384 for the shipped specs):
+//   warpgroup 0, the producer: fills the kStages stages of the shared-memory ring. A rows are
+//     gathered, so every producer thread copies 16-byte chunks with cp.async and then arms a
+//     cp.async.mbarrier.arrive.noinc on the stage's "full" barrier; thread 0 also issues the B
+//     tile as NB boxes of a 4-D weight tensor map (cp.async.bulk.tensor, TMA), counted on the same
+//     barrier with arrive.expect_tx. Without an encoded tensor map (Params::weight_maps_valid = 0)
+//     B rows come through cp.async like A rows.
+//   warpgroups 1.., the consumers: each owns BM / consumers rows (whole m64 slabs). Per stage it
+//     waits on "full", issues 4 wgmma k-steps (k16 bf16/fp16, k8 tf32: 32 bytes of K each) over
+//     the whole BN (gate and up side by side, so d[b * BN/NB/2 + i] is operand b's fragment),
+//     commits, and once the previous stage's wgmmas are done (wait_group 1) releases that stage
+//     on its "empty" barrier (one arrive per consumer warp).
+// The barriers are initialised at the start of every mainloop and invalidated at its end (the
+// memory is reused by the epilogue and the route/dispatch phases), so each tile starts at phase 0.
+//
+// Shared memory: per stage BM A rows then BN B rows of 128 bytes, chunk c of row r at
+// r * 128 + ((c ^ (r % 8)) * 16) -- the same layout as the mma_sync engine, and exactly the
+// canonical K-major 128-byte-swizzle layout of the PTX ISA ("Shared Memory Matrix Layout",
+// Swizzle<3,4,3> over ((8,m),(T,2k)):((8T,SBO),(1,T)), SBO = 1024 B) and the TMA 128B swizzle
+// ("Tensors: Swizzling Modes"), provided every tile starts on a 1024-byte boundary: stages are
+// (BM + BN) x 128 bytes from the 1024-byte aligned dynamic shared memory base. The barriers follow
+// the stages (kBarrierBytes; flashmoe/host/spec.py WGMMA_BARRIER_BYTES).
+//
+// Memory ordering (PTX ISA "Proxies", "Async Proxy"): cp.async writes are generic-proxy writes and
+// wgmma reads through the async proxy, so a consumer thread executes fence.proxy.async after its
+// acquire on "full" and before its wgmmas. TMA writes are async-proxy writes, visible after the
+// complete_tx phase. wgmma completion carries an implicit generic-async fence, so a stage released
+// after wait_group can be refilled. Every thread fences at mainloop entry, so the generic writes of
+// earlier phases to this memory are ordered before this tile's TMA writes.
+//
+// fp32 operands run as TF32. wgmma ignores the low 13 mantissa bits of a .tf32 input (truncation),
+// while the contract (flashmoe/reference.py _tf32, mma_sync's to_tf32) rounds to nearest, ties
+// away: the consumers round every stage in place with cvt.rna before issuing wgmma.
+#pragma once
+
+#include "flashmoe/device/common/spec.cuh"
+#include "flashmoe/device/common/ptx_sm90.cuh"
+
+namespace flashmoe {
+
+template <int BM, int BN, int NB>
+struct WgmmaTile {
+  // NB (B operands per tile) only shapes the TMA boxes and the epilogue: the accumulators and the
+  // main loop are the same for every NB, so one object (and one inlined main loop) can serve both
+  // GEMMs of a spec; mainloop() takes the operand count at run time, the epilogue as a template
+  // argument defaulting to NB.
+  static constexpr int kBNop = BN / NB;                    // columns of C per B operand
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kConsumerWGs = kThreads / 128 - 1;
+  static constexpr int kConsumerThreads = kConsumerWGs * 128;
+  static constexpr int kWGRows = BM / (kConsumerWGs > 0 ? kConsumerWGs : 1);   // rows per consumer
+  static constexpr int kMTiles = kWGRows / 64;             // m64 slabs per consumer
+  static constexpr int kAcc = BN / 2;                      // fp32 accumulators per thread per slab
+  static constexpr int kStageBytes = (BM + BN) * kStageKBytes;
+  static constexpr int kBarrierBytes = 128;                // 2 x kStages mbarriers of 8 bytes
+  static constexpr int kPipeBytes = kStages * kStageBytes + kBarrierBytes;
+  // Epilogue staging tile: BM rows of BN / nb elements, padded by 16 bytes against bank conflicts.
+  template <int kNB>
+  static constexpr int stage_pitch() { return BN / kNB * kElemBytes + 16; }
+  static constexpr int kStagePitch = stage_pitch<NB>();
+  static constexpr int kBlockK = kStageKBytes / kElemBytes;  // K elements per stage (TMA box dim 0)
+  static constexpr int kKSteps = kStageKBytes / 32;          // wgmma k-steps per stage
+  static constexpr int kRowStep = kProducerThreads / 8;      // rows one producer pass covers
+  static constexpr u32 kBBytes = BN * kStageKBytes;          // TMA bytes per stage
+  static constexpr u32 kPipeAlign = 1024;                    // start of the 128-byte swizzle pattern
+
+  static_assert(kConsumerWGs >= 1, "the wgmma engine needs a producer and at least one consumer warpgroup");
+  static_assert(kWGRows * kConsumerWGs == BM && kWGRows % 64 == 0, "consumers take whole m64 slabs of BM");
+  static_assert(BN % 32 == 0 && BN <= 256 && BN % NB == 0 && kBNop % 8 == 0, "wgmma N: multiples of 8, <= 256");
+  static_assert(BM % kRowStep == 0 && BN % kRowStep == 0, "producer passes cover whole tiles");
+  static_assert(kRowStep % 8 == 0, "a producer thread keeps its row's swizzle phase (row % 8) across passes");
+  static_assert(BM % 8 == 0 && kStageBytes % kPipeAlign == 0, "A and B tiles start on 1024-byte boundaries");
+  static_assert(2 * kStages * 8 <= kBarrierBytes, "the stage barriers fit their area");
+  static_assert(BM * stage_pitch<1>() <= kStages * kStageBytes, "the epilogue tile reuses the stages, not the barriers");
+
+  float acc[kMTiles][kAcc];
+
+  // ---- producer warpgroup ---------------------------------------------------------------------
+
+  __device__ __forceinline__ static void produce(u8* pipe, u64* full, u64* empty, const u8* const* a_rows,
+                                                 const u8* const* b_rows, u32 k_bytes, const void* dummy,
+                                                 const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
+                                                 int ktiles) {
+    const int t = threadIdx.x;                   // 0 .. 127
+    const int chunk = t & 7, row = t >> 3;       // this thread copies chunk `chunk` of rows row + i * kRowStep
+    const u32 dst = row * kStageKBytes + ((chunk ^ (row & 7)) << 4);
+    const bool tma = b_map != nullptr;
+    const int box_rows = b_ops == 2 ? BN / 2 : BN;   // rows of each operand's TMA box
+    if (t == 0 && tma) prefetch_tensor_map(b_map);
+    for (int kt = 0; kt < ktiles; ++kt) {
+      const int s = kt % kStages;
+      // Fill j = kt / kStages of stage s needs phase j - 1 of its "empty" barrier complete.
+      if (kt >= kStages) mbar_wait(&empty[s], ((kt / kStages) + 1) & 1);
+      u8* stage = pipe + s * kStageBytes;
+      if (t == 0) {
+        if (tma) {
+          mbar_arrive_expect_tx(&full[s], kBBytes);
+          for (int op = 0; op < b_ops; ++op)
+            tma_load_4d(stage + (BM + op * box_rows) * kStageKBytes, b_map, &full[s], kt * kBlockK, b_row0, op,
+                        b_expert);
+        } else {
+          mbar_arrive(&full[s]);
+        }
+      }
+      const u32 kbyte = kt * kStageKBytes + chunk * 16;
+      const bool in_k = kbyte < k_bytes;         // K tail: k_bytes is a multiple of 16
+      // Row pointers are re-read from shared memory every stage (one 8-byte LDS per row) rather
+      // than kept in registers: the persistent kernel's task loop keeps its own state live here.
+#pragma unroll 4
+      for (int i = 0; i < BM / kRowStep; ++i) {
+        const u8* src = a_rows[row + i * kRowStep];
+        const bool valid = in_k && src != nullptr;
+        cp_async_16(stage + dst + i * kRowStep * kStageKBytes, valid ? src + kbyte : dummy, valid);
+      }
+      if (!tma) {
+#pragma unroll 4
+        for (int i = 0; i < BN / kRowStep; ++i) {
+          const u8* src = b_rows[row + i * kRowStep];
+          const bool valid = in_k && src != nullptr;
+          cp_async_16(stage + (BM + i * kRowStep) * kStageKBytes + dst, valid ? src + kbyte : dummy, valid);
+        }
+      }
+      cp_async_mbar_arrive_noinc(&full[s]);
+    }
+  }
+
+  // ---- consumer warpgroups --------------------------------------------------------------------
+
+  // wgmma over the whole BN in chunks of 128, 64 and 32 columns (every multiple of 32): the
+  // accumulator registers of consecutive chunks are consecutive n8 blocks, so the fragment layout
+  // is the one of a single m64nBN instruction.
+  template <int N0>
+  __device__ __forceinline__ static void issue_n(float* d, u64 desc_a, u32 b_addr) {
+    if constexpr (N0 < BN) {
+      constexpr int n = BN - N0 >= 128 ? 128 : (BN - N0 >= 64 ? 64 : 32);
+      wgmma_m64k<n>(d + N0 / 2, desc_a, wgmma_desc_sw128(b_addr + N0 * kStageKBytes));
+      issue_n<N0 + n>(d, desc_a, b_addr);
+    }
+  }
+
+  // fp32 -> tf32 (cvt.rna) of a whole stage, in place, by all consumer threads.
+  __device__ __forceinline__ static void round_stage_tf32(u8* stage, int ct) {
+    uint4* v = reinterpret_cast<uint4*>(stage);
+#pragma unroll 4
+    for (int i = ct; i < kStageBytes / 16; i += kConsumerThreads) {
+      uint4 x = v[i];
+      x.x = to_tf32(x.x);
+      x.y = to_tf32(x.y);
+      x.z = to_tf32(x.z);
+      x.w = to_tf32(x.w);
+      v[i] = x;
+    }
+  }
+
+  __device__ __forceinline__ void consume(u8* pipe, u64* full, u64* empty, int ktiles) {
+    const int ct = threadIdx.x - kProducerThreads;   // 0 .. kConsumerThreads - 1
+    const int wg = ct >> 7;
+    const u32 pipe_addr = smem_addr(pipe);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) {
+        acc[mt][i] = 0.0f;
+        wgmma_pin(acc[mt][i]);
+      }
+    for (int kt = 0; kt < ktiles; ++kt) {
+      const int s = kt % kStages;
+      mbar_wait(&full[s], (kt / kStages) & 1);
+      if constexpr (kFp32) {
+        round_stage_tf32(pipe + s * kStageBytes, ct);
+        fence_proxy_async_smem();                     // these generic writes -> the wgmma reads
+        named_barrier_sync(1, kConsumerThreads);      // every consumer's part of the stage is rounded
+      } else {
+        fence_proxy_async_smem();                     // the producers' cp.async writes -> wgmma reads
+      }
+      const u32 a_addr = pipe_addr + s * kStageBytes + wg * kWGRows * kStageKBytes;
+      const u32 b_addr = pipe_addr + s * kStageBytes + BM * kStageKBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+          issue_n<0>(acc[mt], wgmma_desc_sw128(a_addr + mt * 64 * kStageKBytes + ks * 32), b_addr + ks * 32);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();                                // stage kt - 1's wgmmas have completed
+      if (kt > 0 && (ct & 31) == 0) mbar_arrive(&empty[(kt - 1) % kStages]);
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) wgmma_pin(acc[mt][i]);
+  }
+
+  // acc = A . B^T over k_bytes of K. Row tables live in shared memory; the caller synchronised
+  // after writing them. b_map: the weight tensor map whose box (K, b_row0 .., op, b_expert) of
+  // BN / b_ops rows is B operand op (b_ops: 1 or 2), or nullptr to read B through b_rows. Ends
+  // with the block synchronised.
+  __device__ void mainloop(u8* pipe, const u8* const* a_rows, const u8* const* b_rows, u32 k_bytes,
+                           const void* dummy, const TensorMap* b_map, int b_row0, int b_expert, int b_ops = NB) {
+    u64* full = reinterpret_cast<u64*>(pipe + kStages * kStageBytes);
+    u64* empty = full + kStages;
+    const int ktiles = static_cast<int>((k_bytes + kStageKBytes - 1) / kStageKBytes);
+    fence_proxy_async_smem();   // earlier generic accesses of this memory -> this tile's TMA writes
+    if (threadIdx.x == 0) {
+      // A misaligned base would silently scramble every tile (descriptors and TMA swizzle assume
+      // it): fail the launch instead.
+      if (smem_addr(pipe) % kPipeAlign != 0) fail_launch();
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(&full[s], kProducerThreads + 1);     // every producer's cp.async arrive + expect_tx
+        mbar_init(&empty[s], kConsumerThreads / 32);   // one arrive per consumer warp
+      }
+      fence_mbar_init();
+    }
+    __syncthreads();
+    if (threadIdx.x < kProducerThreads)
+      produce(pipe, full, empty, a_rows, b_rows, k_bytes, dummy, b_map, b_row0, b_expert, b_ops, ktiles);
+    else
+      consume(pipe, full, empty, ktiles);
+    __syncthreads();   // every stage consumed: no copy or wgmma is in flight
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        mbar_inval(&full[s]);
+        mbar_inval(&empty[s]);
+      }
+    }
+  }
+
+  // Writes f(v) (v: the kNB accumulators of one output element) into the staging tile in shared
+  // memory as elem_t. Call after mainloop(); synchronise before store_rows(). Only the consumer
+  // warpgroups hold accumulators.
+  template <int kNB = NB, class F>
+  __device__ __forceinline__ void stage_output(u8* pipe, F f) const {
+    constexpr int kCols = BN / kNB, kPitch = stage_pitch<kNB>();
+    const int wg = static_cast<int>(threadIdx.x >> 7) - 1;
+    if (wg < 0) return;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    // This thread's first element; every other one is a compile-time offset from it.
+    u8* base = pipe + (wg * kWGRows + warp * 16 + (lane >> 2)) * kPitch + (lane & 3) * 2 * kElemBytes;
+    struct alignas(2 * kElemBytes) Pair { elem_t e[2]; };   // the two adjacent columns c = 0, 1
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Pair out;
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float v[kNB];
+#pragma unroll
+            for (int b = 0; b < kNB; ++b) v[b] = acc[mt][b * (kCols / 2) + 4 * j + 2 * h + c];
+            out.e[c] = from_float(f(v));
+          }
+          *reinterpret_cast<Pair*>(base + (mt * 64 + h * 8) * kPitch + j * 8 * kElemBytes) = out;
+        }
+      }
+    }
+  }
+
+  // Copies the staged tile out, 16 bytes at a time: store(row, byte offset in the row's column
+  // range, value) for every row with rows_valid[row] and every 16-byte chunk below valid_cols.
+  template <int kNB = NB, class Store>
+  __device__ __forceinline__ static void store_rows(const u8* pipe, const bool* rows_valid, int valid_cols,
+                                                    Store store) {
+    constexpr int kChunksPerRow = BN / kNB * kElemBytes / 16, kPitch = stage_pitch<kNB>();
+    for (int idx = threadIdx.x; idx < BM * kChunksPerRow; idx += kThreads) {
+      const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
+      if (!rows_valid[row] || chunk * kVecElems >= valid_cols) continue;
+      store(row, chunk * 16, *reinterpret_cast<const uint4*>(pipe + row * kPitch + chunk * 16));
+    }
+  }
+};
+
+}  // namespace flashmoe

@@ -1,0 +1,346 @@
+// Expert tiles. GEMM0 (x W_gate_up^T, activation, gate * up, rounded to the dtype) writes the
+// intermediate rows of this rank; GEMM1 (h W_down^T, rounded to the dtype) writes each row straight
+// into the result slot (token, slot) on the token's home rank. The shared experts are the same two
+// GEMMs over this rank's own tokens, with their results in the last slot of each token.
+#pragma once
+
+#include "flashmoe/device/common/transport.cuh"
+#include "flashmoe/device/common/trace.cuh"
+#if FLASHMOE_GEMM_WGMMA
+#include "flashmoe/device/gemm/wgmma.cuh"
+#else
+#include "flashmoe/device/gemm/mma_sync.cuh"
+#endif
+#include "flashmoe/device/roles/scheduler.cuh"
+
+namespace flashmoe {
+
+#if FLASHMOE_GEMM_WGMMA
+// One object serves both GEMMs (run_gemm below); Gemm1, the NB = 1 instance, only pins the sizes.
+using Gemm0 = WgmmaTile<kBlockM, kBlockN, kNumB>;
+using Gemm1 = WgmmaTile<kBlockM, kBlockN, 1>;
+#else
+using Gemm0 = MmaSyncTile<kBlockM, kBlockN, kNumB>;
+using Gemm1 = MmaSyncTile<kBlockM, kBlockN, 1>;
+#endif
+static_assert(Gemm0::kPipeBytes == Gemm1::kPipeBytes, "both GEMMs share one pipeline area");
+
+// A tile's B operands as a box of a weight tensor map (Params::weight_maps), for the engines that
+// load B with TMA; map == nullptr when no map is encoded (B then comes from the row pointers).
+struct WeightTile {
+  const TensorMap* map;
+  i32 row0;        // first row of each operand: intermediate column (GEMM0) or output column (GEMM1)
+  i32 expert;      // the expert's index in the weight tensor
+};
+
+// Per-tile row tables, after the pipeline (flashmoe/host/plan.py gemm_tables_bytes()).
+struct TileTables {
+  const u8* a[kBlockM];     // A row starts (nullptr: zeros)
+  const u8* b[kBlockN];     // B row starts (nullptr: zeros)
+  WeightTile wt;            // the same B rows as a tensor-map box
+  u64 out_off[kBlockM];     // where the row's output starts in rank out_rank's heap slice
+  i32 out_rank[kBlockM];
+  bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
+};
+static_assert(sizeof(TileTables) <= ((kBlockM + kBlockN) * 8 + 16 + kBlockM * 13 + 15) / 16 * 16,
+              "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
+
+__device__ __forceinline__ TileTables& tile_tables(const Ctx& c) {
+  return *reinterpret_cast<TileTables*>(c.smem + Gemm0::kPipeBytes);
+}
+
+// Local expert e of `rank` as an index into the weight tensors (which start at weights_first_expert).
+__device__ __forceinline__ int expert_index(const Params& p, int rank, int e) {
+  return rank * p.experts_per_rank + e - p.weights_first_expert;
+}
+
+__device__ __forceinline__ const elem_t* expert_weights(const Params& p, const void* base, int rank, int e,
+                                                        u64 rows, u64 cols) {
+  return static_cast<const elem_t*>(base) + (u64)expert_index(p, rank, e) * rows * cols;
+}
+
+__device__ __forceinline__ const TensorMap* weight_map(const Params& p, int which) {
+  return p.weight_maps_valid ? &p.weight_maps[which] : nullptr;
+}
+
+// B rows of a GEMM0 tile: columns [col0, col0 + kGemm0Cols) of an intermediate of width `inter`;
+// gated weights hold the gate rows then the up rows, each row K = H long. As a box of the 4-D map
+// (H, inter, kNumB, experts): (0.., col0.., op, expert), rows past `inter` zero-filled by TMA.
+__device__ __forceinline__ void gemm0_b_rows(TileTables& tt, const elem_t* w, int inter, int col0, int H,
+                                             const TensorMap* map, int expert) {
+  for (int r = threadIdx.x; r < kBlockN; r += kThreads) {
+    const int op = r / kGemm0Cols, col = col0 + r % kGemm0Cols;
+    tt.b[r] = col < inter ? reinterpret_cast<const u8*>(w + (u64)(op * inter + col) * H) : nullptr;
+  }
+  if (threadIdx.x == 0) tt.wt = WeightTile{map, col0, expert};
+}
+
+// B rows of a GEMM1 tile: output columns [row0, row0 + kBlockN) of H; down has rows of K = inter.
+// As a box of the 4-D map (inter, H, 1, experts): (0.., row0.., 0, expert).
+__device__ __forceinline__ void gemm1_b_rows(TileTables& tt, const elem_t* w, int H, int row0, int inter,
+                                             const TensorMap* map, int expert) {
+  for (int r = threadIdx.x; r < kBlockN; r += kThreads)
+    tt.b[r] = row0 + r < H ? reinterpret_cast<const u8*>(w + (u64)(row0 + r) * inter) : nullptr;
+  if (threadIdx.x == 0) tt.wt = WeightTile{map, row0, expert};
+}
+
+// act(gate) * up (or act) of one GEMM0 output element, for activation code kAct (spec.cuh activate()).
+template <int kAct>
+struct GatedActivation {
+  __device__ __forceinline__ float operator()(const float* v) const {
+    return kGated ? activate(v[0], kAct) * v[kNumB - 1] : activate(v[0], kAct);
+  }
+};
+
+// stage_output / store_rows of engine G for an epilogue of kNB operands: the wgmma engine serves
+// both GEMMs with one object and takes kNB explicitly; mma_sync has one type per GEMM.
+template <int kNB, class G, class F>
+__device__ __forceinline__ void stage_tile(const G& g, u8* smem, F f) {
+#if FLASHMOE_GEMM_WGMMA
+  g.template stage_output<kNB>(smem, f);
+#else
+  g.stage_output(smem, f);
+#endif
+}
+template <int kNB, class G, class Store>
+__device__ __forceinline__ void store_tile(const u8* smem, const bool* rows_valid, int valid_cols, Store store) {
+#if FLASHMOE_GEMM_WGMMA
+  G::template store_rows<kNB>(smem, rows_valid, valid_cols, store);
+#else
+  G::store_rows(smem, rows_valid, valid_cols, store);
+#endif
+}
+
+// GEMM0's epilogue: act(gate) * up (or act) into the staging tile, then into this rank's slice.
+// One staging pass per activation: a run-time switch inside the per-element function is inlined
+// into every element, and that code (all cases, interleaved) costs as many registers as the tile.
+template <class G>
+__device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const G& g,
+                                             int valid_cols) {
+  switch (p.activation) {
+    case 0: stage_tile<kNumB>(g, c.smem, GatedActivation<0>{}); break;
+    case 1: stage_tile<kNumB>(g, c.smem, GatedActivation<1>{}); break;
+    case 2: stage_tile<kNumB>(g, c.smem, GatedActivation<2>{}); break;
+    default: stage_tile<kNumB>(g, c.smem, GatedActivation<3>{}); break;
+  }
+  __syncthreads();
+  store_tile<kNumB, G>(c.smem, tt.valid, valid_cols,
+                       [&](int row, int byte, uint4 v) { st_v4(c.slice + tt.out_off[row] + byte, v); });
+}
+
+// GEMM1's epilogue: each row into its owner's slice.
+template <class G>
+__device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, TileTables& tt, const G& g,
+                                             int valid_cols) {
+  stage_tile<1>(g, c.smem, [](const float* v) { return v[0]; });
+  remote_tile_begin(p, c);
+  __syncthreads();
+  store_tile<1, G>(c.smem, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
+    remote_tile_store(p, c, tt.out_rank[row], tt.out_off[row], row, byte, v);
+  });
+  remote_tile_end(p, c, tt.out_rank, tt.out_off, tt.valid, (u32)min(valid_cols, kBlockN) * kElemBytes);
+}
+
+#if FLASHMOE_GEMM_WGMMA
+// Both GEMMs of a tile through one inlined copy of the wgmma main loop (NB only changes the B
+// boxes and the epilogue). Two copies, one per GEMM, would each pin a contiguous 64-register
+// accumulator block, at different registers, and the task loop's own live values would spill.
+__device__ void run_gemm(const Params& p, const Ctx& c, TileTables& tt, int gemm, int K, int valid_cols) {
+  __syncthreads();
+  Gemm0 g;
+  const WeightTile wt = tt.wt;
+  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight, wt.map, wt.row0, wt.expert,
+             gemm == 0 ? kNumB : 1);
+  if (gemm == 0) finish_gemm0(p, c, tt, g, valid_cols);
+  else finish_gemm1(p, c, tt, g, valid_cols);
+}
+#else
+// Runs GEMM0 on the tables and stores act(gate) * up (or act) into this rank's slice.
+__device__ void run_gemm0(const Params& p, const Ctx& c, TileTables& tt, int K, int valid_cols) {
+  __syncthreads();
+  Gemm0 g;
+  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
+  finish_gemm0(p, c, tt, g, valid_cols);
+}
+
+// Runs GEMM1 on the tables and stores each row into its owner's slice.
+__device__ void run_gemm1(const Params& p, const Ctx& c, TileTables& tt, int K, int valid_cols) {
+  __syncthreads();
+  Gemm1 g;
+  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
+  finish_gemm1(p, c, tt, g, valid_cols);
+}
+#endif
+
+// What a prepared tile runs: which GEMM over which K, how many output columns are real, and (for
+// GEMM0) the row tile whose done-counter it bumps. The tables are filled by then; one call site
+// per GEMM keeps one copy of each in the binary.
+struct TileJob {
+  int gemm;        // 0 or 1
+  int k;           // K elements
+  int valid_cols;  // output columns this tile writes
+  int row_tile;    // tile_done index (GEMM0)
+  u32 trace_task, trace_extra;
+};
+
+__device__ void run_job(const Params& p, const Ctx& c, const TileJob& job) {
+  TraceScope scope;
+  TileTables& tt = tile_tables(c);
+#if FLASHMOE_GEMM_WGMMA
+  run_gemm(p, c, tt, job.gemm, job.k, job.valid_cols);
+#endif
+  if (job.gemm == 0) {
+#if !FLASHMOE_GEMM_WGMMA
+    run_gemm0(p, c, tt, job.k, job.valid_cols);
+#endif
+    // Publish the rows to this rank's GEMM1 tiles.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      fence_acq_rel_gpu();
+      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone, c.bank) + job.row_tile, 1);
+    }
+  } else {
+#if !FLASHMOE_GEMM_WGMMA
+    run_gemm1(p, c, tt, job.k, job.valid_cols);
+#endif
+  }
+  if (threadIdx.x == 0) trace_record(p, c, scope, job.gemm ? kTaskGemm1 : kTaskGemm0, job.trace_task, job.trace_extra);
+}
+
+// ---- shared experts: rows are this rank's tokens ----------------------------------------------
+
+__device__ TileJob prepare_shared_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task) {
+  const int m = task / tm.h->shared_g0_cols, n = task % tm.h->shared_g0_cols;
+  const int Is = p.shared_intermediate, H = p.hidden;
+  TileTables& tt = tile_tables(c);
+  const u64 inter_off = region_off(p, kSharedInter);
+  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+    const int q = m * kBlockM + i;
+    const bool ok = q < c.num_tokens;
+    tt.a[i] = ok ? reinterpret_cast<const u8*>(c.x + (u64)q * H) : nullptr;
+    tt.valid[i] = ok;
+    tt.out_off[i] = inter_off + ((u64)q * Is + (u64)n * kGemm0Cols) * kElemBytes;
+  }
+  gemm0_b_rows(tt, static_cast<const elem_t*>(p.shared_gate_up), Is, n * kGemm0Cols, H,
+               weight_map(p, kMapSharedGateUp), 0);
+  return TileJob{0, H, Is - n * kGemm0Cols, m, (u32)task, 0xffffffffu};
+}
+
+__device__ bool prepare_shared_gemm1(const Params& p, const Ctx& c, const TaskMap& tm, int task,
+                                     volatile u32* scratch, TileJob& job) {
+  const int m = task / tm.h->g1_cols, n = task % tm.h->g1_cols;
+  const int Is = p.shared_intermediate, H = p.hidden;
+  if (!block_wait<false>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + m, tm.h->shared_g0_cols,
+                         WaitSite{kTaskGemm1, kWaitTileDone, (u32)m}, scratch))
+    return false;
+  TileTables& tt = tile_tables(c);
+  const elem_t* inter = region<elem_t>(p, c.slice, kSharedInter);
+  const u64 ret_off = region_off(p, kRetRows, c.bank);
+  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+    const int q = m * kBlockM + i;
+    const bool ok = q < c.num_tokens;
+    tt.a[i] = ok ? reinterpret_cast<const u8*>(inter + (u64)q * Is) : nullptr;
+    tt.valid[i] = ok;
+    tt.out_rank[i] = c.rank;
+    tt.out_off[i] = ret_off + (ret_row_index(p, q, p.top_k) * H + (u64)n * kBlockN) * kElemBytes;
+  }
+  gemm1_b_rows(tt, static_cast<const elem_t*>(p.shared_down), H, n * kBlockN, Is, weight_map(p, kMapSharedDown), 0);
+  job = TileJob{1, Is, H - n * kBlockN, 0, (u32)task, 0xffffffffu};
+  return true;
+}
+
+// ---- routed experts ---------------------------------------------------------------------------
+
+// Where kept row q of local expert e came from: (source rank, position in its entries segment).
+__device__ __forceinline__ void row_source(const Params& p, const Ctx& c, const TaskMap& tm, int e, int q,
+                                           int& src, u32& pos) {
+  if (tm.h->capacity >= 0) {
+    const u32 packed = ld_cg_u32(region<u32>(p, c.slice, kKeptList) + tm.row_off[e] + q);
+    src = packed / p.max_tokens;
+    pos = packed % p.max_tokens;
+  } else {
+    src = tm.source_of_row(p, e, q);
+    pos = q - tm.seg_of(p, e)[src];
+  }
+}
+
+// Kept row q of local expert e: its Entry {recv_row, token, slot, weight} and source rank.
+__device__ __forceinline__ uint4 routed_row(const Params& p, const Ctx& c, const TaskMap& tm, int e, int q,
+                                            int& src) {
+  u32 pos;
+  row_source(p, c, tm, e, q, src, pos);
+  return ld_cg_v4(region<Entry>(p, c.slice, kEntries, c.bank) + entry_index(p, e, src, pos));
+}
+
+// Waits until every source with rows in [q0, q1) of expert e has delivered them (dropless), or
+// until the expert's capacity selection is done.
+__device__ bool wait_rows(const Params& p, const Ctx& c, const TaskMap& tm, int e, int q0, int q1,
+                          volatile u32* scratch) {
+  if (tm.h->capacity >= 0)
+    return block_wait<false>(p, c, region<u32>(p, c.slice, kSelectDone, c.bank) + e, 1,
+                             WaitSite{kTaskGemm0, kWaitSelectDone, (u32)e}, scratch);
+  const i32* s = tm.seg_of(p, e);
+  const u32* flags = region<u32>(p, c.slice, kDataFlags);
+  for (int src = 0; src < p.world; ++src) {
+    if (s[src] < q1 && s[src + 1] > q0 &&
+        !block_wait<true>(p, c, flags + src, c.epoch, WaitSite{kTaskGemm0, kWaitDataFlag, (u32)src}, scratch))
+      return false;
+  }
+  return true;
+}
+
+__device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task,
+                                     volatile u32* scratch, TileJob& job) {
+  const int tile = task / tm.h->g0_cols, n = task % tm.h->g0_cols;
+  const int e = tm.expert_of_tile(p, tile), m = tile - tm.tile_off[e];
+  const int q0 = m * kBlockM, nrows = min(kBlockM, tm.rows[e] - q0);
+  const int H = p.hidden, I = p.intermediate;
+  if (!wait_rows(p, c, tm, e, q0, q0 + nrows, scratch)) return false;
+  TileTables& tt = tile_tables(c);
+  const u8* recv = c.slice + region_off(p, kRecvRows, c.bank);
+  const u64 inter_off = region_off(p, kInterRows);
+  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+    tt.valid[i] = i < nrows;
+    tt.a[i] = nullptr;
+    if (i >= nrows) continue;
+    int src;
+    const uint4 entry = routed_row(p, c, tm, e, q0 + i, src);
+    tt.a[i] = src == c.rank ? reinterpret_cast<const u8*>(c.x + (u64)entry.x * H)
+                            : recv + recv_row_index(p, src, entry.x) * H * kElemBytes;
+    tt.out_off[i] = inter_off + ((u64)(tm.row_off[e] + q0 + i) * I + (u64)n * kGemm0Cols) * kElemBytes;
+  }
+  gemm0_b_rows(tt, expert_weights(p, p.gate_up, c.rank, e, (u64)kNumB * I, H), I, n * kGemm0Cols, H,
+               weight_map(p, kMapGateUp), expert_index(p, c.rank, e));
+  job = TileJob{0, H, I - n * kGemm0Cols, tm.h->shared_row_tiles + tile, (u32)task, (u32)e};
+  return true;
+}
+
+__device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMap& tm, int task,
+                                     volatile u32* scratch, TileJob& job) {
+  const int tile = task / tm.h->g1_cols, n = task % tm.h->g1_cols;
+  const int e = tm.expert_of_tile(p, tile), m = tile - tm.tile_off[e];
+  const int q0 = m * kBlockM, nrows = min(kBlockM, tm.rows[e] - q0);
+  const int H = p.hidden, I = p.intermediate;
+  if (!block_wait<false>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + tm.h->shared_row_tiles + tile,
+                         tm.h->g0_cols, WaitSite{kTaskGemm1, kWaitTileDone, (u32)tile}, scratch))
+    return false;
+  TileTables& tt = tile_tables(c);
+  const elem_t* inter = region<elem_t>(p, c.slice, kInterRows);
+  const u64 ret_off = region_off(p, kRetRows, c.bank);
+  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+    tt.valid[i] = i < nrows;
+    tt.a[i] = nullptr;
+    if (i >= nrows) continue;
+    int src;
+    const uint4 entry = routed_row(p, c, tm, e, q0 + i, src);
+    tt.a[i] = reinterpret_cast<const u8*>(inter + (u64)(tm.row_off[e] + q0 + i) * I);
+    tt.out_rank[i] = src;
+    tt.out_off[i] = ret_off + (ret_row_index(p, entry.y, entry.z) * H + (u64)n * kBlockN) * kElemBytes;
+  }
+  gemm1_b_rows(tt, expert_weights(p, p.down, c.rank, e, H, I), H, n * kBlockN, I, weight_map(p, kMapDown),
+               expert_index(p, c.rank, e));
+  job = TileJob{1, I, H - n * kBlockN, 0, (u32)task, (u32)e};
+  return true;
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,252 @@
+// Route one 64-token chunk of this rank: router logits in fp32 (CUDA cores, fixed summation order),
+// scores, the group limit, top-k and the combine weights, exactly as flashmoe/reference.py route()
+// defines them; then the chunk's token counts per expert and per destination rank, which the
+// prefix step turns into every token's position at its destinations.
+//
+// The logits are fp32 FMAs over K in order: tensor cores would round x W_router products in
+// bf16/tf32 and move near-tie top-k decisions away from the fp32 contract.
+#pragma once
+
+#include "flashmoe/device/common/wait.cuh"
+#include "flashmoe/device/common/trace.cuh"
+
+namespace flashmoe {
+
+constexpr int kRouterExpertsPerPass = 128;   // W_router rows per shared-memory pass
+constexpr int kRouterK = 32;                 // K slice per step
+constexpr int kRouterPitch = kRouterK + 1;   // +1: consecutive rows fall in different banks
+
+// Shared memory of route_chunk (flashmoe/host/plan.py phase_smem_bytes()).
+struct RouterSmem {
+  float x[kChunkTokens][kRouterPitch];
+  float w[kRouterExpertsPerPass][kRouterPitch];
+  i32 counts[1];   // [E + W]: tokens per expert, then per destination rank (the chunk's counts)
+};
+
+// NaN counts as the best value (as torch.sort(descending=True) orders it); ties go to the lower
+// expert index. This is the one comparison every selection in routing uses.
+__device__ __forceinline__ bool better(float a, int ia, float b, int ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && (!nb || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Arg-best over the warp of (value, index, payload); every lane gets the winner.
+__device__ __forceinline__ void warp_best(float& v, int& i, float& payload) {
+  for (int o = 16; o; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    const float op = __shfl_xor_sync(0xffffffffu, payload, o);
+    if (better(ov, oi, v, i)) { v = ov; i = oi; payload = op; }
+  }
+}
+
+// logits[t][e] for the chunk's tokens and all E (+1 shared-gate) router rows.
+__device__ void router_logits(const Params& p, const Ctx& c, int chunk, RouterSmem& sm, float* logits,
+                              float* shared_gate) {
+  const int t0 = chunk * kChunkTokens;
+  const int ntok = min(kChunkTokens, c.num_tokens - t0);
+  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int H = p.hidden;
+  for (int e0 = 0; e0 < rows; e0 += kRouterExpertsPerPass) {
+    // 256 virtual threads compute a 64 x 128 block: 4 tokens x 8 experts each.
+    constexpr int kVirtual = 256;
+    constexpr int kPerThread = (kVirtual + kThreads - 1) / kThreads;
+    float acc[kPerThread][4][8];
+#pragma unroll
+    for (int vt = 0; vt < kPerThread; ++vt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[vt][i][j] = 0.0f;
+    for (int k0 = 0; k0 < H; k0 += kRouterK) {
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kChunkTokens * kRouterK; idx += kThreads) {
+        const int t = idx / kRouterK, k = idx % kRouterK;
+        sm.x[t][k] = (t < ntok && k0 + k < H) ? to_float(c.x[(u64)(t0 + t) * H + k0 + k]) : 0.0f;
+      }
+      for (int idx = threadIdx.x; idx < kRouterExpertsPerPass * kRouterK; idx += kThreads) {
+        const int e = idx / kRouterK, k = idx % kRouterK;
+        sm.w[e][k] = (e0 + e < rows && k0 + k < H) ? p.router_weight[(u64)(e0 + e) * H + k0 + k] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int vt = 0; vt < kPerThread; ++vt) {
+        const int v = threadIdx.x + vt * kThreads;
+        if (v >= kVirtual) break;
+        const int ty = v / 16, tx = v % 16;
+        for (int k = 0; k < kRouterK; ++k) {
+          float xv[4], wv[8];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xv[i] = sm.x[ty * 4 + i][k];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) wv[j] = sm.w[tx + 16 * j][k];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[vt][i][j] = fmaf(xv[i], wv[j], acc[vt][i][j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int vt = 0; vt < kPerThread; ++vt) {
+      const int v = threadIdx.x + vt * kThreads;
+      if (v >= kVirtual) break;
+      const int ty = v / 16, tx = v % 16;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = ty * 4 + i;
+        if (t >= ntok) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int e = e0 + tx + 16 * j;
+          if (e < p.num_experts) logits[(u64)(t0 + t) * p.num_experts + e] = acc[vt][i][j];
+          else if (e == p.num_experts && p.shared_gate) shared_gate[t0 + t] = 1.0f / (1.0f + expf(-acc[vt][i][j]));
+        }
+      }
+    }
+  }
+  __syncthreads();   // logits of the whole chunk are written before any warp reads a token's row
+}
+
+// One warp picks the experts of the token whose logits are `logits_row`. Lane l looks after
+// experts l, l + 32, ...; scores are recomputed from the logits on every pass instead of being
+// held in registers (a few expf per lane and pass, far less than the logits GEMM).
+__device__ void route_token(const Params& p, const float* logits_row, i32* ids_out, float* weights_out,
+                            i32* counts, int lane) {
+  const int E = p.num_experts;
+  const int per_lane = ceil_div(E, 32);   // <= 32: one bit per entry in `taken`
+  float m = neg_inf(), sum = 0.0f;
+  if (p.scoring == 0) {   // softmax over all E: max, then sum of exp
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = i * 32 + lane;
+      if (e < E) m = fmaxf(m, logits_row[e]);
+    }
+    m = warp_max(m);
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = i * 32 + lane;
+      if (e < E) sum += expf(logits_row[e] - m);
+    }
+    sum = warp_sum(sum);
+  }
+  auto score = [&](int e) {
+    const float l = logits_row[e];
+    return p.scoring == 0 ? expf(l - m) / sum : 1.0f / (1.0f + expf(-l));
+  };
+  auto selection = [&](int e) { return score(e) + (p.has_bias ? p.selection_bias[e] : 0.0f); };
+
+  u32 eligible_groups = 0xffffffffu;
+  const int group_size = E / p.n_group;
+  if (p.n_group > 1) {
+    // Group scores from the selection values: the sum of each group's two best (top2_sum) or its
+    // best (max). Lane g ends up holding group g's score.
+    float my_group_score = neg_inf();
+    for (int g = 0; g < p.n_group; ++g) {
+      float b1 = neg_inf(), b2 = neg_inf();
+      int i1 = 0x7fffffff;
+      for (int e = g * group_size + lane; e < (g + 1) * group_size; e += 32) {
+        const float v = selection(e);
+        if (better(v, e, b1, i1)) { b2 = b1; b1 = v; i1 = e; }
+        else if (better(v, e, b2, 0x7fffffff)) b2 = v;
+      }
+      // Merge the lanes' (best, second) pairs into the two best values of the group.
+      for (int o = 16; o; o >>= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i1, o);
+        if (better(o1, oi, b1, i1)) {
+          b2 = better(b1, i1, o2, 0x7fffffff) ? b1 : o2;
+          b1 = o1;
+          i1 = oi;
+        } else {
+          b2 = better(o1, oi, b2, 0x7fffffff) ? o1 : b2;
+        }
+      }
+      if (lane == g) my_group_score = p.group_score == 0 ? b1 + b2 : b1;
+    }
+    // The topk_group best groups (ties to the lower group index) stay eligible.
+    eligible_groups = 0;
+    for (int r = 0; r < p.topk_group; ++r) {
+      const bool open = lane < p.n_group && !((eligible_groups >> lane) & 1u);
+      float v = open ? my_group_score : neg_inf();
+      int gi = open ? lane : 0x7fffffff;
+      float unused = 0.0f;
+      warp_best(v, gi, unused);
+      eligible_groups |= 1u << gi;
+    }
+  }
+
+  // k rounds of arg-best over the eligible experts; lane j keeps the j-th choice.
+  u32 taken = 0;   // bit i: expert i * 32 + lane is chosen
+  int my_id = -1;
+  float my_w = 0.0f;
+  for (int j = 0; j < p.top_k; ++j) {
+    float v = neg_inf(), s = 0.0f;
+    int id = 0x7fffffff;
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = i * 32 + lane;
+      if (e >= E || ((taken >> i) & 1u)) continue;
+      const float sel = ((eligible_groups >> (e / group_size)) & 1u) ? selection(e) : neg_inf();
+      if (id == 0x7fffffff || better(sel, e, v, id)) { v = sel; id = e; s = score(e); }
+    }
+    warp_best(v, id, s);
+    if ((id & 31) == lane) taken |= 1u << (id >> 5);
+    if (lane == j) { my_id = id; my_w = s; }
+  }
+  if (p.norm_topk) {
+    const float total = warp_sum(lane < p.top_k ? my_w : 0.0f);
+    my_w = my_w / (total + 1e-20f);
+  }
+  my_w *= p.routed_scaling_factor;
+  if (lane < p.top_k) {
+    ids_out[lane] = my_id;
+    weights_out[lane] = my_w;
+    atomicAdd(&counts[my_id], 1);
+  }
+  // Count the token once per destination rank: lane j counts rank r unless an earlier slot did.
+  const int dst = lane < p.top_k ? my_id / p.experts_per_rank : -1;
+  bool first = lane < p.top_k;
+  for (int jj = 0; jj < p.top_k; ++jj) {
+    const int other = __shfl_sync(0xffffffffu, dst, jj);
+    if (jj < lane && other == dst) first = false;
+  }
+  if (first) atomicAdd(&counts[E + dst], 1);
+}
+
+// Route chunk `chunk` of this rank and store its counts into chunk_counts[chunk].
+__device__ void route_chunk(const Params& p, const Ctx& c, int chunk) {
+  TraceScope scope;
+  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem);
+  float* logits = region<float>(p, c.slice, kLogits);
+  float* shared_gate = region<float>(p, c.slice, kSharedGate);
+  i32* ids = region<i32>(p, c.slice, kTopkIds);
+  float* weights = region<float>(p, c.slice, kTopkWeights);
+  const int columns = p.num_experts + p.world;
+  for (int i = threadIdx.x; i < columns; i += kThreads) sm.counts[i] = 0;
+  router_logits(p, c, chunk, sm, logits, shared_gate);
+
+  const int t0 = chunk * kChunkTokens;
+  const int ntok = min(kChunkTokens, c.num_tokens - t0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int tl = warp; tl < ntok; tl += kWarps) {
+    const u64 t = t0 + tl;
+    const float* row = logits + t * p.num_experts;
+    i32* id_out = ids + t * p.top_k;
+    float* w_out = weights + t * p.top_k;
+    route_token(p, row, id_out, w_out, sm.counts, lane);
+  }
+  __syncthreads();
+  i32* out = region<i32>(p, c.slice, kChunkCounts) + (u64)chunk * columns;
+  for (int i = threadIdx.x; i < columns; i += kThreads) out[i] = sm.counts[i];
+  if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, ntok);
+}
+
+}  // namespace flashmoe

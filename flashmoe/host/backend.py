@@ -1,0 +1,420 @@
+"""KernelBackend: runs a layer's forward as one launch of the flashmoe kernel.
+
+(Across processes, one rank per process: ``group_backend.GroupBackend``, a subclass.)
+
+One backend serves one layer on one device with W virtual ranks (the tokens of a forward are split
+across them; W = 1 is plain single-GPU use). It owns the plan, the heap (all W slices in one
+allocation, so every "peer" is this GPU's own memory), the error buffer and the loaded kernel.
+Per forward it only fills the Params struct and launches: no allocation but the output, no
+compilation (the plan grows, and the heap with it, only when a forward brings more tokens per rank
+than ever before), and no host synchronisation unless ``error_check="sync"``.
+
+Shape-aware: by default the backend builds one kernel per GEMM tile height (the prefill and the
+decode tile of ``spec.select_spec``), all compiled when the backend is made, over one heap whose
+row-tile counters are sized for the smaller tile; each forward runs the one
+``plan.choose_block_m`` picks for its token count. A batch size never compiles anything.
+
+``emulate=True`` runs the same kernel source on the CPU through ``flashmoe.host.emulator`` (for
+tests on machines without a GPU): the same plan, heap layout and Params, in CPU memory.
+
+``trace_capacity=N`` compiles the kernels with per-task timeline records (N per block);
+``last_trace()`` returns the last forward's, decoded (``flashmoe.trace``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import MoEConfig
+from ..errors import KernelUnavailable
+from ..reference import MoEWeights, Routing
+from . import abi
+from .heap import LocalHeap
+from .launch import check_control
+from .plan import DeviceInfo, Plan, choose_block_m, kernel_support, make_plan, trace_layout
+from .spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, KernelSpec, arch_for_capability, select_spec
+
+MIN_PLAN_TOKENS = 64
+
+
+def _device_info(device: torch.device) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(device)
+    return DeviceInfo(sm_count=props.multi_processor_count,
+                      max_smem_per_block=props.shared_memory_per_block_optin,
+                      arch=arch_for_capability(props.major, props.minor))
+
+
+@dataclass
+class Variant:
+    """One compiled kernel of the backend: its spec, its plan (all variants share the heap layout)
+    and the loaded kernel."""
+
+    spec: KernelSpec
+    plan: Plan | None = None
+    kernel: object = None
+
+
+def split_tokens(num_tokens: int, ranks: int) -> list[int]:
+    """Tokens per virtual rank: as even as possible, the first ranks take the remainder."""
+    base, extra = divmod(num_tokens, ranks)
+    return [base + (1 if r < extra else 0) for r in range(ranks)]
+
+
+def cuda_device_arch(device) -> tuple[str | None, str | None]:
+    """(cubin arch of ``device``, None) when the kernel can run there, else (None, why not)."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return None, "the kernel runs on CUDA devices; the input is not on one"
+    if not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return None, f"the kernel needs compute capability 8.0 or newer; this GPU is {major}.{minor}"
+    return arch_for_capability(major, minor), None
+
+
+class KernelBackend:
+    @staticmethod
+    def unavailable_reason(config: MoEConfig, device, virtual_world: int = 1, emulate: bool = False) -> str | None:
+        if emulate:
+            from .emulator import emulator_available
+            arch, reason = "sm_80", emulator_available()
+        else:
+            arch, reason = cuda_device_arch(device)
+        if reason:
+            return reason
+        if virtual_world > 8:
+            return f"virtual_world={virtual_world}: one launch hosts at most 8 ranks"
+        return kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated),
+                              virtual_world)
+
+    def __init__(self, config: MoEConfig, device, virtual_world: int = 1, max_tokens: int | None = None, *,
+                 emulate: bool = False, spec: KernelSpec | list[KernelSpec] | None = None,
+                 timeout_s: float = 10.0, error_check: str = "deferred", blocks_per_rank: int | None = None,
+                 trace_capacity: int = 0, runtime=None, force_nvshmem: bool = False):
+        reason = KernelBackend.unavailable_reason(config, device, virtual_world, emulate)
+        if reason:
+            raise KernelUnavailable(reason)
+        self._setup_common(config, virtual_world, timeout_s, error_check, trace_capacity)
+        self.emulate = emulate
+        if emulate:
+            self.device = torch.device("cpu")
+            bpr = blocks_per_rank or 2
+            self.device_info = DeviceInfo(sm_count=bpr * virtual_world, max_smem_per_block=227 * 1024,
+                                          arch="sm_80")
+            spec = spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+        else:
+            self.device = torch.device(device)
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            info = _device_info(self.device)
+            sm_count = info.sm_count if blocks_per_rank is None else blocks_per_rank * virtual_world
+            self.device_info = replace(info, sm_count=min(sm_count, info.sm_count))
+        self._set_specs(spec)
+        # spec.transport == "nvshmem" with virtual ranks: the heap is one NVSHMEM allocation of a
+        # single PE (runtime.Runtime.single_process), and force_nvshmem sends every write through
+        # NVSHMEM's device API: the NVSHMEM transport tested on one GPU, deterministically.
+        self._runtime, self._force_nvshmem, self._symmetric = runtime, force_nvshmem, None
+        if self.spec.transport == "nvshmem" and not emulate and runtime is None:
+            from .runtime import Runtime
+            self._runtime = Runtime.single_process(self.device)
+        self.plan = None
+        self._ensure_plan(max(max_tokens or 0, MIN_PLAN_TOKENS))
+
+    def _setup_common(self, config, world, timeout_s, error_check, trace_capacity) -> None:
+        if error_check not in ("sync", "deferred", "none"):
+            raise ValueError(f"error_check={error_check!r}: allowed are sync, deferred, none")
+        if trace_capacity < 0:
+            raise ValueError(f"trace_capacity={trace_capacity}: must be >= 0")
+        self.config, self.world = config, world
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.error_check = error_check
+        self.trace_capacity = trace_capacity
+        self._weights_key = None
+        self._maps_for, self._maps = None, None   # TMA tensor maps of the weight views (wgmma specs)
+        self._pending = []          # (event, control copy) of launches not yet checked
+        self._free_checks = []      # (event, pinned copy) pairs to reuse
+        self._last = None           # the variant of the last launch (its trace)
+
+    def _set_specs(self, spec, transport: str = "peer") -> None:
+        """The kernel variants: the given spec(s), or the prefill and decode tiles for the device."""
+        if spec is None:
+            info = self.device_info
+            specs = [select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, bm)
+                     for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+        else:
+            specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        specs = [replace(s, trace=self.trace_capacity > 0,
+                         transport=transport if transport != "peer" else s.transport) for s in specs]
+        self.variants = {s.block_m: Variant(s) for s in sorted(specs, key=lambda s: -s.block_m)}
+        if len(self.variants) != len(specs):
+            raise ValueError("the backend's specs must differ in block_m (one kernel per tile height)")
+        self.spec = next(iter(self.variants.values())).spec     # the widest tile: heap and defaults
+        self.row_tile = min(self.variants)
+
+    # -- set-up (cold path) --
+
+    def _plans(self, max_tokens: int, **placement) -> None:
+        """A plan per variant, all with one heap layout (row tiles sized for the smallest tile)."""
+        for v in self.variants.values():
+            v.plan = make_plan(self.config, v.spec, world=self.world, max_tokens=max_tokens,
+                               device=self.device_info, row_tile=self.row_tile, **placement)
+        first = next(iter(self.variants.values())).plan
+        assert all(v.plan.regions == first.regions for v in self.variants.values())
+        self.plan = first
+        if self.trace_capacity:
+            self.trace_buffer = torch.zeros(trace_layout(first.grid, self.trace_capacity)[2],
+                                            dtype=torch.uint8, device=self.device)
+
+    def _ensure_plan(self, tokens_per_rank: int) -> None:
+        if self.plan is not None and tokens_per_rank <= self.plan.max_tokens:
+            return
+        capacity = max(MIN_PLAN_TOKENS, 1 << math.ceil(math.log2(max(tokens_per_rank, 1))))
+        self._plans(capacity)
+        dev = self.device
+        if self._runtime is not None:
+            if self._symmetric is not None:
+                self._symmetric.close()
+            self._symmetric = self._runtime.allocate_heap(self.world, self.plan.rank_heap_bytes, self.world,
+                                                          force_nvshmem=self._force_nvshmem)
+            self.heap, self.peer_bases = self._symmetric.tensor, self._symmetric.peer_bases
+        else:
+            heap = LocalHeap(self.world, self.plan.rank_heap_bytes, dev)
+            self.heap, self.peer_bases = heap.tensor, heap.peer_bases
+        self.control = torch.zeros(ctypes.sizeof(abi.Control), dtype=torch.uint8, device=dev)
+        self._load_kernels()
+
+    def _load_kernels(self) -> None:
+        """Compile (or load from the cache) and load every variant's kernel, once."""
+        for v in self.variants.values():
+            if v.kernel is not None:
+                continue
+            if self.emulate:
+                from .emulator import EmulatedKernel
+                v.kernel = EmulatedKernel(v.spec)
+                continue
+            from .compile import compile_spec
+            from .launch import CudaKernel
+            compiled = compile_spec(v.spec)
+            v.kernel = CudaKernel(compiled.cubin, v.plan.smem_bytes, v.spec.threads, self.device.index)
+            v.kernel.check_grid(v.plan.grid, self.device_info.sm_count)
+            if self._runtime is not None:
+                self._runtime.register_kernel(v.kernel.module)
+
+    def variant_for(self, total_tokens: int) -> Variant:
+        """The kernel a forward of ``total_tokens`` (all ranks) runs (plan.choose_block_m)."""
+        if len(self.variants) == 1:
+            return next(iter(self.variants.values()))
+        want = choose_block_m(self.config, total_tokens)
+        fitting = [bm for bm in self.variants if bm <= want] or [min(self.variants)]
+        return self.variants[max(fitting)]
+
+    def _weight_views(self, w: MoEWeights) -> dict:
+        """Device pointers of the weights, in the layouts the kernel reads. The router gets the
+        shared-expert gate appended as row E (one fp32 matrix); rebuilt only when a weight changes."""
+        cfg = self.config
+        tensors = [w.router_weight, w.gate_up_proj, w.down_proj, w.selection_bias, w.shared_gate_up_proj,
+                   w.shared_down_proj, w.shared_gate_weight]
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if key == self._weights_key:
+            return self._views
+        E, H = self._expected_experts(), cfg.hidden_size
+        dt = cfg.torch_dtype
+
+        def need(t, name, shape, dtype):
+            if t is None:
+                raise ValueError(f"the config needs weight {name} but it is None")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the kernel runs on {self.device}")
+            return t.to(dtype).contiguous()
+
+        router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
+        if cfg.shared_expert_gate:
+            router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H), torch.float32)])
+        keep = {"router": router,
+                "gate_up": need(w.gate_up_proj, "gate_up_proj", (E, cfg.up_rows, H), dt),
+                "down": need(w.down_proj, "down_proj", (E, H, cfg.intermediate_size), dt)}
+        if cfg.selection_bias:
+            keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.num_experts,), torch.float32)
+        if cfg.num_shared_experts:
+            Is = cfg.shared_intermediate_total
+            keep["shared_gate_up"] = need(w.shared_gate_up_proj, "shared_gate_up_proj",
+                                          ((2 if cfg.gated else 1) * Is, H), dt)
+            keep["shared_down"] = need(w.shared_down_proj, "shared_down_proj", (H, Is), dt)
+        self._views, self._weights_key = keep, key
+        self._maps_for = None          # the tensor maps point at the old views
+        return keep
+
+    def _expected_experts(self) -> int:
+        """Experts the expert weights hold: all E here; a process-group rank's E / W
+        (group_backend.GroupBackend)."""
+        return self.config.num_experts
+
+    def _weight_maps(self, views: dict, spec: KernelSpec) -> dict | None:
+        """The weights' TMA tensor maps for a wgmma spec (None for mma_sync); encoded on the host
+        (no GPU work) once per set of weight views and B box (block_n; the prefill and decode tiles
+        share it), in the emulator's own format when emulating."""
+        if spec.gemm != "wgmma":
+            return None
+        if self._maps_for != spec.block_n:
+            from . import tensormap
+            encode = tensormap.emulated_weight_tensor_maps if self.emulate else tensormap.weight_tensor_maps
+            ptr = lambda name: views[name].data_ptr() if name in views else 0   # noqa: E731
+            try:
+                self._maps = encode(spec, self.config, gate_up=ptr("gate_up"), down=ptr("down"),
+                                    num_experts=views["gate_up"].shape[0],
+                                    shared_gate_up=ptr("shared_gate_up"), shared_down=ptr("shared_down"))
+            except (ValueError, RuntimeError) as e:   # e.g. a weight view that is not 16-byte aligned
+                warnings.warn(f"flashmoe: no TMA tensor maps for the weights ({e}); the wgmma engine "
+                              f"reads them with cp.async instead", stacklevel=3)
+                self._maps = None
+            self._maps_for = spec.block_n
+        return self._maps
+
+    # -- forward (hot path) --
+
+    def forward(self, x2d: torch.Tensor, weights: MoEWeights, return_routing: bool = False,
+                out: torch.Tensor | None = None, fault_rank: int | None = None):
+        """out[T, H] for x2d[T, H] (and the Routing the kernel chose, if asked). ``out`` may be
+        given (checks poison it first); ``fault_rank`` (tests only) makes that virtual rank stall
+        so every wait on it times out."""
+        x2d = self._check_x(x2d)
+        self._check_pending(block=False)
+        counts = split_tokens(x2d.shape[0], self.world)
+        self._ensure_plan(max(counts))
+        views = self._weight_views(weights)
+        out = self._check_out(out, x2d)
+        row = self.config.hidden_size * x2d.element_size()
+        local, start = [], 0
+        for n in counts:
+            local.append((x2d.data_ptr() + start * row, out.data_ptr() + start * row, n))
+            start += n
+        variant = self.variant_for(x2d.shape[0])
+        self._launch(variant, self._params(variant, views, local, fault_rank))
+        if not return_routing:
+            return out
+        return out, self._routing(counts)
+
+    def _check_x(self, x2d: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x2d.dim() != 2 or x2d.shape[1] != cfg.hidden_size or x2d.dtype != cfg.torch_dtype:
+            raise ValueError(f"expected x of shape [T, {cfg.hidden_size}] and dtype {cfg.dtype}, "
+                             f"got {tuple(x2d.shape)} {x2d.dtype}")
+        x2d = x2d.contiguous()
+        return x2d.clone() if x2d.data_ptr() % 16 else x2d   # rows move as 16-byte vectors
+
+    @staticmethod
+    def _check_out(out: torch.Tensor | None, x2d: torch.Tensor) -> torch.Tensor:
+        if out is None:
+            return torch.empty_like(x2d)
+        if out.shape != x2d.shape or out.dtype != x2d.dtype or not out.is_contiguous() or out.data_ptr() % 16:
+            raise ValueError("out must be a contiguous, 16-byte aligned tensor like x")
+        return out
+
+    def _params(self, variant: Variant, views: dict, local, fault_rank, weights_first_expert: int = 0):
+        ptr = lambda name: views[name].data_ptr() if name in views else 0   # noqa: E731
+        return abi.fill_params(
+            variant.plan, heap=self.heap.data_ptr(), peer_bases=self.peer_bases.data_ptr(),
+            control=self.control.data_ptr(), router_weight=ptr("router"), gate_up=ptr("gate_up"),
+            down=ptr("down"), selection_bias=ptr("bias"), shared_gate_up=ptr("shared_gate_up"),
+            shared_down=ptr("shared_down"), weights_first_expert=weights_first_expert, local=local,
+            timeout_ns=self.timeout_ns,
+            fault_kind=abi.FaultKind.STALL if fault_rank is not None else abi.FaultKind.NONE,
+            fault_rank=fault_rank or 0, weight_maps=self._weight_maps(views, variant.spec),
+            trace=self.trace_buffer.data_ptr() if self.trace_capacity else 0,
+            trace_capacity=self.trace_capacity)
+
+    def _launch(self, variant: Variant, params: abi.Params) -> None:
+        self._last = variant
+        if self.emulate:
+            variant.kernel.launch(params, variant.plan.grid, variant.spec.threads, variant.plan.smem_bytes)
+            self._check(self.control.numpy().tobytes())
+            return
+        stream = torch.cuda.current_stream(self.device)
+        variant.kernel.launch(params, variant.plan.grid, stream.cuda_stream)
+        if self.error_check == "sync":
+            self._check(self.control.cpu().numpy().tobytes())
+        elif self.error_check == "deferred":
+            self._record_pending(stream)
+
+    def _record_pending(self, stream) -> None:
+        """Queue an asynchronous copy of the error buffer behind this launch (pinned buffers and
+        events are reused once checked: nothing is allocated per forward in steady state)."""
+        event, copy = self._free_checks.pop() if self._free_checks else (
+            torch.cuda.Event(), torch.empty(self.control.shape, dtype=torch.uint8, pin_memory=True))
+        copy.copy_(self.control, non_blocking=True)
+        event.record(stream)
+        self._pending.append((event, copy))
+
+    def last_trace(self):
+        """The last forward's timeline (``flashmoe.trace.Trace``); needs ``trace_capacity > 0``."""
+        if not self.trace_capacity or self._last is None:
+            raise ValueError("no trace: build the backend with trace_capacity > 0 and run a forward")
+        from ..trace import decode
+        self.synchronize()
+        return decode(self.trace_buffer.cpu().numpy(), self._last.plan.grid, self.trace_capacity)
+
+    def _check(self, control_bytes: bytes) -> None:
+        try:
+            check_control(control_bytes, self.plan.num_local_ranks)
+        except Exception:
+            self._reset_after_error()
+            raise
+
+    def _check_pending(self, block: bool) -> None:
+        while self._pending:
+            event, copy = self._pending[0]
+            if not block and not event.query():
+                return
+            event.synchronize()
+            self._pending.pop(0)
+            self._free_checks.append((event, copy))
+            self._check(copy.numpy().tobytes())
+
+    def synchronize(self) -> None:
+        """Wait for every launch and raise FlashMoEError if one of them stopped."""
+        self._check_pending(block=True)
+
+    def _reset_after_error(self) -> None:
+        """A stopped launch leaves counters half-way: zero them (both banks) and the error buffer."""
+        self._pending.clear()
+        for name in ("sync_counters", "select_done", "tile_done"):
+            region = self.plan.regions[name]
+            for v in range(self.plan.num_local_ranks):
+                start = v * self.plan.rank_heap_bytes + region.offset
+                self.heap[start:start + region.total].zero_()
+        self.control.zero_()
+
+    def _routing(self, counts: list[int]) -> Routing:
+        """The kernel's routing, read back from each rank's regions (device ops only, no sync)."""
+        k, plan = self.config.top_k, self.plan
+
+        def view(v, name, dtype, n, width, bank=0):
+            off = v * plan.rank_heap_bytes + plan.regions[name].bank_offset(bank)
+            return self.heap[off:off + n * width * 4].view(dtype).view(n, width)
+
+        ids, weights, kept, gates = [], [], [], []
+        for v, n in enumerate(counts):
+            ids.append(view(v, "topk_ids", torch.int32, n, k).long())
+            weights.append(view(v, "topk_weights", torch.float32, n, k).clone())
+            if self.config.capacity_factor is not None:
+                # A dropped (token, slot) holds the epoch of the launch that dropped it; the kernel
+                # stored that epoch in the heap word on exit.
+                # Banked (one process per rank): the launch used bank epoch % 2.
+                epoch = view(v, "epoch", torch.int32, 1, 1)
+                marks = torch.where(epoch % 2 == 1, view(v, "drop_marks", torch.int32, n, k, 1),
+                                    view(v, "drop_marks", torch.int32, n, k, 0))
+                kept.append(marks != epoch)
+            else:
+                kept.append(torch.ones(n, k, dtype=torch.bool, device=self.device))
+            if self.config.shared_expert_gate:
+                gates.append(view(v, "shared_gate", torch.float32, n, 1).squeeze(1).clone())
+        return Routing(ids=torch.cat(ids), weights=torch.cat(weights), kept=torch.cat(kept),
+                       shared_gate=torch.cat(gates) if gates else None)

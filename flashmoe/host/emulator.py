@@ -1,0 +1,264 @@
+"""The kernel on the CPU: the device sources built with g++ under ``FLASHMOE_EMULATION``.
+
+``flashmoe/device/emulation/simt.h`` supplies what ``ptx.cuh`` otherwise writes in inline PTX, and
+``runtime.cpp`` runs a cooperative launch as one fiber per CUDA thread on the calling thread (see
+both files for what that checks and what it cannot: memory is sequentially consistent and fibers
+switch only at yield points, so it tests the kernel's logic, not its memory ordering). A machine
+without a GPU can so run the real kernel source on small problems and compare it with
+``flashmoe.reference``.
+
+Build. One shared library per kernel spec: a generated translation unit that includes
+``flashmoe/device/flashmoe.cu`` and the ABI header (``abi.abi_header()``, so the emulated build
+checks the ctypes mirror too) and exports ``flashmoe_emu_launch(const Params*, ...)``, linked with
+the runtime object (built once; it does not depend on the spec). Libraries are cached in
+``$FLASHMOE_CACHE_DIR/emulator`` (default ``~/.cache/flashmoe/emulator``) under a key over the spec,
+every file under ``flashmoe/device``, the ABI header, the compiler's version and the flags (the
+runtime object: its own sources only, so editing the kernel does not rebuild it); files
+are written under a temporary name and renamed, so concurrent builders never see half a library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import abi
+from . import compile as compile_mod
+from .spec import KernelSpec
+
+CXX_ENV = "FLASHMOE_EMULATOR_CXX"       # compiler override (default g++)
+SEED_ENV = "FLASHMOE_EMULATOR_SEED"     # default schedule of EmulatedKernel launches (0: round robin)
+RUNTIME_SOURCE = "flashmoe/device/emulation/runtime.cpp"
+CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden",
+             # The device code reinterprets bytes freely (vectors of elements, staged tiles), as
+             # CUDA allows; g++ must not assume strict aliasing.
+             "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-pthread",
+             # Params is alignas(64): g++ notes that such by-value parameters changed ABI in 4.6.
+             "-Wno-psabi")
+_ERR_BYTES = 4096
+_LOCK = threading.Lock()
+_LIBRARIES: dict[str, ctypes.CDLL] = {}
+
+
+class EmulationError(RuntimeError):
+    """The emulated launch could not finish: a deadlock among the fibers, a collective used
+    against its rules, a misaligned or out-of-bounds access the emulator checks. The message says
+    which block and thread. (A bounded wait that expires is not this: the kernel records it in its
+    error buffer and returns normally, as on a GPU.)"""
+
+
+class EmulatorBuildError(RuntimeError):
+    """g++ rejected the emulated build; ``log`` has the compiler output."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(f"{message}\n{log[-20000:]}" if log else message)
+        self.log = log
+
+
+def _compiler() -> str:
+    return os.environ.get(CXX_ENV) or "g++"
+
+
+def emulator_available() -> str | None:
+    """Why the emulator cannot run here (None when it can)."""
+    if not sys.platform.startswith("linux"):
+        return f"the emulator needs Linux (fibers on mmap'ed stacks); this is {sys.platform}"
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler: {_compiler()} is not on PATH (apt-get install g++, or set {CXX_ENV})"
+    try:
+        compile_mod._header_dir("cccl")
+    except (compile_mod.CompileError, ImportError) as e:
+        return f"the CCCL headers are missing: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity() -> str:
+    cxx = _compiler()
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    machine = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, check=True).stdout
+    return f"{out.splitlines()[0] if out else cxx} {machine.strip()}"
+
+
+def cache_dir() -> Path:
+    return compile_mod.cache_dir() / "emulator"
+
+
+def _include_flags(build_dir: Path) -> list[str]:
+    return [f"-I{compile_mod.INCLUDE_ROOT}", f"-I{compile_mod._header_dir('cccl')}", f"-I{build_dir}"]
+
+
+def _runtime_fingerprint() -> str:
+    """The runtime's own inputs: the emulation directory and params.cuh (its only other include)."""
+    root = compile_mod.INCLUDE_ROOT
+    files = sorted((root / RUNTIME_SOURCE).parent.glob("*")) + [root / "flashmoe/device/common/params.cuh"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _key(kind: str, payload: dict) -> str:
+    sources = _runtime_fingerprint() if kind == "runtime" else compile_mod.source_fingerprint()
+    full = {"kind": kind, "sources": sources, "compiler": _compiler_identity(), "flags": CXX_FLAGS, **payload}
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise EmulatorBuildError(f"{what} failed: {' '.join(cmd)}", proc.stdout + proc.stderr)
+
+
+def _build(kind: str, suffix: str, payload: dict, make) -> Path:
+    """The cached file for (kind, payload); ``make(build_dir, out)`` builds it on a miss."""
+    key = _key(kind, payload)
+    directory = cache_dir()
+    target = directory / f"{kind}-{key}{suffix}"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=f".{kind}-") as tmp:
+        out = Path(tmp) / f"out{suffix}"
+        make(Path(tmp), out)
+        os.replace(out, target)            # atomic: readers see no file or the whole file
+    return target
+
+
+def _runtime_object() -> Path:
+    def make(build_dir: Path, out: Path) -> None:
+        _run([_compiler(), *CXX_FLAGS, "-DFLASHMOE_EMULATION", *_include_flags(build_dir), "-c",
+              str(compile_mod.INCLUDE_ROOT / RUNTIME_SOURCE), "-o", str(out)], "building the emulator runtime")
+    return _build("runtime", ".o", {}, make)
+
+
+def build_library(source: str, defines: dict[str, int], name: str = "lib") -> Path:
+    """A shared library of the translation unit ``source`` (text; includes resolve against the
+    flashmoe include root, the CCCL headers and a build directory holding the ABI header
+    ``flashmoe_abi_check.h``), compiled with ``-DFLASHMOE_EMULATION`` and ``defines`` and linked with
+    the emulator runtime. Cached; returns its path."""
+    runtime = _runtime_object()
+    header = abi.abi_header()
+
+    def make(build_dir: Path, out: Path) -> None:
+        (build_dir / "flashmoe_abi_check.h").write_text(header)
+        (build_dir / "tu.cpp").write_text(source)
+        flags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())]
+        _run([_compiler(), *CXX_FLAGS, "-shared", "-DFLASHMOE_EMULATION", *flags, *_include_flags(build_dir),
+              str(build_dir / "tu.cpp"), str(runtime), "-o", str(out)], f"building the emulated {name}")
+    return _build(name, ".so", {"source": source, "defines": defines, "abi": header, "runtime": runtime.name}, make)
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    with _LOCK:
+        lib = _LIBRARIES.get(str(path))
+        if lib is None:
+            lib = ctypes.CDLL(str(path))
+            lib.flashmoe_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_ulonglong)]
+            lib.flashmoe_emu_stats.restype = None
+            _LIBRARIES[str(path)] = lib
+        return lib
+
+
+def last_stats(lib: ctypes.CDLL) -> dict[str, int]:
+    """Of the library's last launch: fiber switches, virtual ns, fibers, wall-clock ns."""
+    out = (ctypes.c_ulonglong * 4)()
+    lib.flashmoe_emu_stats(out)
+    return dict(zip(("switches", "virtual_ns", "fibers", "wall_ns"), (int(v) for v in out)))
+
+
+def raise_on_error(rc: int, err: ctypes.Array, what: str) -> None:
+    if rc:
+        raise EmulationError(f"{what}: {err.value.decode(errors='replace')}")
+
+
+def error_buffer() -> ctypes.Array:
+    return ctypes.create_string_buffer(_ERR_BYTES)
+
+
+KERNEL_TU = """// Generated by flashmoe/host/emulator.py
+#include "flashmoe/device/flashmoe.cu"
+#include "flashmoe_abi_check.h"
+namespace {
+void flashmoe_emu_body(void* params) { flashmoe_kernel(*static_cast<const flashmoe::Params*>(params)); }
+}  // namespace
+// Every fiber reads the one Params copy made here: it is __grid_constant__ on the GPU too. The copy
+// also gives it the struct's own alignment, which a ctypes buffer need not have.
+FLASHMOE_EMU_EXPORT int flashmoe_emu_launch(const void* params, int grid, int block, unsigned long long smem_bytes,
+                                           unsigned long long seed, char* err, unsigned long long err_len) {
+  flashmoe::Params p;
+  std::memcpy(static_cast<void*>(&p), params, sizeof(p));
+  return flashmoe::emu::launch(grid, block, smem_bytes, seed, flashmoe_emu_body, &p, err, err_len);
+}
+"""
+
+
+def _check_spec(spec: KernelSpec) -> None:
+    if spec.transport != "peer":
+        raise ValueError(f"transport={spec.transport!r} is not emulated (only peer pointers are)")
+
+
+class EmulatedKernel:
+    """``flashmoe_kernel`` of one spec, run on the CPU. Pointers in ``Params`` are host addresses
+    (e.g. ``tensor.data_ptr()`` of CPU tensors)."""
+
+    def __init__(self, spec: KernelSpec):
+        reason = emulator_available()
+        if reason:
+            raise RuntimeError(f"the flashmoe emulator cannot run here: {reason}")
+        _check_spec(spec)
+        self.spec = spec
+        self.seed = int(os.environ.get(SEED_ENV) or 0)
+        self.path = build_library(KERNEL_TU, spec.defines(), name="kernel")
+        self._lib = load_library(self.path)
+        self._launch = self._lib.flashmoe_emu_launch
+        self._launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong,
+                                 ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_ulonglong]
+        self._launch.restype = ctypes.c_int
+
+    def launch(self, params: abi.Params, grid: int, block: int, smem_bytes: int, seed: int | None = None) -> None:
+        """Run one cooperative launch to completion. ``seed`` 0 schedules fibers round robin;
+        any other value picks the next fiber pseudo-randomly (same seed, same schedule), to try
+        other interleavings; None uses ``self.seed`` ($FLASHMOE_EMULATOR_SEED, default 0).
+        Raises EmulationError when the launch cannot finish."""
+        seed = self.seed if seed is None else seed
+        if block != self.spec.threads:
+            raise ValueError(f"block={block}: the kernel is compiled for {self.spec.threads} threads per block")
+        if grid < 1:
+            raise ValueError(f"grid={grid}: must be >= 1")
+        if smem_bytes < 0:
+            raise ValueError(f"smem_bytes={smem_bytes}: must be >= 0")
+        err = error_buffer()
+        rc = self._launch(ctypes.addressof(params), grid, block, smem_bytes, seed, err, len(err))
+        raise_on_error(rc, err, f"emulated launch of {self.spec.key()} (grid {grid} x {block})")
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return last_stats(self._lib)
+
+
+def build_library_parallel(builds, max_workers: int | None = None) -> list[Path]:
+    """Run the callables ``builds`` (each calling build_library) on a thread pool: each g++ is
+    a separate process, so they use every core. The runtime object is built first, once."""
+    _runtime_object()
+    with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda build: build(), builds))
+
+
+def prebuild(specs, max_workers: int | None = None) -> None:
+    """Build the kernel libraries of ``specs`` in parallel."""
+    specs = list(dict.fromkeys(specs))
+    for spec in specs:
+        _check_spec(spec)
+    build_library_parallel([lambda s=s: build_library(KERNEL_TU, s.defines(), name="kernel") for s in specs],
+                           max_workers)

@@ -1,0 +1,311 @@
+"""``python -m flashmoe.selftest``: build, check and time the kernel in one command.
+
+On a GPU: compiles the specs for the device, runs the kernel against the reference over the case
+grid (dtypes, activations, gated/plain, k, E, virtual ranks W, tokens per rank from 0 to 16384,
+uniform/skewed/single routing, capacity drops, DeepSeek/Qwen routing and shared experts), checks
+bitwise determinism across runs and W, that a stalled rank raises a FlashMoEError naming it and
+the layer recovers, runs compute-sanitizer on small cases, and writes every case's error and time
+with the device, driver, commit and date to ``--out`` (default bench/results/).
+
+Without a GPU it runs a small grid on the CPU emulator instead (the same kernel source).
+
+    python -m flashmoe.selftest                    # everything this machine can do
+    python -m flashmoe.selftest --quick            # a short grid
+    python -m flashmoe.selftest --random 50        # 50 random configs
+    python -m flashmoe.selftest --soak 10000       # 10,000 forwards, varying tokens and routing
+    python -m flashmoe.selftest --sanitize         # compute-sanitizer memcheck/racecheck/synccheck
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checks import Case, CaseResult, check_determinism, check_fault, run_case
+from .config import MoEConfig
+
+
+def _cfg(base: dict | None = None, **kw) -> MoEConfig:
+    """A config from the selftest defaults, updated by ``base`` then by ``kw``."""
+    merged = dict(hidden_size=512, intermediate_size=256, num_experts=8, top_k=2, dtype="bfloat16")
+    merged.update(base or {})
+    merged.update(kw)
+    return MoEConfig(**merged)
+
+
+def gpu_cases(quick: bool = False) -> list[Case]:
+    """The grid: every listed value of every axis appears, with the combinations that matter."""
+    cases = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        for act, gated in (("silu", True), ("gelu", False), ("relu", False), ("gelu_tanh", True)):
+            cases.append(Case(f"{dtype}-{act}-{'gated' if gated else 'plain'}",
+                              _cfg(dtype=dtype, activation=act, gated=gated), tokens=333))
+    for k, E in ((1, 8), (2, 64), (8, 128)):
+        cases.append(Case(f"k{k}-E{E}", _cfg(num_experts=E, top_k=k), tokens=1000))
+    for W in (1, 2, 4, 8):
+        for per_rank in (0, 1, 37):
+            cases.append(Case(f"W{W}-tpr{per_rank}", _cfg(num_experts=64, top_k=4), world=W,
+                              tokens=per_rank * W))
+        cases.append(Case(f"W{W}-uneven", _cfg(num_experts=64, top_k=4), world=W, tokens=W * 100 + 3))
+    for routing in ("skewed", "single"):
+        for W in (1, 4):
+            cases.append(Case(f"{routing}-W{W}", _cfg(num_experts=64, top_k=4), world=W, tokens=777,
+                              routing=routing))
+    for cf in (0.5, 1.25):
+        for W in (1, 4):
+            cases.append(Case(f"capacity{cf}-W{W}", _cfg(num_experts=16, top_k=2, capacity_factor=cf),
+                              world=W, tokens=500, routing="skewed"))
+    deepseek = dict(scoring="sigmoid", selection_bias=True, n_group=8, topk_group=4, num_experts=64,
+                    top_k=6, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=2,
+                    shared_intermediate_size=128)
+    cases.append(Case("deepseek-W1", _cfg(deepseek), tokens=600))
+    cases.append(Case("deepseek-W8", _cfg(deepseek), world=8, tokens=800))
+    qwen2 = dict(num_experts=60, top_k=4, num_shared_experts=1, shared_intermediate_size=1024,
+                 shared_expert_gate=True)
+    cases.append(Case("qwen2-shared-gate-W4", _cfg(qwen2, num_experts=64), world=4, tokens=512))
+    if not quick:
+        qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
+        cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
+        cases.append(Case("qwen3-W8-tpr2048", _cfg(qwen3), world=8, tokens=16384))
+        mixtral = dict(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2, norm_topk_prob=True)
+        cases.append(Case("mixtral-4096", _cfg(mixtral), tokens=4096))
+    return cases
+
+
+def emulated_cases() -> list[Case]:
+    """Tiny shapes the CPU emulator runs in seconds; still every phase and option."""
+    small = dict(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2)
+    return [
+        Case("emu-bf16-swiglu", _cfg(small), tokens=37),
+        Case("emu-fp32-gelu-plain", _cfg(small, dtype="float32", activation="gelu", gated=False), tokens=21),
+        Case("emu-fp16-k1", _cfg(small, dtype="float16", top_k=1), tokens=19),
+        Case("emu-W2", _cfg(small), world=2, tokens=45),
+        Case("emu-W2-empty-rank", _cfg(small), world=2, tokens=1),
+        Case("emu-shared-gate", _cfg(small, num_shared_experts=1, shared_expert_gate=True), tokens=29),
+        Case("emu-capacity", _cfg(small, capacity_factor=0.5), world=2, tokens=40, routing="skewed"),
+        Case("emu-deepseek", _cfg(small, num_experts=8, top_k=2, scoring="sigmoid", selection_bias=True,
+                                  n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
+    ]
+
+
+def random_cases(n: int, seed: int) -> list[Case]:
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        E = rng.choice([4, 8, 16, 32, 64, 128])
+        W = rng.choice([w for w in (1, 2, 4, 8) if E % w == 0])
+        n_group = rng.choice([g for g in (1, 2, 4, 8) if E % g == 0 and E // g >= 2])
+        topk_group = rng.randint(1, n_group)
+        k = rng.randint(1, min(8, topk_group * (E // n_group)))
+        shared = rng.choice([0, 0, 1, 2])
+        cfg = MoEConfig(hidden_size=rng.choice([64, 256, 512, 1024]), intermediate_size=rng.choice([64, 128, 352]),
+                        num_experts=E, top_k=k, activation=rng.choice(["silu", "gelu", "gelu_tanh", "relu"]),
+                        gated=rng.random() < 0.7, scoring=rng.choice(["softmax", "sigmoid"]),
+                        norm_topk_prob=rng.random() < 0.5, routed_scaling_factor=rng.choice([1.0, 2.5]),
+                        n_group=n_group, topk_group=topk_group, selection_bias=rng.random() < 0.3,
+                        num_shared_experts=shared, shared_expert_gate=shared > 0 and rng.random() < 0.5,
+                        capacity_factor=rng.choice([None, None, 0.75, 1.5]),
+                        dtype=rng.choice(["bfloat16", "float16", "float32"]))
+        cases.append(Case(f"random{i}", cfg, world=W, tokens=rng.randint(0, 3000),
+                          routing=rng.choice(["uniform", "uniform", "skewed", "single"]), seed=seed + i))
+    return cases
+
+
+def _backend_factory(device, emulate: bool, timeout_s: float):
+    from .host.backend import KernelBackend
+    cache = {}
+
+    def make(config, world, timeout_s=timeout_s):
+        key = (config, world, timeout_s)
+        if key not in cache:
+            cache.clear()   # one heap at a time: the big cases need the memory
+            cache[key] = KernelBackend(config, device, virtual_world=world, emulate=emulate,
+                                       timeout_s=timeout_s, error_check="sync")
+        return cache[key]
+    return make
+
+
+def environment(device) -> dict:
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = "unknown"
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True)
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else "?"
+    else:
+        info["device"] = "cpu (emulated kernel)"
+    return info
+
+
+def build_report(device) -> list[dict]:
+    """Compile the shipped specs for this device's arch; return their resource rows."""
+    from .host.compile import compile_spec
+    from .host.spec import arch_for_capability, shipped_specs
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = arch_for_capability(major, minor)
+    rows = []
+    for spec in shipped_specs():
+        if spec.arch != arch:
+            continue
+        k = compile_spec(spec)
+        r = k.resources
+        rows.append({"spec": spec.key(), "registers": r.registers, "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
+                     "stack": r.stack_bytes, "compile_s": round(k.compile_seconds, 1), "cached": k.from_cache})
+    return rows
+
+
+def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck")) -> list[dict]:
+    """Run the named cases under compute-sanitizer, each tool in its own process."""
+    exe = shutil.which("compute-sanitizer")
+    if not exe:
+        return [{"tool": t, "passed": None, "detail": "compute-sanitizer not found"} for t in tools]
+    rows = []
+    for tool in tools:
+        for name in cases:
+            cmd = [exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "flashmoe.selftest",
+                   "--only", name, "--no-write", "--no-extras", "--timeout", "300"]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            summary = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR SUMMARY" in ln]
+            rows.append({"tool": tool, "case": name, "passed": proc.returncode == 0,
+                         "seconds": round(time.time() - t0, 1),
+                         "detail": summary[-1] if summary else (proc.stdout + proc.stderr)[-400:]})
+    return rows
+
+
+def soak(make, device, n: int, seed: int) -> dict:
+    """n forwards with varying token counts and routings; every 50th checked against the reference;
+    device memory must not grow after the first forwards."""
+    from .checks import make_inputs
+    from . import accuracy
+    rng = random.Random(seed)
+    cfg = _cfg(num_experts=64, top_k=4, capacity_factor=None)
+    backend = make(cfg, 4)
+    inputs = [make_inputs(Case("soak", cfg, world=4, tokens=rng.randint(1, 2048),
+                               routing=rng.choice(["uniform", "skewed", "single"]), seed=seed + i), device)
+              for i in range(8)]
+    backend.forward(*make_inputs(Case("soak", cfg, world=4, tokens=2048), device))  # plan at full size
+    backend.synchronize()
+    memory0 = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    checked = failed = 0
+    t0 = time.time()
+    for i in range(n):
+        x, w = inputs[i % len(inputs)]
+        x = x[: rng.randint(0, x.shape[0])]
+        out, routing = backend.forward(x, w, return_routing=True)
+        if i % 50 == 0:
+            backend.synchronize()
+            ok, _, _ = accuracy.check(out, x, w, cfg, routing=routing)
+            checked += 1
+            failed += not ok
+    backend.synchronize()
+    memory1 = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return {"forwards": n, "checked": checked, "failed": failed, "memory_growth_bytes": memory1 - memory0,
+            "seconds": round(time.time() - t0, 1),
+            "passed": failed == 0 and memory1 - memory0 <= 0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flashmoe.selftest", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "bench" / "results"))
+    ap.add_argument("--quick", action="store_true", help="skip the large cases")
+    ap.add_argument("--only", default=None, help="glob of case names to run")
+    ap.add_argument("--random", type=int, default=0, help="also run N random configs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--soak", type=int, default=0, help="N forwards of the soak test")
+    ap.add_argument("--sanitize", action="store_true", help="run compute-sanitizer on small cases")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds a kernel wait may take")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-extras", action="store_true", help="skip build, determinism and fault checks")
+    ap.add_argument("--emulate", action="store_true", help="use the CPU emulator even with a GPU")
+    args = ap.parse_args(argv)
+
+    gpu = torch.cuda.is_available() and not args.emulate
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    make = _backend_factory(device, emulate=not gpu, timeout_s=args.timeout)
+    report = {"environment": environment(device), "cases": [], "extras": {}}
+    print(f"flashmoe selftest on {report['environment']['device']}", flush=True)
+
+    if gpu and not args.no_extras:
+        report["build"] = build_report(device)
+        for row in report["build"]:
+            print(f"  built {row['spec']}: {row['registers']} regs, {row['spill_bytes']} B spilled, "
+                  f"{row['compile_s']} s{' (cached)' if row['cached'] else ''}")
+
+    cases = gpu_cases(args.quick) if gpu else emulated_cases()
+    cases += random_cases(args.random, args.seed) if args.random else []
+    if args.only:
+        cases = [c for c in cases if fnmatch.fnmatch(c.name, args.only)]
+    results: list[CaseResult] = []
+    for case in cases:
+        t0 = time.time()
+        try:
+            backend = make(case.config, case.world)
+            result = run_case(backend, case, device, time_it=gpu)
+        except Exception as exc:   # unsupported config, compile error, ...: a failed case
+            result = CaseResult(case.describe(), False, detail=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        ms = f"{result.ms:8.3f} ms" if result.ms is not None else " " * 11
+        print(f"  {'PASS' if result.passed else 'FAIL'} {case.name:<28} err {result.err:9.2e} tol {result.tol:9.2e} "
+              f"{ms} near-ties {result.near_ties:3d} ({time.time() - t0:5.1f} s) {result.detail}", flush=True)
+    report["cases"] = [r.row() for r in results]
+
+    extras_ok = True
+    if not args.no_extras:
+        det_case = Case("determinism", _cfg(num_experts=64, top_k=4, capacity_factor=None), tokens=999,
+                        routing="skewed")
+        worlds = (1, 2, 4, 8) if gpu else (1, 2)
+        ok, detail = check_determinism(make, det_case, device, worlds)
+        report["extras"]["determinism"] = {"passed": ok, "detail": detail}
+        fault_case = Case("fault", _cfg(num_experts=8, top_k=2), world=4 if gpu else 2, tokens=200)
+        ok2, detail2 = check_fault(make, fault_case, device, stalled_rank=1)
+        report["extras"]["fault"] = {"passed": ok2, "detail": detail2}
+        for name, (ok_, d) in (("determinism", (ok, detail)), ("fault", (ok2, detail2))):
+            print(f"  {'PASS' if ok_ else 'FAIL'} {name}: {d}")
+        extras_ok = ok and ok2
+    if args.soak:
+        report["extras"]["soak"] = soak(make, device, args.soak, args.seed)
+        print(f"  soak: {report['extras']['soak']}")
+        extras_ok &= report["extras"]["soak"]["passed"]
+    if args.sanitize and gpu:
+        report["extras"]["sanitize"] = sanitize(["W2-tpr37", "capacity0.5-W4"])
+        for row in report["extras"]["sanitize"]:
+            print(f"  {'PASS' if row['passed'] else 'FAIL'} sanitize {row['tool']} {row.get('case', '')}: {row['detail']}")
+        extras_ok &= all(r["passed"] for r in report["extras"]["sanitize"])
+
+    passed = sum(r.passed for r in results)
+    report["summary"] = {"cases": len(results), "passed": passed, "failed": len(results) - passed,
+                         "extras_passed": extras_ok}
+    print(f"{passed}/{len(results)} cases passed; extras {'passed' if extras_ok else 'FAILED'}")
+    if not args.no_write:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = report["environment"]["device"].replace(" ", "-").replace("(", "").replace(")", "")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = out / f"selftest-{slug}-{stamp}.json"
+        path.write_text(json.dumps(report, indent=1, default=str))
+        print(f"results: {path}")
+    return 0 if passed == len(results) and extras_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
