@@ -151,7 +151,6 @@ def test_include_dirs(root):
     assert dirs[0] == str(root)
     assert any(d.endswith("include") for d in dirs[1:3])                    # cudart, then cccl
     assert any(d.endswith("cccl") for d in dirs)
-    assert any(d.endswith("source/include") for d in dirs)        # CuTe from nvidia-cutlass
     assert not any("nvshmem" in d for d in dirs)
     assert any("nvshmem" in d for d in C.include_dirs(KernelSpec(transport="nvshmem")))
 

@@ -19,8 +19,8 @@ Why these choices (measured with NVRTC / nvJitLink 13.0 on a machine without a G
 - A cubin, never PTX: PTX is JIT-compiled by the driver, and PTX from a newer NVRTC (13.5 emits ISA
   9.5) is rejected by the 13.0 driver (``Unsupported .version 9.5``). A cubin loads as is, and
   ``sm_90a`` code (wgmma) has no portable PTX fallback anyway.
-- ``-default-device``: CuTe/CUTLASS headers under NVRTC fail without it (unannotated functions are
-  host functions, which JIT mode forbids).
+- ``-default-device``: the NVSHMEM 3.4.5 headers under NVRTC fail without it (an unannotated
+  function is a host function, which JIT mode forbids).
 - One ``--ptxas-options=`` per flag: ``--ptxas-options=-v,--warn-on-spills`` is a ptxas fatal error.
 - NVSHMEM transport: NVRTC ``-rdc=true -dlto`` to LTO-IR, then nvJitLink ``-lto`` against the
   wheel's ``libnvshmem_device.a`` (the only linkable form it ships: its ``.bc`` files are raw LLVM
@@ -72,13 +72,12 @@ PROGRAM_NAME = "flashmoe_kernel.cu"     # the generated translation unit (never 
 NVSHMEM_PRELUDE = "flashmoe/device/common/nvshmem_prelude.cuh"
 # The directory that holds the flashmoe package: the include root of every device source.
 INCLUDE_ROOT = Path(__file__).resolve().parents[2]
-# C++20: abi.abi_header() pins each struct's field order with designated initializers (NVRTC has
-# no constant-expression offsetof). CuTe, CCCL and the NVSHMEM headers compile as C++20 too.
+# C++20: the device code is written against it (CCCL and the NVSHMEM headers compile as C++20).
 CXX_STANDARD = "c++20"
 CACHE_FORMAT = 1
 CACHE_DIR_ENV = "FLASHMOE_CACHE_DIR"
 ASSERT_NO_COMPILE_ENV = "FLASHMOE_ASSERT_NO_COMPILE"
-HEADER_PACKAGES = ("nvidia-cuda-runtime", "nvidia-cuda-cccl", "nvidia-cutlass")
+HEADER_PACKAGES = ("nvidia-cuda-runtime", "nvidia-cuda-cccl")
 NVSHMEM_PACKAGE = "nvidia-nvshmem-cu13"
 _MESSAGE_LOG_CHARS = 20_000          # of the log shown in str(CompileError); .log has all of it
 
@@ -169,18 +168,8 @@ def _header_dir(name: str) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def _cutlass_include_dir() -> str:
-    """CuTe/CUTLASS headers shipped as package data of nvidia-cutlass (found without importing)."""
-    found = importlib.util.find_spec("cutlass_library")
-    path = Path(found.submodule_search_locations[0]) / "source" / "include" if found else None
-    if path is None or not (path / "cute").is_dir():
-        raise CompileError("the CuTe headers were not found: pip install nvidia-cutlass==4.2.0.0")
-    return str(path)
-
-
 def include_dirs(spec: KernelSpec) -> list[str]:
-    dirs = [str(INCLUDE_ROOT), _header_dir("cudart"), _header_dir("cccl"), _cutlass_include_dir()]
+    dirs = [str(INCLUDE_ROOT), _header_dir("cudart"), _header_dir("cccl")]
     if spec.transport == "nvshmem":
         dirs.append(_header_dir("nvshmem"))
     return dirs
