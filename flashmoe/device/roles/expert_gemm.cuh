@@ -289,11 +289,25 @@ __device__ bool wait_rows(const Params& p, const Ctx& c, const TaskMap& tm, int 
   return true;
 }
 
+// A routed task index decoded: row tile `tile` (of all this rank's), column tile n, local expert e,
+// and the tile's first row q0 and row count within the expert.
+struct RoutedTile {
+  int tile, n, e, q0, nrows;
+};
+
+__device__ __forceinline__ RoutedTile routed_tile(const Params& p, const TaskMap& tm, int task, int col_tiles) {
+  RoutedTile t;
+  t.tile = task / col_tiles;
+  t.n = task % col_tiles;
+  t.e = tm.expert_of_tile(p, t.tile);
+  t.q0 = (t.tile - tm.tile_off[t.e]) * kBlockM;
+  t.nrows = min(kBlockM, tm.rows[t.e] - t.q0);
+  return t;
+}
+
 __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task,
                                      volatile u32* scratch, TileJob& job) {
-  const int tile = task / tm.h->g0_cols, n = task % tm.h->g0_cols;
-  const int e = tm.expert_of_tile(p, tile), m = tile - tm.tile_off[e];
-  const int q0 = m * kBlockM, nrows = min(kBlockM, tm.rows[e] - q0);
+  const auto [tile, n, e, q0, nrows] = routed_tile(p, tm, task, tm.h->g0_cols);
   const int H = p.hidden, I = p.intermediate;
   if (!wait_rows(p, c, tm, e, q0, q0 + nrows, scratch)) return false;
   TileTables& tt = tile_tables(c);
@@ -317,9 +331,7 @@ __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMa
 
 __device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMap& tm, int task,
                                      volatile u32* scratch, TileJob& job) {
-  const int tile = task / tm.h->g1_cols, n = task % tm.h->g1_cols;
-  const int e = tm.expert_of_tile(p, tile), m = tile - tm.tile_off[e];
-  const int q0 = m * kBlockM, nrows = min(kBlockM, tm.rows[e] - q0);
+  const auto [tile, n, e, q0, nrows] = routed_tile(p, tm, task, tm.h->g1_cols);
   const int H = p.hidden, I = p.intermediate;
   if (!block_wait<false>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + tm.h->shared_row_tiles + tile,
                          tm.h->g0_cols, WaitSite{kTaskGemm1, kWaitTileDone, (u32)tile}, scratch))
