@@ -63,10 +63,10 @@ def label(spec: KernelSpec) -> str:
     return text + (" trace" if spec.trace else "")
 
 
-def _build_one(spec: KernelSpec, use_cache: bool):
+def _build_one(spec: KernelSpec, use_cache: bool, unit: str = "kernel"):
     """(kernel, tensor-core opcode counts or None) or the exception; runs in a worker process."""
     try:
-        kernel = compile_spec(spec, use_cache=use_cache)
+        kernel = compile_spec(spec, use_cache=use_cache, unit=unit)
     except Exception as e:                     # reported per spec; the other specs still build
         return e
     try:
@@ -76,16 +76,19 @@ def _build_one(spec: KernelSpec, use_cache: bool):
     return kernel, counts
 
 
-def compile_many(specs: list[KernelSpec], *, jobs: int = 1, use_cache: bool = True) -> list:
-    """``_build_one`` of every spec, in ``jobs`` processes (NVRTC holds the GIL and serialises
-    threads: measured 2 threads x 5 s compile = 14 s). Order follows ``specs``."""
+def compile_many(specs: list[KernelSpec], *, jobs: int = 1, use_cache: bool = True,
+                 units: list[str] | None = None) -> list:
+    """``_build_one`` of every spec (of ``units[i]``: the kernel by default, or its probes), in
+    ``jobs`` processes (NVRTC holds the GIL and serialises threads: measured 2 threads x 5 s
+    compile = 14 s). Order follows ``specs``."""
+    units = units or ["kernel"] * len(specs)
     jobs = max(1, min(jobs, len(specs)))
     if jobs == 1:
-        return [_build_one(s, use_cache) for s in specs]
+        return [_build_one(s, use_cache, u) for s, u in zip(specs, units)]
     # fork: workers inherit the parent's module state (an include root or cache dir set in-process).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method)) as pool:
-        return list(pool.map(_build_one, specs, [use_cache] * len(specs)))
+        return list(pool.map(_build_one, specs, [use_cache] * len(specs), units))
 
 
 def _parse_spec(items: list[str], arch: str) -> KernelSpec:

@@ -20,6 +20,7 @@ import torch
 
 from . import accuracy, reference
 from .config import MoEConfig
+from .host.backend import split_tokens
 from .reference import MoEWeights, Routing
 
 # Two selection scores closer than this (in score units, ~1) may be ordered either way: fp32
@@ -154,14 +155,26 @@ def compare_routing(x, weights, config, got: Routing) -> tuple[int, int, float]:
 
 def run_case(backend, case: Case, device, time_it: bool = False) -> CaseResult:
     """Run one case on a KernelBackend built for case.config / case.world."""
-    cfg = case.config
     x, weights = make_inputs(case, device)
     out = torch.full_like(x, float("nan"))
     try:
         out, routing = backend.forward(x, weights, return_routing=True, out=out)
         backend.synchronize()
-    except Exception as exc:   # a kernel error is a failed case, with its message
-        return CaseResult(case.describe(), False, detail=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:   # a kernel error is a failed case, with its message and records
+        return CaseResult(case.describe(), False, detail=f"{type(exc).__name__}: {exc}",
+                          extra={"records": getattr(exc, "records", [])})
+    result = judge(backend, case.describe(), x, weights, out, routing)
+    if time_it and x.is_cuda:
+        result.ms = time_forward(backend, x, weights, out)
+    return result
+
+
+def judge(backend, described: dict, x, weights, out, routing: Routing) -> CaseResult:
+    """The verdict on one kernel output ``out`` for ``x`` and the routing it chose: routing
+    against the reference router (near ties allowed), the capacity mask against the reference
+    rule, no poison left, the output within the accuracy rule of the reference computed on the
+    kernel's routing; a failure carries its diagnosis."""
+    cfg = backend.config
     mismatches, near, weight_err = compare_routing(x, weights, cfg, routing)
     T_total = x.shape[0]
     want_kept = reference.capacity_keep(routing.ids, routing.weights, cfg,
@@ -183,11 +196,20 @@ def run_case(backend, case: Case, device, time_it: bool = False) -> CaseResult:
         detail.append(f"routing weights off by {weight_err:.2e}")
     if not ok:
         detail.append(f"error {err:.3e} above tolerance {tol:.3e}")
-    result = CaseResult(case.describe(), passed, err, tol, mismatches, near, weight_err,
-                        detail="; ".join(detail))
-    if time_it and x.is_cuda:
-        result.ms = time_forward(backend, x, weights, out)
+    result = CaseResult(described, passed, err, tol, mismatches, near, weight_err, detail="; ".join(detail))
+    if not passed:
+        result.extra["diagnosis"] = diagnose_case(backend, out, x, weights, routing, tol)
     return result
+
+
+def diagnose_case(backend, out, x, weights, routing, tol) -> dict:
+    """Where a failed case's output is wrong (flashmoe.diagnose.kernel_failure), against the fp32
+    reference on the kernel's own routing."""
+    from .diagnose import kernel_failure
+    ideal = reference.moe_forward(x, weights, backend.config, math="fp32", routing=routing)
+    spec = backend.variant_for(x.shape[0]).spec
+    return kernel_failure(out, ideal, tol, routing, split_tokens(x.shape[0], backend.world),
+                          spec.block_m, spec.block_n)
 
 
 def time_forward(backend, x, weights, out, warmup: int = 3, repeats: int = 10) -> float:
@@ -242,3 +264,65 @@ def check_fault(make_backend, case: Case, device, stalled_rank: int) -> tuple[bo
     ok = named and result.passed
     return ok, (f"raised after {time.time() - t0:.1f} s: {message.splitlines()[0]}; "
                 f"next forward {'passed' if result.passed else 'FAILED: ' + result.detail}")
+
+
+def check_fault_unchecked(make_backend, case: Case, device, stalled_rank: int) -> tuple[bool, str]:
+    """error_check='none' (no check per forward, as under CUDA-graph capture): a launch that
+    stops on a stalled rank must not spoil the next forward, and synchronize() must still raise
+    its error, naming the rank."""
+    from .errors import FlashMoEError
+    backend = make_backend(case.config, case.world, timeout_s=0.5, error_check="none")
+    x, weights = make_inputs(case, device)
+    backend.forward(x, weights, fault_rank=stalled_rank)
+    out = torch.full_like(x, float("nan"))
+    out, routing = backend.forward(x, weights, return_routing=True, out=out)
+    after = judge(backend, case.describe(), x, weights, out, routing)
+    try:
+        backend.synchronize()
+        raised = ""
+    except FlashMoEError as exc:
+        raised = str(exc).splitlines()[0]
+    named = f"of rank {stalled_rank}" in raised
+    return after.passed and named, (f"next forward {'passed' if after.passed else 'FAILED: ' + after.detail}; "
+                                    f"synchronize() {'raised: ' + raised if raised else 'raised nothing'}")
+
+
+def check_graph(make_backend, config: MoEConfig, device, world: int = 2, token_counts=(1, 37, 256),
+                order=(37, 1, 256, 1, 37, 256)) -> tuple[bool, str]:
+    """One CUDA graph captured per token count over one static input buffer, replayed in
+    ``order`` with fresh random rows copied in before each replay (the epoch in the heap advances
+    with every replay, the prefill and decode kernels alternate); every replay is judged
+    against the reference on the routing it chose."""
+    backend = make_backend(config, world, timeout_s=5.0, error_check="none")
+    top = max(token_counts)
+    x_static, weights = make_inputs(Case("graph", config, world=world, tokens=top), device)
+    backend.forward(x_static, weights)             # plans the heap for the largest count
+    backend.synchronize()
+    graphs = {}
+    side = torch.cuda.Stream(device)
+    for n in token_counts:
+        out = torch.empty(n, config.hidden_size, dtype=config.torch_dtype, device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):               # warm-up off the capturing stream, as torch asks
+            backend.forward(x_static[:n], weights, out=out)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            backend.forward(x_static[:n], weights, out=out)
+        graphs[n] = (graph, out)
+    failures = []
+    for i, n in enumerate(order):
+        graph, out = graphs[n]
+        fresh, _ = make_inputs(Case("graph", config, world=world, tokens=n, seed=100 + i), device)
+        x_static[:n].copy_(fresh)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize(device)
+        verdict = judge(backend, {"tokens": n}, x_static[:n].clone(), weights, out,
+                        backend._routing(split_tokens(n, world)))
+        if not verdict.passed:
+            failures.append(f"replay {i} ({n} tokens): {verdict.detail}")
+    backend.synchronize()
+    return not failures, ("; ".join(failures) if failures else
+                          f"{len(order)} replays of {len(graphs)} graphs ({', '.join(map(str, token_counts))} "
+                          f"tokens, W={world}) all correct")

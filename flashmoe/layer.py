@@ -38,7 +38,8 @@ class FlashMoELayer(nn.Module):
             wait, default 10), ``error_check`` ('deferred' (default): a stopped launch raises
             ``FlashMoEError`` at the next forward or ``synchronize()``; 'sync': at once, with a
             host synchronisation per forward; 'none': for CUDA-graph capture, call
-            ``synchronize()`` yourself), ``blocks_per_rank``.
+            ``synchronize()`` yourself), ``gemm`` ('mma_sync' forces the portable engine on
+            Hopper), ``blocks_per_rank``.
         process_group: with a group of W > 1 processes, this process holds only its E/W
             experts (``local_experts``) and forward is expert-parallel across the group; every
             process calls forward with its own tokens (a collective, also with 0 tokens). The

@@ -22,8 +22,10 @@ import argparse
 import datetime
 import fnmatch
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +35,7 @@ import torch
 
 from .checks import Case, CaseResult, check_determinism, check_fault, run_case
 from .config import MoEConfig
+from .environment import describe as environment
 
 
 def _cfg(base: dict | None = None, **kw) -> MoEConfig:
@@ -121,39 +124,20 @@ def random_cases(n: int, seed: int) -> list[Case]:
     return cases
 
 
-def _backend_factory(device, emulate: bool, timeout_s: float):
+def _backend_factory(device, emulate: bool, timeout_s: float, gemm: str | None = None):
+    """make(config, world, timeout_s=..., error_check='sync'): the KernelBackend for them, the last
+    one reused (one heap at a time: the big cases need the memory). ``gemm`` forces an engine."""
     from .host.backend import KernelBackend
     cache = {}
 
-    def make(config, world, timeout_s=timeout_s):
-        key = (config, world, timeout_s)
+    def make(config, world, timeout_s=timeout_s, error_check="sync"):
+        key = (config, world, timeout_s, error_check)
         if key not in cache:
-            cache.clear()   # one heap at a time: the big cases need the memory
+            cache.clear()
             cache[key] = KernelBackend(config, device, virtual_world=world, emulate=emulate,
-                                       timeout_s=timeout_s, error_check="sync")
+                                       timeout_s=timeout_s, error_check=error_check, gemm=gemm)
         return cache[key]
     return make
-
-
-def environment(device) -> dict:
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": sys.version.split()[0]}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = "unknown"
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True)
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else "?"
-    else:
-        info["device"] = "cpu (emulated kernel)"
-    return info
 
 
 def build_report(device) -> list[dict]:
@@ -173,8 +157,9 @@ def build_report(device) -> list[dict]:
     return rows
 
 
-def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck")) -> list[dict]:
-    """Run the named cases under compute-sanitizer, each tool in its own process."""
+def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), limit_s: float | None = None) -> list[dict]:
+    """Run the named cases under compute-sanitizer, each tool in its own process, killed (with
+    its children) after ``limit_s`` seconds."""
     exe = shutil.which("compute-sanitizer")
     if not exe:
         return [{"tool": t, "passed": None, "detail": "compute-sanitizer not found"} for t in tools]
@@ -184,12 +169,28 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck")) -> 
             cmd = [exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "flashmoe.selftest",
                    "--only", name, "--no-write", "--no-extras", "--timeout", "300"]
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            summary = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR SUMMARY" in ln]
-            rows.append({"tool": tool, "case": name, "passed": proc.returncode == 0,
-                         "seconds": round(time.time() - t0, 1),
-                         "detail": summary[-1] if summary else (proc.stdout + proc.stderr)[-400:]})
+            code, output = run_bounded(cmd, limit_s)
+            summary = [ln for ln in output.splitlines() if "ERROR SUMMARY" in ln]
+            detail = summary[-1] if summary else output[-400:]
+            if code is None:
+                detail = f"killed after {limit_s:.0f} s; " + detail
+            rows.append({"tool": tool, "case": name, "passed": code == 0, "seconds": round(time.time() - t0, 1),
+                         "detail": detail})
     return rows
+
+
+def run_bounded(cmd: list[str], limit_s: float | None, **kwargs) -> tuple[int | None, str]:
+    """(exit code, stdout + stderr) of ``cmd``; exit code None when it ran past ``limit_s`` and
+    was killed with every process it started (its own process group)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        output, _ = proc.communicate(timeout=limit_s)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
 
 
 def soak(make, device, n: int, seed: int) -> dict:

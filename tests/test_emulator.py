@@ -239,36 +239,54 @@ def test_cp_async_lands_at_the_wait():
 
 # ---------------------------------------------------------------- bounded waits on the virtual clock
 
-def _wait(mode: int, timeout: int = 1_000_000):
-    control = abi.Control()
-    flags = torch.zeros(16, dtype=torch.int32)
-    result = torch.full((3,), -1, dtype=torch.int32)
-    call("emu_test_wait", ctypes.c_int(mode), ctypes.c_ulonglong(timeout), ctypes.byref(control), ptr(flags),
-         ptr(result))
-    return control, flags, result
+@functools.cache
+def _probes():
+    from flashmoe.bringup.probes import ProbeRunner
+    return ProbeRunner(KernelSpec(arch="sm_80", dtype="bfloat16", stages=3), torch.device("cpu"))
+
+
+def _wait(mode: int, timeout: int):
+    """The wait probe (device/probes.cu): mode 0 a flag nobody sets, mode 1 one set in time."""
+    runner = _probes()
+    flags = torch.zeros(4, dtype=torch.int32)
+    result = torch.full((2,), -1, dtype=torch.int32)
+    params = runner.params(runner.wait_params(timeout))
+    args = abi.ProbeArgs()
+    args.params, args.flags, args.result, args.mode = params.data_ptr(), ptr(flags), ptr(result), mode
+    runner.launch("flashmoe_probe_wait", args, 2, 64)
+    return abi.Control.from_buffer_copy(runner.control.numpy().tobytes()), result
 
 
 def test_wait_times_out_and_records_then_others_abort():
     timeout = 1_000_000
-    control, _, result = _wait(0, timeout)
-    assert result[:2].tolist() == [0, 0]
-    assert control.abort == 1
+    control, result = _wait(0, timeout)
+    assert result.tolist() == [0, 0]
+    assert control.abort == 0x80000001          # the tag of launch (epoch) 1: wait.cuh abort_tag()
     e = control.errors[0]
     assert e.code == abi.ErrorCode.TIMEOUT
-    assert (e.rank, e.block, e.role, e.what, e.index) == (3, 0, abi.TaskKind.GEMM1, abi.WaitKind.TILE_DONE, 11)
+    assert (e.rank, e.block, e.role, e.what, e.index) == (0, 0, abi.TaskKind.WAIT, abi.WaitKind.DATA_FLAG, 0)
     assert (e.expected, e.observed) == (1, 0)
     assert timeout < e.waited_ns <= timeout + 4096
     e1 = control.errors[1]
-    assert e1.code == abi.ErrorCode.ABORTED and (e1.rank, e1.index) == (4, 12)
+    assert e1.code == abi.ErrorCode.ABORTED and (e1.rank, e1.index) == (1, 1)
 
 
 def test_wait_succeeds_when_the_flag_arrives():
-    control, _, result = _wait(1)
+    control, result = _wait(1, 1_000_000)
     assert result[0] == 1 and control.abort == 0 and control.errors[0].code == 0
 
 
+def test_the_wait_probe_check_passes():
+    from flashmoe.bringup.probes import check_wait
+    result = check_wait(_probes(), timeout_ns=100_000)
+    assert result["passed"], result
+
+
 def test_rank_barrier_orders_the_blocks_of_a_rank():
-    control, flags, result = _wait(2)
+    control = abi.Control()
+    flags = torch.zeros(16, dtype=torch.int32)
+    result = torch.full((3,), -1, dtype=torch.int32)
+    call("emu_test_rank_barrier", ctypes.c_ulonglong(1_000_000), ctypes.byref(control), ptr(flags), ptr(result))
     assert result.tolist() == [906, 906, 906] and flags[0] == 6 and control.abort == 0
 
 

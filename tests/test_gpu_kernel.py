@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashmoe import selftest
-from flashmoe.checks import Case, check_determinism, check_fault, run_case
+from flashmoe.checks import Case, check_determinism, check_fault, check_fault_unchecked, check_graph, run_case
 
 pytestmark = pytest.mark.gpu
 
@@ -52,3 +52,40 @@ def test_layer_backend_kernel_on_cuda():
     assert layer.last_backend == "kernel" and out.shape == x.shape
     ok, err, tol = check(out.reshape(-1, 512), x.reshape(-1, 512), layer.weights(), layer.config, routing)
     assert ok, f"error {err} above {tol}"
+
+
+def test_unchecked_stalled_launch_spoils_nothing_and_raises_at_synchronize(make):
+    case = Case("fault-none", selftest._cfg(num_experts=8, top_k=2), world=4, tokens=200)
+    ok, detail = check_fault_unchecked(make, case, torch.device("cuda", torch.cuda.current_device()), stalled_rank=1)
+    assert ok, detail
+
+
+def test_cuda_graph_replays_with_changing_token_counts(make):
+    ok, detail = check_graph(make, selftest._cfg(num_experts=64, top_k=4), torch.device("cuda", torch.cuda.current_device()))
+    assert ok, detail
+
+
+@pytest.mark.parametrize("tokens", [1, 333])
+def test_mma_sync_engine_forced_on_this_gpu(tokens):
+    device = torch.device("cuda", torch.cuda.current_device())
+    make_mma = selftest._backend_factory(device, emulate=False, timeout_s=10.0, gemm="mma_sync")
+    case = Case(f"mma_sync-t{tokens}", selftest._cfg(), tokens=tokens)
+    result = run_case(make_mma(case.config, case.world), case, device)
+    assert result.passed, result.detail
+
+
+def test_the_component_probes_pass():
+    """The bring-up kit's probes of the first probe build of this GPU (flashmoe/bringup/probes.py)."""
+    from flashmoe.bringup import probes as P
+    from flashmoe.bringup.stages import gpu_probe_specs
+    from flashmoe.host.spec import arch_for_capability
+    device = torch.device("cuda", torch.cuda.current_device())
+    spec = gpu_probe_specs(arch_for_capability(*torch.cuda.get_device_capability(device)))[0]
+    runner = P.ProbeRunner(spec, device)
+    results = [P.check_tile(runner, nb, 200, use_tma=spec.gemm == "wgmma") for nb in (2, 1)]
+    results += [P.check_router(runner, selftest._cfg(num_experts=64, top_k=4), 300), P.check_wait(runner),
+                P.check_trace(runner)]
+    if spec.gemm == "wgmma":
+        results += [P.check_tma_box(runner), P.check_tma_box(runner, expect_extra=True, timeout_ns=20_000_000)]
+    failed = [r for r in results if not r["passed"]]
+    assert not failed, failed

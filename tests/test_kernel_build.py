@@ -21,10 +21,13 @@ from flashmoe.build import compile_many, plan_smem_bytes
 from flashmoe.host import compile as C
 from flashmoe.host import cubin
 from flashmoe.host.plan import DeviceInfo
-from flashmoe.host.spec import shipped_specs
+from flashmoe.host.spec import select_spec, shipped_specs
 
 pytestmark = pytest.mark.slow
-SPECS = shipped_specs()
+# The shipped specs, and the mma_sync engine forced on Hopper (kernel_options={'gemm': 'mma_sync'}).
+FORCED_MMA_SYNC = [select_spec(dtype, gated, "sm_90a", 227 * 1024, bm, gemm="mma_sync")
+                   for dtype, gated, bm in (("bfloat16", True, 128), ("bfloat16", True, 64), ("float32", False, 128))]
+SPECS = shipped_specs() + FORCED_MMA_SYNC
 by_spec = pytest.mark.parametrize("spec", SPECS, ids=[s.key() for s in SPECS])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashmoe.checks import Case, check_determinism, check_fault, make_inputs, run_case
+from flashmoe.checks import Case, check_determinism, check_fault, check_fault_unchecked, make_inputs, run_case
 from flashmoe.config import MoEConfig
 from flashmoe.host import emulator
 from flashmoe.host.backend import KernelBackend
@@ -71,11 +71,12 @@ def spec_for(config: MoEConfig, tile: dict = SHIPPED) -> KernelSpec:
     return KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, **tile)
 
 
-def make_backend(config: MoEConfig, world: int, timeout_s: float = TIMEOUT_S, tile: dict = SHIPPED) -> KernelBackend:
-    key = (config, world, timeout_s, tuple(tile.items()))
+def make_backend(config: MoEConfig, world: int, timeout_s: float = TIMEOUT_S, tile: dict = SHIPPED,
+                 error_check: str = "sync") -> KernelBackend:
+    key = (config, world, timeout_s, tuple(tile.items()), error_check)
     if key not in _BACKENDS:
         _BACKENDS[key] = KernelBackend(config, None, virtual_world=world, emulate=True, timeout_s=timeout_s,
-                                       error_check="sync", spec=spec_for(config, tile))
+                                       error_check=error_check, spec=spec_for(config, tile))
     return _BACKENDS[key]
 
 
@@ -160,3 +161,89 @@ def test_trace_records_every_phase():
     assert {"ROUTE", "PREFIX", "DISPATCH", "GEMM0", "GEMM1", "COMBINE"} <= kinds
     assert (trace.records["end_ns"] >= trace.records["start_ns"]).all()
     assert set(trace.records["rank"]) == {0, 1}
+
+
+# ---------------------------------------------------------------- a failure is loud and recoverable
+
+def test_stopped_launch_without_checks_spoils_nothing_and_surfaces_at_synchronize():
+    """error_check='none' (CUDA-graph capture): nobody reads the error buffer between launches.
+    The next forward must still be right (the abort flag belongs to the launch that stopped) and
+    synchronize() must still raise that launch's error, naming the stalled rank."""
+    case = Case("fault-none", cfg(num_experts=8), world=2, tokens=40)
+    ok, detail = check_fault_unchecked(make_backend, case, torch.device("cpu"), stalled_rank=1)
+    assert ok, detail
+
+
+def test_deferred_errors_raise_at_the_next_forward():
+    from flashmoe.errors import FlashMoEError
+    config = cfg(num_experts=8)
+    backend = make_backend(config, 2, timeout_s=0.5, error_check="deferred")
+    x, weights = make_inputs(Case("deferred", config, world=2, tokens=40), torch.device("cpu"))
+    backend.forward(x, weights, fault_rank=1)                  # stops; the check waits for later
+    with pytest.raises(FlashMoEError, match="of rank 1"):
+        backend.forward(x, weights)
+    result = run_case(backend, Case("deferred-after", config, world=2, tokens=40, seed=3), torch.device("cpu"))
+    assert result.passed, result.detail
+
+
+def test_misaligned_shared_memory_is_reported_not_trapped(monkeypatch):
+    """Dynamic shared memory that does not start on the wgmma engine's 1024-byte boundary: the
+    kernel records it and every block leaves (a trap would take the CUDA context down); the host
+    raises a FlashMoEError that says so, and the next launch runs normally."""
+    from flashmoe.errors import FlashMoEError
+    from flashmoe.host.spec import wgmma_spec
+    config = cfg()
+    backend = KernelBackend(config, None, emulate=True, timeout_s=TIMEOUT_S, error_check="sync",
+                            spec=wgmma_spec(config.dtype, config.gated, stages=3))
+    case = Case("skew", config, tokens=37)
+    x, weights = make_inputs(case, torch.device("cpu"))
+    monkeypatch.setenv("FLASHMOE_EMU_SMEM_SKEW", "16")
+    with pytest.raises(FlashMoEError, match="not on the 1024-byte boundary"):
+        backend.forward(x, weights)
+    monkeypatch.delenv("FLASHMOE_EMU_SMEM_SKEW")
+    result = run_case(backend, case, torch.device("cpu"))
+    assert result.passed, result.detail
+
+
+@pytest.mark.parametrize("gemm", ["mma_sync", "wgmma"])
+def test_weights_not_on_a_16_byte_boundary_are_copied_not_faulted_on(gemm):
+    """Weight views at an odd element offset (slices of a larger tensor): rows move as 16-byte
+    vectors (cp.async, TMA), so the backend uses an aligned copy (once, with a warning) instead
+    of handing the kernel addresses it would fault on."""
+    from flashmoe.host.spec import wgmma_spec
+    config = cfg(num_experts=8)
+    case = Case("unaligned", config, world=2, tokens=45)
+    x, weights = make_inputs(case, torch.device("cpu"))
+    for name in ("gate_up_proj", "down_proj"):
+        t = getattr(weights, name)
+        shifted = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+        shifted.copy_(t)
+        assert shifted.data_ptr() % 16
+        setattr(weights, name, shifted)
+    spec = spec_for(config) if gemm == "mma_sync" else wgmma_spec(config.dtype, config.gated, stages=3)
+    backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S, error_check="sync",
+                            spec=spec)
+    with pytest.warns(UserWarning, match="16-byte boundary"):
+        out, routing = backend.forward(x, weights, return_routing=True)
+    from flashmoe.checks import judge
+    result = judge(backend, case.describe(), x, weights, out, routing)
+    assert result.passed, result.detail
+
+
+def test_a_wrong_output_comes_with_where_it_is_wrong():
+    """judge() on an output spoiled in one 16-byte column chunk of rank 1's tokens, plus one NaN
+    left in place: failed, and the diagnosis names the chunk, the rank and the poison."""
+    from flashmoe.checks import judge
+    config = cfg(num_experts=8)
+    case = Case("spoiled", config, world=2, tokens=40)
+    backend = make_backend(config, 2)
+    x, weights = make_inputs(case, torch.device("cpu"))
+    out, routing = backend.forward(x, weights, return_routing=True)
+    out[20:, 8:16] += 1.0
+    out[25, 40] = float("nan")
+    result = judge(backend, case.describe(), x, weights, out, routing)
+    assert not result.passed and "1 output rows still poisoned" in result.detail
+    d = result.extra["diagnosis"]
+    assert d["wrong_by_rank"] == {0: "0/20", 1: "20/20"} and d["nan_elements"] == 1
+    assert d["wrong_cols"] == "8-15,40 (9 of 64)" and d["wrong_col_chunks_mod8"] == "[1, 5] of 8"
+    assert d["wrong_col_tiles"] == "0 (1 of 1)"

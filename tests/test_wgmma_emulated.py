@@ -4,101 +4,44 @@ float64 reference. With no GPU this is the check that the descriptors address wh
 wrote, the fragments land where the epilogue reads them, and the stage hand-off never refills a
 stage early (the emulated wgmma reads shared memory when its group is waited for).
 
-Kernels: tests/emulation/wgmma_kernels.cu; the Hopper instructions: device/emulation/wgmma_emu.h.
+The tile is the bring-up kit's component probe (device/probes.cu, flashmoe/bringup/probes.py), so
+the GPU runs exactly what is checked here; the Hopper instructions: device/emulation/wgmma_emu.h.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 
-from flashmoe.host import emulator
-from flashmoe.reference import _tf32
+from flashmoe.bringup import probes as P
+from flashmoe.host import abi, emulator
+from flashmoe.host.spec import KernelSpec
 
 pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
                                 reason=f"emulator unavailable: {emulator.emulator_available()}")
 
-KERNELS = Path(__file__).parent / "emulation" / "wgmma_kernels.cu"
-DTYPES = {"bfloat16": (0, torch.bfloat16), "float16": (1, torch.float16), "float32": (2, torch.float32)}
 # The shipped tile (128 x 128) with 3 stages, so K = 200 wraps the stage ring; 384 threads = a
 # producer and two consumer warpgroups; 256 threads = one consumer with two m64 slabs.
 BUILDS = [("bfloat16", 384), ("float16", 384), ("float32", 384), ("bfloat16", 256)]
-P = ctypes.c_void_p
 
 
-def _build(dtype: str, threads: int):
-    defines = {"FLASHMOE_DTYPE": DTYPES[dtype][0], "FLASHMOE_GATED": 1, "FLASHMOE_BLOCK_M": 128,
-               "FLASHMOE_BLOCK_N": 128, "FLASHMOE_STAGES": 3, "FLASHMOE_THREADS": threads,
-               "FLASHMOE_GEMM_WGMMA": 1}
-    return emulator.build_library(KERNELS.read_text(), defines, name="wgmma")
+def spec(dtype: str, threads: int) -> KernelSpec:
+    return KernelSpec(arch="sm_90a", dtype=dtype, gated=True, block_m=128, block_n=128, stages=3,
+                      threads=threads, gemm="wgmma")
 
 
 @functools.cache
-def lib(dtype: str, threads: int) -> ctypes.CDLL:
-    return emulator.load_library(_build(dtype, threads))
+def runner(dtype: str, threads: int) -> P.ProbeRunner:
+    return P.ProbeRunner(spec(dtype, threads), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _prebuilt():
-    emulator.build_library_parallel([lambda b=b: _build(*b) for b in BUILDS])
-
-
-def run_tile(dtype, threads, nb, K, tma, act=0, seed=0, inter=None, col0=0):
-    code, tdtype = DTYPES[dtype]
-    bm, bn = 128, 128
-    cols = bn // nb
-    vec = 16 // tdtype.itemsize
-    inter = inter if inter is not None else cols + 40          # the tile's last rows fall past it
-    g = torch.Generator().manual_seed(K * 31 + nb * 7 + code + tma)   # data; `seed` picks the schedule
-    experts, expert = 3, 1
-    a_full = torch.randn(3 * bm, K, generator=g).to(tdtype)
-    w = torch.randn(experts, nb, inter, K, generator=g).to(tdtype)
-    a_rows = torch.randperm(3 * bm, generator=g)[:bm].int()
-    a_rows[torch.rand(bm, generator=g) < 0.2] = -1             # null rows read as zeros
-    rows_valid = (torch.rand(bm, generator=g) < 0.8).to(torch.uint8)
-    valid_cols = cols - vec                                      # the last 16-byte chunk is not stored
-    sentinel = 7.0
-    out = torch.full((bm, cols), sentinel, dtype=tdtype)
-    fn = getattr(lib(dtype, threads), "emu_wgmma_tile")
-    fn.restype = ctypes.c_int
-    err = emulator.error_buffer()
-    rc = fn(ctypes.c_int(nb), P(a_full.data_ptr()), P(a_rows.data_ptr()), P(w.data_ptr()), ctypes.c_int(experts),
-            ctypes.c_int(inter), ctypes.c_int(expert), ctypes.c_int(col0), ctypes.c_int(K), ctypes.c_int(tma),
-            P(rows_valid.data_ptr()), ctypes.c_int(valid_cols), ctypes.c_int(act), P(out.data_ptr()),
-            ctypes.c_ulonglong(seed), err, ctypes.c_ulonglong(len(err)))
-    emulator.raise_on_error(rc, err, "emu_wgmma_tile")
-
-    a = torch.zeros(bm, K, dtype=torch.float64)
-    keep = a_rows >= 0
-    a[keep] = a_full[a_rows[keep].long()].double()
-    ops = []
-    for op in range(nb):
-        b = torch.zeros(cols, K, dtype=torch.float64)
-        n = max(0, min(cols, inter - col0))
-        b[:n] = w[expert, op, col0:col0 + n].double()
-        ops.append(b)
-    if dtype == "float32":                                      # the engine rounds to TF32 (cvt.rna)
-        a = _tf32(a.float()).double()
-        ops = [_tf32(b.float()).double() for b in ops]
-    accs = [a @ b.t() for b in ops]
-    if nb == 2:
-        gate, up = accs
-        y = (torch.nn.functional.silu(gate) if act == 0 else torch.nn.functional.gelu(gate)) * up
-    else:
-        y = accs[0]
-    valid = rows_valid.bool()
-    got = out.double()
-    rtol = {"bfloat16": 2 ** -8, "float16": 2 ** -11, "float32": 1e-5}[dtype]
-    e = (got[valid, :valid_cols] - y[valid, :valid_cols]).abs()
-    tol = rtol * y[valid, :valid_cols].abs() + 1e-4 * (1 + y.abs().max())
-    assert (e <= tol).all(), f"max error {e.max():.3g} at {divmod(int(e.argmax()), valid_cols)}"
-    assert (got[~valid] == sentinel).all(), "a row marked invalid was stored"
-    assert (got[:, valid_cols:] == sentinel).all(), "columns past valid_cols were stored"
-    return out
+    emulator.build_library_parallel([
+        lambda b=b: emulator.build_library(emulator.PROBES_TU, P.probe_spec(spec(*b)).defines(), name="probes")
+        for b in BUILDS])
 
 
 @pytest.mark.parametrize("dtype,threads", BUILDS, ids=[f"{d}-{t}" for d, t in BUILDS])
@@ -106,21 +49,53 @@ def run_tile(dtype, threads, nb, K, tma, act=0, seed=0, inter=None, col0=0):
 @pytest.mark.parametrize("tma", [1, 0], ids=["tma", "cp_async_b"])
 @pytest.mark.parametrize("K", [200, 8])
 def test_wgmma_tile_gathered_gemm(dtype, threads, nb, tma, K):
-    vec = 16 // DTYPES[dtype][1].itemsize
-    run_tile(dtype, threads, nb, K if K % vec == 0 else K + vec - K % vec, tma, act=0 if nb == 1 else 1)
+    result = P.check_tile(runner(dtype, threads), nb, K, bool(tma), act=0 if nb == 1 else 1)
+    assert result["passed"], result
 
 
 def test_wgmma_tile_box_past_the_tensor_and_offset_columns():
     """col0 > 0 and a box running past `inter` (zero-filled by TMA), as the last GEMM0 column tile."""
-    run_tile("bfloat16", 384, 2, 136, 1, inter=100, col0=64)
+    result = P.check_tile(runner("bfloat16", 384), 2, 136, True, inter=100, col0=64)
+    assert result["passed"], result
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_wgmma_tile_random_schedule(seed):
     """Other interleavings of producer and consumers give the same tile, bit for bit."""
-    a = run_tile("bfloat16", 384, 2, 200, 1, seed=0)
-    b = run_tile("bfloat16", 384, 2, 200, 1, seed=seed)
-    assert torch.equal(a, b)
+    r = runner("bfloat16", 384)
+    a = P.run_tile(r, 2, 200, True)[0]
+    r.schedule_seed = seed
+    try:
+        b = P.run_tile(r, 2, 200, True)[0]
+    finally:
+        r.schedule_seed = 0
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)   # NaN: the poison of unstored cells
+
+
+@pytest.mark.parametrize("box_rows", [16, 32])
+def test_a_stage_that_never_fills_is_a_bounded_wait_with_a_record(box_rows, monkeypatch):
+    """TMA boxes smaller than the bytes the stage expects (a wrong expect_tx): the stage never
+    completes. The tile's waits end within the timeout with a record naming the pipeline wait, and
+    the launch returns (an unbounded mbarrier wait would spin forever: a hung grid)."""
+    monkeypatch.setenv("FLASHMOE_EMU_WALL_LIMIT_S", "30")     # an unbounded wait: fail, don't spin
+    r = runner("bfloat16", 384)
+    P.run_tile(r, 2, 200, True, box_rows=box_rows, timeout_ns=200_000)
+    records = r.records()
+    assert records, "no error record"
+    first = min(records, key=lambda rec: rec.code != abi.ErrorCode.TIMEOUT)
+    assert first.code == abi.ErrorCode.TIMEOUT and first.what in (abi.WaitKind.PIPE_FULL, abi.WaitKind.PIPE_EMPTY)
+    assert first.waited_ns >= 200_000
+    text = P.describe_record(first)
+    assert "GEMM pipeline" in text or "GEMM consumers" in text, text
+
+
+def test_tma_box_probe_and_its_bounded_wait(monkeypatch):
+    monkeypatch.setenv("FLASHMOE_EMU_WALL_LIMIT_S", "30")
+    r = runner("bfloat16", 384)
+    assert P.check_tma_box(r)["passed"]
+    result = P.check_tma_box(r, expect_extra=True, timeout_ns=100_000)
+    assert result["passed"], result
+    assert "stage 0 of its GEMM pipeline" in result["records"][0]
 
 
 # ---------------------------------------------------------------- the whole kernel

@@ -34,6 +34,7 @@ __device__ void run_rank(const Params& p, const Ctx& c) {
   volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem + p.smem_scratch_offset);
   zero_next_bank(p, c);
   trace_begin(p);
+  if (!pipe_aligned(p, c)) return;
 
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
   for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) route_chunk(p, c, ch);
@@ -61,14 +62,7 @@ __device__ void exit_rank(const Params& p, const Ctx& c) {
 
 extern "C" __global__ void __launch_bounds__(flashmoe::kThreads, 1)
 flashmoe_kernel(const __grid_constant__ flashmoe::Params p) {
-#if defined(FLASHMOE_EMULATION)
-  flashmoe::u8* flashmoe_smem = flashmoe::emu::dynamic_smem();   // this block's, from the emulator
-#else
-  // 1024: the 128-byte swizzle pattern of the wgmma engine's tiles (descriptors, TMA) repeats every
-  // 1024 bytes and the GEMM pipeline starts here (flashmoe/host/plan.py smem_layout()).
-  extern __shared__ __align__(1024) flashmoe::u8 flashmoe_smem[];
-#endif
-  const flashmoe::Ctx c = flashmoe::make_ctx(p, flashmoe_smem);
+  const flashmoe::Ctx c = flashmoe::make_ctx(p, flashmoe::dynamic_smem());
   flashmoe::run_rank(p, c);
   flashmoe::exit_rank(p, c);
 }

@@ -47,12 +47,15 @@ class WaitKind(enum.IntEnum):
     DONE_FLAG = 4
     TILE_DONE = 5
     SELECT_DONE = 6
+    PIPE_FULL = 7
+    PIPE_EMPTY = 8
 
 
 class ErrorCode(enum.IntEnum):
     NONE = 0
     TIMEOUT = 1
     ABORTED = 2
+    MISALIGNED = 3
 
 
 class FaultKind(enum.IntEnum):
@@ -134,7 +137,16 @@ class Params(C.Structure):
                                  if C.sizeof(_UnpaddedParams) % TENSOR_MAP_ALIGN else [])
 
 
-_STRUCTS = (Entry, ErrorRecord, Control, TraceRecord, TensorMap, LocalRank, Params)
+class ProbeArgs(C.Structure):
+    """The component probes' one argument (device/probes.cu; flashmoe/bringup/probes.py)."""
+    _fields_ = [("b_map", TensorMap), ("params", ptr), ("a", ptr), ("a_rows", ptr), ("b", ptr),
+                ("rows_valid", ptr), ("out", ptr), ("flags", ptr), ("result", ptr),
+                ("k", i32), ("inter", i32), ("experts", i32), ("expert", i32), ("col0", i32), ("nb", i32),
+                ("use_tma", i32), ("valid_cols", i32), ("act", i32), ("mode", i32), ("coord", i32 * 4),
+                ("pad", i32 * 2)]
+
+
+_STRUCTS = (Entry, ErrorRecord, Control, TraceRecord, TensorMap, LocalRank, Params, ProbeArgs)
 
 
 # ctypes scalar -> the device typedef it must be (params.cuh); pointers are checked as pointers.

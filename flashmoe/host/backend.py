@@ -18,7 +18,14 @@ row-tile counters are sized for the smaller tile; each forward runs the one
 tests on machines without a GPU): the same plan, heap layout and Params, in CPU memory.
 
 ``trace_capacity=N`` compiles the kernels with per-task timeline records (N per block);
-``last_trace()`` returns the last forward's, decoded (``flashmoe.trace``).
+``last_trace()`` returns the last forward's, decoded (``flashmoe.trace``). ``gemm='mma_sync'``
+runs the portable tensor-core engine on Hopper too (the default there is wgmma + TMA).
+
+Errors. A stopped launch (a bounded wait expired) raises ``FlashMoEError`` in every error-check
+mode: at once (``'sync'``), at the next forward or ``synchronize()`` (``'deferred'``), or at
+``synchronize()`` (``'none'``, for CUDA-graph capture). Launches after a stopped one run normally
+in the meantime: the kernel's abort flag is tagged with the launch it belongs to. The emulator
+honours the same modes.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from . import abi
 from .heap import LocalHeap
 from .launch import check_control
 from .plan import DeviceInfo, Plan, choose_block_m, kernel_support, make_plan, trace_layout
-from .spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, KernelSpec, arch_for_capability, select_spec
+from .spec import (DECODE_BLOCK_M, GEMM_ENGINES, PREFILL_BLOCK_M, KernelSpec, arch_for_capability, select_spec,
+                   wgmma_spec)
 
 MIN_PLAN_TOKENS = 64
 
@@ -85,7 +93,9 @@ class KernelBackend:
             from .emulator import emulator_available
             arch, reason = "sm_80", emulator_available()
         else:
+            from .launch import driver_problem
             arch, reason = cuda_device_arch(device)
+            reason = reason or driver_problem()
         if reason:
             return reason
         if virtual_world > 8:
@@ -96,7 +106,9 @@ class KernelBackend:
     def __init__(self, config: MoEConfig, device, virtual_world: int = 1, max_tokens: int | None = None, *,
                  emulate: bool = False, spec: KernelSpec | list[KernelSpec] | None = None,
                  timeout_s: float = 10.0, error_check: str = "deferred", blocks_per_rank: int | None = None,
-                 trace_capacity: int = 0, runtime=None, force_nvshmem: bool = False):
+                 trace_capacity: int = 0, runtime=None, force_nvshmem: bool = False, gemm: str | None = None):
+        if gemm not in (None, *GEMM_ENGINES):
+            raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)} (None: the device's best)")
         reason = KernelBackend.unavailable_reason(config, device, virtual_world, emulate)
         if reason:
             raise KernelUnavailable(reason)
@@ -107,6 +119,8 @@ class KernelBackend:
             bpr = blocks_per_rank or 2
             self.device_info = DeviceInfo(sm_count=bpr * virtual_world, max_smem_per_block=227 * 1024,
                                           arch="sm_80")
+            if spec is None and gemm == "wgmma":
+                spec = wgmma_spec(config.dtype, config.gated, stages=3)
             spec = spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
         else:
             self.device = torch.device(device)
@@ -115,7 +129,7 @@ class KernelBackend:
             info = _device_info(self.device)
             sm_count = info.sm_count if blocks_per_rank is None else blocks_per_rank * virtual_world
             self.device_info = replace(info, sm_count=min(sm_count, info.sm_count))
-        self._set_specs(spec)
+        self._set_specs(spec, gemm=gemm)
         # spec.transport == "nvshmem" with virtual ranks: the heap is one NVSHMEM allocation of a
         # single PE (runtime.Runtime.single_process), and force_nvshmem sends every write through
         # NVSHMEM's device API: the NVSHMEM transport tested on one GPU, deterministically.
@@ -141,12 +155,16 @@ class KernelBackend:
         self._free_checks = []      # (event, pinned copy) pairs to reuse
         self._last = None           # the variant of the last launch (its trace)
 
-    def _set_specs(self, spec, transport: str = "peer") -> None:
-        """The kernel variants: the given spec(s), or the prefill and decode tiles for the device."""
+    def _set_specs(self, spec, transport: str = "peer", gemm: str | None = None) -> None:
+        """The kernel variants: the given spec(s), or the prefill and decode tiles for the device
+        (with the ``gemm`` engine, default the device's best)."""
         if spec is None:
             info = self.device_info
-            specs = [select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, bm)
-                     for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+            try:
+                specs = [select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, bm,
+                                     gemm=gemm) for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+            except ValueError as e:
+                raise KernelUnavailable(str(e)) from e
         else:
             specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         specs = [replace(s, trace=self.trace_capacity > 0,
@@ -201,6 +219,12 @@ class KernelBackend:
             from .compile import compile_spec
             from .launch import CudaKernel
             compiled = compile_spec(v.spec)
+            if compiled.resources.static_smem_bytes % v.spec.pipe_align:
+                # The dynamic shared memory (the GEMM pipeline) starts after the static variables.
+                raise KernelUnavailable(
+                    f"the kernel has {compiled.resources.static_smem_bytes} B of static shared memory, so "
+                    f"its GEMM pipeline would not start on the {v.spec.pipe_align}-byte boundary the "
+                    f"{v.spec.gemm} engine needs [spec {v.spec.key()}]")
             v.kernel = CudaKernel(compiled.cubin, v.plan.smem_bytes, v.spec.threads, self.device.index)
             v.kernel.check_grid(v.plan.grid, self.device_info.sm_count)
             if self._runtime is not None:
@@ -233,7 +257,14 @@ class KernelBackend:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, the kernel runs on {self.device}")
-            return t.to(dtype).contiguous()
+            view = t.to(dtype).contiguous()
+            if view.data_ptr() % 16:
+                # Rows move as 16-byte vectors (cp.async, TMA): a view at an odd offset into a
+                # larger tensor is copied once, here, not faulted on in the kernel.
+                warnings.warn(f"flashmoe: {name} does not start on a 16-byte boundary; the kernel uses an "
+                              f"aligned copy of it", stacklevel=4)
+                view = view.clone()
+            return view
 
         router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
         if cfg.shared_expert_gate:
@@ -333,12 +364,12 @@ class KernelBackend:
 
     def _launch(self, variant: Variant, params: abi.Params) -> None:
         self._last = variant
-        if self.emulate:
+        if self.emulate:      # runs to completion; the error modes work as on the GPU
             variant.kernel.launch(params, variant.plan.grid, variant.spec.threads, variant.plan.smem_bytes)
-            self._check(self.control.numpy().tobytes())
-            return
-        stream = torch.cuda.current_stream(self.device)
-        variant.kernel.launch(params, variant.plan.grid, stream.cuda_stream)
+            stream = None
+        else:
+            stream = torch.cuda.current_stream(self.device)
+            variant.kernel.launch(params, variant.plan.grid, stream.cuda_stream)
         if self.error_check == "sync":
             self._check(self.control.cpu().numpy().tobytes())
         elif self.error_check == "deferred":
@@ -346,7 +377,11 @@ class KernelBackend:
 
     def _record_pending(self, stream) -> None:
         """Queue an asynchronous copy of the error buffer behind this launch (pinned buffers and
-        events are reused once checked: nothing is allocated per forward in steady state)."""
+        events are reused once checked: nothing is allocated per forward in steady state). The
+        emulator has no stream: its copy is taken now and needs no event."""
+        if stream is None:
+            self._pending.append((None, self.control.clone()))
+            return
         event, copy = self._free_checks.pop() if self._free_checks else (
             torch.cuda.Event(), torch.empty(self.control.shape, dtype=torch.uint8, pin_memory=True))
         copy.copy_(self.control, non_blocking=True)
@@ -371,15 +406,19 @@ class KernelBackend:
     def _check_pending(self, block: bool) -> None:
         while self._pending:
             event, copy = self._pending[0]
-            if not block and not event.query():
-                return
-            event.synchronize()
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
+                self._free_checks.append((event, copy))
             self._pending.pop(0)
-            self._free_checks.append((event, copy))
             self._check(copy.numpy().tobytes())
 
     def synchronize(self) -> None:
-        """Wait for every launch and raise FlashMoEError if one of them stopped."""
+        """Wait for every launch and raise FlashMoEError if one of them stopped (in every
+        error_check mode; with 'none' this is the only check there is)."""
+        if self.error_check == "none" and self.plan is not None:
+            self._record_pending(None if self.emulate else torch.cuda.current_stream(self.device))
         self._check_pending(block=True)
 
     def _reset_after_error(self) -> None:

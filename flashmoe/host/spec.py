@@ -96,6 +96,13 @@ class KernelSpec:
     def num_b_operands(self) -> int:
         return 2 if self.gated else 1
 
+    @property
+    def pipe_align(self) -> int:
+        """The boundary the GEMM pipeline (the dynamic shared memory base) must start on: the wgmma
+        engine's swizzled tiles count from 1024-byte boundaries, mma_sync needs 16-byte rows.
+        Device side: kPipeAlign of the engine; the kernel checks it at launch."""
+        return 1024 if self.gemm == "wgmma" else 16
+
     def gemm_smem_bytes(self) -> int:
         """Shared memory of the GEMM pipeline: every stage holds a BM x BK A tile and a BN x BK B tile
         (the wgmma engine adds its stage barriers). Device side: kPipeBytes of the engine."""
@@ -147,14 +154,20 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 
 def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
-                block_m: int = 128) -> KernelSpec:
+                block_m: int = 128, gemm: str | None = None) -> KernelSpec:
     """The spec for a device and a tile height (``plan.choose_block_m``): the wgmma engine on
-    sm_90a, mma_sync elsewhere, with the deepest pipeline (up to 6 stages for the decode tile,
+    sm_90a, mma_sync elsewhere (``gemm`` forces one: mma_sync runs on Hopper too, without its
+    Hopper-only instructions), with the deepest pipeline (up to 6 stages for the decode tile,
     whose loads are the whole cost, else 4) that leaves 16 KiB for the row tables and task map."""
+    if gemm is not None and gemm not in GEMM_ENGINES:
+        raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)}")
+    gemm = gemm or ("wgmma" if arch == "sm_90a" else "mma_sync")
+    if gemm == "wgmma" and arch != "sm_90a":
+        raise ValueError(f"gemm='wgmma' needs a Hopper GPU (arch sm_90a); this one is {arch}")
     deepest = 6 if block_m <= DECODE_BLOCK_M else 4
     for stages in range(deepest, 1, -1):
         try:
-            if arch == "sm_90a":
+            if gemm == "wgmma":
                 spec = wgmma_spec(dtype, gated, stages, block_m)
             else:
                 spec = KernelSpec(arch=arch, dtype=dtype, gated=gated, stages=stages, block_m=block_m)

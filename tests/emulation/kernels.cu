@@ -171,48 +171,29 @@ FLASHMOE_EMU_EXPORT int emu_test_convert(const u32* in, int count, u16* bf, u16*
   }, err, n);
 }
 
-// Bounded waits (wait.cuh) against the virtual clock. Blocks are hosted ranks (local = block).
-//   mode 0: block 0 waits for a flag nobody sets -> timeout; block 1 starts waiting later and
-//           leaves through the abort flag.
-//   mode 1: block 1 sets the flag after a while; block 0's wait succeeds.
-//   mode 2: three blocks of one rank pass two rank_barrier()s; each checks the others' writes.
-FLASHMOE_EMU_EXPORT int emu_test_wait(int mode, u64 timeout_ns, Control* control, u32* flags, u32* result,
-                                      char* err, u64 n) {
-  const int grid = mode == 2 ? 3 : 2;
-  return run(grid, 128, 16, 0, [=] {
+// rank_barrier (wait.cuh): three blocks of one rank pass two barriers; each checks the others'
+// writes. (Bounded waits that time out or see a flag: the wait probe, device/probes.cu.)
+FLASHMOE_EMU_EXPORT int emu_test_rank_barrier(u64 timeout_ns, Control* control, u32* flags, u32* result,
+                                              char* err, u64 n) {
+  return run(3, 128, 16, 0, [=] {
     Params p{};
     p.control = control;
     p.timeout_ns = timeout_ns;
-    p.blocks_per_rank = mode == 2 ? 3 : 1;
+    p.blocks_per_rank = 3;
     p.region_offset[kSyncCounters] = 0;          // slice = flags: counters at flags[0 .. 3]
     Ctx c{};
-    c.local = mode == 2 ? 0 : blockIdx.x;
-    c.rank = 3 + c.local;
-    c.block = mode == 2 ? blockIdx.x : 0;
+    c.rank = 3;
+    c.block = blockIdx.x;
     c.slice = reinterpret_cast<u8*>(flags);
     volatile u32* scratch = reinterpret_cast<volatile u32*>(emu::dynamic_smem());
-    const WaitSite site{kTaskGemm1, kWaitTileDone, 11u + blockIdx.x};
-    if (mode == 2) {
-      if (threadIdx.x == 0) flags[8 + blockIdx.x] = 100 + blockIdx.x;
-      bool ok = rank_barrier(p, c, 1, kTaskRoute, scratch);
-      u32 seen = 0;
-      for (int b = 0; b < 3; ++b) seen += flags[8 + b];
-      if (threadIdx.x == 0) flags[12 + blockIdx.x] = 200 + blockIdx.x;
-      ok = ok && rank_barrier(p, c, 2, kTaskPrefix, scratch);
-      for (int b = 0; b < 3; ++b) seen += flags[12 + b];
-      if (threadIdx.x == 0) result[blockIdx.x] = ok ? seen : 0;
-      return;
-    }
-    if (threadIdx.x != 0) return;
-    if (mode == 0) {
-      if (blockIdx.x == 1) sleep_ns(static_cast<u32>(timeout_ns / 2));
-      result[blockIdx.x] = wait_reached<false>(p, c, &flags[4 + blockIdx.x], 1, site) ? 1 : 0;
-    } else if (blockIdx.x == 1) {
-      sleep_ns(5000);
-      st_release_gpu(&flags[4], 7);
-    } else {
-      result[0] = wait_reached<true>(p, c, &flags[4], 5, site) ? 1 : 0;
-    }
+    if (threadIdx.x == 0) flags[8 + blockIdx.x] = 100 + blockIdx.x;
+    bool ok = rank_barrier(p, c, 1, kTaskRoute, scratch);
+    u32 seen = 0;
+    for (int b = 0; b < 3; ++b) seen += flags[8 + b];
+    if (threadIdx.x == 0) flags[12 + blockIdx.x] = 200 + blockIdx.x;
+    ok = ok && rank_barrier(p, c, 2, kTaskPrefix, scratch);
+    for (int b = 0; b < 3; ++b) seen += flags[12 + b];
+    if (threadIdx.x == 0) result[blockIdx.x] = ok ? seen : 0;
   }, err, n);
 }
 

@@ -35,13 +35,16 @@ enum TaskKind : u32 {
   kTaskGemm1 = 5, kTaskCombine = 6, kTaskBarrier = 7, kTaskWait = 8, kNumTaskKinds = 9
 };
 
-// What a bounded wait waited for (ErrorRecord::what).
+// What a bounded wait waited for (ErrorRecord::what). The pipeline waits are the GEMM engine's
+// mbarriers: a stage's data to land (full) or its consumers to release it (empty).
 enum WaitKind : u32 {
   kWaitNone = 0, kWaitBarrier = 1, kWaitCountFlag = 2, kWaitDataFlag = 3, kWaitDoneFlag = 4,
-  kWaitTileDone = 5, kWaitSelectDone = 6
+  kWaitTileDone = 5, kWaitSelectDone = 6, kWaitPipeFull = 7, kWaitPipeEmpty = 8
 };
 
-enum ErrorCode : u32 { kErrNone = 0, kErrTimeout = 1, kErrAborted = 2 };
+// kErrMisaligned: the dynamic shared memory does not start on the boundary the GEMM engine's
+// layout needs (ErrorRecord::expected the alignment, ::observed the shared-window address).
+enum ErrorCode : u32 { kErrNone = 0, kErrTimeout = 1, kErrAborted = 2, kErrMisaligned = 3 };
 
 // Test-only fault injection (Params::fault_kind): kFaultStall makes rank Params::fault_rank never
 // signal that its dispatch is complete, as a dead or wedged peer would.
@@ -69,7 +72,8 @@ struct ErrorRecord {
 };
 
 struct Control {
-  u32 abort;                           // set by the first block that times out; every wait polls it
+  u32 abort;                           // abort_tag() of the launch that stopped: its waits poll it, later
+                                       // launches (another tag) run on even before the host resets it
   u32 pad;
   ErrorRecord errors[kMaxLocalRanks];  // one per hosted rank, first error wins
 };
@@ -166,5 +170,24 @@ struct Params {
   LocalRank local[kMaxLocalRanks];
 };
 static_assert(alignof(Params) == 64 && sizeof(Params) % 64 == 0, "a TensorMap needs 64-byte alignment");
+
+// The one argument of every component probe (flashmoe/device/probes.cu; host side:
+// flashmoe/bringup/probes.py): a GEMM tile over gathered rows, a TMA box, the router, a bounded
+// wait, trace records. Each probe reads the fields its comment names.
+struct ProbeArgs {
+  TensorMap b_map;        // tile (use_tma), tma_box: a 4-D map of b, (K, inter, nb, experts)
+  const Params* params;   // every probe: timeout_ns and control of the bounded waits; router and
+                          // trace: the launch's Params (heap, regions, trace buffer)
+  const void* a;          // tile: A rows [*, K]
+  const i32* a_rows;      // tile: [BM] the row of `a` each tile row reads (-1: zeros)
+  const void* b;          // tile: B [experts, nb, inter, K]
+  const u8* rows_valid;   // tile: [BM] rows the epilogue stores
+  void* out;              // tile: [BM, BN / nb]; tma_box: the box, de-swizzled, row-major
+  u32* flags;             // wait: the words waited on
+  u32* result;            // wait: per block, 1 if its wait succeeded
+  i32 k, inter, experts, expert, col0, nb, use_tma, valid_cols, act, mode;
+  i32 coord[4];           // tma_box: the box's coordinates, innermost first
+  i32 pad[2];
+};
 
 }  // namespace flashmoe

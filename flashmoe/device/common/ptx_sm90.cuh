@@ -36,9 +36,6 @@ __device__ __host__ constexpr u64 wgmma_desc_sw128(u32 smem_byte_addr) {
 
 namespace flashmoe {
 
-// Ends the launch with an error (a cooperative launch reports it to the host as a failed launch).
-__device__ __forceinline__ void fail_launch() { __trap(); }
-
 // A CUtensorMap lives in Params (param space: the kernel's Params is __grid_constant__), so its
 // generic address is what cp.async.bulk.tensor takes.
 __device__ __forceinline__ u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
@@ -72,6 +69,10 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
 __device__ __forceinline__ void cp_async_mbar_arrive_noinc(u64* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(smem_addr(bar)) : "memory");
 }
+// True once the phase with this parity has completed; may suspend the thread for a while (a
+// system-dependent time) before returning false. Acquire at CTA scope: what the arriving threads
+// (and the copies counted by the barrier) wrote before the phase completed is visible after it
+// returns true. Callers bound the wait (wgmma.cuh pipe_wait).
 __device__ __forceinline__ bool mbar_try_wait(u64* bar, u32 parity) {
   u32 done;
   asm volatile(
@@ -80,12 +81,6 @@ __device__ __forceinline__ bool mbar_try_wait(u64* bar, u32 parity) {
       "selp.u32 %0, 1, 0, p;\n}\n"
       : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
   return done != 0;
-}
-// Acquire at CTA scope: what the arriving threads (and the copies counted by the barrier) wrote
-// before the phase completed is visible after this returns.
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
 }
 
 // ---- proxies and barriers --------------------------------------------------------------------

@@ -82,6 +82,18 @@ __device__ __forceinline__ float activate(float v, int activation) {
 }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// This block's dynamic shared memory. 1024: the 128-byte swizzle pattern of the wgmma engine's
+// tiles (descriptors, TMA) repeats every 1024 bytes and the GEMM pipeline starts here
+// (flashmoe/host/plan.py smem_layout()); the kernel checks it (expert_gemm.cuh pipe_aligned()).
+__device__ __forceinline__ u8* dynamic_smem() {
+#if defined(FLASHMOE_EMULATION)
+  return emu::dynamic_smem();   // this block's, from the emulator
+#else
+  extern __shared__ __align__(1024) u8 flashmoe_smem[];
+  return flashmoe_smem;
+#endif
+}
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 }  // namespace flashmoe

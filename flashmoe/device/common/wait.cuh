@@ -1,7 +1,9 @@
-// Bounded waits. Every spin in the kernel goes through wait_reached(): on timeout it records who
-// waited for what into Control::errors (first record per hosted rank wins), raises Control::abort
-// and returns false; the caller then leaves the kernel. Every other waiter polls abort and leaves
-// too, recording what it was waiting for, so the host gets every rank's state, never a hang.
+// Bounded waits. Every spin in the kernel goes through bounded_wait() (flags: wait_reached(); the
+// GEMM pipeline's mbarriers: device/gemm/wgmma.cuh): on timeout it records who waited for what
+// into Control::errors (first record per hosted rank wins), raises Control::abort with this
+// launch's tag and returns false; the caller then leaves the kernel. Every other waiter of the
+// launch polls abort and leaves too, recording what it was waiting for, so the host gets every
+// rank's state, never a hang.
 #pragma once
 
 #include "flashmoe/device/common/transport.cuh"
@@ -20,17 +22,23 @@ __device__ __forceinline__ bool reached(u32 observed, u32 target) {
   return static_cast<i32>(observed - target) >= 0;
 }
 
-__device__ __forceinline__ bool aborted(const Params& p) {
-  return ld_relaxed_gpu(&p.control->abort) != 0;
+// Control::abort holds the tag of the launch that stopped (never 0). A later launch has another
+// tag, so it runs normally even when nobody has reset the word (error_check="none"): a stopped
+// launch must not turn every later one into garbage. Tags of launches up to 2^31 apart differ.
+__device__ __forceinline__ u32 abort_tag(const Ctx& c) { return c.epoch | 0x80000000u; }
+
+__device__ __forceinline__ bool aborted(const Params& p, const Ctx& c) {
+  return ld_relaxed_gpu(&p.control->abort) == abort_tag(c);
 }
 
-// Out of line (it runs once, at the end of a failed launch); takes scalars so the caller's
-// context stays in registers.
-__device__ __noinline__ void record_error(const Params& p, int local, int rank, u32 code, WaitSite site,
-                                          u32 expected, u32 observed, u64 waited_ns) {
+// Out of line (it runs once, at the end of a failed launch); takes few scalars so the caller's
+// context stays in registers (the global rank is first_local_rank + local). Anything but
+// kErrAborted stops the launch: every wait then leaves.
+__device__ __noinline__ void record_error(const Params& p, int local, u32 tag, u32 code, WaitSite site, u32 expected,
+                                          u32 observed, u64 waited_ns) {
   ErrorRecord* e = &p.control->errors[local];
   if (atomicCAS(&e->code, 0u, code) == 0u) {
-    e->rank = rank;
+    e->rank = p.first_local_rank + local;
     e->block = blockIdx.x;
     e->role = site.role;
     e->what = site.what;
@@ -39,9 +47,36 @@ __device__ __noinline__ void record_error(const Params& p, int local, int rank, 
     e->observed = observed;
     e->waited_ns = waited_ns;
   }
-  if (code == kErrTimeout) {
-    atomicExch(&p.control->abort, 1u);
+  if (code != kErrAborted) {
+    atomicExch(&p.control->abort, tag);
     fence_acq_rel_sys();
+  }
+}
+
+// The one spin of the kernel: calls poll(seen) until it returns true, at most p.timeout_ns, and
+// leaves early when this launch is aborted; false means the error is recorded (`expected` and the
+// last `seen` go into the record). kBackoff sleeps between polls (flags in global memory); an
+// mbarrier try_wait suspends in hardware by itself.
+template <bool kBackoff, class Poll>
+__device__ __forceinline__ bool bounded_wait(const Params& p, const Ctx& c, WaitSite site, u32 expected, Poll poll) {
+  u32 seen = 0;
+  if (poll(seen)) return true;
+  const u64 start = globaltimer_ns();
+  for (u32 backoff = 32;;) {
+    if (kBackoff) {
+      sleep_ns(backoff);
+      if (backoff < 1024) backoff *= 2;
+    }
+    if (poll(seen)) return true;
+    const u64 waited = globaltimer_ns() - start;
+    if (aborted(p, c)) {
+      record_error(p, c.local, abort_tag(c), kErrAborted, site, expected, seen, waited);
+      return false;
+    }
+    if (waited > p.timeout_ns) {
+      record_error(p, c.local, abort_tag(c), kErrTimeout, site, expected, seen, waited);
+      return false;
+    }
   }
 }
 
@@ -49,25 +84,11 @@ __device__ __noinline__ void record_error(const Params& p, int local, int rank, 
 // the launch was aborted; the error is recorded.
 template <bool kSys>
 __device__ bool wait_reached(const Params& p, const Ctx& c, const u32* flag, u32 target, WaitSite site) {
-  u32 seen = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
-  if (reached(seen, target)) return true;
-  const u64 start = globaltimer_ns();
-  u32 backoff = 32;
-  for (;;) {
-    sleep_ns(backoff);
-    if (backoff < 1024) backoff *= 2;
-    seen = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
-    if (reached(seen, target)) return true;
-    const u64 waited = globaltimer_ns() - start;
-    if (aborted(p)) {
-      record_error(p, c.local, c.rank, kErrAborted, site, target, seen, waited);
-      return false;
-    }
-    if (waited > p.timeout_ns) {
-      record_error(p, c.local, c.rank, kErrTimeout, site, target, seen, waited);
-      return false;
-    }
-  }
+  return bounded_wait<true>(p, c, site, target, [&](u32& seen) {
+    const u32 v = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
+    seen = v;
+    return reached(v, target);
+  });
 }
 
 // Whole-block versions: thread 0 waits, the block learns the outcome through shared memory.

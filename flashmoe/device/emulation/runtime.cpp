@@ -146,6 +146,7 @@ struct WarpState {
 struct BlockState {
   int arrived = 0;
   std::vector<Fiber*> waiters;
+  int reduced = 0;   // __syncthreads_or's value
 };
 
 struct Sleeper {
@@ -345,6 +346,23 @@ void block_barrier() {
   b.waiters.clear();
 }
 
+}  // namespace flashmoe::emu
+
+// Three barriers: every thread has read the last result before thread 0 clears it, and every
+// thread has contributed before anyone reads.
+int __syncthreads_or(int pred) {
+  using namespace flashmoe::emu;
+  BlockState& b = L->blocks[L->running->view.block.x];
+  block_barrier();
+  if (L->running->view.thread.x == 0) b.reduced = 0;
+  block_barrier();
+  if (pred) b.reduced = 1;
+  block_barrier();
+  return b.reduced;
+}
+
+namespace flashmoe::emu {
+
 void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]) {
   Fiber* f = L->running;
   const u32 t = f->view.thread.x, lane = t & 31u;
@@ -392,7 +410,15 @@ u32 smem_offset(const void* p, u32 bytes, const char* what) {
   if (q < base || q + bytes > base + current->smem_bytes)
     fatal("%s: %p is not inside this block's %llu bytes of shared memory at %p", what, p,
           (unsigned long long)current->smem_bytes, (const void*)base);
-  return static_cast<u32>(q - base);
+  return static_cast<u32>(q - base) + current->smem_skew;
+}
+
+u8* smem_at(u32 address, u32 bytes, const char* what) {
+  const u64 offset = (u64)address - current->smem_skew;
+  if (address < current->smem_skew || offset + bytes > current->smem_bytes)
+    fatal("%s: shared address %u is outside this block's %llu bytes of shared memory", what, address,
+          (unsigned long long)current->smem_bytes);
+  return current->smem + offset;
 }
 
 void check_aligned(const void* p, u32 align, const char* what) {
@@ -441,6 +467,10 @@ int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), v
   l.deadline = wall0 + std::chrono::seconds(l.wall_limit_s);
   const size_t n = (size_t)grid * block;
   const char* kb = std::getenv("FLASHMOE_EMU_STACK_KB");
+  // Where the dynamic shared memory starts in the shared window (tests of the kernel's alignment
+  // check: a GPU puts it after any static __shared__ variables).
+  const char* skew = std::getenv("FLASHMOE_EMU_SMEM_SKEW");
+  const u32 smem_skew = skew ? static_cast<u32>(std::strtoul(skew, nullptr, 10)) : 0;
   const u64 page = (u64)sysconf(_SC_PAGESIZE);
   const u64 stack_bytes = ((kb ? std::strtoull(kb, nullptr, 10) : 256) * 1024 + page - 1) / page * page;
   l.stacks_bytes = n * (stack_bytes + page);
@@ -465,7 +495,7 @@ int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), v
     Fiber& f = l.fibers[i];
     const int b = static_cast<int>(i / block);
     f.view = FiberView{{static_cast<u32>(i % block), 0, 0}, {static_cast<u32>(b), 0, 0},
-                       l.smem + (u64)b * l.smem_stride + kRedzone, smem_bytes};
+                       l.smem + (u64)b * l.smem_stride + kRedzone, smem_bytes, smem_skew};
     char* lo = l.stacks + i * (stack_bytes + page);
     mprotect(lo, page, PROT_NONE);
     init_context(f.ctx, lo + page, stack_bytes, fiber_entry);

@@ -48,6 +48,7 @@ struct FiberView {
   Dim3 thread, block;
   u8* smem;          // this block's dynamic shared memory
   u64 smem_bytes;
+  u32 smem_skew;     // the shared-window address of smem[0] (FLASHMOE_EMU_SMEM_SKEW; normally 0)
 };
 extern FiberView* current;
 extern Dim3 block_dim, grid_dim;
@@ -69,8 +70,11 @@ void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]);
 void cp_async_issue(void* dst, const void* src);
 void cp_async_commit_group();
 void cp_async_wait_groups(int n);
-// Byte offset of p in this block's shared memory; fatal unless [p, p + bytes) lies inside it.
+// Shared-window address of p (its byte offset in this block's dynamic shared memory plus the
+// skew); fatal unless [p, p + bytes) lies inside it. smem_at is the inverse (for what addresses
+// shared memory by window address: wgmma descriptors, TMA destinations).
 u32 smem_offset(const void* p, u32 bytes, const char* what);
+u8* smem_at(u32 address, u32 bytes, const char* what);
 void check_aligned(const void* p, u32 align, const char* what);
 
 // Function-pointer launch: body(ctx) runs once per thread of grid x block threads.
@@ -151,6 +155,8 @@ inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
 
 // ---- block and warp primitives -----------------------------------------------------------------
 inline void __syncthreads() { flashmoe::emu::block_barrier(); }
+// Non-zero in every thread when pred is non-zero in any thread of the block (bar.red.or).
+int __syncthreads_or(int pred);
 inline void __nanosleep(unsigned int ns) { flashmoe::emu::sleep_for(ns); }
 inline size_t __cvta_generic_to_shared(const void* p) {
   return flashmoe::emu::smem_offset(p, 1, "__cvta_generic_to_shared");

@@ -8,7 +8,8 @@
 // Emulated semantics:
 // - mbarrier: its 8 bytes hold pending count, expected count, phase, tx-count and a valid bit;
 //   every operation checks the object is valid (init of a valid one, or use after inval, is an
-//   error), a phase completes when pending and tx-count both reach 0.
+//   error), a phase completes when pending and tx-count both reach 0; try_wait on an incomplete
+//   phase suspends the thread for 1 virtual us, as the hardware suspends it.
 // - cp.async.mbarrier.arrive.noinc lands the thread's outstanding cp.async copies (simt.h defers
 //   them to the latest moment the hardware allows) and arrives.
 // - cp.async.bulk.tensor reads an emulator tensor map (make_emu_tensor_map(); the host encodes the
@@ -30,14 +31,13 @@
 
 namespace flashmoe {
 
-inline void fail_launch() { emu::fatal("the launch trapped (the wgmma engine's shared memory is not 1024-byte aligned)"); }
 inline u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
 
 namespace emu {
 
-// A wait that has not completed after this much virtual time is a protocol error (a deadlock the
-// fiber scheduler cannot see, since the waiter keeps sleeping and waking).
-constexpr u64 kMbarrierWaitLimitNs = 2'000'000'000ull;
+// A named barrier that has not completed after this much virtual time is a protocol error (a
+// deadlock the fiber scheduler cannot see, since the waiter keeps sleeping and waking).
+constexpr u64 kNamedBarrierLimitNs = 2'000'000'000ull;
 
 struct Mbarrier {
   u64 pending : 20, expected : 20, phase : 1, valid : 1;
@@ -132,7 +132,6 @@ inline u32 wgmma_operand_offset(u64 desc, int row, int kbyte) {
 }
 
 inline void wgmma_run(const WgmmaOp& op) {
-  const u8* smem = current->smem;
   const int t = threadIdx.x & 127, warp = t >> 5, lane = t & 31;
   constexpr int kEl = sizeof(elem_t) == 4 ? 4 : 2, kK = 32 / kEl;   // k16 (16-bit) or k8 (tf32)
   for (int j = 0; j < op.n / 8; ++j)
@@ -142,9 +141,8 @@ inline void wgmma_run(const WgmmaOp& op) {
         double sum = 0.0;
         for (int k = 0; k < kK; ++k) {
           const u32 a = wgmma_operand_offset(op.desc_a, row, k * kEl), b = wgmma_operand_offset(op.desc_b, col, k * kEl);
-          if (a + kEl > current->smem_bytes || b + kEl > current->smem_bytes)
-            fatal("wgmma operand outside shared memory (A at %u, B at %u)", a, b);
-          sum += static_cast<double>(wgmma_element(smem + a)) * wgmma_element(smem + b);
+          sum += static_cast<double>(wgmma_element(smem_at(a, kEl, "wgmma operand A"))) *
+                 wgmma_element(smem_at(b, kEl, "wgmma operand B"));
         }
         float& d = op.d[4 * j + 2 * h + c];
         d = static_cast<float>(static_cast<double>(d) + sum);
@@ -173,18 +171,14 @@ inline void cp_async_mbar_arrive_noinc(u64* bar) {
   emu::cp_async_wait_groups(0);
   emu::mbarrier_arrive(bar, "cp.async.mbarrier.arrive.noinc");
 }
+// Like the hardware's, a try_wait that finds the phase incomplete suspends the thread for a
+// while (1 us of virtual time) before it returns false, so a bounded wait built on it advances
+// time. A wait that could never complete is the kernel's own bounded wait's to report.
 inline bool mbar_try_wait(u64* bar, u32 parity) {
   emu::yield();
+  if (emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1)) return true;
+  emu::sleep_for(1024);
   return emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1);
-}
-inline void mbar_wait(u64* bar, u32 parity) {
-  const u64 start = emu::now_ns();
-  while (!mbar_try_wait(bar, parity)) {
-    if (emu::now_ns() - start > emu::kMbarrierWaitLimitNs)
-      emu::fatal("mbarrier wait for parity %u at shared offset %u never completes", parity,
-                 emu::smem_offset(bar, 8, "mbarrier"));
-    emu::sleep_for(64);
-  }
 }
 
 // ---- proxies and barriers --------------------------------------------------------------------
@@ -204,7 +198,7 @@ inline void named_barrier_sync(u32 id, u32 threads) {
   }
   const u64 start = emu::now_ns();
   while (b.generation == generation) {
-    if (emu::now_ns() - start > emu::kMbarrierWaitLimitNs) emu::fatal("bar.sync %u never completes", id);
+    if (emu::now_ns() - start > emu::kNamedBarrierLimitNs) emu::fatal("bar.sync %u never completes", id);
     emu::sleep_for(64);
   }
 }
@@ -223,7 +217,6 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
   const u32 rows = static_cast<u32>(box[1] * box[2] * box[3]);
   const u32 base = emu::smem_offset(dst, rows * row_bytes, "tma_load_4d destination");
   if (base % 1024) emu::fatal("tma_load_4d: destination offset %u is not 1024-byte aligned (128B swizzle)", base);
-  u8* smem = emu::current->smem;
   const int c[4] = {c0, c1, c2, c3};
   u32 r = 0;
   for (u64 i3 = 0; i3 < box[3]; ++i3)
@@ -235,7 +228,7 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
           bool inside = true;
           for (int d = 0; d < 4; ++d) inside = inside && g[d] >= 0 && static_cast<u64>(g[d]) < dims[d];
           const u32 linear = base + r * row_bytes + byte;
-          u8* out = smem + (linear ^ ((linear & 0x380) >> 3));
+          u8* out = emu::smem_at(linear ^ ((linear & 0x380) >> 3), eb, "tma_load_4d destination");
           if (inside)
             std::memcpy(out, src + g[0] * eb + g[1] * strides[0] + g[2] * strides[1] + g[3] * strides[2], eb);
           else

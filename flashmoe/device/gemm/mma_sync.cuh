@@ -28,6 +28,7 @@ struct MmaSyncTile {
   static constexpr int kNI = kWN / 8;
   static constexpr int kStageBytes = (BM + BN) * kStageKBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr u32 kPipeAlign = 16;          // cp.async and ldmatrix rows; the swizzle is relative
   // Epilogue staging tile: BM rows of kBNop elements, padded by 16 bytes against bank conflicts.
   static constexpr int kStagePitch = kBNop * kElemBytes + 16;
   static_assert(kWarpsM * kWarpsN == kWarps, "warps must tile the block");

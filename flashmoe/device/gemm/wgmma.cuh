@@ -17,6 +17,9 @@
 //     on its "empty" barrier (one arrive per consumer warp).
 // The barriers are initialised at the start of every mainloop and invalidated at its end (the
 // memory is reused by the epilogue and the route/dispatch phases), so each tile starts at phase 0.
+// Every mbarrier wait is bounded (pipe_wait below, device/common/wait.cuh): a stage that never
+// fills (a TMA box smaller than expect_tx, a copy that faulted) or is never released becomes an
+// error record naming the stage and k-tile, and the tile reports failure instead of hanging.
 //
 // Shared memory: per stage BM A rows then BN B rows of 128 bytes, chunk c of row r at
 // r * 128 + ((c ^ (r % 8)) * 16) -- the same layout as the mma_sync engine, and exactly the
@@ -40,8 +43,20 @@
 
 #include "flashmoe/device/common/spec.cuh"
 #include "flashmoe/device/common/ptx_sm90.cuh"
+#include "flashmoe/device/common/wait.cuh"
 
 namespace flashmoe {
+
+// Waits for the phase of `bar` with this parity, bounded (device/common/wait.cuh): the first
+// try_wait is the whole cost when the stage is ready. The record: index = stage, expected = the
+// phase awaited (how many times the stage was filled before), observed = the k-tile.
+__device__ __forceinline__ bool pipe_wait(u64* bar, u32 parity, const Params& p, const Ctx& c, WaitSite site,
+                                          u32 phase, u32 kt) {
+  return bounded_wait<false>(p, c, site, phase, [&](u32& seen) {
+    seen = kt;
+    return mbar_try_wait(bar, parity);
+  });
+}
 
 template <int BM, int BN, int NB>
 struct WgmmaTile {
@@ -82,10 +97,11 @@ struct WgmmaTile {
 
   // ---- producer warpgroup ---------------------------------------------------------------------
 
-  __device__ __forceinline__ static void produce(u8* pipe, u64* full, u64* empty, const u8* const* a_rows,
+  // False: a wait for a stage to be released failed (recorded); the producer stops filling.
+  __device__ __forceinline__ static bool produce(u8* pipe, u64* full, u64* empty, const u8* const* a_rows,
                                                  const u8* const* b_rows, u32 k_bytes, const void* dummy,
                                                  const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
-                                                 int ktiles) {
+                                                 int ktiles, const Params& p, const Ctx& c, u32 role) {
     const int t = threadIdx.x;                   // 0 .. 127
     const int chunk = t & 7, row = t >> 3;       // this thread copies chunk `chunk` of rows row + i * kRowStep
     const u32 dst = row * kStageKBytes + ((chunk ^ (row & 7)) << 4);
@@ -95,7 +111,12 @@ struct WgmmaTile {
     for (int kt = 0; kt < ktiles; ++kt) {
       const int s = kt % kStages;
       // Fill j = kt / kStages of stage s needs phase j - 1 of its "empty" barrier complete.
-      if (kt >= kStages) mbar_wait(&empty[s], ((kt / kStages) + 1) & 1);
+      if (kt >= kStages && !pipe_wait(&empty[s], ((kt / kStages) + 1) & 1, p, c,
+                                      WaitSite{role, kWaitPipeEmpty, (u32)s}, kt / kStages - 1, kt)) {
+        cp_async_commit();   // nothing of this block's may still be landing when it leaves
+        cp_async_wait<0>();
+        return false;
+      }
       u8* stage = pipe + s * kStageBytes;
       if (t == 0) {
         if (tma) {
@@ -127,6 +148,7 @@ struct WgmmaTile {
       }
       cp_async_mbar_arrive_noinc(&full[s]);
     }
+    return true;
   }
 
   // ---- consumer warpgroups --------------------------------------------------------------------
@@ -157,7 +179,12 @@ struct WgmmaTile {
     }
   }
 
-  __device__ __forceinline__ void consume(u8* pipe, u64* full, u64* empty, int ktiles) {
+  // False: a wait for a stage's data failed (recorded). The consumers then run the remaining
+  // k-tiles without waiting, on whatever the stages hold: wgmma and the named barrier are
+  // collective over the warpgroup / all consumers, so no thread may leave them early. The
+  // tile's result is discarded.
+  __device__ __forceinline__ bool consume(u8* pipe, u64* full, u64* empty, int ktiles, const Params& p, const Ctx& c,
+                                          u32 role) {
     const int ct = threadIdx.x - kProducerThreads;   // 0 .. kConsumerThreads - 1
     const int wg = ct >> 7;
     const u32 pipe_addr = smem_addr(pipe);
@@ -168,9 +195,10 @@ struct WgmmaTile {
         acc[mt][i] = 0.0f;
         wgmma_pin(acc[mt][i]);
       }
+    bool ok = true;
     for (int kt = 0; kt < ktiles; ++kt) {
       const int s = kt % kStages;
-      mbar_wait(&full[s], (kt / kStages) & 1);
+      ok = ok && pipe_wait(&full[s], (kt / kStages) & 1, p, c, WaitSite{role, kWaitPipeFull, (u32)s}, kt / kStages, kt);
       if constexpr (kFp32) {
         round_stage_tf32(pipe + s * kStageBytes, ct);
         fence_proxy_async_smem();                     // these generic writes -> the wgmma reads
@@ -196,22 +224,23 @@ struct WgmmaTile {
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) wgmma_pin(acc[mt][i]);
+    return ok;
   }
 
   // acc = A . B^T over k_bytes of K. Row tables live in shared memory; the caller synchronised
   // after writing them. b_map: the weight tensor map whose box (K, b_row0 .., op, b_expert) of
-  // BN / b_ops rows is B operand op (b_ops: 1 or 2), or nullptr to read B through b_rows. Ends
-  // with the block synchronised.
-  __device__ void mainloop(u8* pipe, const u8* const* a_rows, const u8* const* b_rows, u32 k_bytes,
-                           const void* dummy, const TensorMap* b_map, int b_row0, int b_expert, int b_ops = NB) {
+  // BN / b_ops rows is B operand op (b_ops: 1 or 2), or nullptr to read B through b_rows. The
+  // pipeline's waits report as task `role` of block context c. Ends with the block synchronised;
+  // false (in every thread) when a wait failed: acc is then garbage and the error is recorded.
+  // The caller has checked that `pipe` starts on a kPipeAlign boundary (pipe_aligned()).
+  __device__ bool mainloop(u8* pipe, const u8* const* a_rows, const u8* const* b_rows, u32 k_bytes,
+                           const void* dummy, const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
+                           const Params& p, const Ctx& c, u32 role) {
     u64* full = reinterpret_cast<u64*>(pipe + kStages * kStageBytes);
     u64* empty = full + kStages;
     const int ktiles = static_cast<int>((k_bytes + kStageKBytes - 1) / kStageKBytes);
     fence_proxy_async_smem();   // earlier generic accesses of this memory -> this tile's TMA writes
     if (threadIdx.x == 0) {
-      // A misaligned base would silently scramble every tile (descriptors and TMA swizzle assume
-      // it): fail the launch instead.
-      if (smem_addr(pipe) % kPipeAlign != 0) fail_launch();
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
         mbar_init(&full[s], kProducerThreads + 1);     // every producer's cp.async arrive + expect_tx
@@ -220,11 +249,11 @@ struct WgmmaTile {
       fence_mbar_init();
     }
     __syncthreads();
-    if (threadIdx.x < kProducerThreads)
-      produce(pipe, full, empty, a_rows, b_rows, k_bytes, dummy, b_map, b_row0, b_expert, b_ops, ktiles);
-    else
-      consume(pipe, full, empty, ktiles);
-    __syncthreads();   // every stage consumed: no copy or wgmma is in flight
+    const bool ok = threadIdx.x < kProducerThreads
+        ? produce(pipe, full, empty, a_rows, b_rows, k_bytes, dummy, b_map, b_row0, b_expert, b_ops, ktiles, p, c, role)
+        : consume(pipe, full, empty, ktiles, p, c, role);
+    // Every stage consumed (or abandoned): no copy or wgmma of this tile is in flight.
+    const bool failed = __syncthreads_or(!ok);
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
@@ -232,6 +261,7 @@ struct WgmmaTile {
         mbar_inval(&empty[s]);
       }
     }
+    return !failed;
   }
 
   // Writes f(v) (v: the kNB accumulators of one output element) into the staging tile in shared

@@ -25,6 +25,21 @@ using Gemm1 = MmaSyncTile<kBlockM, kBlockN, 1>;
 #endif
 static_assert(Gemm0::kPipeBytes == Gemm1::kPipeBytes, "both GEMMs share one pipeline area");
 
+// The engine's layout needs the pipeline (the dynamic shared memory base) on a kPipeAlign
+// boundary: wgmma descriptors and the TMA 128-byte swizzle count from 1024-byte boundaries. The
+// kernel declares that alignment; should the shared window place the memory elsewhere (static
+// __shared__ variables before it, say), every tile would be silently scrambled, so the launch
+// stops with a record the host turns into an error instead (no trap: that would take torch's
+// CUDA context down with it). Uniform over the block.
+__device__ bool pipe_aligned(const Params& p, const Ctx& c) {
+  const u32 address = smem_addr(c.smem);
+  if (address % Gemm0::kPipeAlign == 0) return true;
+  if (threadIdx.x == 0)
+    record_error(p, c.local, abort_tag(c), kErrMisaligned, WaitSite{kTaskRoute, kWaitNone, 0}, Gemm0::kPipeAlign,
+                 address, 0);
+  return false;
+}
+
 // A tile's B operands as a box of a weight tensor map (Params::weight_maps), for the engines that
 // load B with TMA; map == nullptr when no map is encoded (B then comes from the row pointers).
 struct WeightTile {
@@ -145,14 +160,17 @@ __device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, Tile
 // Both GEMMs of a tile through one inlined copy of the wgmma main loop (NB only changes the B
 // boxes and the epilogue). Two copies, one per GEMM, would each pin a contiguous 64-register
 // accumulator block, at different registers, and the task loop's own live values would spill.
-__device__ void run_gemm(const Params& p, const Ctx& c, TileTables& tt, int gemm, int K, int valid_cols) {
+// False: a pipeline wait failed (recorded); nothing was stored.
+__device__ bool run_gemm(const Params& p, const Ctx& c, TileTables& tt, int gemm, int K, int valid_cols) {
   __syncthreads();
   Gemm0 g;
   const WeightTile wt = tt.wt;
-  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight, wt.map, wt.row0, wt.expert,
-             gemm == 0 ? kNumB : 1);
+  if (!g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight, wt.map, wt.row0, wt.expert,
+                  gemm == 0 ? kNumB : 1, p, c, gemm == 0 ? kTaskGemm0 : kTaskGemm1))
+    return false;
   if (gemm == 0) finish_gemm0(p, c, tt, g, valid_cols);
   else finish_gemm1(p, c, tt, g, valid_cols);
+  return true;
 }
 #else
 // Runs GEMM0 on the tables and stores act(gate) * up (or act) into this rank's slice.
@@ -183,11 +201,12 @@ struct TileJob {
   u32 trace_task, trace_extra;
 };
 
-__device__ void run_job(const Params& p, const Ctx& c, const TileJob& job) {
+// False: the tile could not finish (a bounded wait failed; recorded).
+__device__ bool run_job(const Params& p, const Ctx& c, const TileJob& job) {
   TraceScope scope;
   TileTables& tt = tile_tables(c);
 #if FLASHMOE_GEMM_WGMMA
-  run_gemm(p, c, tt, job.gemm, job.k, job.valid_cols);
+  if (!run_gemm(p, c, tt, job.gemm, job.k, job.valid_cols)) return false;
 #endif
   if (job.gemm == 0) {
 #if !FLASHMOE_GEMM_WGMMA
@@ -205,6 +224,7 @@ __device__ void run_job(const Params& p, const Ctx& c, const TileJob& job) {
 #endif
   }
   if (threadIdx.x == 0) trace_record(p, c, scope, job.gemm ? kTaskGemm1 : kTaskGemm0, job.trace_task, job.trace_extra);
+  return true;
 }
 
 // ---- shared experts: rows are this rank's tokens ----------------------------------------------

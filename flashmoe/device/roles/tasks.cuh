@@ -30,8 +30,7 @@ __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) 
       else if ((task -= h.n_g0) < (u32)h.n_g1) ok = prepare_routed_gemm1(p, c, tm, task, scratch, job);
       else break;
     }
-    if (!ok) return false;
-    run_job(p, c, job);
+    if (!ok || !run_job(p, c, job)) return false;
   }
   // Finished: publish this block's writes, count it; the last block signals every rank.
   __syncthreads();

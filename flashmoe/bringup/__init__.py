@@ -1,0 +1,10 @@
+"""The bring-up kit: ``python -m flashmoe.bringup --out DIR [--budget-s 480] [--emulate]``.
+
+One short run on a new GPU that tells which component of the kernel works: stages in order
+(``stages.STAGES``: environment, component probes, the whole kernel with each GEMM engine, virtual
+ranks and routing options, compute-sanitizer, determinism / faults / CUDA graphs, a few benchmark
+rows), each in its own time-limited process (``runner.py``), every case written to
+``DIR/bringup.jsonl`` as it ends, failures with their diagnosis (``flashmoe.diagnose``). With
+``--emulate`` the same stages run on the CPU emulator where they can and say why not where they
+cannot. ``docs/gpu-session.md`` has the command line for a fresh GPU machine.
+"""

@@ -1,0 +1,132 @@
+"""The bring-up kit's driver: stages in order, each in its own time-limited process, within a budget.
+
+Each stage (``stages.STAGES``) runs as ``python -m flashmoe.bringup --run-stage NAME``: a fault
+that takes its CUDA context down, or a hang, costs that stage only. Its output goes to
+``DIR/bringup.log``; its cases and its end go to ``DIR/bringup.jsonl`` the moment they happen. When
+a stage process dies or runs past its limit (it is killed with everything it started), the runner
+writes the stage's line itself, with the end of its log. A stage starts only while the budget
+has at least ``MIN_STAGE_S`` left; one that does not start is recorded as skipped with the
+reason. The last line is a summary. Exit status 0 when no stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .stages import STAGES, append
+
+MIN_STAGE_S = 20
+LOG_TAIL = 3000
+
+
+def find(jsonl: Path, **match) -> dict | None:
+    """The last record with these field values (e.g. a stage's own end record)."""
+    if not jsonl.exists():
+        return None
+    for line in reversed(jsonl.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:          # a line cut short by a kill
+            continue
+        if all(record.get(k) == v for k, v in match.items()):
+            return record
+    return None
+
+
+def _log_tail(log: Path, offset: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")[-LOG_TAIL:]
+
+
+def run_stage_process(name: str, out: Path, limit_s: float, emulate: bool, quick: bool) -> dict:
+    """Run one stage process; returns its stage record (its own, or one written for it)."""
+    jsonl, log = out / "bringup.jsonl", out / "bringup.log"
+    cmd = [sys.executable, "-m", "flashmoe.bringup", "--run-stage", name, "--out", str(out),
+           "--limit-s", f"{limit_s:.3g}"] + (["--emulate"] if emulate else []) + (["--quick"] if quick else [])
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[2])        # flashmoe importable wherever it lives
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(log, "ab") as f:
+        offset = f.tell()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    record = find(jsonl, type="stage", stage=name)
+    if record is None:
+        record = {"type": "stage", "stage": name, "seconds": round(time.monotonic() - t0, 1),
+                  "status": "timeout" if code is None else "crashed",
+                  "reason": (f"killed after its {limit_s:.3g} s limit" if code is None
+                             else f"the stage process exited with {code} before recording its end"),
+                  "log_tail": _log_tail(log, offset)}
+        append(jsonl, record)
+    return record
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flashmoe.bringup", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="where bringup.jsonl and bringup.log go")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds for all stages")
+    ap.add_argument("--emulate", action="store_true", help="the CPU emulator instead of a GPU")
+    ap.add_argument("--quick", action="store_true", help="fewer cases per stage")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
+    ap.add_argument("--run-stage", help=argparse.SUPPRESS)      # the stage processes
+    ap.add_argument("--limit-s", type=float, default=60.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.run_stage:
+        from .stages import run_stage
+        return run_stage(args.run_stage, args.out, args.emulate, args.quick, args.limit_s)
+
+    names = [n for n in args.stages.split(",") if n]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        ap.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+    jsonl = args.out / "bringup.jsonl"
+    t_start = time.monotonic()
+    from ..environment import commit
+    append(jsonl, {"type": "start", "argv": sys.argv[1:] if argv is None else list(argv), "commit": commit(),
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
+                   "emulate": args.emulate, "stages": names})
+    print(f"flashmoe bring-up: {len(names)} stages within {args.budget_s:.0f} s -> {jsonl}", flush=True)
+    results = {}
+    for name in names:
+        left = args.budget_s - (time.monotonic() - t_start)
+        hello = find(jsonl, type="case", stage="environment", case="trivial_cubin")
+        ran_environment = results.get("environment", {}).get("status", "skipped") != "skipped"
+        if ran_environment and not (hello and hello.get("passed")):
+            record = {"type": "stage", "stage": name, "status": "skipped",
+                      "reason": "the environment stage could not build and launch a trivial cubin"}
+            append(jsonl, record)
+        elif left < MIN_STAGE_S:
+            record = {"type": "stage", "stage": name, "status": "skipped",
+                      "reason": f"budget: {left:.0f} s left, a stage starts with at least {MIN_STAGE_S} s"}
+            append(jsonl, record)
+        else:
+            record = run_stage_process(name, args.out, min(STAGES[name][1], left), args.emulate, args.quick)
+        results[name] = record
+        counts = ", ".join(f"{record[k]} {k}" for k in ("passed", "failed", "skipped") if record.get(k))
+        print(f"{record['status'].upper():>8} {name:<16} {record.get('seconds', 0):6.1f} s  {counts}"
+              f"{'  ' + record['reason'] if record.get('reason') else ''}", flush=True)
+    statuses = {n: r["status"] for n, r in results.items()}
+    failed = [n for n, s in statuses.items() if s in ("failed", "timeout", "crashed")]
+    described = find(jsonl, type="case", stage="environment", case="describe") or {}
+    append(jsonl, {"type": "summary", "stages": statuses, "failed": failed, "budget_s": args.budget_s,
+                   "seconds": round(time.monotonic() - t_start, 1), "commit": commit(),
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   **{k: described.get(k) for k in ("device", "driver", "driver_cuda", "nvrtc", "torch")}})
+    print(f"{'all stages ran clean' if not failed else 'not clean: ' + ', '.join(failed)}; "
+          f"{time.monotonic() - t_start:.0f} s; results in {jsonl}", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,412 @@
+"""The stages of the bring-up kit. Each runs in a process of its own (``runner.py`` starts it with
+``--run-stage NAME``), writes one JSONL line per case the moment the case ends, and a stage line
+last; the runner adds the stage line itself when the process dies or runs out of time.
+
+A stage never stops at the first failure: every case records what it saw (errors, diagnosis,
+kernel error records), so one run says which components work. A case raising is a failed case;
+a CUDA context that no longer works ends the stage (nothing after it could run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checks, selftest
+from ..checks import Case
+from ..host.plan import DeviceInfo
+from ..host.spec import KernelSpec, arch_for_capability, select_spec, wgmma_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Stage:
+    """What a stage's cases share: where to write, the device, how much time is left."""
+
+    name: str
+    jsonl: Path
+    device: torch.device
+    emulate: bool
+    quick: bool
+    deadline: float                 # time.monotonic() by which the stage must have ended
+    counts: dict = field(default_factory=lambda: {"passed": 0, "failed": 0, "skipped": 0})
+    started: float = field(default_factory=time.monotonic)
+
+    def write(self, record: dict) -> None:
+        append(self.jsonl, record)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def arch(self) -> str:
+        if self.emulate:
+            return "sm_90a"           # the emulator runs both engines
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return arch_for_capability(major, minor)
+
+    @property
+    def smem(self) -> int:
+        """Shared memory per block the backend plans with (select_spec picks stages by it)."""
+        if self.emulate:
+            return DeviceInfo.for_arch(self.arch).max_smem_per_block
+        return torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin
+
+    def case(self, name: str, run, min_s: float = 2.0) -> dict:
+        """Run ``run()`` (a dict with 'passed', or a CaseResult) as case ``name`` and record it."""
+        row = {"type": "case", "stage": self.name, "case": name}
+        lost = None
+        if self.left() < min_s:
+            row.update(passed=None, skipped=f"{self.left():.0f} s left of the stage's time")
+        else:
+            t0 = time.monotonic()
+            try:
+                got = run()
+                row.update(got.row() if isinstance(got, checks.CaseResult) else got)
+            except Exception as exc:
+                row.update(passed=False, error=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc()[-3000:], records=getattr(exc, "records", []))
+                lost = context_lost(self.device, exc)
+            row["wall_s"] = round(time.monotonic() - t0, 3)
+        key = "skipped" if row.get("passed") is None else ("passed" if row["passed"] else "failed")
+        self.counts[key] += 1
+        self.write(row)
+        mark = {"passed": "PASS", "failed": "FAIL", "skipped": "skip"}[key]
+        print(f"  {mark} {name} {row.get('detail') or row.get('error') or row.get('skipped') or ''}"[:300], flush=True)
+        if lost:
+            raise ContextLost(lost)
+        return row
+
+    def finish(self, reason: str = "") -> int:
+        c = self.counts
+        status = ("failed" if c["failed"] else "passed" if c["passed"] else "skipped")
+        self.write({"type": "stage", "stage": self.name, "status": status, "reason": reason, **c,
+                    "seconds": round(time.monotonic() - self.started, 1)})
+        return 1 if status == "failed" else 0
+
+
+class ContextLost(RuntimeError):
+    """The CUDA context stopped working (a fault in a kernel): the stage cannot go on."""
+
+
+def context_lost(device: torch.device, exc: Exception) -> str | None:
+    """Why nothing more can run on ``device`` after ``exc`` (None while the context works)."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as sticky:
+        return f"the CUDA context is lost ({sticky}) after: {exc}"
+    return None
+
+
+def append(path: Path, record: dict) -> None:
+    """One JSON line, written and flushed to disk at once (a run killed later keeps it)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_cfg = selftest._cfg      # a config from the selftest's defaults (H 512, I 256, E 8, k 2, bf16)
+
+
+# ---------------------------------------------------------------- 0: environment
+
+HELLO = """struct HelloArgs { int* out; int n; };
+extern "C" __global__ void flashmoe_hello(const HelloArgs a) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < a.n) a.out[i] = 3 * i + 1;
+}
+"""
+
+
+def environment(st: Stage) -> str:
+    from ..environment import describe
+    from ..host.compile import nvrtc_compile
+    st.case("describe", lambda: {"passed": True, **describe(None if st.emulate else st.device)})
+
+    def hello():
+        cubin, _ = nvrtc_compile(HELLO, options=[f"--gpu-architecture={st.arch}"], name="hello.cu")
+        if st.emulate:
+            return {"passed": True, "cubin_bytes": len(cubin), "launched": False, "detail": "built; no GPU to launch it"}
+        import ctypes
+
+        from ..host.launch import CudaModule
+
+        class HelloArgs(ctypes.Structure):
+            _fields_ = [("out", ctypes.c_void_p), ("n", ctypes.c_int)]
+        n = 1000
+        out = torch.full((n,), -1, dtype=torch.int32, device=st.device)
+        module = CudaModule(cubin, st.device.index)
+        module.launch(module.function("flashmoe_hello"), HelloArgs(out.data_ptr(), n), 4, 256, 0,
+                      torch.cuda.current_stream(st.device).cuda_stream, cooperative=False)
+        ok = torch.equal(out.cpu(), torch.arange(n, dtype=torch.int32) * 3 + 1)
+        return {"passed": ok, "cubin_bytes": len(cubin), "launched": True,
+                "detail": "launched, output right" if ok else "launched, output WRONG"}
+    st.case("trivial_cubin", hello)
+    if not st.emulate:
+        build(st)
+    return ""
+
+
+def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSpec]]:
+    """(kernel specs, probe specs) the later stages of a GPU run use, for building them up front:
+    each engine at both tiles for the dtypes and expert kinds the cases use (engine_cases)."""
+    from .probes import probe_spec
+    engines = ("mma_sync", "wgmma") if arch == "sm_90a" else ("mma_sync",)
+    kernels = [select_spec(dtype, gated, arch, smem, bm, gemm=gemm) for gemm in engines
+               for dtype, gated in (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
+               for bm in (128, 64)]
+    return kernels, [probe_spec(s) for s in gpu_probe_specs(arch, smem)]
+
+
+def build(st: Stage) -> None:
+    """Every cubin the later stages launch, compiled in parallel, resources recorded."""
+    from ..build import compile_many
+    kernels, probes = planned_specs(st.arch, st.smem)
+    t0 = time.monotonic()
+    units = ["kernel"] * len(kernels) + ["probes"] * len(probes)
+    results = compile_many(kernels + probes, jobs=max(1, min(16, os.cpu_count() or 1)), units=units)
+    for spec, unit, result in zip(kernels + probes, units, results):
+        st.case(f"build {unit} {spec.key()}", lambda r=result: _build_row(r))
+    print(f"  built {len(kernels)} kernels and {len(probes)} probe units in {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def _build_row(result) -> dict:
+    if isinstance(result, Exception):
+        return {"passed": False, "error": f"{type(result).__name__}: {str(result)[:4000]}"}
+    kernel, _ = result
+    r = kernel.resources
+    return {"passed": r.spill_bytes == 0, "registers": r.registers, "spill_bytes": r.spill_bytes,
+            "stack_bytes": r.stack_bytes, "static_smem": r.static_smem_bytes,
+            "compile_s": round(kernel.compile_seconds, 2), "cached": kernel.from_cache}
+
+
+# ---------------------------------------------------------------- 1: component probes
+
+def gpu_probe_specs(arch: str, smem: int | None = None) -> list[KernelSpec]:
+    """The probe builds of a GPU run: each engine and dtype at the shipped tiles (``smem``: shared
+    memory per block, default the arch's nominal)."""
+    smem = smem or DeviceInfo.for_arch(arch).max_smem_per_block
+    specs = [select_spec("bfloat16", True, arch, smem, 128, gemm="mma_sync"),
+             select_spec("float32", True, arch, smem, 128, gemm="mma_sync")]
+    if arch == "sm_90a":
+        specs = [select_spec(d, True, arch, smem, 128) for d in ("bfloat16", "float16", "float32")] + \
+                [select_spec("bfloat16", True, arch, smem, 64)] + specs
+    return specs
+
+
+def emulated_probe_specs() -> list[KernelSpec]:
+    """The emulated run's: the wgmma engine (the tests' 3-stage build) and mma_sync."""
+    return [wgmma_spec("bfloat16", True, stages=3), KernelSpec(arch="sm_80", dtype="bfloat16", stages=3)]
+
+
+def probes(st: Stage) -> str:
+    from . import probes as P
+    specs = emulated_probe_specs() if st.emulate else gpu_probe_specs(st.arch, st.smem)
+    ks = (136, 72) if st.emulate else (512, 200)          # whole stages, and a K tail
+    for i, spec in enumerate(specs):
+        label = f"{spec.gemm} {spec.dtype} {spec.block_m}x{spec.block_n}"
+        made = {}
+
+        def load(spec=spec):
+            made["runner"] = P.ProbeRunner(spec, st.device)
+            return {"passed": True, "spec": made["runner"].spec.key()}
+        st.case(f"{label}: build and load", load)
+        if "runner" not in made:
+            continue
+        runner = made["runner"]
+        tma_modes = (True, False) if spec.gemm == "wgmma" else (False,)
+        for nb in (2, 1):
+            for use_tma in tma_modes:
+                # The first build: whole stages and a K tail; the others one of each.
+                for k in (ks if i == 0 else (ks[0] if nb == 2 else ks[1],)):
+                    st.case(f"{label}: tile nb={nb} K={k} B by {'TMA' if use_tma else 'cp.async'}",
+                            lambda: P.check_tile(runner, nb, k, use_tma))
+        if spec.gemm == "wgmma" and (i == 0 or not st.quick):
+            st.case(f"{label}: TMA 4-D box", lambda: P.check_tma_box(runner))
+            st.case(f"{label}: bounded mbarrier wait", lambda: P.check_tma_box(runner, expect_extra=True,
+                                                                               timeout_ns=20_000_000))
+        if i == 0:
+            st.case("router, softmax top-4 of 64, near ties",
+                    lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 300))
+            st.case("router, sigmoid + bias + groups (DeepSeek), near ties",
+                    lambda: P.check_router(runner, _cfg(num_experts=64, top_k=6, scoring="sigmoid", selection_bias=True,
+                                                        n_group=8, topk_group=4, norm_topk_prob=True,
+                                                        routed_scaling_factor=2.5), 300))
+            st.case("bounded flag wait", lambda: P.check_wait(runner))
+            st.case("trace records", lambda: P.check_trace(runner))
+    return ""
+
+
+# ---------------------------------------------------------------- 2, 3: the whole kernel, W = 1
+
+def engine_cases(st: Stage) -> list[Case]:
+    if st.emulate:
+        small = dict(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2)
+        cases = [Case(f"bf16-swiglu-t{t}", _cfg(small), tokens=t) for t in (1, 37)]
+        cases.append(Case("fp32-gelu-plain-t21", _cfg(small, dtype="float32", activation="gelu", gated=False), tokens=21))
+        if not st.quick:
+            cases.append(Case("bf16-H192-I160-t130", _cfg(small, hidden_size=192, intermediate_size=160), tokens=130,
+                              routing="single"))
+        return cases
+    tokens = (1, 7, 64, 333) if st.quick else (1, 7, 64, 333, 1000, 4096)
+    cases = [Case(f"bf16-swiglu-t{t}", _cfg(), tokens=t) for t in tokens]
+    cases += [Case("fp16-gelu-plain-t333", _cfg(dtype="float16", activation="gelu", gated=False), tokens=333),
+              Case("fp32-swiglu-t333", _cfg(dtype="float32"), tokens=333),
+              Case("bf16-relu-plain-t333", _cfg(activation="relu", gated=False), tokens=333)]
+    if not st.quick:
+        cases.append(Case("bf16-qwen3-width-t2048", _cfg(hidden_size=2048, intermediate_size=768, num_experts=16),
+                          tokens=2048))
+    return cases
+
+
+def run_cases(st: Stage, cases: list[Case], gemm: str | None = None) -> None:
+    make = selftest._backend_factory(st.device, st.emulate, timeout_s=0.05 if st.emulate else 5.0, gemm=gemm)
+    for case in cases:
+        st.case(case.name, lambda c=case: checks.run_case(make(c.config, c.world), c, st.device,
+                                                          time_it=not st.emulate))
+
+
+def kernel_mma_sync(st: Stage) -> str:
+    run_cases(st, engine_cases(st), gemm="mma_sync")
+    return ""
+
+
+def kernel_wgmma(st: Stage) -> str:
+    if st.arch != "sm_90a":
+        return f"the wgmma engine needs a Hopper GPU (sm_90a); this one is {st.arch}"
+    run_cases(st, engine_cases(st), gemm="wgmma")
+    return ""
+
+
+# ---------------------------------------------------------------- 4: virtual ranks and routing
+
+def rank_cases(st: Stage) -> list[Case]:
+    if st.emulate:
+        small = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2)
+        cases = [Case("W2-t45", _cfg(small), world=2, tokens=45), Case("W2-t1-empty-rank", _cfg(small), world=2, tokens=1),
+                 Case("W4-t0", _cfg(small), world=4, tokens=0), Case("W4-uneven-t43", _cfg(small), world=4, tokens=43),
+                 Case("capacity0.5-W2-skewed", _cfg(small, capacity_factor=0.5), world=2, tokens=40, routing="skewed"),
+                 Case("deepseek-W2", _cfg(small, scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
+                                          norm_topk_prob=True, routed_scaling_factor=1.5, num_shared_experts=1,
+                                          shared_intermediate_size=32), world=2, tokens=33),
+                 Case("qwen2-shared-gate-W2", _cfg(small, num_shared_experts=1, shared_expert_gate=True), world=2,
+                      tokens=29)]
+        return cases if st.quick else cases + [Case("W8-t50", _cfg(small), world=8, tokens=50)]
+    return [c for c in selftest.gpu_cases(quick=True)
+            if c.world > 1 or c.name.startswith(("W1-", "skewed", "single", "capacity", "deepseek"))]
+
+
+def ranks(st: Stage) -> str:
+    run_cases(st, rank_cases(st))
+    return ""
+
+
+# ---------------------------------------------------------------- 5: compute-sanitizer
+
+SANITIZED_CASE = "W2-tpr1"     # the smallest W = 2 case of the selftest grid
+
+
+def sanitizer(st: Stage) -> str:
+    if st.emulate:
+        return "compute-sanitizer needs a GPU"
+    tools = ("memcheck", "racecheck", "synccheck")
+    for i, tool in enumerate(tools):
+        def run(tool=tool, share=st.left() / (len(tools) - i)):
+            row = selftest.sanitize([SANITIZED_CASE], tools=(tool,), limit_s=max(10.0, share - 3))[0]
+            return {**row, "passed": row["passed"]}
+        st.case(f"{tool} {SANITIZED_CASE}", run, min_s=15)
+    return ""
+
+
+# ---------------------------------------------------------------- 6: determinism, faults, graphs
+
+def robustness(st: Stage) -> str:
+    make = selftest._backend_factory(st.device, st.emulate, timeout_s=0.05 if st.emulate else 5.0)
+    small = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2) if st.emulate else {}
+    det = Case("determinism", _cfg(small, num_experts=8 if st.emulate else 64, top_k=2 if st.emulate else 4),
+               tokens=99 if st.emulate else 999, routing="skewed")
+    worlds = (1, 2) if st.emulate else (1, 2, 4, 8)
+    st.case(f"bitwise determinism across runs and W in {worlds}", lambda: _pair(checks.check_determinism(
+        make, det, st.device, worlds)))
+    fault = Case("fault", _cfg(small, num_experts=8, top_k=2), world=2 if st.emulate else 4, tokens=60 if st.emulate else 200)
+    st.case("stalled rank raises FlashMoEError naming it; next forward correct",
+            lambda: _pair(checks.check_fault(make, fault, st.device, stalled_rank=1)))
+    st.case("stalled rank with error_check='none': next forward correct, synchronize() raises",
+            lambda: _pair(checks.check_fault_unchecked(make, fault, st.device, stalled_rank=1)))
+    if st.emulate:
+        st.case("CUDA graph capture and replay", lambda: {"passed": None, "skipped": "CUDA graphs need a GPU"})
+    else:
+        st.case("CUDA graphs: capture per token count, replays with changing counts",
+                lambda: _pair(checks.check_graph(make, _cfg(num_experts=64, top_k=4), st.device)))
+    return ""
+
+
+def _pair(result: tuple[bool, str]) -> dict:
+    return {"passed": result[0], "detail": result[1]}
+
+
+# ---------------------------------------------------------------- 7: a few benchmark rows
+
+BENCH = ["--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096", "--repeats", "10", "--warmup", "3"]
+
+
+def bench(st: Stage, out: Path) -> str:
+    if st.emulate:
+        return "timings need a GPU"
+    script = REPO / "bench" / "bench_layer.py"
+    if not script.is_file():
+        return f"{script} is not here (the benchmarks live in a checkout, not in the installed package)"
+
+    def run():
+        code, output = selftest.run_bounded([sys.executable, str(script), *BENCH, "--out-dir", str(out)],
+                                            max(10.0, st.left() - 5), cwd=REPO)
+        print(output[-6000:], flush=True)
+        rows = []
+        for path in sorted(out.glob("layer_*.json")):
+            rows += [{k: r.get(k) for k in ("config", "tokens", "provider", "status", "median_ms", "pct_matmul",
+                                             "pct_copy", "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm",
+                                             "correct")} for r in json.loads(path.read_text()).get("rows", [])]
+        return {"passed": code == 0, "exit_code": code, "rows": rows,
+                "detail": "killed at the stage's time limit" if code is None else f"exit {code}"}
+    st.case("bench_layer " + " ".join(BENCH), run, min_s=30)
+    return ""
+
+
+STAGES = {
+    # name: (function, seconds it may take at most, what it checks)
+    "environment": (environment, 150, "GPU, driver, toolchain versions; a trivial cubin built and launched; "
+                                      "every cubin of the later stages built"),
+    "probes": (probes, 150, "GEMM tiles of both engines, a TMA box, the router, bounded waits, trace records"),
+    "kernel_mma_sync": (kernel_mma_sync, 120, "the whole kernel with mma_sync (forced on Hopper), W = 1"),
+    "kernel_wgmma": (kernel_wgmma, 120, "the whole kernel with wgmma + TMA, W = 1"),
+    "ranks": (ranks, 150, "W = 2..8 virtual ranks, 0/1/uneven tokens, capacity, DeepSeek and Qwen2 routing"),
+    "sanitizer": (sanitizer, 180, "compute-sanitizer memcheck, racecheck, synccheck on the smallest W = 2 case"),
+    "robustness": (robustness, 150, "determinism, a stalled rank, error_check='none', CUDA-graph replay"),
+    "bench": (bench, 300, "a few bench/bench_layer.py rows"),
+}
+
+
+def run_stage(name: str, out: Path, emulate: bool, quick: bool, limit_s: float) -> int:
+    """The body of a stage process: run stage ``name``, record its cases and its end."""
+    device = torch.device("cpu") if emulate else torch.device("cuda", torch.cuda.current_device())
+    st = Stage(name, out / "bringup.jsonl", device, emulate, quick, time.monotonic() + limit_s - 5)
+    function = STAGES[name][0]
+    print(f"== stage {name} ({'emulated' if emulate else device}, {limit_s:.0f} s)", flush=True)
+    try:
+        reason = function(st, out) if name == "bench" else function(st)
+    except ContextLost as exc:
+        st.counts["failed"] += 1
+        reason = str(exc)
+    return st.finish(reason or "")

@@ -1,0 +1,116 @@
+"""The bring-up kit (python -m flashmoe.bringup) on the CPU: every stage the emulator can run
+passes and the others say why they were skipped; a kit killed mid-run leaves the stages it
+finished; a stage past its limit is killed and recorded; the budget is honoured; the probes
+compile for both archs without spills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flashmoe.bringup import runner
+from flashmoe.bringup.stages import STAGES
+from flashmoe.host import emulator
+
+REPO = Path(__file__).resolve().parent.parent
+needs_emulator = pytest.mark.skipif(emulator.emulator_available() is not None,
+                                    reason=f"emulator unavailable: {emulator.emulator_available()}")
+
+
+def kit(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "flashmoe.bringup", "--emulate", "--out", str(out), *args]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "bringup.jsonl").read_text().splitlines()]
+
+
+@needs_emulator
+def test_emulated_kit_runs_every_stage_it_can_and_says_why_not_for_the_rest(tmp_path):
+    proc = subprocess.run(kit(tmp_path, "--budget-s", "120"), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = records(tmp_path)
+    assert lines[0]["type"] == "start" and lines[-1]["type"] == "summary"
+    stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
+    assert list(stages) == list(STAGES)
+    for name in ("environment", "probes", "kernel_mma_sync", "kernel_wgmma", "ranks", "robustness"):
+        assert stages[name]["status"] == "passed" and stages[name]["passed"] > 0, stages[name]
+    assert stages["sanitizer"]["status"] == "skipped" and "GPU" in stages["sanitizer"]["reason"]
+    assert stages["bench"]["status"] == "skipped" and "GPU" in stages["bench"]["reason"]
+    cases = [r for r in lines if r["type"] == "case"]
+    assert all(r["passed"] is not False for r in cases)
+    probes = {r["case"] for r in cases if r["stage"] == "probes"}
+    for part in ("tile nb=2", "tile nb=1", "TMA 4-D box", "bounded mbarrier wait", "router", "bounded flag wait",
+                 "trace records"):
+        assert any(part in name for name in probes), part
+    graph = [r for r in cases if "CUDA graph" in r["case"]]
+    assert graph and graph[0]["passed"] is None and "GPU" in graph[0]["skipped"]
+    assert lines[-1]["failed"] == [] and lines[-1]["commit"]
+
+
+@needs_emulator
+def test_a_kit_killed_mid_run_leaves_the_stages_it_finished(tmp_path):
+    proc = subprocess.Popen(kit(tmp_path, "--budget-s", "300"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    jsonl = tmp_path / "bringup.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if jsonl.exists() and '"stage": "probes", "status"' in jsonl.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the kit ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lines = records(tmp_path)        # every line whole: each is written and flushed at once
+    stages = {r["stage"]: r["status"] for r in lines if r["type"] == "stage"}
+    assert stages.get("environment") == "passed" and stages.get("probes") == "passed", stages
+    assert not any(r["type"] == "summary" for r in lines)
+    assert sum(r["type"] == "case" and r["stage"] == "probes" for r in lines) > 5
+
+
+def test_a_stage_past_its_limit_is_killed_and_recorded_with_its_log(tmp_path):
+    # Half a second is less than the stage process needs to import torch.
+    record = runner.run_stage_process("environment", tmp_path, 0.5, emulate=True, quick=True)
+    assert record["status"] == "timeout" and "0.5 s limit" in record["reason"]
+    assert records(tmp_path)[-1] == record and "log_tail" in record
+
+
+def test_stages_the_budget_cannot_hold_are_skipped_with_the_reason(tmp_path):
+    assert runner.main(["--emulate", "--out", str(tmp_path), "--budget-s", "5"]) == 0
+    lines = records(tmp_path)
+    skipped = [r for r in lines if r["type"] == "stage"]
+    assert len(skipped) == len(STAGES) and all(r["status"] == "skipped" and "budget" in r["reason"] for r in skipped)
+    assert lines[-1]["type"] == "summary"
+
+
+def test_unknown_stages_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        runner.main(["--out", str(tmp_path), "--stages", "environment,warp_drive"])
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_probes_compile_without_spills(arch, tmp_path, monkeypatch):
+    """The probe unit of the kit's first probe build per arch (wgmma on Hopper, mma_sync on sm_80):
+    every probe kernel is in the cubin, none spills."""
+    from flashmoe.bringup.probes import probe_spec
+    from flashmoe.bringup.stages import gpu_probe_specs
+    from flashmoe.host import compile as C
+    from flashmoe.host import cubin
+    monkeypatch.setenv(C.CACHE_DIR_ENV, str(tmp_path))
+    spec = probe_spec(gpu_probe_specs(arch)[0])
+    kernel = C.compile_spec(spec, unit="probes")
+    assert kernel.resources.spill_bytes == 0 and kernel.resources.stack_bytes == 0, kernel.resources
+    names = ["flashmoe_probe_tile", "flashmoe_probe_router", "flashmoe_probe_wait", "flashmoe_probe_trace"]
+    names += ["flashmoe_probe_tma_box"] if spec.gemm == "wgmma" else []
+    for name in names:
+        assert cubin.kernel_info(kernel.cubin, name).entry, name
