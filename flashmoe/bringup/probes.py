@@ -17,14 +17,13 @@ from dataclasses import replace
 import torch
 
 from .. import accuracy, checks, reference
-from ..config import MoEConfig
+from ..config import DTYPES, MoEConfig
 from ..diagnose import mismatch, ranges
 from ..host import abi, tensormap
 from ..host.launch import describe_record
 from ..host.plan import DeviceInfo, make_plan, trace_layout
 from ..host.spec import STAGE_K_BYTES, KernelSpec
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def probe_spec(spec: KernelSpec) -> KernelSpec:
@@ -106,7 +105,7 @@ def run_tile(runner: ProbeRunner, nb: int, k: int, use_tma: bool, act: int = 0, 
     height (default the operand's BN / nb rows; another value makes the stages expect other byte
     counts than TMA delivers). Returns (out, expected float64, rows_valid, valid_cols, seconds)."""
     spec = runner.spec
-    dt = TORCH_DTYPES[spec.dtype]
+    dt = DTYPES[spec.dtype]
     bm, bn = spec.block_m, spec.block_n
     cols, vec = bn // nb, 16 // dt.itemsize
     inter = inter if inter is not None else cols + 40           # the tile's last rows fall past it
@@ -128,10 +127,8 @@ def run_tile(runner: ProbeRunner, nb: int, k: int, use_tma: bool, act: int = 0, 
     args.k, args.inter, args.experts, args.expert, args.col0, args.nb = k, inter, experts, expert, col0, nb
     args.use_tma, args.valid_cols, args.act = int(use_tma), valid_cols, act
     if use_tma:
-        eb = dt.itemsize
-        args.b_map.opaque[:] = _map_words(runner.encode(tensormap.TensorMapArgs(
-            "probe_b", spec.dtype, dev[1].data_ptr(), (k, inter, nb, experts),
-            (k * eb, inter * k * eb, nb * inter * k * eb), (STAGE_K_BYTES // eb, box_rows or cols, 1, 1), eb)))
+        args.b_map.opaque[:] = _map_words(runner.encode(tensormap.expert_rows_map(
+            "probe_b", spec.dtype, dev[1].data_ptr(), k, inter, nb, experts, box_rows or cols)))
     seconds = runner.launch("flashmoe_probe_tile", args, 1, tile_smem_bytes(spec))
     got = dev[4].cpu()
 
@@ -181,7 +178,7 @@ def check_tma_box(runner: ProbeRunner, seed: int = 0, expect_extra: bool = False
     ``expect_extra``: the stage's mbarrier expects twice the box's bytes, so it never completes;
     the probe passes when the bounded wait times out, says so, and the launch returns."""
     spec = runner.spec
-    dt = TORCH_DTYPES[spec.dtype]
+    dt = DTYPES[spec.dtype]
     eb = dt.itemsize
     bk, rows = STAGE_K_BYTES // eb, spec.block_n // 2
     k, inter, nb, experts = 3 * bk + bk // 2, rows + rows // 2, 2, 3
@@ -196,9 +193,8 @@ def check_tma_box(runner: ProbeRunner, seed: int = 0, expect_extra: bool = False
     box_bytes = rows * STAGE_K_BYTES
     args.k, args.inter = box_bytes * (2 if expect_extra else 1), rows
     args.coord[:] = coord
-    args.b_map.opaque[:] = _map_words(runner.encode(tensormap.TensorMapArgs(
-        "probe_box", spec.dtype, w_dev.data_ptr(), (k, inter, nb, experts),
-        (k * eb, inter * k * eb, nb * inter * k * eb), (bk, rows, 1, 1), eb)))
+    args.b_map.opaque[:] = _map_words(runner.encode(tensormap.expert_rows_map(
+        "probe_box", spec.dtype, w_dev.data_ptr(), k, inter, nb, experts, rows)))
     seconds = runner.launch("flashmoe_probe_tma_box", args, 1, box_bytes + 64)
     records = runner.records()
     described = [describe_record(r) for r in records]

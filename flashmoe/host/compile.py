@@ -28,9 +28,10 @@ Why these choices (measured with NVRTC / nvJitLink 13.0 on a machine without a G
   pre-included (it says why). nvJitLink must be at least as new as NVRTC (older rejects the LTO-IR
   with ERROR_OUTDATED_LIBRARY), which is checked before linking.
 
-Resources come from the ptxas ``-v`` log (nvJitLink ``-verbose`` for the NVSHMEM path). ptxas
-omits ``cmem[0]`` for sm_90a, so that one is read from the cubin (``cubin.py``); nvJitLink's smem
-includes the sm_90 per-block reserve, which is taken off so both paths report the kernel's own.
+Resources come from the ptxas ``-v`` log (nvJitLink ``-verbose`` for the NVSHMEM path; read by
+``resources.py``). ptxas omits ``cmem[0]`` for sm_90a, so that one is read from the cubin
+(``cubin.py``); nvJitLink's smem includes the sm_90 per-block reserve, which is taken off so both
+paths report the kernel's own.
 
 Cache. key = sha256 over the spec key, every file under ``flashmoe/device/``, the ABI header, the
 translation unit, every compile and link option (include paths included), the arch, the NVRTC
@@ -62,6 +63,7 @@ from pathlib import Path
 
 from . import abi
 from . import cubin as cubin_reader
+from .resources import Resources, parse_resources
 from .spec import KernelSpec
 
 KERNEL_NAME = "flashmoe_kernel"
@@ -104,20 +106,6 @@ class CompileError(RuntimeError):
 
 class CacheMissError(RuntimeError):
     """FLASHMOE_ASSERT_NO_COMPILE is set and the kernel is not in the cache."""
-
-
-@dataclass(frozen=True)
-class Resources:
-    registers: int            # per thread
-    spill_store_bytes: int    # summed over the kernel and every non-inlined function it calls
-    spill_load_bytes: int
-    stack_bytes: int          # the kernel's stack frame
-    static_smem_bytes: int    # static __shared__ (dynamic shared memory comes from the Plan)
-    cmem0_bytes: int          # constant bank 0: the Params struct plus driver constants
-
-    @property
-    def spill_bytes(self) -> int:
-        return self.spill_store_bytes + self.spill_load_bytes
 
 
 @dataclass(frozen=True)
@@ -350,47 +338,6 @@ def nvjitlink_link(ltoir: bytes, *, options, library: Path,
 
 
 # ---------------------------------------------------------------- resource report
-
-# ptxas:     "Compiling entry function 'k' for 'sm_90a'" / "Function properties for k"
-#            "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
-#            "Used 19 registers, used 1 barriers, 4096 bytes smem, 1088 bytes cmem[0]"
-# nvJitLink: "Function properties for 'k':"  (after linking, so it wins over ptxas' line)
-#            "used 62 registers, used 1 barriers, 0 stack, 0 bytes smem, 568 bytes cmem[0], ..."
-_FUNCTION = re.compile(r"(?:Compiling entry function|Function properties for) '?([^'\s:]+)'?")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"[Uu]sed (\d+) registers")
-_SMEM = re.compile(r"(\d+) bytes smem")
-_CMEM0 = re.compile(r"(\d+) bytes cmem\[0\]")
-_LINK_STACK = re.compile(r"\b(\d+) stack\b")
-
-
-def parse_resources(log: str, kernel: str = KERNEL_NAME) -> dict:
-    """Resources fields the log states for ``kernel`` (absent ones are missing from the dict);
-    spills are summed over every function the log reports."""
-    functions: dict[str, dict] = {}
-    current = None
-    for line in log.splitlines():
-        if m := _FUNCTION.search(line):
-            current = functions.setdefault(m[1], {})
-        elif current is None:
-            continue
-        elif m := _FRAME.search(line):
-            current.update(stack_bytes=int(m[1]), spill_store_bytes=int(m[2]),
-                           spill_load_bytes=int(m[3]))
-        elif m := _USED.search(line):
-            current["registers"] = int(m[1])
-            smem = _SMEM.search(line)                 # ptxas leaves out "0 bytes smem"
-            current["static_smem_bytes"] = int(smem[1]) if smem else 0
-            if c := _CMEM0.search(line):
-                current["cmem0_bytes"] = int(c[1])
-            if s := _LINK_STACK.search(line):
-                current["stack_bytes"] = int(s[1])
-    found = dict(functions.get(kernel, {}))
-    if found:
-        for spill in ("spill_store_bytes", "spill_load_bytes"):
-            found[spill] = sum(f.get(spill, 0) for f in functions.values())
-    return found
-
 
 def _resources(image: bytes, log: str, spec_key: str, linked: bool, unit: str = "kernel") -> Resources:
     source, kernel = UNITS[unit]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MoEConfig
+from ..config import DTYPES, MoEConfig
 from .abi import TENSOR_MAP_BYTES, WEIGHT_MAPS
 from .spec import STAGE_K_BYTES, KernelSpec
 
@@ -86,13 +86,10 @@ def weight_map_args(spec: KernelSpec, config: MoEConfig, *, gate_up: int, down: 
     nb = spec.num_b_operands
     bk = STAGE_K_BYTES // b
     H, I = config.hidden_size, config.intermediate_size
-    box_g0 = (bk, spec.block_n // nb, 1, 1)
     box_g1 = (bk, spec.block_n, 1, 1)
 
     def gate_up_map(name, address, inter, experts):
-        # [experts, nb * inter, H]: row (op * inter + col) of expert x at ((x * nb + op) * inter + col) * H.
-        return TensorMapArgs(name, config.dtype, address, (H, inter, nb, experts),
-                             (H * b, inter * H * b, nb * inter * H * b), box_g0, b)
+        return expert_rows_map(name, config.dtype, address, H, inter, nb, experts, spec.block_n // nb)
 
     def down_map(name, address, inter, experts):
         # [experts, H, inter]: row r of expert x at (x * H + r) * inter.
@@ -109,6 +106,16 @@ def weight_map_args(spec: KernelSpec, config: MoEConfig, *, gate_up: int, down: 
         args.check()
     assert set(maps) <= set(WEIGHT_MAPS)
     return maps
+
+
+def expert_rows_map(name: str, dtype: str, address: int, k: int, rows: int, nb: int, experts: int,
+                    box_rows: int) -> TensorMapArgs:
+    """The 4-D map (K, rows, nb, experts) of a tensor [experts, nb * rows, K] (gate rows then up
+    rows per expert: row (op * rows + r) of expert x at ((x * nb + op) * rows + r) * K), boxes of
+    one 128-byte K slice by ``box_rows`` rows of one operand of one expert."""
+    b = DTYPES[dtype].itemsize
+    return TensorMapArgs(name, dtype, address, (k, rows, nb, experts), (k * b, rows * k * b, nb * rows * k * b),
+                         (STAGE_K_BYTES // b, box_rows, 1, 1), b)
 
 
 def driver_call(args: TensorMapArgs) -> tuple:
