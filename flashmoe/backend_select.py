@@ -13,12 +13,13 @@ from . import reference
 from .config import MoEConfig
 from .errors import KernelUnavailable
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = ("auto", "kernel", "reference", "emulated")
 
-# The reference backend computes the contract with no intermediate rounding and no TF32 and
-# rounds once to the dtype: the most accurate result (the one the kernel's error is measured
-# against), and for float32 the one torch/transformers compute on a CPU.
-REFERENCE_MATH = "fp32"
+# The reference backend computes the contract with torch's own GEMMs in the dtype where it has
+# fast ones (fp32 accumulation inside each GEMM) and everything else in fp32, rounded once: about
+# as fast as transformers' experts on the same weights (bench/bench_cpu.py), more accurate, and
+# within the accuracy rule by a margin (flashmoe.accuracy); for float32 it is the fp32 reference.
+REFERENCE_MATH = "mixed"
 
 
 def check_backend(backend) -> str:
@@ -37,9 +38,16 @@ def _import_kernel_backend():
 
 
 def kernel_unavailable_reason(config: MoEConfig, device, virtual_world: int = 1,
-                              process_group=None) -> str | None:
-    """None when the kernel can run ``config`` on ``device``; else a sentence saying why not."""
+                              process_group=None, emulate: bool = False) -> str | None:
+    """None when the kernel can run ``config`` on ``device``; else a sentence saying why not.
+    ``emulate``: the kernel's source on the CPU emulator instead (backend='emulated')."""
     device = torch.device(device)
+    if emulate:
+        if device.type != "cpu":
+            return (f"the input is on {device}; backend='emulated' runs the kernel's source on "
+                    "the CPU emulator and takes CPU tensors")
+        kernel_cls, why = _import_kernel_backend()
+        return why or kernel_cls.unavailable_reason(config, device, virtual_world, emulate=True)
     if device.type != "cuda":
         return f"the input is on {device}; the kernel runs on CUDA devices only"
     if process_group is not None and _group_size(process_group) > 1:
@@ -61,7 +69,7 @@ def new_kernel(config: MoEConfig, device, virtual_world: int, max_tokens: int | 
                process_group=None, options: dict | None = None):
     """Build the kernel backend (compiles or loads the kernel and allocates its heaps).
     ``max_tokens`` is the most tokens one forward brings; the kernel sizes its buffers per rank.
-    ``options`` go to KernelBackend (timeout_s, error_check, blocks_per_rank)."""
+    ``options`` go to KernelBackend (timeout_s, error_check, blocks_per_rank, emulate)."""
     if process_group is not None and _group_size(process_group) > 1:
         from flashmoe.host.group_backend import GroupBackend
         return GroupBackend(config, torch.device(device), process_group, max_tokens, **dict(options or {}))
@@ -82,41 +90,50 @@ def needs_autograd(x: torch.Tensor, weights: reference.MoEWeights) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
-def choose(backend: str, config: MoEConfig, x: torch.Tensor, weights: reference.MoEWeights,
+def choose(backend: str, config: MoEConfig, device: torch.device, grad: bool,
            virtual_world: int = 1, process_group=None, reason_cache: dict | None = None) -> str:
-    """'kernel' or 'reference' for this forward; raises KernelUnavailable when backend='kernel'
-    cannot run. ``reason_cache`` (a dict) remembers the kernel's availability per device."""
+    """'kernel', 'emulated' or 'reference' for this forward; raises KernelUnavailable when
+    backend='kernel' (or 'emulated') cannot run. ``grad``: autograd records this forward.
+    ``reason_cache`` (a dict) remembers the kernel's availability per device."""
     if backend == "reference":
         return "reference"
-    if reason_cache is not None and x.device in reason_cache:
-        reason = reason_cache[x.device]
+    emulate = backend == "emulated"
+    key = (device, emulate)
+    if reason_cache is not None and key in reason_cache:
+        reason = reason_cache[key]
     else:
-        reason = kernel_unavailable_reason(config, x.device, virtual_world, process_group)
+        reason = kernel_unavailable_reason(config, device, virtual_world, process_group,
+                                           **({"emulate": True} if emulate else {}))
         if reason_cache is not None:
-            reason_cache[x.device] = reason
-    return _decide(backend, reason, x, weights, "the reference")
+            reason_cache[key] = reason
+    which = _decide(backend, reason, grad, "the reference")
+    return "emulated" if emulate and which == "kernel" else which
 
 
-def _decide(backend: str, reason: str | None, x, weights, fallback: str) -> str:
-    """'kernel' when nothing stands against it, else 'reference' (or raise for backend='kernel')."""
-    if reason is None and needs_autograd(x, weights):
+def _decide(backend: str, reason: str | None, grad: bool, fallback: str) -> str:
+    """'kernel' when nothing stands against it, else 'reference' (or raise for backend='kernel'
+    or 'emulated')."""
+    if reason is None and grad:
         # The kernel is forward-only: an output without a graph would silently stop training.
         reason = ("the kernel computes no gradients and autograd is recording this forward; "
                   "run it under torch.no_grad() or torch.inference_mode()")
     if reason is None:
         return "kernel"
-    if backend == "kernel":
-        raise KernelUnavailable(f"backend='kernel' cannot run: {reason}. backend='auto' falls "
+    if backend in ("kernel", "emulated"):
+        raise KernelUnavailable(f"backend={backend!r} cannot run: {reason}. backend='auto' falls "
                                 f"back to {fallback}; backend='reference' always uses it.")
     return "reference"
 
 
-def group_choose(backend: str, config: MoEConfig, x: torch.Tensor, weights: reference.MoEWeights,
-                 process_group, reason_cache: dict) -> str:
+def group_choose(backend: str, config: MoEConfig, x: torch.Tensor, grad: bool, process_group,
+                 reason_cache: dict) -> str:
     """choose() for a rank of a process group: 'kernel' only when every rank can run it (one
     all-reduce per device, remembered in ``reason_cache``), else 'reference' (ep_forward) on
     every rank. Every rank must call forward with its input on the same kind of device and in the
-    same autograd mode; ep_forward refuses autograd with a clear error."""
+    same autograd mode."""
+    if backend == "emulated":
+        raise ValueError("backend='emulated' runs one process's kernel on the CPU emulator; with "
+                         "a process group use backend='auto' or 'reference'")
     if backend == "reference":
         return "reference"
     if x.device not in reason_cache:
@@ -126,14 +143,14 @@ def group_choose(backend: str, config: MoEConfig, x: torch.Tensor, weights: refe
             if group_agrees(reason is None, process_group, x.device) is False and reason is None:
                 reason = "another rank of the process group cannot run the kernel (its layer says why)"
         reason_cache[x.device] = reason
-    return _decide(backend, reason_cache[x.device], x, weights, "flashmoe.distributed.ep_forward")
+    return _decide(backend, reason_cache[x.device], grad, "flashmoe.distributed.ep_forward")
 
 
 def forward_2d(which: str, x2d: torch.Tensor, weights: reference.MoEWeights, config: MoEConfig,
                kernel=None, return_routing: bool = True):
     """Run ``x2d[T, H]`` on the chosen backend; returns (out[T, H] in x's dtype, Routing or None
     when not asked for: reading the kernel's routing back costs a few small copies)."""
-    if which == "kernel" and x2d.shape[0] > 0:
+    if which in ("kernel", "emulated") and x2d.shape[0] > 0:
         result = kernel().forward(x2d.contiguous(), weights, return_routing=return_routing)
         return result if return_routing else (result, None)
     routing = reference.route(x2d, weights, config)

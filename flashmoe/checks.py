@@ -326,3 +326,26 @@ def check_graph(make_backend, config: MoEConfig, device, world: int = 2, token_c
     return not failures, ("; ".join(failures) if failures else
                           f"{len(order)} replays of {len(graphs)} graphs ({', '.join(map(str, token_counts))} "
                           f"tokens, W={world}) all correct")
+
+
+def check_layer_graphs(config: MoEConfig, device, sizes=(1, 8, 64, 256),
+                       counts=(1, 3, 64, 100, 256, 7)) -> tuple[bool, str]:
+    """``flashmoe.cuda_graphs`` on a FlashMoELayer: graphs captured for ``sizes``, replayed for
+    ``counts`` tokens (padded to the next size) with fresh random inputs, each judged against the
+    reference with the accuracy rule."""
+    from . import cuda_graphs
+    from .layer import FlashMoELayer
+    layer = FlashMoELayer(config, device=device, max_tokens=max(sizes), virtual_world=2,
+                          kernel_options={"error_check": "none"})
+    graphed = cuda_graphs.capture(layer, sizes=sizes)
+    failures = []
+    with torch.no_grad():
+        for t in counts:
+            x = torch.randn(t, config.hidden_size, device=device).to(config.torch_dtype)
+            ok, err, tol = accuracy.check(graphed(x), x, layer.weights(), config)
+            if not ok:
+                failures.append(f"{t} tokens: error {err:.3g} > tolerance {tol:.3g}")
+    layer.synchronize()
+    return not failures, ("; ".join(failures) if failures else
+                          f"{len(counts)} replays ({', '.join(map(str, counts))} tokens) of graphs "
+                          f"for {', '.join(map(str, sizes))} tokens all correct")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,29 +41,66 @@ def dtype_name(dtype) -> str:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    hidden_size: int                      # H: model width, input and output last dimension
-    intermediate_size: int                # I: width of one routed expert's FFN
-    num_experts: int                      # E: routed experts
-    top_k: int                            # k: experts chosen per token
-    activation: str = "silu"              # silu | gelu (erf) | gelu_tanh | relu
-    gated: bool = True                    # act(x Wg) * (x Wu) then W_down (SwiGLU when silu); else act(x W1) W2
-    scoring: str = "softmax"              # router probabilities: softmax over E, or per-expert sigmoid
-    norm_topk_prob: bool = False          # divide the k chosen weights by their sum
-    routed_scaling_factor: float = 1.0    # multiplies the k weights after normalisation (DeepSeek)
-    n_group: int = 1                      # group-limited routing: experts split into n_group groups ...
-    topk_group: int = 1                   # ... and only the best topk_group groups are eligible
-    group_score: str = "top2_sum"         # a group's score: sum of its 2 best (DeepSeek-V3) or its max (V2)
-    selection_bias: bool = False          # a per-expert bias added for selection only (e_score_correction_bias)
-    num_shared_experts: int = 0           # experts every token goes through, fused into one MLP
-    shared_intermediate_size: int | None = None   # width of one shared expert; None = intermediate_size
-    shared_expert_gate: bool = False      # scale the shared output by sigmoid(x w) (Qwen2-MoE)
-    capacity_factor: float | None = None  # None = dropless; else capacity ceil(cf * tokens * k / E) per expert
-    dtype: str = "bfloat16"               # activations and expert weights; the router is always fp32
+    """What a Mixture-of-Experts layer computes (``flashmoe.reference`` is the formula).
+
+    Sizes
+        hidden_size (H): the model width, the input's and output's last dimension.
+        intermediate_size (I): the width of one routed expert's FFN.
+        num_experts (E): routed experts.
+        top_k (k): experts each token goes to.
+    Experts
+        activation: 'silu', 'gelu' (erf), 'gelu_tanh' or 'relu'.
+        gated: True: ``act(x Wg^T) * (x Wu^T)`` then ``W_down`` (SwiGLU with silu), with
+            gate_up_proj[e] = [Wg; Wu]; False: ``act(x W1^T) W2^T``.
+    Router (always fp32)
+        scoring: 'softmax' over the E logits, or 'sigmoid' per expert.
+        norm_topk_prob: divide the k chosen weights by their sum.
+        routed_scaling_factor: multiplies the k weights after the normalisation (DeepSeek).
+        n_group, topk_group: group-limited routing: the experts form n_group groups and only
+            the best topk_group groups are eligible (n_group=1: no groups).
+        group_score: a group's score, the sum of its 2 best scores ('top2_sum', DeepSeek-V3)
+            or its best ('max', DeepSeek-V2).
+        selection_bias: a per-expert bias added to the scores for choosing experts only, never
+            for weighing them (DeepSeek-V3's e_score_correction_bias).
+    Shared experts
+        num_shared_experts: experts every token goes through, fused into one MLP.
+        shared_intermediate_size: the width of one shared expert (None: intermediate_size).
+        shared_expert_gate: scale the shared output by sigmoid(x w) (Qwen2-MoE).
+    Capacity
+        capacity_factor: None: dropless; else each expert keeps at most
+            ceil(capacity_factor * tokens * k / E) of its (token, slot) pairs, the highest
+            weights first.
+    Precision
+        dtype: of the activations and expert weights: 'bfloat16', 'float16' or 'float32'
+            (aliases such as 'bf16' and torch dtypes are accepted).
+
+    Integers may be Python or numpy integers, numbers Python or numpy floats. The config is
+    frozen and checked on construction: a bad value raises ValueError naming the field.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    activation: str = "silu"
+    gated: bool = True
+    scoring: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    selection_bias: bool = False
+    num_shared_experts: int = 0
+    shared_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    capacity_factor: float | None = None
+    dtype: str = "bfloat16"
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
-            _require_int(name, getattr(self, name), minimum=1)
-        _require_int("num_shared_experts", self.num_shared_experts, minimum=0)
+            _require_int(self, name, minimum=1)
+        _require_int(self, "num_shared_experts", minimum=0)
         _require_bool("gated", self.gated)
         _require_bool("norm_topk_prob", self.norm_topk_prob)
         _require_bool("selection_bias", self.selection_bias)
@@ -86,12 +124,12 @@ class MoEConfig:
             raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
                              f"n_group={self.n_group} leaves {self.num_experts // self.n_group}")
         rsf = self.routed_scaling_factor
-        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not math.isfinite(rsf) or rsf <= 0:
+        if not _is_real(rsf) or not math.isfinite(rsf) or rsf <= 0:
             raise ValueError(f"routed_scaling_factor={rsf!r}: must be a finite number > 0")
         object.__setattr__(self, "routed_scaling_factor", float(rsf))
 
         if self.shared_intermediate_size is not None:
-            _require_int("shared_intermediate_size", self.shared_intermediate_size, minimum=1)
+            _require_int(self, "shared_intermediate_size", minimum=1)
             if self.num_shared_experts == 0:
                 raise ValueError(f"shared_intermediate_size={self.shared_intermediate_size}: needs "
                                  "num_shared_experts >= 1 (it is 0)")
@@ -100,7 +138,7 @@ class MoEConfig:
 
         cf = self.capacity_factor
         if cf is not None:
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf <= 0:
+            if not _is_real(cf) or not math.isfinite(cf) or cf <= 0:
                 raise ValueError(f"capacity_factor={cf!r}: must be None (dropless) or a finite number > 0")
             object.__setattr__(self, "capacity_factor", float(cf))
 
@@ -138,9 +176,17 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _require_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _require_int(config, name, minimum):
+    """Check an integer field (numpy integers too) and store it as a Python int, so configs
+    compare, hash and serialise alike whatever integer type they were given."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    object.__setattr__(config, name, int(value))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _require_bool(name, value):

@@ -15,7 +15,14 @@ The result equals ``reference.moe_forward`` on the concatenation of all ranks' t
 expert sees its rows in global token order, as in one process, so the expert GEMMs have the same
 operands in the same order.
 
-This path is forward-only: no gradient crosses the all-to-all.
+Autograd: the gradients are those of one process computing the concatenated batch with the sum
+of all ranks' losses. The rows' trip to the experts and back is one autograd function whose
+backward makes the reverse trip (gradients to the owners, the owners' expert backward, input
+gradients home), so an owner's expert gradients hold every rank's tokens; the replicated tensors
+(router, shared experts, shared gate) pass through an identity whose backward sums their
+gradients over the group, so every rank holds the same, full gradient. Every rank must call
+backward (it is collective, also on a rank with no tokens); do not average these parameters'
+gradients over the same group again (exclude them from DistributedDataParallel).
 """
 
 from __future__ import annotations
@@ -46,16 +53,22 @@ def ep_forward(x_local: torch.Tensor, weights: MoEWeights, config: MoEConfig, gr
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ep_forward needs torch.distributed initialised "
                            "(torch.distributed.init_process_group) on every rank")
-    if needs_autograd(x_local, weights):
-        raise RuntimeError("expert-parallel forward computes no gradients and autograd is "
-                           "recording this forward: run it under torch.no_grad() or "
-                           "torch.inference_mode()")
     check_input(x_local, config)
+    with reference.no_autocast(x_local.device):
+        return _ep_forward(x_local, weights, config, group, math, return_routing,
+                           needs_autograd(x_local, weights))
+
+
+def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     e_all, hidden = config.num_experts, config.hidden_size
     per_rank = experts_per_rank(e_all, world)
     mine = rank_experts(rank, e_all, world)
     gate_up, down = _local_experts(weights, mine, e_all)
+    if grad:
+        # Created first, so its backward (an all-reduce) runs last on every rank, after every
+        # all-to-all of the backward: the autograd engine runs ready nodes latest-created first.
+        weights = _sum_replicated_gradients(weights, group)
 
     lead = x_local.shape[:-1]
     x2d = x_local.reshape(-1, hidden)
@@ -78,30 +91,25 @@ def ep_forward(x_local: torch.Tensor, weights: MoEWeights, config: MoEConfig, gr
     send = torch.bincount(expert // per_rank, minlength=world)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    send_sizes, recv_sizes = send.tolist(), recv.tolist()
+    trip = _Trip(send.tolist(), recv.tolist(), group)
 
-    rows = _exchange(x2d[tok], recv_sizes, send_sizes, group)
-    meta = _exchange(torch.stack([token_index[tok], expert], dim=1), recv_sizes, send_sizes, group)
-    priority = _exchange(routing.weights[tok, slot].float(), recv_sizes, send_sizes, group)
+    meta = trip.there(torch.stack([token_index[tok], expert], dim=1))
+    priority = trip.there(routing.weights[tok, slot].detach().float())
     src_token, src_expert = meta[:, 0], meta[:, 1]
 
     # 3. Capacity over all ranks' pairs for my experts, then the experts on the kept rows.
     # Rows arrive grouped by source rank in token order: global token order per expert.
     keep = reference.capacity_keep(src_expert[:, None], priority[:, None], config,
                                    src_token, total)[:, 0]
-    out_dtype = torch.float32 if math == "fp32" else x2d.dtype
-    y_recv = torch.zeros(rows.shape[0], hidden, dtype=out_dtype, device=device)
-    for e in torch.unique(src_expert[keep]).tolist():
-        sel = torch.nonzero(keep & (src_expert == e), as_tuple=True)[0]
-        local = e - mine.start
-        y_recv[sel] = reference.expert_mlp(rows[sel], gate_up[local], down[local], config,
-                                           math).to(out_dtype)
+    owner = _Owner(keep, src_expert - mine.start, len(mine), config, math)
+    rows = x2d[tok]
+    if grad:
+        y_back = _RemoteExperts.apply(rows, gate_up, down, trip, owner)
+    else:
+        y_back = trip.back(owner.experts(trip.there(rows), gate_up, down))
 
     # 4. Back to the home rank, in the order the pairs were sent; combine there.
-    y_back = _exchange(y_recv, send_sizes, recv_sizes, group)
-    keep_back = _exchange(keep.to(torch.uint8), send_sizes, recv_sizes, group).bool()
-    y = torch.zeros(t_local, config.top_k, hidden, dtype=out_dtype, device=device)
-    y[tok, slot] = y_back
+    keep_back = trip.back(keep.to(torch.uint8)).bool()
     kept = torch.zeros_like(routing.kept)
     kept[tok, slot] = keep_back
     routing.kept = kept
@@ -109,8 +117,97 @@ def ep_forward(x_local: torch.Tensor, weights: MoEWeights, config: MoEConfig, gr
     if config.num_shared_experts:
         shared = reference.expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
                                       config, math)
-    out = reference.combine(y, shared, routing, math, x2d.dtype).reshape(*lead, hidden)
+    live = torch.nonzero(keep_back).squeeze(1)
+    out = reference.combine(tok[live], slot[live], y_back[live], shared, routing, math,
+                            x2d.dtype).reshape(*lead, hidden)
     return (out, routing) if return_routing else out
+
+
+class _Trip:
+    """The all-to-all routes of one forward: ``there`` sends ``send[r]`` rows to rank r and
+    receives ``recv[r]`` from it; ``back`` is the reverse."""
+
+    def __init__(self, send: list[int], recv: list[int], group):
+        self.send, self.recv, self.group = send, recv, group
+
+    def there(self, t: torch.Tensor) -> torch.Tensor:
+        return _exchange(t, self.recv, self.send, self.group)
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        return _exchange(t, self.send, self.recv, self.group)
+
+
+class _Owner:
+    """What an owner computes on the rows it received: its experts on the kept ones, each
+    expert's rows in arrival (global token) order; dropped rows give zeros."""
+
+    def __init__(self, keep, local_expert, num_local, config, math):
+        kept = torch.nonzero(keep).squeeze(1)
+        self.index = kept[torch.argsort(local_expert[kept], stable=True)]
+        self.rows = torch.bincount(local_expert[kept], minlength=num_local).tolist()
+        self.config, self.math = config, math
+
+    def experts(self, rows, gate_up, down):
+        y = reference.run_experts(rows[self.index], self.rows, gate_up, down, self.config, self.math)
+        return y.new_zeros(rows.shape[0], rows.shape[1]).index_put((self.index,), y)
+
+
+class _RemoteExperts(torch.autograd.Function):
+    """rows -> their experts' outputs, through the owners; backward makes the reverse trip."""
+
+    @staticmethod
+    def forward(ctx, rows, gate_up, down, trip: _Trip, owner: _Owner):
+        arrived = trip.there(rows)
+        ctx.save_for_backward(arrived, gate_up, down)
+        ctx.trip, ctx.owner = trip, owner
+        return trip.back(owner.experts(arrived, gate_up, down))
+
+    @staticmethod
+    def backward(ctx, grad_back):
+        arrived, gate_up, down = ctx.saved_tensors
+        grad_arrived = ctx.trip.there(grad_back.contiguous())
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip((arrived, gate_up, down), needs)]
+            y = ctx.owner.experts(*leaves)
+            wanted = [t for t in leaves if t.requires_grad]
+            found = iter(torch.autograd.grad(y, wanted, grad_arrived, allow_unused=True)
+                         if wanted and y.requires_grad else [None] * len(wanted))
+        grads = [next(found) if t.requires_grad else None for t in leaves]
+        # Every rank sends input gradients home, needed or not: the collective must match.
+        g_rows = grads[0] if grads[0] is not None else torch.zeros_like(arrived)
+        return ctx.trip.back(g_rows), grads[1], grads[2], None, None
+
+
+class _SumGradients(torch.autograd.Function):
+    """Identity; its backward all-reduces (sums) the gradients over the group, in fp32."""
+
+    @staticmethod
+    def forward(ctx, group, *tensors):
+        ctx.group = group
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        out, start = [], 0
+        for g in grads:
+            out.append(flat[start:start + g.numel()].view_as(g).to(g.dtype))
+            start += g.numel()
+        return (None, *out)
+
+
+_REPLICATED = ("router_weight", "shared_gate_up_proj", "shared_down_proj", "shared_gate_weight")
+
+
+def _sum_replicated_gradients(weights: MoEWeights, group) -> MoEWeights:
+    names = [n for n in _REPLICATED if getattr(weights, n) is not None
+             and getattr(weights, n).requires_grad]
+    if not names:
+        return weights
+    summed = _SumGradients.apply(group, *(getattr(weights, n) for n in names))
+    return MoEWeights(**{**vars(weights), **dict(zip(names, summed))})
 
 
 def _local_experts(weights: MoEWeights, mine: range, num_experts: int):

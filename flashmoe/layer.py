@@ -8,15 +8,19 @@ copy over unchanged), checks its inputs, and picks the backend per forward: the 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
-from . import backend_select, reference
-from .config import MoEConfig
+from . import backend_select, ops, reference
+from .config import DTYPES, MoEConfig, dtype_name
 from .distributed import ep_forward, group_rank_and_size
 from .host.plan import rank_experts
 from .inputs import check_input, check_weights
+
+# Parameters and buffers that stay fp32 through any cast of the layer: the router's, by contract.
+FP32_TENSORS = ("router_weight", "selection_bias", "shared_gate_weight")
 
 
 class FlashMoELayer(nn.Module):
@@ -28,7 +32,9 @@ class FlashMoELayer(nn.Module):
             supports the config and autograd is not recording (the kernel is forward-only),
             else the reference; 'kernel' always uses the kernel and raises
             ``KernelUnavailable`` saying why when it cannot; 'reference' always uses the
-            reference (plain torch, differentiable, any device).
+            reference (plain torch, differentiable, any device); 'emulated' runs the kernel's
+            own source on the CPU emulator (CPU tensors, slow: for debugging the kernel's logic
+            without a GPU).
         virtual_world: W expert-parallel ranks the kernel hosts on one GPU (tokens split
             across them). The result does not depend on it.
         device: where the parameters are created.
@@ -50,8 +56,20 @@ class FlashMoELayer(nn.Module):
             (router, bias, shared experts) are broadcast from the group's first rank at
             construction so every rank routes alike.
 
-    The reference backend computes in fp32 and rounds once to the dtype. The last backend used
-    is in ``last_backend`` ('kernel' or 'reference').
+    Dtypes: the expert weights (and the shared experts') are in ``config.dtype``; the router,
+    the selection bias and the shared-expert gate are fp32 and stay fp32 through
+    ``layer.to(dtype)`` / ``.half()`` / ``.bfloat16()`` / ``.float()``, which instead move the
+    layer to the new expert dtype (``config`` follows; the kernel is rebuilt). Under
+    ``torch.autocast`` with a bfloat16/float16 dtype the layer computes in that dtype like
+    ``nn.Linear`` does (input and expert weights cast, differentiably; output in it), the
+    router still in fp32; the expert weights are cast on every forward, so for inference cast
+    the layer once instead.
+
+    The forward is the custom op ``flashmoe::moe`` (``flashmoe.ops``): ``torch.compile``
+    (also ``fullgraph=True`` with dynamic token counts) and ``torch.export`` take it whole.
+    The reference backend runs torch's GEMMs in the dtype (fp32 accumulation) and the rest in
+    fp32, rounded once (``reference`` math 'mixed'). The last backend used is in
+    ``last_backend`` ('kernel', 'emulated' or 'reference').
     """
 
     def __init__(self, config: MoEConfig, *, backend: str = "auto", virtual_world: int = 1,
@@ -62,16 +80,15 @@ class FlashMoELayer(nn.Module):
             raise TypeError(f"config is a {type(config).__name__}: expected a flashmoe.MoEConfig")
         self.config = config
         self.backend = backend_select.check_backend(backend)
-        if isinstance(virtual_world, bool) or not isinstance(virtual_world, int) or virtual_world < 1:
+        if not _is_int(virtual_world) or virtual_world < 1:
             raise ValueError(f"virtual_world={virtual_world!r}: must be an integer >= 1")
         if config.num_experts % virtual_world:
             raise ValueError(f"virtual_world={virtual_world}: must divide num_experts="
                              f"{config.num_experts} (each virtual rank owns E / W experts)")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
             raise ValueError(f"max_tokens={max_tokens!r}: must be None or an integer >= 1")
-        self.virtual_world = virtual_world
-        self.max_tokens = max_tokens
+        self.virtual_world = int(virtual_world)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.kernel_options = dict(kernel_options or {})
         self.process_group = process_group
         self.rank, self.world_size = group_rank_and_size(process_group)
@@ -84,14 +101,17 @@ class FlashMoELayer(nn.Module):
                              f"group's size {self.world_size}")
         self.local_experts: range = rank_experts(self.rank, config.num_experts, self.world_size)
         self.last_backend: str | None = None
-        self._kernel = None            # KernelBackend, built on the first kernel forward
-        self._kernel_device = None
+        self._kernels: dict = {}       # (device, dtype) -> KernelBackend, built on first use
         self._kernel_reasons: dict = {}
+        self._config_text = ops.config_json(config)     # the op's config argument
+        self._dtype_configs = {DTYPES[n]: config.replace(dtype=n) for n in DTYPES}
+        self._owner = ops.register_owner(self)
 
         e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
         fp32 = dict(device=device, dtype=torch.float32)
         low = dict(device=device, dtype=config.torch_dtype)
         e_local = len(self.local_experts)
+        self._cast_dtype = None
         self.router_weight = nn.Parameter(torch.empty(e, h, **fp32))
         self.gate_up_proj = nn.Parameter(torch.empty(e_local, config.up_rows, h, **low))
         self.down_proj = nn.Parameter(torch.empty(e_local, h, i, **low))
@@ -151,52 +171,127 @@ class FlashMoELayer(nn.Module):
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """``x[..., H]`` -> same shape and dtype; with ``return_routing`` also the ``Routing``
         (ids, weights, kept, shared gate, logits) of the flattened tokens."""
-        check_input(x, self.config, self.router_weight.device)
-        weights = self.weights()
-        check_weights(weights, self.config, num_experts=len(self.local_experts))
+        if torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace would freeze this layer's routing (which experts "
+                               "each token goes to) into the trace: use torch.compile or "
+                               "torch.export instead")
+        x, config, weights = self._operands(x)
+        check_input(x, config, self.router_weight.device)
+        check_weights(weights, config, num_experts=len(self.local_experts))
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.config.hidden_size)
+        x2d = x.reshape(-1, config.hidden_size)
         if self.world_size > 1:
-            which = backend_select.group_choose(self.backend, self.config, x, weights,
+            grad = backend_select.needs_autograd(x, weights)
+            which = backend_select.group_choose(self.backend, config, x, grad,
                                                 self.process_group, self._kernel_reasons)
             if which == "kernel":
-                result = self._kernel_for(x.device).forward(x2d.contiguous(), weights,
-                                                            return_routing=return_routing)
+                result = self._kernel_for(x.device, config).forward(
+                    x2d.contiguous(), weights, return_routing=return_routing)
                 out, routing = result if return_routing else (result, None)
             else:
-                out, routing = ep_forward(x2d, weights, self.config, self.process_group,
+                out, routing = ep_forward(x2d, weights, config, self.process_group,
                                           math=backend_select.REFERENCE_MATH, return_routing=True)
                 out = out.to(x.dtype)
+            self.last_backend = which
         else:
-            which = backend_select.choose(self.backend, self.config, x, weights, self.virtual_world,
-                                          self.process_group, self._kernel_reasons)
-            out, routing = backend_select.forward_2d(which, x2d, weights, self.config,
-                                                     kernel=lambda: self._kernel_for(x.device),
-                                                     return_routing=return_routing)
-        self.last_backend = which
-        out = out.reshape(*lead, self.config.hidden_size)
+            out, routing = ops.forward_2d(x2d, weights, config, backend=self.backend,
+                                          virtual_world=self.virtual_world,
+                                          return_routing=return_routing, owner=self._owner,
+                                          config_text=self._config_text)
+        out = out.reshape(*lead, config.hidden_size)
         return (out, routing) if return_routing else out
 
-    def _kernel_for(self, device: torch.device):
-        """The KernelBackend for ``device``, built once (it compiles and allocates heaps)."""
-        if self._kernel is None or self._kernel_device != device:
+    def _operands(self, x):
+        """(x, config, weights) this forward computes with: the layer's own, or under autocast
+        with a bfloat16/float16 dtype, the input and expert weights cast to it (the router and
+        the other fp32 tensors stay fp32)."""
+        if self._cast_dtype is not None:
+            raise TypeError(f"the layer's expert weights are {self._cast_dtype} (after a cast): "
+                            f"flashmoe computes in {', '.join(DTYPES)}; cast the layer to one of "
+                            "them, e.g. layer.to(torch.bfloat16)")
+        weights = self.weights()
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x, self.config, weights
+        device_type = x.device.type
+        if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) in (torch.bfloat16, torch.float16)):
+            dtype = torch.get_autocast_dtype(device_type)
+            for name in ("gate_up_proj", "down_proj", "shared_gate_up_proj", "shared_down_proj"):
+                t = getattr(weights, name)
+                if t is not None:
+                    setattr(weights, name, t.to(dtype))
+            return x.to(dtype), self._dtype_configs[dtype], weights
+        return x, self.config, weights
+
+    def _kernel_for(self, device: torch.device, config: MoEConfig | None = None):
+        """The KernelBackend for ``device`` and ``config``'s dtype (default the layer's), built
+        once (it compiles and allocates heaps)."""
+        config = config or self.config
+        key = (device, config.dtype)
+        if key not in self._kernels:
             group = self.process_group if self.world_size > 1 else None
-            self._kernel = backend_select.new_kernel(self.config, device, self.virtual_world,
-                                                     self.max_tokens, process_group=group,
-                                                     options=self.kernel_options)
-            self._kernel_device = device
-        return self._kernel
+            options = dict(self.kernel_options)
+            if self.backend == "emulated":
+                options["emulate"] = True
+            self._kernels[key] = backend_select.new_kernel(config, device, self.virtual_world,
+                                                           self.max_tokens, process_group=group,
+                                                           options=options)
+        return self._kernels[key]
 
     def synchronize(self) -> None:
         """Wait for this layer's kernel launches; raise ``FlashMoEError`` if one stopped (with
         the deferred error check, a stopped launch is otherwise reported at the next forward)."""
-        if self._kernel is not None:
-            self._kernel.synchronize()
+        for kernel in self._kernels.values():
+            kernel.synchronize()
 
-    def _apply(self, fn, *args, **kwargs):
-        # Moving or casting the parameters invalidates what was cached for their device.
-        self._kernel, self._kernel_device, self._kernel_reasons = None, None, {}
-        return super()._apply(fn, *args, **kwargs)
+    @property
+    def _kernel(self):
+        """The kernel built for the layer's own dtype (None before the first kernel forward)."""
+        return next((k for (_, dtype), k in reversed(self._kernels.items())
+                     if dtype == self.config.dtype), None)
+
+    def _apply(self, fn, recurse=True):
+        # A cast of the layer (layer.half(), model.to(torch.bfloat16), ...) casts the experts;
+        # the router-side tensors stay fp32 (the cast reaches them as a move only). Moving or
+        # casting invalidates every kernel built for the old device or dtype.
+        fp32 = [t for t in (getattr(self, n) for n in FP32_TENSORS) if t is not None]
+        keep = {id(t) for t in fp32} | {id(t.grad) for t in fp32 if t.grad is not None}
+
+        def keep_fp32(t):
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and out.dtype != torch.float32:
+                out = t.detach().to(device=out.device)
+            return out
+
+        result = super()._apply(keep_fp32, recurse)
+        self._kernels, self._kernel_reasons = {}, {}
+        self._follow_dtype()
+        return result
+
+    def _follow_dtype(self) -> None:
+        """config.dtype follows the expert weights' dtype after a cast."""
+        dtype = self.gate_up_proj.dtype
+        try:
+            name = dtype_name(dtype)
+        except ValueError:
+            self._cast_dtype = dtype       # forward says what to do
+            return
+        self._cast_dtype = None
+        if name != self.config.dtype:
+            self.config = self.config.replace(dtype=name)
+
+    def __getstate__(self):
+        # Kernels hold device memory and loaded modules: a copy or a pickle builds its own.
+        return {**super().__getstate__(), "_kernels": {}, "_kernel_reasons": {}}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._owner = ops.register_owner(self)     # a copy is a layer of its own
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("FlashMoELayer cannot be scripted with torch.jit.script: its forward "
+                           "routes tokens with data-dependent Python and runs a custom op; use "
+                           "torch.compile (fullgraph=True works) or torch.export instead")
 
     @classmethod
     def from_hf(cls, block: nn.Module, backend: str = "auto", **kwargs) -> "FlashMoELayer":
@@ -217,3 +312,8 @@ class FlashMoELayer(nn.Module):
         if self.virtual_world > 1:
             parts.append(f"virtual_world={self.virtual_world}")
         return ", ".join(parts)
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -40,11 +40,18 @@ Precision (``math=``)
     'native'    what a torch user gets in the dtype: matmuls, activation, weighting and the
                 sum all in the dtype (TF32 operands for float32), as transformers' experts do.
                 ``flashmoe.accuracy`` compares the kernel's error with this one's.
-Routing is identical in all three, so they differ only by rounding.
+    'mixed'     the CPU/GPU backend's fast path: the contract, with each expert GEMM a torch
+                matmul in the dtype (fp32 accumulation inside the GEMM; its result rounded to
+                the dtype) where torch has a fast one (bfloat16 everywhere, float16 on CUDA
+                and for a few rows on a CPU; elsewhere the operands go to fp32). Activation, weighting and the sum stay
+                fp32, rounded once. For float32 it is 'fp32' exactly.
+Routing is identical in all four, so they differ only by rounding. Autocast never applies: the
+router is fp32 and the experts compute in the dtype of their operands.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +59,7 @@ import torch.nn.functional as F
 
 from .config import MoEConfig
 
-MATH_MODES = ("contract", "fp32", "native")
+MATH_MODES = ("contract", "fp32", "native", "mixed")
 
 
 @dataclass
@@ -93,6 +100,19 @@ def route(x2d: torch.Tensor, weights: MoEWeights, config: MoEConfig,
           token_index: torch.Tensor | None = None, num_tokens_total: int | None = None) -> Routing:
     """Route T tokens. ``token_index`` / ``num_tokens_total`` place them among all ranks' tokens
     for the capacity ranking (default: these tokens are all there is, in order)."""
+    with no_autocast(x2d.device):
+        return _route(x2d, weights, config, token_index, num_tokens_total)
+
+
+def no_autocast(device: torch.device):
+    """A context where autocast is off on ``device``: the router is fp32 by contract, and a
+    matmul that autocast recasts would no longer compute what this module defines."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _route(x2d, weights, config, token_index, num_tokens_total) -> Routing:
     logits = router_logits(x2d, weights.router_weight)
     scores = torch.softmax(logits, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits)
     select = scores
@@ -154,15 +174,16 @@ def capacity_keep(ids: torch.Tensor, w: torch.Tensor, config: MoEConfig,
     return kept.view_as(ids)
 
 
-def activation(h: torch.Tensor, name: str) -> torch.Tensor:
+def activation(h: torch.Tensor, name: str, inplace: bool = False) -> torch.Tensor:
+    """act(h); ``inplace`` overwrites h where torch has an in-place form (silu, relu)."""
     if name == "silu":
-        return F.silu(h)
+        return F.silu(h, inplace=inplace)
     if name == "gelu":
         return F.gelu(h)
     if name == "gelu_tanh":
         return F.gelu(h, approximate="tanh")
     if name == "relu":
-        return F.relu(h)
+        return F.relu(h, inplace=inplace)
     raise ValueError(f"activation={name!r}")
 
 
@@ -174,27 +195,57 @@ def _tf32(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), rounded, t.float())
 
 
+# Rows above which a CPU float16 GEMM is slower than converting its operands to float32: torch's
+# CPU float16 matmul is fast as a matrix-vector product only (measured: 8 rows break even with
+# the conversion, 2048 rows are ~200x slower than bfloat16).
+CPU_FP16_ROWS = 8
+
+
+def fast_matmul_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
+    """The dtype the 'mixed' math runs a GEMM of ``rows`` rows of ``dtype`` operands in: the
+    dtype itself where torch has a fast matmul for it, else float32."""
+    if dtype == torch.float16 and device.type == "cpu" and rows > CPU_FP16_ROWS:
+        return torch.float32
+    return dtype
+
+
+def _grouped_mm_serves(x: torch.Tensor, rows: list[int]) -> bool:
+    """torch's grouped GEMM runs the 'mixed' experts of ``x`` on its device: on the CPU, when
+    every expert's GEMM runs in x's own low-precision dtype (its CUDA one needs layouts and
+    architectures the loop does not)."""
+    return (hasattr(F, "grouped_mm") and x.device.type == "cpu" and x.shape[0] > 0
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and fast_matmul_dtype(x.dtype, x.device, max(rows)) == x.dtype)
+
+
+def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """act(gate) * up for a gated expert (h = [gate, up] along the last dim), else act(h);
+    computed in ``dtype`` (default h's). The product promotes the up half in the same pass
+    instead of a separate copy, and runs in place unless autograd records it (a fresh output
+    costs more than the multiplication)."""
+    recording = torch.is_grad_enabled() and h.requires_grad
+    if config.gated:
+        g, u = h.chunk(2, dim=-1)
+        fresh = dtype is not None and dtype != g.dtype      # g.to(dtype) is then a new tensor
+        a = activation(g.to(dtype or g.dtype), config.activation, inplace=fresh and not recording)
+        return a * u if recording else a.mul_(u)
+    return activation(h.to(dtype or h.dtype), config.activation)
+
+
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, config: MoEConfig,
                math: str = "contract") -> torch.Tensor:
     """One expert (or the fused shared MLP) on rows ``x`` [n, H]. Returns [n, H]: fp32 for
     math='fp32', else the dtype of ``x``."""
     dtype = x.dtype
+    if math == "mixed":
+        fast = fast_matmul_dtype(dtype, x.device, x.shape[0])
+        h = _activate(x.to(fast) @ gate_up.to(fast).t(), config, torch.float32).to(dtype)
+        return (h.to(fast) @ down.to(fast).t()).to(dtype)
     tf32 = dtype == torch.float32 and math != "fp32"
     if math == "native" and dtype != torch.float32:
-        h = x @ gate_up.t()
-        if config.gated:
-            g, u = h.chunk(2, dim=-1)
-            h = activation(g, config.activation) * u
-        else:
-            h = activation(h, config.activation)
-        return h @ down.t()
+        return _activate(x @ gate_up.t(), config) @ down.t()
     operand = _tf32 if tf32 else (lambda t: t.float())
-    h = operand(x) @ operand(gate_up).t()
-    if config.gated:
-        g, u = h.chunk(2, dim=-1)
-        h = activation(g, config.activation) * u
-    else:
-        h = activation(h, config.activation)
+    h = _activate(operand(x) @ operand(gate_up).t(), config)
     if math == "fp32":
         return h @ down.float().t()
     h = h.to(dtype)
@@ -209,38 +260,95 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: s
         raise ValueError(f"math={math!r}: allowed are {', '.join(MATH_MODES)}")
     lead, hidden = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, hidden)
-    if routing is None:
-        routing = route(x2d, weights, config)
-    acc_dtype = x.dtype if math == "native" else torch.float32
-    t = x2d.shape[0]
-
-    # y[t, j]: the output of token t's j-th expert; computed expert by expert.
-    y = torch.zeros(t, config.top_k, hidden, dtype=acc_dtype, device=x.device)
-    live = routing.kept
-    for e in torch.unique(routing.ids[live]).tolist():
-        tok, slot = torch.nonzero((routing.ids == e) & live, as_tuple=True)
-        y[tok, slot] = expert_mlp(x2d[tok], weights.gate_up_proj[e], weights.down_proj[e], config,
-                                  math).to(acc_dtype)
-    shared = None
-    if config.num_shared_experts:
-        shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj, config, math)
-    return combine(y, shared, routing, math, x.dtype).reshape(*lead, hidden)
+    with no_autocast(x.device):
+        if routing is None:
+            routing = route(x2d, weights, config)
+        tok, slot, y = routed_experts(x2d, routing, weights.gate_up_proj, weights.down_proj,
+                                      config, math)
+        shared = None
+        if config.num_shared_experts:
+            shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
+                                config, math)
+        return combine(tok, slot, y, shared, routing, math, x.dtype).reshape(*lead, hidden)
 
 
-def combine(y: torch.Tensor, shared: torch.Tensor | None, routing: Routing, math: str,
-            dtype: torch.dtype) -> torch.Tensor:
-    """The combine step on expert outputs ``y[T, k, H]`` and the shared output ``shared[T, H]``
-    (or None): sum of the kept slots' weighted outputs in slot order, shared last, rounded once.
-    ``dtype`` is the input's dtype. Shared here so the expert-parallel path (flashmoe.distributed)
-    combines in exactly the same order as the single-process one."""
+def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    gate_up: torch.Tensor, down: torch.Tensor, config: MoEConfig,
+                    math: str = "contract") -> torch.Tensor:
+    """The experts and combine with the routing given: token t goes to experts
+    ``topk_ids[t, j]`` with weights ``topk_weights[t, j]`` (an id outside 0..E-1 marks "no
+    expert" and is skipped); ``x[T, H]`` -> [T, H]. Only ``config.gated`` and
+    ``config.activation`` are read (E, H, I come from the tensors)."""
+    if math not in MATH_MODES:
+        raise ValueError(f"math={math!r}: allowed are {', '.join(MATH_MODES)}")
+    num_experts = gate_up.shape[0]
+    live = (topk_ids >= 0) & (topk_ids < num_experts)
+    routing = Routing(ids=torch.where(live, topk_ids, 0).long(), weights=topk_weights.float(),
+                      kept=live)
+    with no_autocast(x.device):
+        tok, slot, y = routed_experts(x, routing, gate_up, down, config, math)
+        return combine(tok, slot, y, None, routing, math, x.dtype)
+
+
+def routed_experts(x2d: torch.Tensor, routing: Routing, gate_up: torch.Tensor, down: torch.Tensor,
+                   config: MoEConfig, math: str):
+    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]``."""
+    tok, slot, rows = expert_rows(routing, gate_up.shape[0])
+    return tok, slot, run_experts(x2d[tok], rows, gate_up, down, config, math)
+
+
+def expert_rows(routing: Routing, num_experts: int):
+    """The kept (token, slot) pairs grouped by expert, tokens in order within an expert:
+    (tok, slot, rows), ``rows[e]`` the number of pairs expert e has (a list: one host sync)."""
+    tok, slot = torch.nonzero(routing.kept, as_tuple=True)
+    expert = routing.ids[tok, slot]
+    order = torch.argsort(expert, stable=True)
+    rows = torch.bincount(expert, minlength=num_experts).tolist()
+    return tok[order], slot[order], rows
+
+
+def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+                config: MoEConfig, math: str) -> torch.Tensor:
+    """Expert e on the next ``rows[e]`` rows of ``x``, for every e: [sum(rows), H] (fp32 for
+    math='fp32', else x's dtype)."""
+    if math == "mixed" and _grouped_mm_serves(x, rows):
+        # One grouped GEMM per projection: the same products as one matmul per expert (checked
+        # bitwise by the tests), without a call and a copy per expert.
+        offs = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
+        h = _activate(F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs), config, torch.float32)
+        return F.grouped_mm(h.to(x.dtype), down.transpose(1, 2), offs=offs)
+    pieces, start = [], 0
+    for e, n in enumerate(rows):
+        if n:
+            pieces.append(expert_mlp(x[start:start + n], gate_up[e], down[e], config, math))
+            start += n
+    if pieces:
+        return torch.cat(pieces)
+    return x.new_zeros(0, x.shape[1], dtype=torch.float32 if math == "fp32" else x.dtype)
+
+
+def combine(tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, shared: torch.Tensor | None,
+            routing: Routing, math: str, dtype: torch.dtype) -> torch.Tensor:
+    """The combine step: ``y[n]`` is the expert output of token ``tok[n]``'s slot ``slot[n]``
+    (kept pairs only, each at most once), ``shared[T, H]`` the shared output or None. Sums the
+    weighted outputs in slot order j = 0..k-1, shared last, and rounds once; ``dtype`` is the
+    input's. Shared with the expert-parallel path (flashmoe.distributed) so it combines in
+    exactly the same order as one process."""
     acc_dtype = dtype if math == "native" else torch.float32
     out_dtype = torch.float32 if math == "fp32" else dtype
-    y = y.to(acc_dtype)
-    live = routing.kept
-    w = routing.weights.to(acc_dtype)
-    out = torch.zeros(y.shape[0], y.shape[2], dtype=acc_dtype, device=y.device)
-    for j in range(y.shape[1]):                 # fixed slot order
-        out = out + torch.where(live[:, j:j + 1], w[:, j:j + 1] * y[:, j], 0)
+    (t, k), hidden = routing.ids.shape, y.shape[1]
+    # y slot-major ([slot, token]: each slot's rows contiguous), zeros where a pair was dropped,
+    # whose weight becomes 0 (so a NaN weight of a dropped pair contributes nothing).
+    position = slot * t + tok
+    if position.shape[0] == t * k:     # every pair kept: one gather
+        y = y[torch.argsort(position)]
+    else:
+        y = y.new_zeros(t * k, hidden).index_put((position,), y)
+    y = y.view(k, t, hidden)
+    w = torch.where(routing.kept, routing.weights, 0).to(acc_dtype)
+    out = torch.zeros(t, hidden, dtype=acc_dtype, device=y.device)
+    for j in range(k):                 # fixed slot order
+        out += w[:, j, None] * y[j]                 # y promotes to acc_dtype
     if shared is not None:
         shared = shared.to(acc_dtype)
         if routing.shared_gate is not None:

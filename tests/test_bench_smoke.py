@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:          # bench/ is a directory of scripts, not a
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
-from bench import bench_layer, sweep_ep  # noqa: E402
+from bench import bench_cpu, bench_layer, sweep_ep  # noqa: E402
 
 
 def _outputs(directory: Path, prefix: str) -> dict:
@@ -87,3 +87,13 @@ def test_multiprocess_mode_says_what_is_missing(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert sweep_ep.main(["--multiprocess"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_bench_cpu_prints_both_times_and_errors_within_the_rule(capsys):
+    rows = bench_cpu.main(["--tokens", "4", "33", "--hidden", "64", "--intermediate", "32",
+                           "--experts", "8", "--top-k", "2", "--repeats", "1"])
+    assert [r["tokens"] for r in rows] == [4, 33]
+    for r in rows:
+        assert r["flashmoe_ms"] > 0 and r["hf_grouped_mm_ms"] > 0
+        assert r["flashmoe_err"] <= r["tolerance"] and r["hf_err"] <= r["tolerance"]
+    assert "speed-up" in capsys.readouterr().out

@@ -136,8 +136,7 @@ def check_layer(rank, world):
     assert_close(out.reshape(-1, 16), expected, "layer")
     assert layer.last_backend == "reference"
 
-    with pytest.raises(RuntimeError, match="computes no gradients"):
-        layer(x[:1])                               # parameters require grad: refused, not wrong
+    check_backward(layer, full, x, counts, rank)
 
     # from_hf with a process group copies this rank's experts only
     torch.manual_seed(11)
@@ -152,6 +151,26 @@ def check_layer(rank, world):
         out = layer(x[start:start + counts[rank]])
         expected = block(x.reshape(1, -1, 16)).reshape(-1, 16)[start:start + counts[rank]]
     assert_close(out, expected, "from_hf", rtol=1e-5, atol=1e-5)
+
+
+def check_backward(layer, full, x, counts, rank):
+    """Gradients of every parameter and of the input equal one process's on the concatenated
+    batch with the sum of all ranks' losses (also on the rank with no tokens)."""
+    start, mine = sum(counts[:rank]), layer.local_experts
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))   # d loss / d out
+    x_all = x.clone().requires_grad_()
+    (full(x_all) * g).sum().backward()
+    x_mine = x[start:start + counts[rank]].clone().requires_grad_()
+    for _ in range(2):                             # twice: gradients accumulate alike
+        (layer(x_mine) * g[start:start + counts[rank]]).sum().backward()
+    assert layer.last_backend == "reference"
+    assert_close(x_mine.grad, 2 * x_all.grad[start:start + counts[rank]], "x.grad", atol=1e-5)
+    for name, p in layer.named_parameters():
+        expected = dict(full.named_parameters())[name].grad
+        if name in ("gate_up_proj", "down_proj"):
+            expected = expected[mine.start:mine.stop]
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert_close(p.grad, 2 * expected, f"{name}.grad", rtol=1e-4, atol=1e-5)
 
 
 def worker(rank, world, init_file):

@@ -215,10 +215,10 @@ def test_group_choice_on_cpu_inputs_is_the_reference_without_a_collective(monkey
     config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)
     x = torch.zeros(3, 16)
     cache = {}
-    assert backend_select.group_choose("auto", config, x, None, object(), cache) == "reference"
+    assert backend_select.group_choose("auto", config, x, False, object(), cache) == "reference"
     assert "CUDA" in cache[x.device]
     with pytest.raises(KernelUnavailable, match="ep_forward"):
-        backend_select.group_choose("kernel", config, x, None, object(), cache)
+        backend_select.group_choose("kernel", config, x, False, object(), cache)
 
 
 def test_group_backend_reasons_without_a_gpu():

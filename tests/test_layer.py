@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashmoe import FlashMoELayer, KernelUnavailable, MoEConfig, reference
-from flashmoe import backend_select
+from flashmoe import accuracy, backend_select
 
 FULL = dict(hidden_size=16, intermediate_size=8, num_experts=8, top_k=2, dtype="float32",
             scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2, norm_topk_prob=True,
@@ -71,13 +71,17 @@ def test_forward_matches_the_reference_in_any_leading_shape():
     assert layer.last_backend == "reference"
 
 
-def test_bf16_output_is_the_fp32_reference_rounded_once():
-    config = make(dtype="bfloat16", num_shared_experts=1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_output_is_the_mixed_math_within_the_accuracy_rule(dtype):
+    config = make(dtype=dtype, num_shared_experts=1, top_k=3)
     layer = FlashMoELayer(config)
-    x = torch.randn(5, 16, dtype=torch.bfloat16)
-    out = layer(x)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, reference.moe_forward(x, layer.weights(), config, math="fp32").bfloat16())
+    x = torch.randn(40, 16, dtype=config.torch_dtype)
+    with torch.no_grad():
+        out = layer(x)
+        assert out.dtype == config.torch_dtype
+        assert torch.equal(out, reference.moe_forward(x, layer.weights(), config, math="mixed"))
+        ok, err, tol = accuracy.check(out, x, layer.weights(), config)
+    assert ok and err > 0, (err, tol)
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (4, 0, 16)])
@@ -117,10 +121,14 @@ def test_bad_constructor_arguments():
         FlashMoELayer(dict(hidden_size=16))
 
 
-def test_casting_the_layer_is_caught_at_forward():
-    layer = FlashMoELayer(make()).to(torch.float16)
-    with pytest.raises(TypeError, match=r"weights.router_weight has dtype torch.float16: expected torch.float32"):
-        layer(torch.randn(2, 16))
+def test_an_unsupported_cast_is_caught_at_forward():
+    layer = FlashMoELayer(make()).double()
+    assert layer.router_weight.dtype == torch.float32 and layer.config.dtype == "float32"
+    with pytest.raises(TypeError, match=r"expert weights are torch.float64 \(after a cast\).*"
+                                        r"layer.to\(torch.bfloat16\)"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    layer.float()
+    assert layer(torch.randn(2, 16)).dtype == torch.float32
 
 
 def test_state_dict_round_trip():
@@ -261,3 +269,21 @@ def test_moving_the_layer_rebuilds_the_kernel(fake_kernel):
         layer.to("cpu")
         layer(torch.randn(2, 16))
     assert len(fake_kernel.created) == 2
+
+
+def test_the_emulated_kernel_is_reachable_from_the_layer():
+    # backend='emulated': the kernel's own source on the CPU emulator, for debugging without a GPU
+    config = make(hidden_size=64, intermediate_size=32, dtype="bfloat16")
+    layer = FlashMoELayer(config, backend="emulated", virtual_world=2,
+                          kernel_options={"timeout_s": 2.0})
+    x = torch.randn(37, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, routing = layer(x, return_routing=True)
+        ok, err, tol = accuracy.check(out, x, layer.weights(), config, routing=routing)
+    assert layer.last_backend == "emulated" and layer._kernel.emulate
+    assert ok, (err, tol)
+    assert torch.equal(routing.ids, reference.route(x, layer.weights(), config).ids)
+    with pytest.raises(KernelUnavailable, match="backend='emulated' cannot run: the kernel computes no gradients"):
+        layer(x)
+    with pytest.raises(KernelUnavailable, match="takes CPU tensors"):
+        backend_select.choose("emulated", config, torch.device("meta"), False)

@@ -157,14 +157,36 @@ def test_math_modes_differ_by_rounding_in_low_precision(dtype):
     ideal = moe_forward(x, w, config, math="fp32")
     eps = torch.finfo(config.torch_dtype).eps
     errors = {}
-    for math in ("contract", "native"):
+    for math in ("contract", "native", "mixed"):
         out = moe_forward(x, w, config, math=math)
         assert out.dtype == config.torch_dtype
         errors[math] = relative_error(out, ideal)
         # a few roundings of size eps/2 each, not a different computation
         assert 0 < errors[math] < 8 * eps
-    # contract keeps fp32 arithmetic between its roundings; native rounds after every op
+    # contract keeps fp32 arithmetic between its roundings; native rounds after every op;
+    # mixed rounds the first GEMM's result once more than contract
     assert errors["contract"] <= errors["native"]
+    assert errors["mixed"] <= errors["native"]
+
+
+@pytest.mark.parametrize("dtype,tokens", [("bfloat16", 3), ("bfloat16", 200), ("float16", 3),
+                                          ("float16", 200)])
+def test_mixed_experts_grouped_or_one_by_one_are_bitwise_equal(dtype, tokens):
+    # run_experts takes one grouped GEMM per projection where it can (CPU bf16; fp16 with few
+    # rows per expert), else a matmul per expert: the same products either way
+    from flashmoe import reference
+    config = small(dtype=dtype, hidden_size=64, intermediate_size=32, num_experts=8)
+    w = random_weights(config)
+    x = torch.randn(tokens, 64).to(config.torch_dtype)
+    routing = route(x, w, config)
+    tok, slot, rows = reference.expert_rows(routing, config.num_experts)
+    grouped = reference.run_experts(x[tok], rows, w.gate_up_proj, w.down_proj, config, "mixed")
+    one_by_one, start = [], 0
+    for e, n in enumerate(rows):
+        one_by_one.append(reference.expert_mlp(x[tok][start:start + n], w.gate_up_proj[e],
+                                               w.down_proj[e], config, "mixed"))
+        start += n
+    assert torch.equal(grouped, torch.cat(one_by_one))
 
 
 def test_routing_override_is_used():

@@ -157,9 +157,9 @@ def _device_checks(spec: KernelSpec) -> str:
                                      gate_up=1 << 20, down=1 << 24, num_experts=4)
     nb = spec.num_b_operands
     lines += [
-        f"using G = WgmmaTile<kBlockM, kBlockN, kNumB>;",
+        "using G = WgmmaTile<kBlockM, kBlockN, kNumB>;",
         f"static_assert(G::kPipeBytes == {spec.gemm_smem_bytes()}, \"spec.gemm_smem_bytes()\");",
-        f"static_assert(WgmmaTile<kBlockM, kBlockN, 1>::kPipeBytes == G::kPipeBytes, \"one pipeline\");",
+        "static_assert(WgmmaTile<kBlockM, kBlockN, 1>::kPipeBytes == G::kPipeBytes, \"one pipeline\");",
         f"static_assert(G::kBarrierBytes == {WGMMA_BARRIER_BYTES}, \"WGMMA_BARRIER_BYTES\");",
         f"static_assert(G::kBlockK == {maps['gate_up'].box[0]} && G::kBlockK == {maps['down'].box[0]}, \"box K\");",
         f"static_assert(G::kBBytes == {maps['gate_up'].box_bytes * nb}u, \"GEMM0 boxes per stage\");",

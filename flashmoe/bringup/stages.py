@@ -349,6 +349,9 @@ def robustness(st: Stage) -> str:
     else:
         st.case("CUDA graphs: capture per token count, replays with changing counts",
                 lambda: _pair(checks.check_graph(make, _cfg(num_experts=64, top_k=4), st.device)))
+        st.case("flashmoe.cuda_graphs on a layer: padded replays of any count up to the bound",
+                lambda: _pair(checks.check_layer_graphs(_cfg(num_experts=64, top_k=4,
+                                                             num_shared_experts=1), st.device)))
     return ""
 
 
