@@ -102,8 +102,7 @@ def choose(backend: str, config: MoEConfig, device: torch.device, grad: bool,
     if reason_cache is not None and key in reason_cache:
         reason = reason_cache[key]
     else:
-        reason = kernel_unavailable_reason(config, device, virtual_world, process_group,
-                                           **({"emulate": True} if emulate else {}))
+        reason = kernel_unavailable_reason(config, device, virtual_world, process_group, emulate)
         if reason_cache is not None:
             reason_cache[key] = reason
     which = _decide(backend, reason, grad, "the reference")

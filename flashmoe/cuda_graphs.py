@@ -109,7 +109,7 @@ def capture(layer, sizes=None, *, max_tokens: int | None = None) -> GraphedLayer
     with torch.no_grad():
         if graphed.device.type != "cuda":
             for n in sizes:
-                graphed.graphs[n] = _EagerReplay(layer, graphed.static_x[:n]).pair()
+                graphed.graphs[n] = _eager_replay(layer, graphed.static_x[:n])
             return graphed
         if layer.kernel_options.get("error_check") != "none":
             raise ValueError("build the layer with kernel_options={'error_check': 'none'} to "
@@ -134,16 +134,10 @@ def capture(layer, sizes=None, *, max_tokens: int | None = None) -> GraphedLayer
     return graphed
 
 
-class _EagerReplay:
-    """What a CPU 'graph' replays: the layer's forward on the static buffer, into one output."""
+def _eager_replay(layer, x):
+    """What a CPU 'graph' is: (replay, out), the forward on the static buffer into one output."""
+    out = torch.empty_like(x)
 
-    def __init__(self, layer, x):
-        self.layer, self.x = layer, x
-        self.out = torch.empty_like(x)
-
-    def __call__(self):
-        with torch.no_grad():
-            self.out.copy_(self.layer(self.x))
-
-    def pair(self):
-        return self, self.out
+    def replay():
+        out.copy_(layer(x))
+    return replay, out

@@ -164,10 +164,10 @@ def _moe_backward_fake(grad_out, x, router_weight, gate_up_proj, down_proj, sele
 @torch.library.custom_op("flashmoe::experts", mutates_args=())
 def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Tensor,
             down_proj: Tensor, activation: str, gated: bool, backend: str) -> Tensor:
-    # The kernel's routing-given entry point does not exist yet: every backend accepted here
-    # ('auto', 'reference') computes the reference.
+    # The kernel routes with its own router: every backend accepted here ('auto',
+    # 'reference') computes the reference.
     return reference.experts_forward(x, topk_ids, topk_weights, gate_up_proj, down_proj,
-                                     _experts_config(x, topk_ids, gate_up_proj, down_proj,
+                                     _experts_config(x, gate_up_proj, down_proj,
                                                      activation, gated),
                                      math=backend_select.REFERENCE_MATH).to(x.dtype).contiguous()
 
@@ -177,12 +177,17 @@ def _experts_fake(x, topk_ids, topk_weights, gate_up_proj, down_proj, activation
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _experts_config(x, topk_ids, gate_up_proj, down_proj, activation, gated) -> MoEConfig:
+def _experts_config(x, gate_up_proj, down_proj, activation, gated) -> MoEConfig:
     """The MoEConfig the reference's expert math reads (activation, gated); the sizes are the
     tensors' (top_k is not read: ids may hold more slots than local experts)."""
-    return _config(json.dumps(dict(hidden_size=x.shape[-1], intermediate_size=down_proj.shape[-1],
-                                   num_experts=gate_up_proj.shape[0], top_k=1,
-                                   activation=activation, gated=gated)), x.dtype)
+    return _sized_config(x.shape[-1], down_proj.shape[-1], gate_up_proj.shape[0], activation,
+                         gated, dtype_name(x.dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _sized_config(hidden, intermediate, num_experts, activation, gated, dtype) -> MoEConfig:
+    return MoEConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts,
+                     top_k=1, activation=activation, gated=gated, dtype=dtype)
 
 
 def _experts_setup_context(ctx, inputs, output):
@@ -205,7 +210,7 @@ experts.register_autograd(_experts_backward_autograd, setup_context=_experts_set
 def experts_backward(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                      gate_up_proj: Tensor, down_proj: Tensor, activation: str, gated: bool,
                      needs: list[bool]) -> list[Tensor]:
-    cfg = _experts_config(x, topk_ids, gate_up_proj, down_proj, activation, gated)
+    cfg = _experts_config(x, gate_up_proj, down_proj, activation, gated)
 
     def forward(x, ids, w, gate_up, down):
         return reference.experts_forward(x, ids, w, gate_up, down, cfg,

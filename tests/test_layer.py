@@ -217,8 +217,8 @@ def fake_kernel(monkeypatch):
     # pretend the CPU is a CUDA device for the availability check only
     real = backend_select.kernel_unavailable_reason
 
-    def on_any_device(config, device, virtual_world=1, process_group=None):
-        return real(config, torch.device("cuda", 0), virtual_world, process_group)
+    def on_any_device(config, device, virtual_world=1, process_group=None, emulate=False):
+        return real(config, torch.device("cuda", 0), virtual_world, process_group, emulate)
     monkeypatch.setattr(backend_select, "kernel_unavailable_reason", on_any_device)
     return FakeKernel
 
