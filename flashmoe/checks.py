@@ -262,7 +262,7 @@ def check_fault(make_backend, case: Case, device, stalled_rank: int) -> tuple[bo
     named = f"of rank {stalled_rank}" in message.splitlines()[0]
     result = run_case(backend, case, device)
     ok = named and result.passed
-    return ok, (f"raised after {time.time() - t0:.1f} s: {message.splitlines()[0]}; "
+    return ok, (f"raised after {time.time() - t0:.1f} s: {' | '.join(ln.strip() for ln in message.splitlines())}; "
                 f"next forward {'passed' if result.passed else 'FAILED: ' + result.detail}")
 
 
@@ -281,8 +281,8 @@ def check_fault_unchecked(make_backend, case: Case, device, stalled_rank: int) -
         backend.synchronize()
         raised = ""
     except FlashMoEError as exc:
-        raised = str(exc).splitlines()[0]
-    named = f"of rank {stalled_rank}" in raised
+        raised = " | ".join(ln.strip() for ln in str(exc).splitlines())
+    named = f"of rank {stalled_rank}" in raised.split(" | ")[0]
     return after.passed and named, (f"next forward {'passed' if after.passed else 'FAILED: ' + after.detail}; "
                                     f"synchronize() {'raised: ' + raised if raised else 'raised nothing'}")
 

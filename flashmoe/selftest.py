@@ -174,9 +174,32 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), lim
             detail = summary[-1] if summary else output[-400:]
             if code is None:
                 detail = f"killed after {limit_s:.0f} s; " + detail
+            findings = sanitizer_findings(output)
+            detail = "; ".join([detail] + [f"{f['count']}x {f['report']}" for f in findings[:3]])
             rows.append({"tool": tool, "case": name, "passed": code == 0, "seconds": round(time.time() - t0, 1),
-                         "detail": detail})
+                         "detail": detail, "findings": findings})
     return rows
+
+
+def sanitizer_findings(output: str, limit: int = 8, context: int = 4) -> list[dict]:
+    """compute-sanitizer's reports, one per distinct first line with how often it came and the
+    lines after the first of them (where: kernel, thread, address, API call), at most ``limit``."""
+    prefix = "========= "
+    found: dict[str, dict] = {}
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith(prefix) or line[len(prefix):][:1] in ("", " "):
+            continue
+        head = line[len(prefix):]
+        if head.startswith(("ERROR SUMMARY", "COMPUTE-SANITIZER", "RACECHECK SUMMARY", "LEAK SUMMARY")):
+            continue
+        if head in found:
+            found[head]["count"] += 1
+        elif len(found) < limit:
+            after = [ln[len(prefix):].strip() for ln in lines[i + 1: i + 1 + context]
+                     if ln.startswith(prefix + " ")]
+            found[head] = {"report": head, "count": 1, "first": after}
+    return list(found.values())
 
 
 def run_bounded(cmd: list[str], limit_s: float | None, **kwargs) -> tuple[int | None, str]:

@@ -114,3 +114,27 @@ def test_probes_compile_without_spills(arch, tmp_path, monkeypatch):
     names += ["flashmoe_probe_tma_box"] if spec.gemm == "wgmma" else []
     for name in names:
         assert cubin.kernel_info(kernel.cubin, name).entry, name
+
+
+def test_sanitizer_reports_are_grouped_by_their_first_line():
+    from flashmoe.selftest import sanitizer_findings
+    output = "\n".join([
+        "========= COMPUTE-SANITIZER",
+        "flashmoe selftest on NVIDIA H200",
+        "========= Invalid __global__ read of size 4 bytes",
+        "=========     at flashmoe_kernel+0x1a0",
+        "=========     by thread (3,0,0) in block (7,0,0)",
+        "=========     Address 0x7f00 is out of bounds",
+        "=========",
+        "========= Program hit CUDA_ERROR_NOT_FOUND (error 500) due to \"named symbol not found\" on CUDA API call "
+        "to cuGetProcAddress.",
+        "=========     Saved host backtrace up to driver entry point at error",
+        "========= Invalid __global__ read of size 4 bytes",
+        "=========     at flashmoe_kernel+0x1a0",
+        "========= ERROR SUMMARY: 3 errors",
+    ])
+    found = sanitizer_findings(output)
+    assert [(f["report"][:24], f["count"]) for f in found] == [
+        ("Invalid __global__ read ", 2), ("Program hit CUDA_ERROR_N", 1)]
+    assert found[0]["first"] == ["at flashmoe_kernel+0x1a0", "by thread (3,0,0) in block (7,0,0)",
+                                 "Address 0x7f00 is out of bounds"]

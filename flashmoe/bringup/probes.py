@@ -281,8 +281,9 @@ def check_router(runner: ProbeRunner, config: MoEConfig, tokens: int, seed: int 
 # ---------------------------------------------------------------- bounded flag waits
 
 def check_wait(runner: ProbeRunner, timeout_ns: int = 50_000_000) -> dict:
-    """mode 0: block 0 waits for a flag nobody sets and must time out after ``timeout_ns`` with
-    a record naming what it waited for; block 1, waiting too, must leave through the abort.
+    """mode 0: block 0 waits for a peer's flag nobody sets and must time out after ``timeout_ns``
+    with a record naming what it waited for; block 1, waiting as a combine does since before
+    block 0 began, must leave through the abort (its wait has more patience).
     mode 1: a flag another block sets in time is seen. Both launches must return."""
     flags = runner.tensor(torch.zeros(4, dtype=torch.int32))
     result = runner.tensor(torch.full((2,), 9, dtype=torch.int32))
@@ -295,7 +296,8 @@ def check_wait(runner: ProbeRunner, timeout_ns: int = 50_000_000) -> dict:
     timeout_ok = (0 in by_rank and by_rank[0].code == abi.ErrorCode.TIMEOUT and by_rank[0].waited_ns >= timeout_ns
                   and by_rank[0].what == abi.WaitKind.DATA_FLAG and by_rank[0].expected == 1
                   and by_rank[0].observed == 0)
-    abort_ok = 1 in by_rank and by_rank[1].code == abi.ErrorCode.ABORTED
+    abort_ok = (1 in by_rank and by_rank[1].code == abi.ErrorCode.ABORTED
+                and by_rank[1].what == abi.WaitKind.DONE_FLAG)
     failed_waits = result.cpu().tolist() == [0, 0]
     described = [describe_record(r) for r in records]
 

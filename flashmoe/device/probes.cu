@@ -165,9 +165,12 @@ flashmoe_probe_wait(const __grid_constant__ ProbeArgs a) {
   const WaitSite site{kTaskWait, kWaitDataFlag, blockIdx.x};
   const u64 t0 = globaltimer_ns();
   if (a.mode == 0) {
-    if (blockIdx.x == 1)
+    // Block 1 waits as a combine does, from the start; block 0 for a peer's rows, half a timeout
+    // later. Block 0 must still expire first (wait.cuh patience_ns) and block 1 leave by the abort.
+    if (blockIdx.x == 0)
       while (globaltimer_ns() - t0 < p.timeout_ns / 2) sleep_ns(1000);
-    a.result[blockIdx.x] = wait_reached<false>(p, c, &a.flags[blockIdx.x], 1, site) ? 1 : 0;
+    const WaitSite waits = blockIdx.x == 0 ? site : WaitSite{kTaskCombine, kWaitDoneFlag, blockIdx.x};
+    a.result[blockIdx.x] = wait_reached<false>(p, c, &a.flags[blockIdx.x], 1, waits) ? 1 : 0;
   } else if (blockIdx.x == 1) {
     while (globaltimer_ns() - t0 < 5000) sleep_ns(1000);
     st_release_gpu(&a.flags[0], 7);

@@ -53,7 +53,21 @@ __device__ __noinline__ void record_error(const Params& p, int local, u32 tag, u
   }
 }
 
-// The one spin of the kernel: calls poll(seen) until it returns true, at most p.timeout_ns, and
+// How long a wait may take. A wait whose signal comes only after other waits of the launch end
+// gets more time than they do: GEMM1 waits for GEMM0, which waits for a source's rows; a combine
+// waits for results that wait for GEMM1. All of them start within moments of each other, so with
+// equal bounds chance decides which expires first; with these, when a rank stalls, the wait on
+// its missing signal expires first and the error names that rank, not a wait downstream of it.
+__device__ __forceinline__ u64 patience_ns(const Params& p, u32 what) {
+  switch (what) {
+    case kWaitTileDone:
+    case kWaitSelectDone: return 2 * p.timeout_ns;
+    case kWaitDoneFlag: return 3 * p.timeout_ns;
+    default: return p.timeout_ns;   // a peer's counts or rows, a barrier, the GEMM pipeline
+  }
+}
+
+// The one spin of the kernel: calls poll(seen) until it returns true, at most patience_ns, and
 // leaves early when this launch is aborted; false means the error is recorded (`expected` and the
 // last `seen` go into the record). kBackoff sleeps between polls (flags in global memory); an
 // mbarrier try_wait suspends in hardware by itself.
@@ -61,7 +75,7 @@ template <bool kBackoff, class Poll>
 __device__ __forceinline__ bool bounded_wait(const Params& p, const Ctx& c, WaitSite site, u32 expected, Poll poll) {
   u32 seen = 0;
   if (poll(seen)) return true;
-  const u64 start = globaltimer_ns();
+  const u64 start = globaltimer_ns(), limit = patience_ns(p, site.what);
   for (u32 backoff = 32;;) {
     if (kBackoff) {
       sleep_ns(backoff);
@@ -73,7 +87,7 @@ __device__ __forceinline__ bool bounded_wait(const Params& p, const Ctx& c, Wait
       record_error(p, c.local, abort_tag(c), kErrAborted, site, expected, seen, waited);
       return false;
     }
-    if (waited > p.timeout_ns) {
+    if (waited > limit) {
       record_error(p, c.local, abort_tag(c), kErrTimeout, site, expected, seen, waited);
       return false;
     }
