@@ -14,7 +14,7 @@ of running side by side, so a forward waits a time slice or more per exchange (u
 --timeout), and nothing guarantees progress. It is a correctness smoke test, not a benchmark.
 
 Exit codes: 0 all forwards match, 1 a mismatch, 2 the GPUs are missing, 3 the platform refused
-several PEs on one GPU (the message says how).
+several PEs on one GPU (the message says how). torchrun itself exits 1 when a process fails.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from flashmoe import FlashMoELayer, MoEConfig
 from flashmoe.accuracy import max_abs_error, tolerance
 from flashmoe.distributed import ep_forward
+from flashmoe.host.runtime import NvshmemUnavailable
 
 
 def parse_args(argv=None):
@@ -98,6 +99,8 @@ def run(args, rank: int, world: int, device: torch.device) -> int:
                 out = layer(x.to(device))
                 layer.synchronize()
                 ms = (time.perf_counter() - start) * 1e3
+        except NvshmemUnavailable:          # an installation problem; its message says what to install
+            raise
         except Exception as e:              # noqa: BLE001 - the platform's own refusal, reported
             if args.same_gpu and step == 0:
                 print(f"rank {rank}: several NVSHMEM PEs on one GPU refused by the platform: "

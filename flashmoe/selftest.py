@@ -24,6 +24,7 @@ import fnmatch
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -176,9 +177,23 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), lim
                 detail = f"killed after {limit_s:.0f} s; " + detail
             findings = sanitizer_findings(output)
             detail = "; ".join([detail] + [f"{f['count']}x {f['report']}" for f in findings[:3]])
-            rows.append({"tool": tool, "case": name, "passed": code == 0, "seconds": round(time.time() - t0, 1),
-                         "detail": detail, "findings": findings})
+            rows.append({"tool": tool, "case": name, "passed": code == 0 or _only_foreign(output, findings),
+                         "seconds": round(time.time() - t0, 1), "detail": detail, "findings": findings})
     return rows
+
+
+# Reports that are not flashmoe's. cuda-bindings resolves every driver entry point it knows when
+# it loads; each one this driver does not have comes back CUDA_ERROR_INVALID_VALUE, which memcheck
+# reports as an API error (34 of them on an H200 with driver 580, CUDA 13.0). Every driver call
+# flashmoe makes is checked and raises, so its own API errors fail the case without memcheck.
+FOREIGN_REPORTS = ("on CUDA API call to cuGetProcAddress",)
+
+
+def _only_foreign(output: str, findings: list[dict]) -> bool:
+    """Whether every error the tool counted is one of FOREIGN_REPORTS (and there was a summary)."""
+    total = re.findall(r"ERROR SUMMARY: (\d+) error", output)
+    foreign = sum(f["count"] for f in findings if any(r in f["report"] for r in FOREIGN_REPORTS))
+    return bool(total) and int(total[-1]) == foreign
 
 
 def sanitizer_findings(output: str, limit: int = 8, context: int = 4) -> list[dict]:

@@ -138,3 +138,13 @@ def test_sanitizer_reports_are_grouped_by_their_first_line():
         ("Invalid __global__ read ", 2), ("Program hit CUDA_ERROR_N", 1)]
     assert found[0]["first"] == ["at flashmoe_kernel+0x1a0", "by thread (3,0,0) in block (7,0,0)",
                                  "Address 0x7f00 is out of bounds"]
+
+
+def test_memcheck_passes_when_only_cuda_bindings_lookups_were_reported():
+    from flashmoe.selftest import _only_foreign, sanitizer_findings
+    lookup = ("========= Program hit CUDA_ERROR_INVALID_VALUE (error 1) due to \"invalid argument\" on CUDA API "
+              "call to cuGetProcAddress_v2.\n=========     Saved host backtrace up to driver entry point at error\n")
+    ours = "========= Invalid __global__ write of size 16 bytes\n=========     at flashmoe_kernel+0x40\n"
+    for body, n, ok in ((lookup * 3, 3, True), (lookup * 3 + ours, 4, False), (ours, 1, False), ("", None, False)):
+        output = body + (f"========= ERROR SUMMARY: {n} errors\n" if n is not None else "")
+        assert _only_foreign(output, sanitizer_findings(output)) is ok
