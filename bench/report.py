@@ -9,35 +9,28 @@ import math
 import os
 import platform
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
+from flashmoe import environment
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def run_metadata(device: torch.device, dry_run: bool) -> dict:
     """What a result needs next to it to be read later: code, software, hardware, date."""
     now = datetime.datetime.now(datetime.timezone.utc)
+    commit = environment.commit()      # FLASHMOE_GIT_COMMIT first: a copied tree's .git may be stale
     meta = {
         "date_utc": now.isoformat(timespec="seconds"),
         "stamp": now.strftime("%Y%m%d-%H%M%S"),
         "dry_run": dry_run,
-        # FLASHMOE_GIT_COMMIT names the code where the tree was copied without its .git.
-        "git_commit": _run(["git", "rev-parse", "HEAD"]) or os.environ.get("FLASHMOE_GIT_COMMIT"),
-        # Uncommitted changes mean the commit alone does not say what ran.
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        # Uncommitted changes ('+dirty') mean the commit alone does not say what ran.
+        "git_commit": commit.removesuffix("+dirty"),
+        "git_dirty": commit.endswith("+dirty"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -53,9 +46,7 @@ def run_metadata(device: torch.device, dry_run: bool) -> dict:
         meta.update(device_name=torch.cuda.get_device_name(device), sm_count=props.multi_processor_count,
                     l2_bytes=int(props.L2_cache_size), memory_bytes=int(props.total_memory),
                     capability=f"{props.major}.{props.minor}")
-        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
-                       f"--id={device.index or 0}"])
-        meta["driver"] = driver.splitlines()[0] if driver else None
+        meta["driver"] = environment.smi_query(("driver_version",), device.index or 0).get("driver_version")
     else:
         meta.update(device_name=f"cpu ({platform.processor() or platform.machine()})", driver=None)
     return meta

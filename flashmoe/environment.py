@@ -24,8 +24,11 @@ COMMIT_ENV = "FLASHMOE_GIT_COMMIT"
 
 
 def commit() -> str:
-    """The checkout's commit (``FLASHMOE_GIT_COMMIT`` where there is no git repository, as on a
-    machine that got a copy of the working tree), with '+dirty' when files differ from it."""
+    """The checkout's commit, with '+dirty' when files differ from it. ``FLASHMOE_GIT_COMMIT``,
+    where set, is the answer: a machine that got a copy of the working tree may have no git
+    repository, or a stale one (seen on a GPU machine: a .git naming an older commit)."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root,
@@ -34,7 +37,7 @@ def commit() -> str:
                                text=True, cwd=root, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get(COMMIT_ENV) or "unknown"
+        return "unknown"
 
 
 def _version(name: str) -> str | None:
@@ -74,11 +77,18 @@ def describe(device: torch.device | None = None) -> dict:
                  "smem_per_block_optin": props.shared_memory_per_block_optin,
                  "l2_bytes": getattr(props, "L2_cache_size", None),
                  "driver_cuda": _guard(lambda: ".".join(map(str, driver_version())))})
-    smi = shutil.which("nvidia-smi")
+    smi = smi_query(("driver_version", "clocks.max.sm", "power.limit"), device.index or 0)
     if smi:
-        query = subprocess.run([smi, "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader",
-                                f"--id={device.index or 0}"], capture_output=True, text=True)
-        fields = [f.strip() for f in query.stdout.split(",")] if query.returncode == 0 else []
-        if len(fields) == 3:
-            info.update(driver=fields[0], sm_clock_max=fields[1], power_limit=fields[2])
+        info.update(driver=smi["driver_version"], sm_clock_max=smi["clocks.max.sm"], power_limit=smi["power.limit"])
     return info
+
+
+def smi_query(fields: tuple[str, ...], index: int = 0) -> dict:
+    """nvidia-smi's values of ``fields`` for GPU ``index`` (no CUDA context needed); {} without it."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return {}
+    query = subprocess.run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader", f"--id={index}"],
+                           capture_output=True, text=True)
+    values = [v.strip() for v in query.stdout.split(",")] if query.returncode == 0 else []
+    return dict(zip(fields, values)) if len(values) == len(fields) else {}

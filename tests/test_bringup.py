@@ -148,3 +148,12 @@ def test_memcheck_passes_when_only_cuda_bindings_lookups_were_reported():
     for body, n, ok in ((lookup * 3, 3, True), (lookup * 3 + ours, 4, False), (ours, 1, False), ("", None, False)):
         output = body + (f"========= ERROR SUMMARY: {n} errors\n" if n is not None else "")
         assert _only_foreign(output, sanitizer_findings(output)) is ok
+
+
+def test_a_named_commit_wins_over_the_checkout(monkeypatch):
+    # A GPU machine got a copy of the tree with a .git naming an older commit: the name given wins.
+    from flashmoe import environment
+    monkeypatch.setenv(environment.COMMIT_ENV, "c0ffee")
+    assert environment.commit() == "c0ffee"
+    monkeypatch.delenv(environment.COMMIT_ENV)
+    assert environment.commit() not in ("c0ffee", "unknown")

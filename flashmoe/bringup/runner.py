@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
     jsonl = args.out / "bringup.jsonl"
     t_start = time.monotonic()
-    from ..environment import commit
+    from ..environment import commit, smi_query
     append(jsonl, {"type": "start", "argv": sys.argv[1:] if argv is None else list(argv), "commit": commit(),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
                    "emulate": args.emulate, "stages": names})
@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     statuses = {n: r["status"] for n, r in results.items()}
     failed = [n for n, s in statuses.items() if s in ("failed", "timeout", "crashed")]
     described = find(jsonl, type="case", stage="environment", case="describe") or {}
+    if not described and not args.emulate:      # a run without the environment stage: ask nvidia-smi
+        smi = smi_query(("name", "driver_version"))
+        described = {"device": smi.get("name"), "driver": smi.get("driver_version")}
     append(jsonl, {"type": "summary", "stages": statuses, "failed": failed, "budget_s": args.budget_s,
                    "seconds": round(time.monotonic() - t_start, 1), "commit": commit(),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
