@@ -246,6 +246,11 @@ def check_determinism(make_backend, case: Case, device, worlds=(1, 2, 4, 8)) -> 
     return True, "bitwise identical across runs and W in " + ",".join(map(str, worlds))
 
 
+def _one_line(message: str) -> str:
+    """A FlashMoEError's message (a line per hosted rank's record) on one line."""
+    return " | ".join(line.strip() for line in message.splitlines())
+
+
 def check_fault(make_backend, case: Case, device, stalled_rank: int) -> tuple[bool, str]:
     """A stalled rank gives a FlashMoEError that names it; the next forward works again."""
     from .errors import FlashMoEError
@@ -258,11 +263,12 @@ def check_fault(make_backend, case: Case, device, stalled_rank: int) -> tuple[bo
         return False, "the stalled launch raised nothing"
     except FlashMoEError as exc:
         message = str(exc)
-    # Whoever timed out first waited for the stalled rank: its rows or its results.
+    # The first wait to expire is one on the stalled rank's counts or rows (wait.cuh patience_ns);
+    # the message starts with its record.
     named = f"of rank {stalled_rank}" in message.splitlines()[0]
     result = run_case(backend, case, device)
     ok = named and result.passed
-    return ok, (f"raised after {time.time() - t0:.1f} s: {' | '.join(ln.strip() for ln in message.splitlines())}; "
+    return ok, (f"raised after {time.time() - t0:.1f} s: {_one_line(message)}; "
                 f"next forward {'passed' if result.passed else 'FAILED: ' + result.detail}")
 
 
@@ -281,8 +287,9 @@ def check_fault_unchecked(make_backend, case: Case, device, stalled_rank: int) -
         backend.synchronize()
         raised = ""
     except FlashMoEError as exc:
-        raised = " | ".join(ln.strip() for ln in str(exc).splitlines())
-    named = f"of rank {stalled_rank}" in raised.split(" | ")[0]
+        raised = str(exc)
+    named = f"of rank {stalled_rank}" in raised.splitlines()[0] if raised else False
+    raised = _one_line(raised)
     return after.passed and named, (f"next forward {'passed' if after.passed else 'FAILED: ' + after.detail}; "
                                     f"synchronize() {'raised: ' + raised if raised else 'raised nothing'}")
 

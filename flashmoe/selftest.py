@@ -182,10 +182,10 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), lim
     return rows
 
 
-# Reports that are not flashmoe's. cuda-bindings resolves every driver entry point it knows when
-# it loads; each one this driver does not have comes back CUDA_ERROR_INVALID_VALUE, which memcheck
-# reports as an API error (34 of them on an H200 with driver 580, CUDA 13.0). Every driver call
-# flashmoe makes is checked and raises, so its own API errors fail the case without memcheck.
+# Reports that are not flashmoe's. On an H200 (driver 580, CUDA 13.0) memcheck reported 34 API
+# errors, every one CUDA_ERROR_INVALID_VALUE from cuGetProcAddress_v2 called inside cuda-bindings'
+# driver loader (cydriver) as it looks up driver entry points. Every driver call flashmoe makes is
+# checked and raises, so its own API errors fail the case without memcheck.
 FOREIGN_REPORTS = ("on CUDA API call to cuGetProcAddress",)
 
 
