@@ -43,9 +43,9 @@ class FlashMoELayer(nn.Module):
         kernel_options: passed to the kernel backend: ``timeout_s`` (how long an in-kernel wait
             for another rank's signal may take, default 10; waits downstream of those get 2x and
             3x, so the error names the rank that stalled), ``error_check`` ('deferred' (default):
-            a stopped launch raises ``FlashMoEError`` at the next forward or ``synchronize()``; 'sync': at once, with a
-            host synchronisation per forward; 'none': for CUDA-graph capture, call
-            ``synchronize()`` yourself), ``gemm`` ('mma_sync' forces the portable engine on
+            a stopped launch raises ``FlashMoEError`` at the next forward or ``synchronize()``;
+            'sync': at once, with a host synchronisation per forward; 'none': for CUDA-graph
+            capture, call ``synchronize()`` yourself), ``gemm`` ('mma_sync' forces the portable engine on
             Hopper), ``blocks_per_rank``.
         process_group: with a group of W > 1 processes, this process holds only its E/W
             experts (``local_experts``) and forward is expert-parallel across the group; every
