@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MoEConfig, dtype_name
+from ..config import MoEConfig, dtype_name
 
 # name of the block class -> family
 FAMILIES = {
