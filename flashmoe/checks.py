@@ -356,3 +356,57 @@ def check_layer_graphs(config: MoEConfig, device, sizes=(1, 8, 64, 256),
     return not failures, ("; ".join(failures) if failures else
                           f"{len(counts)} replays ({', '.join(map(str, counts))} tokens) of graphs "
                           f"for {', '.join(map(str, sizes))} tokens all correct")
+
+
+def given_routing_inputs(config: MoEConfig, tokens: int, device, seed: int = 0):
+    """(x, weights, topk_ids, topk_weights) for the routing-given kernel: random x and experts,
+    and a routing with every kind of slot: distinct experts, "no expert" ids of each kind
+    (negative, E, beyond int32), an expert named twice (token 4), a token with no expert at all
+    (token 7), and weights of either sign."""
+    g = torch.Generator().manual_seed(seed)
+    E, H, I, dt = config.num_experts, config.hidden_size, config.intermediate_size, config.torch_dtype
+    x = torch.randn(tokens, H, generator=g).to(dt)
+    weights = MoEWeights(router_weight=None,
+                         gate_up_proj=(torch.randn(E, config.up_rows, H, generator=g) * H ** -0.5).to(dt),
+                         down_proj=(torch.randn(E, H, I, generator=g) * I ** -0.5).to(dt))
+    k = config.top_k
+    ids = torch.zeros(tokens, k, dtype=torch.int64)
+    for t in range(tokens):
+        ids[t] = torch.randperm(E, generator=g)[:k]
+    special = torch.tensor([-1, E, 2 ** 32 + 1, -(2 ** 40)])
+    for t in range(0, tokens, 3):
+        ids[t, t % k] = special[t % len(special)]
+    if tokens > 4 and k > 1:
+        ids[4, 1] = ids[4, 0] if 0 <= ids[4, 0] < E else 0
+    if tokens > 7:
+        ids[7] = -1
+    topk_weights = torch.randn(tokens, k, generator=g)
+    to = lambda t: t.to(device)     # noqa: E731
+    weights = MoEWeights(router_weight=None, gate_up_proj=to(weights.gate_up_proj), down_proj=to(weights.down_proj))
+    return to(x), weights, to(ids), to(topk_weights)
+
+
+def check_routing_given(backend, tokens: int, device, seed: int = 0) -> tuple[bool, str]:
+    """A backend built with routing='given' on ``given_routing_inputs``, output poisoned first:
+    within the accuracy rule of the reference on the same routing, every row written, the
+    token with no expert exactly 0."""
+    config = backend.config
+    x, weights, ids, topk_weights = given_routing_inputs(config, tokens, device, seed)
+    # Nothing writes the result row of a skipped slot: poison every result row (NaN bytes), so
+    # a combine that read one would show.
+    region, plan = backend.plan.regions["ret_rows"], backend.plan
+    for rank in range(plan.num_local_ranks):
+        start = rank * plan.rank_heap_bytes + region.offset
+        backend.heap[start:start + region.total].fill_(0xFF)
+    out = torch.full_like(x, float("nan"))
+    try:
+        backend.forward(x, weights, out=out, routing=(ids, topk_weights))
+        backend.synchronize()
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {_one_line(str(exc))}"
+    routing = reference.given_routing(ids, topk_weights, config.num_experts)
+    ok, err, tol = accuracy.check(out, x, weights, config, routing=routing)
+    problems = [] if ok else [f"error {err:.3g} above tolerance {tol:.3g}"]
+    if tokens > 7 and not bool((out[7] == 0).all()):
+        problems.append("the token with no expert is not 0")
+    return not problems, "; ".join(problems) or f"error {err:.3g} (tolerance {tol:.3g})"

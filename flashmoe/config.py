@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+# Activations defined only for gated experts (they transform the up half too).
+GATED_ONLY_ACTIVATIONS = ("swiglu_clamped",)
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
 
@@ -49,12 +51,24 @@ class MoEConfig:
         num_experts (E): routed experts.
         top_k (k): experts each token goes to.
     Experts
-        activation: 'silu', 'gelu' (erf), 'gelu_tanh' or 'relu'.
+        activation: 'silu', 'gelu' (erf), 'gelu_tanh', 'relu', or 'swiglu_clamped' (gated
+            only, GPT-OSS): with g = min(x Wg^T, swiglu_limit) and
+            u = clamp(x Wu^T, -swiglu_limit, swiglu_limit), ``g * sigmoid(swiglu_alpha * g) * (u + 1)``.
         gated: True: ``act(x Wg^T) * (x Wu^T)`` then ``W_down`` (SwiGLU with silu), with
             gate_up_proj[e] = [Wg; Wu]; False: ``act(x W1^T) W2^T``.
+        swiglu_alpha, swiglu_limit: the constants of 'swiglu_clamped' (finite, > 0; read only
+            by that activation).
+        expert_bias: each routed expert has biases, gate_up_bias[e] added after its first
+            projection and down_bias[e] after its second (GPT-OSS); the shared experts have none.
+        scale_expert_input: the routing weight multiplies the expert's input instead of its
+            output, whose outputs are then summed unweighted (Llama4).
     Router (always fp32)
-        scoring: 'softmax' over the E logits, or 'sigmoid' per expert.
-        norm_topk_prob: divide the k chosen weights by their sum.
+        router_bias: a per-expert bias added to the router logits before scoring (GPT-OSS).
+        scoring: 'softmax' over the E logits, or 'sigmoid' per expert. A softmax over the k
+            chosen logits only (GPT-OSS, Granite) is 'softmax' with norm_topk_prob=True.
+        norm_topk_prob: divide the k chosen weights by (their sum + norm_topk_epsilon).
+        norm_topk_epsilon: the denominator's guard against a zero sum (default 1e-20; LFM2
+            uses 1e-6); a number >= 0.
         routed_scaling_factor: multiplies the k weights after the normalisation (DeepSeek).
         n_group, topk_group: group-limited routing: the experts form n_group groups and only
             the best topk_group groups are eligible (n_group=1: no groups).
@@ -96,6 +110,13 @@ class MoEConfig:
     shared_expert_gate: bool = False
     capacity_factor: float | None = None
     dtype: str = "bfloat16"
+    # Fields added after the first release sit last, so positional construction keeps working.
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
+    scale_expert_input: bool = False
+    router_bias: bool = False
+    norm_topk_epsilon: float = 1e-20
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
@@ -105,6 +126,8 @@ class MoEConfig:
         _require_bool("norm_topk_prob", self.norm_topk_prob)
         _require_bool("selection_bias", self.selection_bias)
         _require_bool("shared_expert_gate", self.shared_expert_gate)
+        for name in ("expert_bias", "scale_expert_input", "router_bias"):
+            _require_bool(name, getattr(self, name))
         _require_choice("activation", self.activation, ACTIVATIONS)
         _require_choice("scoring", self.scoring, SCORINGS)
         _require_choice("group_score", self.group_score, GROUP_SCORES)
@@ -123,6 +146,21 @@ class MoEConfig:
         if self.n_group > 1 and self.group_score == "top2_sum" and self.num_experts // self.n_group < 2:
             raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
                              f"n_group={self.n_group} leaves {self.num_experts // self.n_group}")
+        if self.activation in GATED_ONLY_ACTIVATIONS and not self.gated:
+            raise ValueError(f"activation={self.activation!r} is defined for gated experts only "
+                             "(it clamps and offsets the up half): set gated=True")
+        # Comparisons rather than math.isfinite: these floats may come from a caller traced by
+        # torch.compile (flashmoe.experts_forward builds its config inside the graph). A NaN
+        # fails every comparison.
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r}: must be a finite number > 0")
+            object.__setattr__(self, name, float(value))
+        eps = self.norm_topk_epsilon
+        if not _is_real(eps) or not 0 <= eps < math.inf:
+            raise ValueError(f"norm_topk_epsilon={eps!r}: must be a finite number >= 0")
+        object.__setattr__(self, "norm_topk_epsilon", float(eps))
         rsf = self.routed_scaling_factor
         if not _is_real(rsf) or not math.isfinite(rsf) or rsf <= 0:
             raise ValueError(f"routed_scaling_factor={rsf!r}: must be a finite number > 0")

@@ -64,41 +64,75 @@ def _array_library(a):
     return library
 
 
-EXPERTS_BACKENDS = ("auto", "reference")
-
-
-def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
-                    activation: str = "silu", gated: bool = True, backend: str = "auto"):
+                    gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                    transposed: bool = False, interleaved: bool = False, activation: str = "silu",
+                    gated: bool = True, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                    backend: str = "auto", virtual_world: int = 1) -> torch.Tensor:
     """The experts and the combine with the routing given, the form of vLLM's and SGLang's
     ``fused_experts``: token t goes to experts ``topk_ids[t, j]`` weighted by
-    ``topk_weights[t, j]``; an id outside 0..E-1 marks "no expert" and is skipped.
+    ``topk_weights[t, j]``. An id outside 0..E-1 marks "no expert" and is skipped; an expert
+    named twice by one token runs once, with the two weights summed.
 
-    ``x[..., H]``; ``topk_ids`` / ``topk_weights`` ``[T, k]`` for the T tokens of x;
-    ``gate_up_proj[E, 2I, H]`` (gate then up; ``[E, I, H]`` with ``gated=False``) and
-    ``down_proj[E, H, I]`` in x's dtype, as transformers stores them. Returns x's shape and
-    dtype; the weighted sum is fp32, rounded once. The op is ``flashmoe::experts``
-    (torch.compile / export take it whole; autograd reaches x, topk_weights and the experts).
-    Every backend ('auto', 'reference') computes the reference's 'mixed' math.
+    Shapes, for x[..., H] with T tokens, E experts of width I:
+        topk_ids, topk_weights   [T, k] (integer ids, floating weights)
+        gate_up_proj             [E, 2I, H] (gate rows then up rows; [E, I, H] with gated=False)
+        down_proj                [E, H, I]
+        gate_up_bias, down_bias  [E, 2I or I] and [E, H] (optional; both or neither)
+    in x's dtype, as transformers stores them. ``transposed=True``: gate_up_proj [E, H, 2I] and
+    down_proj [E, I, H]; the kernel reads a copy in its own layout, made when the weights it
+    last ran differ (so on every call when calls alternate between layers). ``interleaved=True``:
+    the gate and up rows alternate (gate 0, up 0, gate 1, ...), reordered on every call. ``activation``: one of ``flashmoe.config.ACTIVATIONS``;
+    'swiglu_clamped' (GPT-OSS) reads ``swiglu_alpha`` and ``swiglu_limit``.
+
+    Returns x's shape and dtype; the weighted sum is fp32, rounded once. ``backend`` and
+    ``virtual_world`` as in ``FlashMoELayer``: on a GPU 'auto' runs the flashmoe kernel with its
+    router replaced by the given routing (dispatch to W virtual ranks, expert GEMMs, combine),
+    when the layout is one the kernel implements (no biases, not 'swiglu_clamped') and autograd
+    is not recording; else the reference ('mixed' math). The op is ``flashmoe::experts``
+    (torch.compile / export take it whole; autograd reaches x, topk_weights, the experts and
+    their biases).
     """
-    if backend not in EXPERTS_BACKENDS:
-        raise ValueError(f"backend={backend!r}: the routing-given form runs on "
-                         f"{' or '.join(map(repr, EXPERTS_BACKENDS))} (the reference)")
-    _check_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, activation, gated)
+    backend_select.check_backend(backend)
+    if not isinstance(virtual_world, int) or isinstance(virtual_world, bool) or virtual_world < 1:
+        raise ValueError(f"virtual_world={virtual_world!r}: must be an integer >= 1")
+    for name, flag in (("transposed", transposed), ("interleaved", interleaved), ("gated", gated)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}={flag!r}: must be True or False")
+    if interleaved and not gated:
+        raise ValueError("interleaved=True reorders gate and up rows: it needs gated=True")
+    _check_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                   transposed, gated)
+    if transposed:
+        gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    if interleaved:
+        rows = gate_up_proj.shape[1]
+        order = torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)]).to(x.device)
+        gate_up_proj = gate_up_proj.index_select(1, order)
+        gate_up_bias = None if gate_up_bias is None else gate_up_bias.index_select(1, order)
+    if not torch.compiler.is_compiling():     # the op checks them again, where tracing cannot reach
+        try:
+            ops.experts_config(x.shape[-1], down_proj.shape[-1], down_proj.shape[0], topk_ids.shape[1],
+                               activation, gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit, x.dtype)
+        except ValueError as e:
+            raise ValueError(f"experts_forward: {e}") from None
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
     x2d = x.reshape(-1, x.shape[-1])
     out = torch.ops.flashmoe.experts(x2d, topk_ids, topk_weights, gate_up_proj, down_proj,
-                                     activation, gated, backend)
+                                     gate_up_bias, down_bias, activation, gated, float(swiglu_alpha),
+                                     float(swiglu_limit), backend, virtual_world, grad)
     return out.reshape(x.shape)
 
 
-def _check_experts(x, ids, weights, gate_up, down, activation, gated) -> None:
-    from .config import ACTIVATIONS, DTYPES
+def _check_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, transposed, gated) -> None:
+    from .config import DTYPES
     for name, t in (("x", x), ("topk_ids", ids), ("topk_weights", weights),
                     ("gate_up_proj", gate_up), ("down_proj", down)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} is a {type(t).__name__}: expected a torch.Tensor")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r}: allowed are {', '.join(ACTIVATIONS)}")
     if x.dtype not in DTYPES.values():
         raise TypeError(f"x has dtype {x.dtype}: expected one of {', '.join(DTYPES)}")
     if x.dim() == 0:
@@ -113,17 +147,29 @@ def _check_experts(x, ids, weights, gate_up, down, activation, gated) -> None:
                          f"{tuple(ids.shape)}")
     if gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} "
-                         "must be [E, 2I or I, H] and [E, H, I]")
-    e, inter = down.shape[0], down.shape[2]
+                         "must be 3-D: [E, 2I or I, H] and [E, H, I] (transposed: [E, H, 2I or I] "
+                         "and [E, I, H])")
+    e, inter = down.shape[0], down.shape[1 if transposed else 2]
     rows = (2 if gated else 1) * inter
-    if tuple(gate_up.shape) != (e, rows, hidden) or down.shape[1] != hidden:
+    want_gate_up, want_down = ((e, hidden, rows), (e, inter, hidden)) if transposed else         ((e, rows, hidden), (e, hidden, inter))
+    if tuple(gate_up.shape) != want_gate_up or tuple(down.shape) != want_down:
+        up = "2I" if gated else "I"
+        layout = f"[E, H, {up}] and [E, I, H]" if transposed else f"[E, {up}, H] and [E, H, I]"
         raise ValueError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} "
-                         f"do not fit H={hidden}: expected [E, {rows}, {hidden}] "
-                         f"({'gate then up, ' if gated else ''}I={inter}) and [E, {hidden}, I]")
-    for name, t in (("gate_up_proj", gate_up), ("down_proj", down)):
+                         f"do not fit H={hidden}: expected {list(want_gate_up)} and {list(want_down)}, "
+                         f"i.e. {layout} with I={inter}{' (transposed)' if transposed else ''}")
+    if (gate_up_bias is None) != (down_bias is None):
+        raise ValueError("give both gate_up_bias and down_bias, or neither")
+    if gate_up_bias is not None:
+        for name, t, shape in (("gate_up_bias", gate_up_bias, (e, rows)), ("down_bias", down_bias, (e, hidden))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} is {got}: expected a tensor of shape {list(shape)}")
+    biases = (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)) if gate_up_bias is not None else ()
+    for name, t in (("gate_up_proj", gate_up), ("down_proj", down), *biases):
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}: expected x's dtype {x.dtype}")
     for name, t in (("topk_ids", ids), ("topk_weights", weights), ("gate_up_proj", gate_up),
-                    ("down_proj", down)):
+                    ("down_proj", down), *biases):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: one device for all")

@@ -53,6 +53,11 @@ def check_weights(weights: MoEWeights, config: MoEConfig, num_experts: int | Non
         want["shared_down_proj"] = ((h, config.shared_intermediate_total), dt)
     if config.shared_expert_gate:
         want["shared_gate_weight"] = ((1, h), fp32)
+    if config.router_bias:
+        want["router_bias"] = ((e_all,), fp32)
+    if config.expert_bias:
+        want["gate_up_bias"] = ((e, config.up_rows), dt)
+        want["down_bias"] = ((e, h), dt)
     device = weights.router_weight.device if isinstance(weights.router_weight, torch.Tensor) else None
     for name, (shape, dtype) in want.items():
         t = getattr(weights, name)
@@ -65,7 +70,8 @@ def check_weights(weights: MoEWeights, config: MoEConfig, num_experts: int | Non
                              f"this config")
         if t.dtype != dtype:
             raise TypeError(f"weights.{name} has dtype {t.dtype}: expected {dtype} (the router, "
-                            f"bias and shared gate are fp32; expert weights are config.dtype)")
+                            f"its biases and the shared gate are fp32; expert weights and "
+                            f"expert biases are config.dtype)")
         if t.device != device:
             raise ValueError(f"weights.{name} is on {t.device} but weights.router_weight is on "
                              f"{device}: all weights must be on one device")

@@ -20,7 +20,7 @@ from .host.plan import rank_experts
 from .inputs import check_input, check_weights
 
 # Parameters and buffers that stay fp32 through any cast of the layer: the router's, by contract.
-FP32_TENSORS = ("router_weight", "selection_bias", "shared_gate_weight")
+FP32_TENSORS = ("router_weight", "selection_bias", "shared_gate_weight", "router_bias")
 
 
 class FlashMoELayer(nn.Module):
@@ -100,8 +100,16 @@ class FlashMoELayer(nn.Module):
         if config.num_experts % self.world_size:
             raise ValueError(f"num_experts={config.num_experts} must be divisible by the process "
                              f"group's size {self.world_size}")
+        if self.world_size > 1:
+            _check_expert_parallel(config)
         self.local_experts: range = rank_experts(self.rank, config.num_experts, self.world_size)
         self.last_backend: str | None = None
+        # from_hf sets it for blocks whose forward returns (hidden states, router output):
+        # forward then returns (out, router logits [T, E] fp32) as they did.
+        self.returns_router_logits = False
+        # Router jitter (Mixtral's router_jitter_noise, set by from_hf): in training mode the
+        # input is multiplied by noise uniform in [1 - j, 1 + j] before routing and experts.
+        self.jitter_noise = 0.0
         self._kernels: dict = {}       # (device, dtype) -> KernelBackend, built on first use
         self._kernel_reasons: dict = {}
         self._config_text = ops.config_json(config)     # the op's config argument
@@ -131,13 +139,21 @@ class FlashMoELayer(nn.Module):
             self.shared_gate_weight = nn.Parameter(torch.empty(1, h, **fp32))
         else:
             self.register_parameter("shared_gate_weight", None)
+        self.register_parameter("router_bias", nn.Parameter(torch.empty(e, **fp32))
+                                if config.router_bias else None)
+        if config.expert_bias:
+            self.gate_up_bias = nn.Parameter(torch.empty(e_local, config.up_rows, **low))
+            self.down_bias = nn.Parameter(torch.empty(e_local, h, **low))
+        else:
+            self.register_parameter("gate_up_bias", None)
+            self.register_parameter("down_bias", None)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random init with std 1/sqrt(fan_in): unit-scale inputs give unit-scale router logits
         (routing that is neither uniform nor one-hot) and expert outputs of the input's scale.
-        The selection bias starts at zero (neutral)."""
+        The selection bias, router bias and expert biases start at zero (neutral)."""
         cfg = self.config
         for p, fan_in in ((self.router_weight, cfg.hidden_size),
                           (self.gate_up_proj, cfg.hidden_size),
@@ -147,8 +163,9 @@ class FlashMoELayer(nn.Module):
                           (self.shared_gate_weight, cfg.hidden_size)):
             if p is not None and p.device.type != "meta":
                 nn.init.normal_(p, std=1.0 / math.sqrt(fan_in))
-        if self.selection_bias is not None:
-            self.selection_bias.zero_()
+        for bias in (self.selection_bias, self.router_bias, self.gate_up_bias, self.down_bias):
+            if bias is not None and bias.device.type != "meta":
+                bias.zero_()
         if self.world_size > 1:
             self._broadcast_replicated()
 
@@ -156,7 +173,7 @@ class FlashMoELayer(nn.Module):
         import torch.distributed as dist
         src = dist.get_global_rank(self.process_group, 0)
         for t in (self.router_weight, self.selection_bias, self.shared_gate_up_proj,
-                  self.shared_down_proj, self.shared_gate_weight):
+                  self.shared_down_proj, self.shared_gate_weight, self.router_bias):
             if t is not None:
                 dist.broadcast(t.data, src=src, group=self.process_group)
 
@@ -167,7 +184,8 @@ class FlashMoELayer(nn.Module):
             router_weight=self.router_weight, gate_up_proj=self.gate_up_proj,
             down_proj=self.down_proj, selection_bias=self.selection_bias,
             shared_gate_up_proj=self.shared_gate_up_proj, shared_down_proj=self.shared_down_proj,
-            shared_gate_weight=self.shared_gate_weight)
+            shared_gate_weight=self.shared_gate_weight, router_bias=self.router_bias,
+            gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """``x[..., H]`` -> same shape and dtype; with ``return_routing`` also the ``Routing``
@@ -176,6 +194,9 @@ class FlashMoELayer(nn.Module):
             raise RuntimeError("torch.jit.trace would freeze this layer's routing (which experts "
                                "each token goes to) into the trace: use torch.compile or "
                                "torch.export instead")
+        if self.training and self.jitter_noise and isinstance(x, torch.Tensor):
+            # drawn as transformers draws it, so a seeded run matches the original block's
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x, config, weights = self._operands(x)
         check_input(x, config, self.router_weight.device)
         check_weights(weights, config, num_experts=len(self.local_experts))
@@ -200,7 +221,16 @@ class FlashMoELayer(nn.Module):
                                           return_routing=return_routing, owner=self._owner,
                                           config_text=self._config_text)
         out = out.reshape(*lead, config.hidden_size)
-        return (out, routing) if return_routing else out
+        if return_routing:
+            return out, routing
+        if self.returns_router_logits:
+            # The transformers block this layer replaced returned (hidden, router output) and
+            # its decoder layer unpacks the pair.
+            with reference.no_autocast(x.device):
+                logits = reference.router_logits(x2d, weights.router_weight,
+                                                 weights.router_bias if config.router_bias else None)
+            return out, logits
+        return out
 
     def _operands(self, x):
         """(x, config, weights) this forward computes with: the layer's own, or under autocast
@@ -217,7 +247,8 @@ class FlashMoELayer(nn.Module):
         if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
                 and torch.get_autocast_dtype(device_type) in (torch.bfloat16, torch.float16)):
             dtype = torch.get_autocast_dtype(device_type)
-            for name in ("gate_up_proj", "down_proj", "shared_gate_up_proj", "shared_down_proj"):
+            for name in ("gate_up_proj", "down_proj", "shared_gate_up_proj", "shared_down_proj",
+                         "gate_up_bias", "down_bias"):
                 t = getattr(weights, name)
                 if t is not None:
                     setattr(weights, name, t.to(dtype))
@@ -298,9 +329,20 @@ class FlashMoELayer(nn.Module):
     def from_hf(cls, block: nn.Module, backend: str = "auto", **kwargs) -> "FlashMoELayer":
         """A layer computing what a transformers 5 sparse-MoE block computes, with its weights
         copied (see ``flashmoe.hf`` for the supported blocks). ``kwargs`` go to the
-        constructor (virtual_world, device, max_tokens, process_group)."""
+        constructor (virtual_world, device, max_tokens, process_group). The block's router
+        jitter (``jitter_noise``, Mixtral) carries over as the layer's ``jitter_noise``. For a
+        block whose forward returns (hidden states, router output) (GPT-OSS, Llama4) the
+        layer's forward returns (out, router logits) likewise (``returns_router_logits``), so
+        it takes the block's place in its decoder layer."""
         from .hf import from_hf
-        return from_hf(cls, block, backend=backend, **kwargs)
+        layer = from_hf(cls, block, backend=backend, **kwargs)
+        jitter = getattr(block, "jitter_noise", 0.0)
+        if jitter:
+            if not isinstance(jitter, numbers.Real) or not 0 <= jitter < 1:
+                raise ValueError(f"{type(block).__name__}.jitter_noise={jitter!r}: expected a "
+                                 "number in [0, 1)")
+            layer.jitter_noise = float(jitter)
+        return layer
 
     def extra_repr(self) -> str:
         c = self.config
@@ -313,6 +355,16 @@ class FlashMoELayer(nn.Module):
         if self.virtual_world > 1:
             parts.append(f"virtual_world={self.virtual_world}")
         return ", ".join(parts)
+
+
+def _check_expert_parallel(config: MoEConfig) -> None:
+    """Refuse the features the expert-parallel path (flashmoe.distributed) does not compute, so
+    a group never silently drops them."""
+    missing = [name for name in ("expert_bias", "scale_expert_input") if getattr(config, name)]
+    if missing:
+        raise ValueError(f"{' and '.join(f'{n}=True' for n in missing)}: not supported over a "
+                         "process group yet (flashmoe.distributed computes experts without it); "
+                         "run the layer on one process (process_group=None)")
 
 
 def _is_int(value) -> bool:

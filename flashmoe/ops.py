@@ -3,10 +3,13 @@ opaque call with known output shapes instead of tracing into the routing (whose 
 counts are data-dependent) or into the kernel's host code.
 
     flashmoe::moe(x[T, H], weights..., config, backend, virtual_world, grad, return_routing, owner)
+        (weights: every field of reference.MoEWeights, in its order; None where absent)
         -> (out[T, H], ids[T, k], weights[T, k], kept[T, k], shared_gate[T])
     flashmoe::moe_backward(grad_out, x, weights..., config, needs) -> grads
     flashmoe::experts(x[T, H], topk_ids[T, k], topk_weights[T, k], gate_up_proj, down_proj,
-                      activation, gated, backend) -> out[T, H]      (the routing-given form)
+                      gate_up_bias, down_bias, activation, gated, swiglu_alpha, swiglu_limit,
+                      backend, virtual_world, grad)
+        -> out[T, H]                                                   (the routing-given form)
     flashmoe::experts_backward(grad_out, ..., needs) -> grads
 
 ``config`` is the ``MoEConfig`` as JSON without its dtype (that is x's dtype, so a cast layer
@@ -65,9 +68,10 @@ def _config(text: str, dtype: torch.dtype) -> MoEConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def _shared_kernel(config: MoEConfig, device: torch.device, virtual_world: int, emulate: bool):
-    return backend_select.new_kernel(config, device, virtual_world, max_tokens=None,
-                                     options={"emulate": True} if emulate else None)
+def _shared_kernel(config: MoEConfig, device: torch.device, virtual_world: int, emulate: bool,
+                   routing: str = "router"):
+    options = {"routing": routing, **({"emulate": True} if emulate else {})}
+    return backend_select.new_kernel(config, device, virtual_world, max_tokens=None, options=options)
 
 
 def _weights(tensors) -> reference.MoEWeights:
@@ -78,11 +82,13 @@ def _weights(tensors) -> reference.MoEWeights:
 def moe(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
         selection_bias: Optional[Tensor], shared_gate_up_proj: Optional[Tensor],
         shared_down_proj: Optional[Tensor], shared_gate_weight: Optional[Tensor],
+        router_bias: Optional[Tensor], gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
         config: str, backend: str, virtual_world: int, grad: bool, return_routing: bool,
         owner: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _config(config, x.dtype)
     weights = _weights((router_weight, gate_up_proj, down_proj, selection_bias,
-                        shared_gate_up_proj, shared_down_proj, shared_gate_weight))
+                        shared_gate_up_proj, shared_down_proj, shared_gate_weight,
+                        router_bias, gate_up_bias, down_bias))
     layer = _OWNERS.get(owner)
     if layer is not None:
         which = backend_select.choose(backend, cfg, x.device, grad, virtual_world,
@@ -111,8 +117,8 @@ def _empty_routing(x: Tensor):
 
 @moe.register_fake
 def _moe_fake(x, router_weight, gate_up_proj, down_proj, selection_bias, shared_gate_up_proj,
-              shared_down_proj, shared_gate_weight, config, backend, virtual_world, grad,
-              return_routing, owner):
+              shared_down_proj, shared_gate_weight, router_bias, gate_up_bias, down_bias, config,
+              backend, virtual_world, grad, return_routing, owner):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not return_routing:
         return (out, *_empty_routing(x))
@@ -122,14 +128,18 @@ def _moe_fake(x, router_weight, gate_up_proj, down_proj, selection_bias, shared_
             x.new_empty(t, k, dtype=torch.bool), x.new_empty(t if gated else 0, dtype=torch.float32))
 
 
+# x and the weights: the op's tensor arguments, before config.
+_TENSOR_ARGS = 1 + len(_WEIGHTS)
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.config = inputs[8]
+    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
+    ctx.config = inputs[_TENSOR_ARGS]
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_out, *_routing_grads):
-    needs = list(ctx.needs_input_grad[:8])
+    needs = list(ctx.needs_input_grad[:_TENSOR_ARGS])
     grads = torch.ops.flashmoe.moe_backward(grad_out, *ctx.saved_tensors, ctx.config, needs)
     return (*[g if need else None for g, need in zip(grads, needs)], *([None] * 6))
 
@@ -141,7 +151,9 @@ moe.register_autograd(_backward, setup_context=_setup_context)
 def moe_backward(grad_out: Tensor, x: Tensor, router_weight: Tensor, gate_up_proj: Tensor,
                  down_proj: Tensor, selection_bias: Optional[Tensor],
                  shared_gate_up_proj: Optional[Tensor], shared_down_proj: Optional[Tensor],
-                 shared_gate_weight: Optional[Tensor], config: str, needs: list[bool]) -> list[Tensor]:
+                 shared_gate_weight: Optional[Tensor], router_bias: Optional[Tensor],
+                 gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], config: str,
+                 needs: list[bool]) -> list[Tensor]:
     cfg = _config(config, x.dtype)
 
     def forward(x, *weights):
@@ -149,58 +161,76 @@ def moe_backward(grad_out: Tensor, x: Tensor, router_weight: Tensor, gate_up_pro
                                      math=backend_select.REFERENCE_MATH).to(x.dtype)
     return _recomputed_grads(forward, grad_out, (x, router_weight, gate_up_proj, down_proj,
                                                  selection_bias, shared_gate_up_proj,
-                                                 shared_down_proj, shared_gate_weight), needs)
+                                                 shared_down_proj, shared_gate_weight,
+                                                 router_bias, gate_up_bias, down_bias), needs)
 
 
 @moe_backward.register_fake
 def _moe_backward_fake(grad_out, x, router_weight, gate_up_proj, down_proj, selection_bias,
-                       shared_gate_up_proj, shared_down_proj, shared_gate_weight, config, needs):
+                       shared_gate_up_proj, shared_down_proj, shared_gate_weight, router_bias,
+                       gate_up_bias, down_bias, config, needs):
     return _grads_like((x, router_weight, gate_up_proj, down_proj, selection_bias,
-                        shared_gate_up_proj, shared_down_proj, shared_gate_weight), needs)
+                        shared_gate_up_proj, shared_down_proj, shared_gate_weight, router_bias,
+                        gate_up_bias, down_bias), needs)
 
 
 # The routing-given form: the experts and the combine, with ids and weights from the caller.
 
+@functools.lru_cache(maxsize=64)
+def experts_config(hidden: int, intermediate: int, num_experts: int, slots: int, activation: str,
+                   gated: bool, bias: bool, swiglu_alpha: float, swiglu_limit: float,
+                   dtype: torch.dtype) -> MoEConfig:
+    """The MoEConfig of a routing-given call (its routing fields unused): sizes from the tensors,
+    top_k the slots given, at most E (more slots than experts can only repeat or skip)."""
+    return MoEConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts,
+                     top_k=min(slots, num_experts), activation=activation, gated=gated, expert_bias=bias,
+                     swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, dtype=dtype_name(dtype))
+
+
 @torch.library.custom_op("flashmoe::experts", mutates_args=())
 def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Tensor,
-            down_proj: Tensor, activation: str, gated: bool, backend: str) -> Tensor:
-    # The kernel routes with its own router: every backend accepted here ('auto',
-    # 'reference') computes the reference.
-    return reference.experts_forward(x, topk_ids, topk_weights, gate_up_proj, down_proj,
-                                     _experts_config(x, gate_up_proj, down_proj,
-                                                     activation, gated),
-                                     math=backend_select.REFERENCE_MATH).to(x.dtype).contiguous()
+            down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
+            activation: str, gated: bool, swiglu_alpha: float, swiglu_limit: float, backend: str,
+            virtual_world: int, grad: bool) -> Tensor:
+    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit)
+    if topk_ids.shape[1] != cfg.top_k:
+        # More slots than experts: a valid routing repeats or skips; only the reference takes it.
+        which = backend_select.choose("reference" if backend == "auto" else backend, cfg, x.device, grad,
+                                      virtual_world)
+    else:
+        which = backend_select.choose(backend, cfg, x.device, grad, virtual_world)
+    if which in ("kernel", "emulated") and x.shape[0] > 0:
+        kernel = _shared_kernel(cfg, x.device, virtual_world, which == "emulated", "given")
+        weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up_proj, down_proj=down_proj)
+        return kernel.forward(x.contiguous(), weights, routing=(topk_ids, topk_weights))
+    return reference.experts_forward(x, topk_ids, topk_weights, gate_up_proj, down_proj, cfg,
+                                     math=backend_select.REFERENCE_MATH, gate_up_bias=gate_up_bias,
+                                     down_bias=down_bias).to(x.dtype).contiguous()
+
+
+def _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit):
+    return experts_config(x.shape[-1], down_proj.shape[-1], down_proj.shape[0], topk_ids.shape[1], activation,
+                          gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit, x.dtype)
 
 
 @experts.register_fake
-def _experts_fake(x, topk_ids, topk_weights, gate_up_proj, down_proj, activation, gated, backend):
+def _experts_fake(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                  gated, swiglu_alpha, swiglu_limit, backend, virtual_world, grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _experts_config(x, gate_up_proj, down_proj, activation, gated) -> MoEConfig:
-    """The MoEConfig the reference's expert math reads (activation, gated); the sizes are the
-    tensors' (top_k is not read: ids may hold more slots than local experts)."""
-    return _sized_config(x.shape[-1], down_proj.shape[-1], gate_up_proj.shape[0], activation,
-                         gated, dtype_name(x.dtype))
-
-
-@functools.lru_cache(maxsize=64)
-def _sized_config(hidden, intermediate, num_experts, activation, gated, dtype) -> MoEConfig:
-    return MoEConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts,
-                     top_k=1, activation=activation, gated=gated, dtype=dtype)
+_EXPERTS_TENSORS = 7     # x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, topk_ids, topk_weights, gate_up_proj, down_proj, activation, gated, _ = inputs
-    ctx.save_for_backward(x, topk_ids, topk_weights, gate_up_proj, down_proj)
-    ctx.activation, ctx.gated = activation, gated
+    ctx.save_for_backward(*inputs[:_EXPERTS_TENSORS])
+    ctx.expert_math = inputs[_EXPERTS_TENSORS:_EXPERTS_TENSORS + 4]   # activation, gated, alpha, limit
 
 
 def _experts_backward_autograd(ctx, grad_out):
-    needs = list(ctx.needs_input_grad[:5])
-    grads = torch.ops.flashmoe.experts_backward(grad_out, *ctx.saved_tensors, ctx.activation,
-                                                ctx.gated, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+    needs = list(ctx.needs_input_grad[:_EXPERTS_TENSORS])
+    grads = torch.ops.flashmoe.experts_backward(grad_out, *ctx.saved_tensors, *ctx.expert_math, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], *([None] * 7))
 
 
 experts.register_autograd(_experts_backward_autograd, setup_context=_experts_setup_context)
@@ -208,23 +238,24 @@ experts.register_autograd(_experts_backward_autograd, setup_context=_experts_set
 
 @torch.library.custom_op("flashmoe::experts_backward", mutates_args=())
 def experts_backward(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                     gate_up_proj: Tensor, down_proj: Tensor, activation: str, gated: bool,
-                     needs: list[bool]) -> list[Tensor]:
-    cfg = _experts_config(x, gate_up_proj, down_proj, activation, gated)
+                     gate_up_proj: Tensor, down_proj: Tensor, gate_up_bias: Optional[Tensor],
+                     down_bias: Optional[Tensor], activation: str, gated: bool, swiglu_alpha: float,
+                     swiglu_limit: float, needs: list[bool]) -> list[Tensor]:
+    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit)
 
-    def forward(x, ids, w, gate_up, down):
-        return reference.experts_forward(x, ids, w, gate_up, down, cfg,
-                                         math=backend_select.REFERENCE_MATH).to(x.dtype)
+    def forward(x, ids, w, gate_up, down, gate_up_bias, down_bias):
+        return reference.experts_forward(x, ids, w, gate_up, down, cfg, math=backend_select.REFERENCE_MATH,
+                                         gate_up_bias=gate_up_bias, down_bias=down_bias).to(x.dtype)
     needs = [need and i != 1 for i, need in enumerate(needs)]     # ids have no gradient
-    return _recomputed_grads(forward, grad_out, (x, topk_ids, topk_weights, gate_up_proj,
-                                                 down_proj), needs)
+    return _recomputed_grads(forward, grad_out, (x, topk_ids, topk_weights, gate_up_proj, down_proj,
+                                                 gate_up_bias, down_bias), needs)
 
 
 @experts_backward.register_fake
-def _experts_backward_fake(grad_out, x, topk_ids, topk_weights, gate_up_proj, down_proj,
-                           activation, gated, needs):
+def _experts_backward_fake(grad_out, x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias,
+                           down_bias, activation, gated, swiglu_alpha, swiglu_limit, needs):
     needs = [need and i != 1 for i, need in enumerate(needs)]
-    return _grads_like((x, topk_ids, topk_weights, gate_up_proj, down_proj), needs)
+    return _grads_like((x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias), needs)
 
 
 # Backward by recomputation, shared by both ops.
@@ -281,7 +312,8 @@ def forward_2d(x2d: Tensor, weights: reference.MoEWeights, config: MoEConfig, *,
     if not return_routing:
         return out, None
     with reference.no_autocast(x2d.device):
-        logits = reference.router_logits(x2d, weights.router_weight)
+        logits = reference.router_logits(x2d, weights.router_weight,
+                                         weights.router_bias if config.router_bias else None)
     return out, reference.Routing(ids=ids, weights=topk_weights, kept=kept,
                                   shared_gate=gate if config.shared_expert_gate else None,
                                   logits=logits)

@@ -3,7 +3,7 @@
 The GPU kernel must match this module; every kernel test compares against it.
 
 Routing (always fp32)
-    logits  = fp32(x) @ fp32(W_router)^T                               [T, E]
+    logits  = fp32(x) @ fp32(W_router)^T  (+ router_bias)              [T, E]
     scores  = softmax(logits) or sigmoid(logits)
     select  = scores + bias            (selection bias: chooses experts, never weighs them)
     groups  (n_group > 1): a group's score is the sum of its two best ``select`` values
@@ -11,8 +11,8 @@ Routing (always fp32)
             ``topk_group`` groups stay eligible
     ids     = the k best eligible experts by ``select``, best first; ties go to the lower expert
             index (and to the lower group index when choosing groups), so routing is deterministic
-    weights = scores[ids]; divided by (their sum + 1e-20) if norm_topk_prob; times
-            routed_scaling_factor
+    weights = scores[ids]; divided by (their sum + norm_topk_epsilon, default 1e-20) if
+            norm_topk_prob; times routed_scaling_factor
 
 Capacity (capacity_factor set)
     Each expert keeps at most C = ceil(cf * T_total * k / E) of its (token, slot) pairs: the ones
@@ -23,6 +23,12 @@ Experts (weights in the transformers 5 layout)
     gated:  h = act(x @ gate^T) * (x @ up^T)  with gate_up_proj[e] = [gate; up], shape [2I, H]
     plain:  h = act(x @ W1^T)                 with gate_up_proj[e] = W1, shape [I, H]
     y = h @ down_proj[e]^T                    down_proj[e] has shape [H, I]
+    expert_bias: gate_up_bias[e] is added to x @ [gate; up]^T (or x @ W1^T) and down_bias[e]
+            to y, each in the precision of its projection's result before rounding
+    'swiglu_clamped' (gated): g = min(x @ gate^T, limit), u = clamp(x @ up^T, -limit, limit),
+            h = g * sigmoid(alpha * g) * (u + 1)
+    scale_expert_input: expert ids[t, j] gets round(weights[t, j] * x[t]) instead of x[t], and
+            its output is combined with weight 1
     The shared experts are one MLP of width ``num_shared_experts * shared_intermediate_size``
     applied to every token, optionally scaled by sigmoid(fp32(x) @ w_shared_gate^T).
 
@@ -73,6 +79,9 @@ class MoEWeights:
     shared_gate_up_proj: torch.Tensor | None = None  # [2Is or Is, H] dtype
     shared_down_proj: torch.Tensor | None = None    # [H, Is] dtype
     shared_gate_weight: torch.Tensor | None = None  # [1, H] fp32
+    router_bias: torch.Tensor | None = None         # [E] fp32, added to the router logits
+    gate_up_bias: torch.Tensor | None = None        # [E, 2I or I] dtype
+    down_bias: torch.Tensor | None = None           # [E, H] dtype
 
 
 @dataclass
@@ -86,8 +95,10 @@ class Routing:
     logits: torch.Tensor | None = None        # [T, E] fp32
 
 
-def router_logits(x2d: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    return x2d.float() @ router_weight.float().t()
+def router_logits(x2d: torch.Tensor, router_weight: torch.Tensor,
+                  router_bias: torch.Tensor | None = None) -> torch.Tensor:
+    logits = x2d.float() @ router_weight.float().t()
+    return logits if router_bias is None else logits + router_bias.float()
 
 
 def _topk_stable(values: torch.Tensor, k: int):
@@ -113,7 +124,10 @@ def no_autocast(device: torch.device):
 
 
 def _route(x2d, weights, config, token_index, num_tokens_total) -> Routing:
-    logits = router_logits(x2d, weights.router_weight)
+    if config.router_bias and weights.router_bias is None:
+        raise ValueError("config.router_bias=True but no router_bias tensor was given")
+    logits = router_logits(x2d, weights.router_weight,
+                           weights.router_bias if config.router_bias else None)
     scores = torch.softmax(logits, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits)
     select = scores
     if config.selection_bias:
@@ -134,7 +148,7 @@ def _route(x2d, weights, config, token_index, num_tokens_total) -> Routing:
     _, ids = _topk_stable(select, config.top_k)
     w = scores.gather(1, ids)
     if config.norm_topk_prob:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w / (w.sum(dim=-1, keepdim=True) + config.norm_topk_epsilon)
     w = w * config.routed_scaling_factor
 
     shared_gate = None
@@ -174,8 +188,15 @@ def capacity_keep(ids: torch.Tensor, w: torch.Tensor, config: MoEConfig,
     return kept.view_as(ids)
 
 
-def activation(h: torch.Tensor, name: str, inplace: bool = False) -> torch.Tensor:
-    """act(h); ``inplace`` overwrites h where torch has an in-place form (silu, relu)."""
+def activation(h: torch.Tensor, name: str, inplace: bool = False, *, alpha: float = 1.702,
+               limit: float = 7.0) -> torch.Tensor:
+    """act(h); ``inplace`` overwrites h where torch has an in-place form (silu, relu).
+
+    For 'swiglu_clamped' (gated only) this is the gate half, ``g * sigmoid(alpha * g)`` with
+    g = min(h, limit); ``_activate`` applies the up half's clamp and offset."""
+    if name == "swiglu_clamped":
+        g = h.clamp(max=limit)
+        return g * torch.sigmoid(g * alpha)
     if name == "silu":
         return F.silu(h, inplace=inplace)
     if name == "gelu":
@@ -224,6 +245,8 @@ def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = No
     instead of a separate copy, and runs in place unless autograd records it (a fresh output
     costs more than the multiplication)."""
     recording = torch.is_grad_enabled() and h.requires_grad
+    if config.activation == "swiglu_clamped":
+        return _swiglu_clamped(h, config, dtype)
     if config.gated:
         g, u = h.chunk(2, dim=-1)
         fresh = dtype is not None and dtype != g.dtype      # g.to(dtype) is then a new tensor
@@ -232,24 +255,49 @@ def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = No
     return activation(h.to(dtype or h.dtype), config.activation)
 
 
+def _swiglu_clamped(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU on h = [gate, up]: act(gate) * (clamp(up, -limit, limit) + 1),
+    act as in ``activation``; computed in ``dtype`` (default h's)."""
+    g, u = h.chunk(2, dim=-1)
+    dtype = dtype or g.dtype
+    limit = config.swiglu_limit
+    a = activation(g.to(dtype), "swiglu_clamped", alpha=config.swiglu_alpha, limit=limit)
+    return a * (u.to(dtype).clamp(-limit, limit) + 1)
+
+
+def _add_bias(t: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t + bias (broadcast over rows), in ``dtype`` (default t's); t itself when there is none."""
+    if bias is None:
+        return t if dtype is None else t.to(dtype)
+    dtype = dtype or t.dtype
+    return t.to(dtype) + bias.to(dtype)
+
+
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, config: MoEConfig,
-               math: str = "contract") -> torch.Tensor:
+               math: str = "contract", gate_up_bias: torch.Tensor | None = None,
+               down_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One expert (or the fused shared MLP) on rows ``x`` [n, H]. Returns [n, H]: fp32 for
-    math='fp32', else the dtype of ``x``."""
+    math='fp32', else the dtype of ``x``. ``gate_up_bias`` [2I or I] and ``down_bias`` [H]
+    (the expert's own biases, config.expert_bias) are added after their projection, in the
+    precision that projection's result has before it is rounded."""
     dtype = x.dtype
     if math == "mixed":
         fast = fast_matmul_dtype(dtype, x.device, x.shape[0])
-        h = _activate(x.to(fast) @ gate_up.to(fast).t(), config, torch.float32).to(dtype)
-        return (h.to(fast) @ down.to(fast).t()).to(dtype)
+        pre = _add_bias(x.to(fast) @ gate_up.to(fast).t(), gate_up_bias,
+                        None if gate_up_bias is None else torch.float32)
+        h = _activate(pre, config, torch.float32).to(dtype)
+        y = h.to(fast) @ down.to(fast).t()
+        return _add_bias(y, down_bias, None if down_bias is None else torch.float32).to(dtype)
     tf32 = dtype == torch.float32 and math != "fp32"
     if math == "native" and dtype != torch.float32:
-        return _activate(x @ gate_up.t(), config) @ down.t()
+        h = _activate(_add_bias(x @ gate_up.t(), gate_up_bias), config)
+        return _add_bias(h @ down.t(), down_bias)
     operand = _tf32 if tf32 else (lambda t: t.float())
-    h = _activate(operand(x) @ operand(gate_up).t(), config)
+    h = _activate(_add_bias(operand(x) @ operand(gate_up).t(), gate_up_bias), config)
     if math == "fp32":
-        return h @ down.float().t()
+        return _add_bias(h @ down.float().t(), down_bias)
     h = h.to(dtype)
-    return (operand(h) @ operand(down).t()).to(dtype)
+    return _add_bias(operand(h) @ operand(down).t(), down_bias).to(dtype)
 
 
 def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: str = "contract",
@@ -263,38 +311,70 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: s
     with no_autocast(x.device):
         if routing is None:
             routing = route(x2d, weights, config)
+        biases = (weights.gate_up_bias, weights.down_bias) if config.expert_bias else (None, None)
         tok, slot, y = routed_experts(x2d, routing, weights.gate_up_proj, weights.down_proj,
-                                      config, math)
+                                      config, math, *biases)
         shared = None
         if config.num_shared_experts:
             shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
                                 config, math)
-        return combine(tok, slot, y, shared, routing, math, x.dtype).reshape(*lead, hidden)
+        return combine(tok, slot, y, shared, combine_routing(routing, config), math,
+                       x.dtype).reshape(*lead, hidden)
 
 
 def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor, config: MoEConfig,
-                    math: str = "contract") -> torch.Tensor:
+                    math: str = "contract", gate_up_bias: torch.Tensor | None = None,
+                    down_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The experts and combine with the routing given: token t goes to experts
     ``topk_ids[t, j]`` with weights ``topk_weights[t, j]`` (an id outside 0..E-1 marks "no
-    expert" and is skipped); ``x[T, H]`` -> [T, H]. Only ``config.gated`` and
-    ``config.activation`` are read (E, H, I come from the tensors)."""
+    expert" and is skipped; an expert named twice by one token runs once, in its first slot,
+    with the weights summed in slot order); ``x[T, H]`` -> [T, H]. Of the config only the
+    expert math is read (gated, the activation and its constants); E, H, I come from the
+    tensors, and the biases [E, 2I or I], [E, H] are given or None."""
     if math not in MATH_MODES:
         raise ValueError(f"math={math!r}: allowed are {', '.join(MATH_MODES)}")
-    num_experts = gate_up.shape[0]
-    live = (topk_ids >= 0) & (topk_ids < num_experts)
-    routing = Routing(ids=torch.where(live, topk_ids, 0).long(), weights=topk_weights.float(),
-                      kept=live)
+    routing = given_routing(topk_ids, topk_weights, gate_up.shape[0])
     with no_autocast(x.device):
-        tok, slot, y = routed_experts(x, routing, gate_up, down, config, math)
+        tok, slot, y = routed_experts(x, routing, gate_up, down, config, math, gate_up_bias, down_bias)
         return combine(tok, slot, y, None, routing, math, x.dtype)
 
 
+def given_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> Routing:
+    """A caller's (ids, weights) as a Routing: slots with an id outside 0..E-1 and repeats of
+    an earlier slot's expert are not kept; a repeat's weight is added to the first slot's."""
+    live = (topk_ids >= 0) & (topk_ids < num_experts)
+    ids = torch.where(live, topk_ids, 0).long()
+    weights = torch.where(live, topk_weights.float(), 0.0)
+    kept = live.clone()
+    for j in range(1, ids.shape[-1]):
+        for i in range(j):
+            repeat = kept[..., j] & kept[..., i] & (ids[..., j] == ids[..., i])
+            weights[..., i] = weights[..., i] + torch.where(repeat, weights[..., j], 0.0)
+            kept[..., j] &= ~repeat
+    return Routing(ids=ids, weights=torch.where(kept, weights, 0.0), kept=kept)
+
+
 def routed_experts(x2d: torch.Tensor, routing: Routing, gate_up: torch.Tensor, down: torch.Tensor,
-                   config: MoEConfig, math: str):
-    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]``."""
+                   config: MoEConfig, math: str, gate_up_bias: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None):
+    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]``. With
+    config.scale_expert_input the expert's input is the token times its routing weight
+    (in fp32, rounded to the dtype: the GEMM's operand), and ``combine_routing`` then gives 1."""
     tok, slot, rows = expert_rows(routing, gate_up.shape[0])
-    return tok, slot, run_experts(x2d[tok], rows, gate_up, down, config, math)
+    x = x2d[tok]
+    if config.scale_expert_input:
+        x = (x.float() * routing.weights[tok, slot, None].float()).to(x2d.dtype)
+    return tok, slot, run_experts(x, rows, gate_up, down, config, math, gate_up_bias, down_bias)
+
+
+def combine_routing(routing: Routing, config: MoEConfig) -> Routing:
+    """The routing ``combine`` weighs the expert outputs with: ``routing`` itself, or with
+    config.scale_expert_input (the weight already scaled the input) weights of 1."""
+    if not config.scale_expert_input:
+        return routing
+    return Routing(ids=routing.ids, weights=torch.ones_like(routing.weights), kept=routing.kept,
+                   shared_gate=routing.shared_gate, logits=routing.logits)
 
 
 def expert_rows(routing: Routing, num_experts: int):
@@ -308,19 +388,33 @@ def expert_rows(routing: Routing, num_experts: int):
 
 
 def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: torch.Tensor,
-                config: MoEConfig, math: str) -> torch.Tensor:
+                config: MoEConfig, math: str, gate_up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e on the next ``rows[e]`` rows of ``x``, for every e: [sum(rows), H] (fp32 for
-    math='fp32', else x's dtype)."""
+    math='fp32', else x's dtype). ``gate_up_bias`` [E, 2I or I] and ``down_bias`` [E, H] are
+    the experts' biases (None: none)."""
     if math == "mixed" and _grouped_mm_serves(x, rows):
         # One grouped GEMM per projection: the same products as one matmul per expert (checked
         # bitwise by the tests), without a call and a copy per expert.
         offs = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
-        h = _activate(F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs), config, torch.float32)
-        return F.grouped_mm(h.to(x.dtype), down.transpose(1, 2), offs=offs)
+        expert_of_row = None
+        if gate_up_bias is not None or down_bias is not None:
+            expert_of_row = torch.repeat_interleave(torch.arange(len(rows), device=x.device),
+                                                    torch.tensor(rows, device=x.device))
+        pre = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs)
+        if gate_up_bias is not None:
+            pre = pre.float() + gate_up_bias[expert_of_row].float()
+        h = _activate(pre, config, torch.float32)
+        y = F.grouped_mm(h.to(x.dtype), down.transpose(1, 2), offs=offs)
+        if down_bias is not None:
+            y = (y.float() + down_bias[expert_of_row].float()).to(x.dtype)
+        return y
     pieces, start = [], 0
     for e, n in enumerate(rows):
         if n:
-            pieces.append(expert_mlp(x[start:start + n], gate_up[e], down[e], config, math))
+            pieces.append(expert_mlp(x[start:start + n], gate_up[e], down[e], config, math,
+                                     None if gate_up_bias is None else gate_up_bias[e],
+                                     None if down_bias is None else down_bias[e]))
             start += n
     if pieces:
         return torch.cat(pieces)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import Case, CaseResult, check_determinism, check_fault, run_case
+from .checks import Case, CaseResult, check_determinism, check_fault, check_routing_given, run_case
 from .config import MoEConfig
 from .environment import describe as environment
 
@@ -100,6 +100,27 @@ def emulated_cases() -> list[Case]:
         Case("emu-deepseek", _cfg(small, num_experts=8, top_k=2, scoring="sigmoid", selection_bias=True,
                                   n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
     ]
+
+
+def routing_given(device, emulate: bool, timeout_s: float) -> tuple[bool, str]:
+    """The routing-given kernel (flashmoe.experts_forward) on "no expert" ids and repeats: one
+    token, a decode batch and W = 4 virtual ranks (tiny shapes on the emulator)."""
+    from .host.backend import KernelBackend
+    if emulate:
+        config, runs = _cfg(hidden_size=64, intermediate_size=32, num_experts=8, top_k=3), ((1, 37), (2, 45))
+    else:
+        config, runs = _cfg(num_experts=16, top_k=4), ((1, 1), (1, 300), (4, 999))
+    passed, details = True, []
+    for world, tokens in runs:
+        try:
+            backend = KernelBackend(config, device, virtual_world=world, emulate=emulate, timeout_s=timeout_s,
+                                    error_check="sync", routing="given")
+            ok, detail = check_routing_given(backend, tokens, device)
+        except Exception as exc:   # unsupported, compile error, ...: a failed check
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        passed &= ok
+        details.append(f"W={world} T={tokens}: {'ok' if ok else 'FAILED'} ({detail})")
+    return passed, "; ".join(details)
 
 
 def random_cases(n: int, seed: int) -> list[Case]:
@@ -318,9 +339,12 @@ def main(argv=None) -> int:
         fault_case = Case("fault", _cfg(num_experts=8, top_k=2), world=4 if gpu else 2, tokens=200)
         ok2, detail2 = check_fault(make, fault_case, device, stalled_rank=1)
         report["extras"]["fault"] = {"passed": ok2, "detail": detail2}
-        for name, (ok_, d) in (("determinism", (ok, detail)), ("fault", (ok2, detail2))):
+        ok3, detail3 = routing_given(device, not gpu, args.timeout)
+        report["extras"]["routing_given"] = {"passed": ok3, "detail": detail3}
+        for name, (ok_, d) in (("determinism", (ok, detail)), ("fault", (ok2, detail2)),
+                               ("routing_given", (ok3, detail3))):
             print(f"  {'PASS' if ok_ else 'FAIL'} {name}: {d}")
-        extras_ok = ok and ok2
+        extras_ok = ok and ok2 and ok3
     if args.soak:
         report["extras"]["soak"] = soak(make, device, args.soak, args.seed)
         print(f"  soak: {report['extras']['soak']}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashmoe import FlashMoELayer, MoEConfig, accuracy, experts_forward, reference
+from flashmoe import FlashMoELayer, KernelUnavailable, MoEConfig, accuracy, experts_forward, reference
+from flashmoe.host import emulator
 
 
 def make(**kw):
@@ -85,12 +86,125 @@ def test_bad_inputs_say_what_was_expected():
         experts_forward(x, w, w, gu, dn)
     with pytest.raises(ValueError, match=r"topk_weights has shape \(5, 3\)"):
         experts_forward(x, ids, torch.rand(5, 3), gu, dn)
-    with pytest.raises(ValueError, match=r"expected \[E, 8, 16\] \(I=8\)"):
+    with pytest.raises(ValueError, match=r"expected \[4, 8, 16\] and \[4, 16, 8\], i.e. \[E, I, H\]"):
         experts_forward(x, ids, w, gu, dn, gated=False)
+    with pytest.raises(ValueError, match=r"\[E, H, 2I\] and \[E, I, H\] with I=16 \(transposed\)"):
+        experts_forward(x, ids, w, gu, dn, transposed=True)
     with pytest.raises(TypeError, match="down_proj has dtype torch.bfloat16: expected x's dtype"):
         experts_forward(x, ids, w, gu, dn.bfloat16())
     with pytest.raises(ValueError, match="activation='swish'"):
         experts_forward(x, ids, w, gu, dn, activation="swish")
-    with pytest.raises(ValueError, match="backend='kernel': the routing-given form runs on"):
+    with pytest.raises(ValueError, match="give both gate_up_bias and down_bias"):
+        experts_forward(x, ids, w, gu, dn, gate_up_bias=torch.zeros(4, 16))
+    with pytest.raises(ValueError, match=r"down_bias is \(4, 8\): expected a tensor of shape \[4, 16\]"):
+        experts_forward(x, ids, w, gu, dn, gate_up_bias=torch.zeros(4, 16), down_bias=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="interleaved=True .* needs gated=True"):
+        experts_forward(x, ids, w, gu[:, :8], dn, gated=False, interleaved=True)
+    with pytest.raises(ValueError, match="virtual_world=0"):
+        experts_forward(x, ids, w, gu, dn, virtual_world=0)
+    with pytest.raises(KernelUnavailable, match="backend='kernel' cannot run: the input is on cpu"):
         experts_forward(x, ids, w, gu, dn, backend="kernel")
     assert experts_forward(x, ids, w, gu, dn).shape == (5, 16)
+
+
+def _loop(x, ids, w, gate_up, down, config, gate_up_bias=None, down_bias=None):
+    """The routing-given formula token by token, slot by slot, in fp32."""
+    out = torch.zeros(x.shape[0], x.shape[1])
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < gate_up.shape[0]:
+                h = x[t:t + 1].float() @ gate_up[e].float().t()
+                if gate_up_bias is not None:
+                    h = h + gate_up_bias[e].float()
+                g, u = h.chunk(2, dim=-1)
+                if config.activation == "swiglu_clamped":
+                    g = g.clamp(max=config.swiglu_limit)
+                    u = u.clamp(-config.swiglu_limit, config.swiglu_limit)
+                    h = g * torch.sigmoid(config.swiglu_alpha * g) * (u + 1)
+                else:
+                    h = torch.nn.functional.silu(g) * u
+                y = h @ down[e].float().t()
+                if down_bias is not None:
+                    y = y + down_bias[e].float()
+                out[t] += w[t, j] * y[0]
+    return out
+
+
+def test_transposed_interleaved_biased_experts_as_gpt_oss_stores_them():
+    """GPT-OSS's layout: gate_up_proj [E, H, 2I] with gate and up columns alternating, down_proj
+    [E, I, H], biases, the clamped SwiGLU: against a loop over the formula."""
+    torch.manual_seed(0)
+    E, H, I = 4, 16, 8
+    gate_up, down = torch.randn(E, H, 2 * I), torch.randn(E, I, H) * 0.3
+    gate_up_bias, down_bias = torch.randn(E, 2 * I), torch.randn(E, H)
+    x, w = torch.randn(7, H), torch.rand(7, 2)
+    ids = torch.tensor([[0, 1], [2, 3], [3, -1], [1, 0], [2, 2], [0, 3], [1, 2]])
+    out = experts_forward(x, ids, w, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                          transposed=True, interleaved=True, activation="swiglu_clamped",
+                          swiglu_alpha=1.5, swiglu_limit=2.0)
+    # The loop's layout: [E, 2I, H] with gate rows then up rows.
+    concat = torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1).transpose(1, 2)
+    bias = torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], dim=-1)
+    config = make(activation="swiglu_clamped", swiglu_alpha=1.5, swiglu_limit=2.0)
+    expected = _loop(x, ids, w, concat, down.transpose(1, 2), config, bias, down_bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the clamp is reached: a limit of 2 changes the result
+    loose = experts_forward(x, ids, w, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                            transposed=True, interleaved=True, activation="swiglu_clamped",
+                            swiglu_alpha=1.5, swiglu_limit=50.0)
+    assert not torch.allclose(loose, out)
+
+
+def test_gradients_reach_the_biases():
+    E, H, I = 4, 16, 8
+    gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    gate_up_bias = torch.randn(E, 2 * I, requires_grad=True)
+    down_bias = torch.randn(E, H, requires_grad=True)
+    x, w = torch.randn(6, H), torch.rand(6, 2)
+    ids = torch.tensor([[0, 1], [2, 3], [3, -1], [1, 0], [2, 1], [0, 3]])
+    experts_forward(x, ids, w, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias).sum().backward()
+    # d out / d down_bias[e] = the sum of the weights routed to e, for every column
+    routed = torch.zeros(E)
+    for t in range(6):
+        for j in range(2):
+            if ids[t, j] >= 0:
+                routed[ids[t, j]] += w[t, j]
+    torch.testing.assert_close(down_bias.grad, routed[:, None].expand(E, H), rtol=1e-5, atol=1e-6)
+    assert gate_up_bias.grad.abs().sum() > 0
+
+
+def test_more_slots_than_experts():
+    """k > E: the slots can only repeat or skip; the reference takes it."""
+    gate_up, down = torch.randn(2, 16, 16), torch.randn(2, 16, 8)
+    x, w = torch.randn(3, 16), torch.rand(3, 3)
+    ids = torch.tensor([[0, 1, 0], [1, -1, 1], [0, 0, 0]])
+    out = experts_forward(x, ids, w, gate_up, down)
+    torch.testing.assert_close(out, _loop(x, ids, w, gate_up, down, make()), rtol=1e-5, atol=1e-5)
+
+
+needs_emulator = pytest.mark.skipif(emulator.emulator_available() is not None,
+                                    reason=f"emulator unavailable: {emulator.emulator_available()}")
+
+
+@needs_emulator
+@pytest.mark.parametrize("world", [1, 4])
+def test_the_kernel_serves_it_on_the_emulator(world):
+    """backend='emulated': the kernel's source with the router replaced by the given routing."""
+    torch.manual_seed(1)
+    E, H, I = 8, 64, 32
+    gate_up = (torch.randn(E, 2 * I, H) * H ** -0.5).bfloat16()
+    down = (torch.randn(E, I, H) * I ** -0.5).bfloat16()      # transposed: a copy in its layout
+    x = torch.randn(2, 20, H).bfloat16()
+    ids = torch.stack([torch.randperm(E)[:2] for _ in range(40)])
+    ids[5, 1] = -1
+    w = torch.rand(40, 2)
+    out = experts_forward(x, ids, w, gate_up.transpose(1, 2), down, transposed=True, backend="emulated",
+                          virtual_world=world)
+    config = make(dtype="bfloat16", hidden_size=H, intermediate_size=I, num_experts=E, top_k=2)
+    routing = reference.given_routing(ids, w, E)
+    weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up, down_proj=down.transpose(1, 2))
+    ok, err, tol = accuracy.check(out.reshape(40, H), x.reshape(40, H), weights, config, routing=routing)
+    assert ok, (err, tol)
+    with pytest.raises(KernelUnavailable, match="autograd is recording"):
+        experts_forward(x, ids, w.requires_grad_(), gate_up, down.transpose(1, 2), backend="emulated")

@@ -54,6 +54,33 @@ def test_layer_backend_kernel_on_cuda():
     assert ok, f"error {err} above {tol}"
 
 
+def test_routing_given_kernel():
+    """flashmoe.experts_forward's kernel: "no expert" ids, repeats, 1 to 999 tokens, W = 1 and 4."""
+    ok, detail = selftest.routing_given(torch.device("cuda", torch.cuda.current_device()), emulate=False,
+                                        timeout_s=10.0)
+    assert ok, detail
+
+
+def test_experts_forward_runs_the_kernel_on_cuda():
+    from flashmoe import experts_forward, reference
+    from flashmoe.accuracy import check
+    config = selftest._cfg(num_experts=16, top_k=2)
+    layer_weights = reference.MoEWeights(
+        router_weight=None,
+        gate_up_proj=torch.randn(16, 512, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5,
+        down_proj=torch.randn(16, 512, 256, device="cuda", dtype=torch.bfloat16) / 256 ** 0.5)
+    x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 16, (200, 2), device="cuda")
+    w = torch.rand(200, 2, device="cuda")
+    with torch.inference_mode():
+        out = experts_forward(x, ids, w, layer_weights.gate_up_proj.transpose(1, 2),
+                              layer_weights.down_proj.transpose(1, 2), transposed=True, backend="kernel",
+                              virtual_world=2)
+    routing = reference.given_routing(ids, w, 16)
+    ok, err, tol = check(out, x, layer_weights, config, routing)
+    assert ok, f"error {err} above {tol}"
+
+
 def test_unchecked_stalled_launch_spoils_nothing_and_raises_at_synchronize(make):
     case = Case("fault-none", selftest._cfg(num_experts=8, top_k=2), world=4, tokens=200)
     ok, detail = check_fault_unchecked(make, case, torch.device("cuda", torch.cuda.current_device()), stalled_rank=1)

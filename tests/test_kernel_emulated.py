@@ -56,6 +56,9 @@ CASES = [
     (Case("bf16-deepseek-routing", cfg(num_experts=8, scoring="sigmoid", selection_bias=True, n_group=4,
                                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5), tokens=33),
      SHIPPED),
+    # LFM2's guard is 1e-6; 0.01 moves every weight by ~1%, far above the weight tolerance.
+    (Case("bf16-sigmoid-norm-epsilon", cfg(num_experts=8, scoring="sigmoid", norm_topk_prob=True,
+                                           norm_topk_epsilon=0.01), tokens=20), SHIPPED),
     (Case("bf16-single-expert-130-tokens", cfg(), tokens=130, routing="single"), SHIPPED),   # 2 row tiles
     (Case("small-tile-bf16-W2-shared", cfg(hidden_size=192, intermediate_size=96, num_experts=8,
                                            num_shared_experts=1), world=2, tokens=150, routing="skewed"), SMALL),

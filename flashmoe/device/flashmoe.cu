@@ -1,7 +1,8 @@
 // The flashmoe kernel: one cooperative, persistent launch per forward. Blocks are split by hosted
 // rank (blockIdx.x / blocks_per_rank); every block of a rank runs the same phases:
 //
-//   route     its 64-token chunks: logits, top-k, counts per expert and destination rank
+//   route     its 64-token chunks: logits, top-k (or the caller's choice), counts per expert and
+//             destination rank
 //   barrier   (rank)            prefix   positions of every token at every destination; counts out
 //   barrier   (rank)            dispatch rows and entries to the owners of the experts; data signal
 //   tasks     claim shared/routed GEMM tiles (and capacity selections) until none are left
@@ -37,7 +38,10 @@ __device__ void run_rank(const Params& p, const Ctx& c) {
   if (!pipe_aligned(p, c)) return;
 
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
-  for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) route_chunk(p, c, ch);
+  for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) {
+    if constexpr (kRoutingGiven) given_chunk(p, c, ch);
+    else route_chunk(p, c, ch);
+  }
   if (!rank_barrier(p, c, 1, kTaskRoute, scratch)) return;
   prefix_counts(p, c);
   if (!rank_barrier(p, c, 2, kTaskPrefix, scratch)) return;

@@ -1,28 +1,62 @@
 """Conversion of transformers 5 sparse-MoE blocks into FlashMoELayer.
 
-Supported blocks and what each one computes (read from transformers' modeling files):
+Supported blocks and what each one computes (read from transformers' modeling files). "top-k,
+renormalised" is also how flashmoe expresses a softmax taken over the k best logits only
+(GPT-OSS, Granite): both give exp(l_i) / sum of exp(l_j) over the chosen j.
 
-    block                      router                                        shared experts
-    MixtralSparseMoeBlock      softmax, top-k, always renormalised            -
-    Qwen2MoeSparseMoeBlock     softmax, top-k, renormalised if norm_topk_prob  one MLP, sigmoid-gated
-    Qwen3MoeSparseMoeBlock     softmax, top-k, renormalised if norm_topk_prob  -
-    OlmoeSparseMoeBlock        softmax, top-k, renormalised if norm_topk_prob  -
-    DeepseekV3MoE              sigmoid + e_score_correction_bias (selection    n_shared_experts MLPs
-                               only), n_group/topk_group with group score =   fused into one
-                               sum of the top 2, norm_topk_prob, then
-                               routed_scaling_factor
+    block (family)                   router                                  shared experts
+    MixtralSparseMoeBlock, MiniMax-  softmax, top-k, renormalised            -
+      SparseMoeBlock, HunYuanMoEV1Moe                                        (HunYuan: one MLP)
+    Qwen2MoeSparseMoeBlock, Qwen3-   softmax, top-k, renormalised if         one MLP, sigmoid-gated
+      NextSparseMoeBlock             norm_topk_prob
+    Qwen3_5MoeSparseMoeBlock         softmax, top-k, renormalised            one MLP, sigmoid-gated
+    Qwen3MoeSparseMoeBlock, Olmoe-,  softmax, top-k, renormalised if         -
+      FlexOlmoSparseMoeBlock         norm_topk_prob
+    JambaSparseMoeBlock              softmax, top-k                          -
+    GraniteMoeMoE, GraniteMoe-       softmax over the top-k logits           - (Granite-MoE-Shared's
+      SharedMoE                                                              shared MLP sits in the
+                                                                             decoder layer, outside)
+    GptOssMLP                        logits + bias, softmax over the top-k   -
+                                     logits; experts with biases and the
+                                     clamped SwiGLU ('swiglu_clamped')
+    Llama4TextMoe                    sigmoid of the top-k logits, which      one MLP
+                                     scales the expert's input
+    DeepseekV3MoE, Glm4MoeMoE,       sigmoid + e_score_correction_bias       n shared MLPs fused
+      Dots1MoE, ExaoneMoeSparse-     (selection only), groups scored by      into one
+      MoEBlock                       their top-2 sum, norm_topk_prob, then
+                                     routed_scaling_factor
+    DeepseekV2Moe                    softmax, top-k ('greedy') or within the n shared MLPs fused
+                                     topk_group groups of best max score
+                                     ('group_limited_greedy'), times
+                                     routed_scaling_factor
+    Ernie4_5_MoeSparseMoeBlock       softmax + e_score_correction_bias       optional, fused
+                                     (selection only), renormalised
+    Lfm2MoeSparseMoeBlock            sigmoid (+ expert_bias for selection),  -
+                                     renormalised with +1e-6 if
+                                     norm_topk_prob, routed_scaling_factor
 
-All experts are gated (``act(gate) * up``) with gate_up_proj[E, 2I, H] and down_proj[E, H, I]:
-flashmoe's own layout, so expert weights copy as they are. A block is recognised by its class
-(or a subclass); a block of another class is accepted when its structure matches one of these
-exactly, since the modular transformers code copies these blocks under new names.
+Experts are gated. transformers' experts decorator records their layout (is_transposed,
+is_concatenated, has_bias); flashmoe's is gate_up_proj[E, 2I, H] = [gate; up] and
+down_proj[E, H, I], so transposed weights (GPT-OSS, Llama4) are transposed and interleaved gate/up
+columns (GPT-OSS) split into gate then up while copying. A block is recognised by its class (or
+a subclass); a block of another class is accepted when its structure matches the Qwen2/Qwen3/
+DeepSeek-V3 blocks exactly, since the modular transformers code copies these under new names.
+PhiMoE's block is refused: its sparsemixer router has no MoEConfig equivalent.
+
+GPT-OSS's and Llama4's blocks return (hidden states, router output) and their decoder layers
+unpack the pair; a layer converted from them does the same (``returns_router_logits``: the second
+item is the router logits [T, E], which the decoder layers discard).
 
 Differences that are rounding only: transformers computes the router logits in the model dtype
-(flashmoe: fp32) and Qwen rounds the top-k weights to the model dtype. Mixtral's router jitter
-applies in training mode only and is not converted.
+(flashmoe: fp32) and several families round the top-k weights to the model dtype; flashmoe adds
+1e-20 to a top-k sum that ERNIE clamps from below at moe_norm_min instead (the two differ only if
+the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default). Router jitter
+(Mixtral, MiniMax: ``jitter_noise``) carries over to the layer, which applies it in training mode.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,16 +70,64 @@ FAMILIES = {
     "Qwen3MoeSparseMoeBlock": "qwen3_moe",
     "OlmoeSparseMoeBlock": "olmoe",
     "DeepseekV3MoE": "deepseek_v3",
+    "MiniMaxSparseMoeBlock": "minimax",
+    "HunYuanMoEV1Moe": "hunyuan_v1_moe",
+    "Qwen3NextSparseMoeBlock": "qwen3_next",
+    "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe",
+    "FlexOlmoSparseMoeBlock": "flex_olmo",
+    "JambaSparseMoeBlock": "jamba",
+    "GraniteMoeMoE": "granitemoe",
+    "GraniteMoeSharedMoE": "granitemoeshared",
+    "GptOssMLP": "gpt_oss",
+    "Llama4TextMoe": "llama4",
+    "Glm4MoeMoE": "glm4_moe",
+    "Dots1MoE": "dots1",
+    "ExaoneMoeSparseMoEBlock": "exaone_moe",
+    "DeepseekV2Moe": "deepseek_v2",
+    "Ernie4_5_MoeSparseMoeBlock": "ernie4_5_moe",
+    "Lfm2MoeSparseMoeBlock": "lfm2_moe",
 }
 
-# family -> the child modules its block has, exactly
-_CHILDREN = {
-    "mixtral": {"gate", "experts"},
-    "qwen2_moe": {"gate", "experts", "shared_expert", "shared_expert_gate"},
-    "qwen3_moe": {"gate", "experts"},
-    "olmoe": {"gate", "experts"},
-    "deepseek_v3": {"gate", "experts", "shared_experts"},
+# name of a block class flashmoe knows and cannot convert -> what it lacks
+REFUSED = {
+    "PhimoeSparseMoeBlock": (
+        "PhiMoE's sparsemixer router (each of its top-2 weights is a softmax over only the experts "
+        "whose logit lies within a relative 2 * router_jitter_noise of the best remaining one) has "
+        "no MoEConfig equivalent"),
 }
+
+
+class _Spec(NamedTuple):
+    """Where a family keeps its parts: the child that routes, the shared MLP and its gate
+    (None: none), and whether its forward returns (hidden states, router output)."""
+
+    router: str = "gate"
+    shared: str | None = None
+    shared_gate: str | None = None
+    returns_router_output: bool = False
+
+
+_QWEN2 = _Spec(shared="shared_expert", shared_gate="shared_expert_gate")
+_DEEPSEEK = _Spec(shared="shared_experts")
+_SPECS = {
+    "mixtral": _Spec(), "minimax": _Spec(), "qwen3_moe": _Spec(), "olmoe": _Spec(),
+    "flex_olmo": _Spec(), "lfm2_moe": _Spec(),
+    "qwen2_moe": _QWEN2, "qwen3_next": _QWEN2, "qwen3_5_moe": _QWEN2,
+    "deepseek_v3": _DEEPSEEK, "glm4_moe": _DEEPSEEK, "dots1": _DEEPSEEK, "exaone_moe": _DEEPSEEK,
+    "deepseek_v2": _DEEPSEEK,
+    "ernie4_5_moe": _DEEPSEEK,          # its shared MLP is optional (None when there is none)
+    "hunyuan_v1_moe": _Spec(shared="shared_mlp"),
+    "jamba": _Spec(router="router"), "granitemoe": _Spec(router="router"),
+    "granitemoeshared": _Spec(router="router"),
+    "gpt_oss": _Spec(router="router", returns_router_output=True),
+    "llama4": _Spec(router="router", shared="shared_expert", returns_router_output=True),
+}
+
+# Families whose router is DeepSeek-V3's (the same code under other names).
+_DEEPSEEK_V3_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe")
+
+# LFM2-MoE adds this to the top-k sum it divides by (a constant of its modeling code).
+LFM2_NORM_EPSILON = 1e-6
 
 # transformers' hidden_act names -> flashmoe activation
 HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
@@ -54,22 +136,27 @@ HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "
 _ACT_CLASSES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu",
                 "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
                 "NewGELUActivation": "gelu_tanh", "ReLU": "relu"}
+# torch functions an experts module may hold as act_fn -> flashmoe activation
+_ACT_FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "relu"}
 
 
 def detect_family(block: nn.Module) -> str:
-    """The family of a transformers MoE block, by class (or base class) name, else by structure."""
+    """The family of a transformers MoE block, by class (or base class) name, else by structure.
+    Raises TypeError for a block it does not know, ValueError for one it knows cannot convert."""
     for klass in type(block).__mro__:
+        if klass.__name__ in REFUSED:
+            raise ValueError(f"{type(block).__name__}: {REFUSED[klass.__name__]}; not converted")
         if klass.__name__ in FAMILIES:
             return FAMILIES[klass.__name__]
-    children = {name for name, _ in block.named_children()}
+    children = _children(block)
     gate = getattr(block, "gate", None)
     experts = getattr(block, "experts", None)
     if gate is not None and hasattr(getattr(experts, "gate_up_proj", None), "shape"):
-        if children == _CHILDREN["deepseek_v3"] and hasattr(gate, "e_score_correction_bias"):
+        if children == _expected_children(_DEEPSEEK) and hasattr(gate, "e_score_correction_bias"):
             return "deepseek_v3"
-        if children == _CHILDREN["qwen2_moe"] and hasattr(gate, "norm_topk_prob"):
+        if children == _expected_children(_QWEN2) and hasattr(gate, "norm_topk_prob"):
             return "qwen2_moe"
-        if children == _CHILDREN["qwen3_moe"] and hasattr(gate, "norm_topk_prob") \
+        if children == _expected_children(_Spec()) and hasattr(gate, "norm_topk_prob") \
                 and not hasattr(gate, "e_score_correction_bias"):
             return "qwen3_moe"
     raise TypeError(f"from_hf does not know the block {type(block).__name__} (children: "
@@ -80,93 +167,287 @@ def detect_family(block: nn.Module) -> str:
 
 def config_from_hf(block: nn.Module) -> MoEConfig:
     """The MoEConfig of a supported transformers MoE block."""
-    family = detect_family(block)
-    children = {name for name, _ in block.named_children()}
-    if children != _CHILDREN[family]:
-        raise TypeError(f"{type(block).__name__} has the children {sorted(children)}; a "
-                        f"{family} block has {sorted(_CHILDREN[family])}: not converted, since "
-                        "parts of it would be ignored")
-    gate, experts = block.gate, block.experts
-    _check_experts(experts)
-    num_experts, up_rows, hidden = experts.gate_up_proj.shape
-    if tuple(gate.weight.shape) != (num_experts, hidden) or getattr(gate, "bias", None) is not None:
-        raise ValueError(f"the router ({type(gate).__name__}) must be a bias-free [{num_experts}, "
-                         f"{hidden}] weight; got {tuple(gate.weight.shape)}"
-                         f"{' with a bias' if getattr(gate, 'bias', None) is not None else ''}")
-    intermediate = experts.down_proj.shape[2]
-    if up_rows != 2 * intermediate:
-        raise ValueError(f"experts.gate_up_proj has {up_rows} rows per expert; gate and up of "
-                         f"down_proj's width {intermediate} make {2 * intermediate}")
-    fields = dict(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts,
-                  top_k=int(gate.top_k), activation=_activation(experts), gated=True,
-                  dtype=dtype_name(experts.gate_up_proj.dtype))
-    if family == "mixtral":
-        fields.update(norm_topk_prob=True)
-    elif family in ("qwen3_moe", "olmoe"):
-        fields.update(norm_topk_prob=bool(gate.norm_topk_prob))
-    elif family == "qwen2_moe":
-        _check_linear(block.shared_expert_gate, "shared_expert_gate")
-        fields.update(norm_topk_prob=bool(gate.norm_topk_prob), num_shared_experts=1,
-                      shared_intermediate_size=_shared_width(block.shared_expert, fields["activation"]),
-                      shared_expert_gate=True)
-    elif family == "deepseek_v3":
-        width = _shared_width(block.shared_experts, fields["activation"])
-        # The n shared experts are stored fused (one MLP of width n * moe_intermediate_size);
-        # splitting the width back only documents the model, the computation is the same.
-        n_shared = int(getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1)
-        if width % n_shared:
-            n_shared = 1
-        fields.update(scoring="sigmoid", selection_bias=True, n_group=int(gate.num_group),
-                      topk_group=int(gate.topk_group), group_score="top2_sum",
-                      norm_topk_prob=bool(gate.norm_topk_prob),
-                      routed_scaling_factor=float(gate.routed_scaling_factor),
-                      num_shared_experts=n_shared, shared_intermediate_size=width // n_shared)
-    return MoEConfig(**fields)
+    return Conversion(block).config
 
 
 def from_hf(layer_cls, block: nn.Module, backend: str = "auto", **kwargs):
     """Build ``layer_cls`` (FlashMoELayer) from a transformers MoE block, weights copied. The
     parameters land on the block's device unless ``device=`` is given."""
-    config = config_from_hf(block)
-    kwargs.setdefault("device", block.experts.gate_up_proj.device)
+    conversion = Conversion(block)
+    config = conversion.config
+    kwargs.setdefault("device", conversion.gate_up[0].device)
     layer = layer_cls(config, backend=backend, **kwargs)
     with torch.no_grad():
-        mine = layer.local_experts
-        layer.router_weight.copy_(block.gate.weight.float())
-        layer.gate_up_proj.copy_(block.experts.gate_up_proj[mine.start:mine.stop])
-        layer.down_proj.copy_(block.experts.down_proj[mine.start:mine.stop])
-        if config.selection_bias:
-            layer.selection_bias.copy_(block.gate.e_score_correction_bias.float())
-        shared = getattr(block, "shared_expert", None)
-        if shared is None:
-            shared = getattr(block, "shared_experts", None)
-        if shared is not None:
-            layer.shared_gate_up_proj.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
-            layer.shared_down_proj.copy_(shared.down_proj.weight)
-        if config.shared_expert_gate:
-            layer.shared_gate_weight.copy_(block.shared_expert_gate.weight.float())
+        for theirs, mine in weight_pairs(conversion, layer):
+            mine.copy_(theirs)
+    layer.returns_router_logits = _SPECS[conversion.family].returns_router_output
     return layer
 
 
-def _check_experts(experts: nn.Module) -> None:
-    # transformers' experts decorator records the layout; flashmoe's is concatenated [gate; up],
-    # not transposed, gated, without biases.
-    expected = {"is_transposed": False, "is_concatenated": True, "has_bias": False,
-                "has_gate": True, "has_post_expert_norm": False}
-    for attr, want in expected.items():
-        if getattr(experts, attr, want) != want:
-            raise ValueError(f"experts.{attr}={getattr(experts, attr)}: flashmoe converts experts "
-                             f"with {attr}={want} only")
+def weight_pairs(conversion: "Conversion", layer) -> list:
+    """(the block's tensor as a view in flashmoe's layout, the layer's tensor it goes to) for
+    every tensor the layer takes from the block, this rank's experts only: ``from_hf`` copies
+    each pair into the layer, ``flashmoe.hf.unconvert`` back into the block."""
+    config, mine = layer.config, slice(layer.local_experts.start, layer.local_experts.stop)
+
+    def concatenated(parts, value):      # parts concatenated along dim 1 -> slices of value
+        pairs, start = [], 0
+        for part in parts:
+            pairs.append((part[mine], value[:, start:start + part.shape[1]]))
+            start += part.shape[1]
+        return pairs
+
+    pairs = [(conversion.router_weight, layer.router_weight)]
+    pairs += concatenated(conversion.gate_up, layer.gate_up_proj)
+    pairs.append((conversion.down[mine], layer.down_proj))
+    if config.router_bias:
+        pairs.append((conversion.router_bias, layer.router_bias))
+    if config.selection_bias:
+        pairs.append((conversion.selection_bias.reshape(-1), layer.selection_bias))
+    if config.expert_bias:
+        pairs += concatenated(conversion.gate_up_bias, layer.gate_up_bias)
+        pairs.append((conversion.down_bias[mine], layer.down_bias))
+    shared = conversion.shared
+    if shared is not None:
+        rows = shared.gate_proj.weight.shape[0]
+        pairs += [(shared.gate_proj.weight, layer.shared_gate_up_proj[:rows]),
+                  (shared.up_proj.weight, layer.shared_gate_up_proj[rows:]),
+                  (shared.down_proj.weight, layer.shared_down_proj)]
+    if config.shared_expert_gate:
+        pairs.append((conversion.shared_gate.weight, layer.shared_gate_weight))
+    return pairs
+
+
+class Conversion:
+    """What a block computes, read once: its family, the MoEConfig, and its tensors as views in
+    flashmoe's layout (``gate_up`` and ``gate_up_bias`` as parts to concatenate along the rows:
+    gate then up, so interleaved columns are split without a copy of the whole block)."""
+
+    def __init__(self, block: nn.Module):
+        self.family = family = detect_family(block)
+        spec = _SPECS[family]
+        children = _children(block)
+        expected = _expected_children(spec)
+        if family == "ernie4_5_moe" and block.shared_experts is None:
+            expected = expected - {"shared_experts"}
+        if children != expected:
+            raise TypeError(f"{type(block).__name__} has the children {sorted(children)}; a "
+                            f"{family} block has {sorted(expected)}: not converted, since "
+                            "parts of it would be ignored")
+        router = getattr(block, spec.router)
+        self._read_experts(block.experts, family)
+        num_experts, hidden = self.gate_up[0].shape[0], self.gate_up[0].shape[2]
+        self._read_router(router, family, num_experts, hidden)
+        self.shared = getattr(block, spec.shared) if spec.shared else None
+        self.shared_gate = getattr(block, spec.shared_gate) if spec.shared_gate else None
+        activation = self._activation(block.experts, family)
+        fields = dict(hidden_size=hidden, intermediate_size=self.down.shape[2],
+                      num_experts=num_experts, top_k=int(router.top_k), gated=True,
+                      dtype=dtype_name(self.gate_up[0].dtype), router_bias=self.router_bias is not None,
+                      expert_bias=self.down_bias is not None, **activation)
+        fields.update(_ROUTING[family](block, router))
+        self.selection_bias = _selection_bias(block, router, family) if fields.get("selection_bias") else None
+        if self.shared is not None:
+            fields.update(self._shared_fields(block, activation["activation"]))
+        self.config = MoEConfig(**fields)
+
+    def _read_experts(self, experts: nn.Module, family: str) -> None:
+        layout = _expert_layout(experts, family)
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if layout["is_transposed"]:            # [E, H, 2I] and [E, I, H]
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        self.gate_up, self.down = _gate_then_up(gate_up, layout), down
+        self.gate_up_bias = self.down_bias = None
+        if layout["has_bias"]:
+            self.gate_up_bias = _gate_then_up(experts.gate_up_proj_bias, layout)
+            self.down_bias = experts.down_proj_bias
+        num_experts, up_rows, hidden = gate_up.shape
+        intermediate = down.shape[2]
+        if up_rows != 2 * intermediate or tuple(down.shape[:2]) != (num_experts, hidden):
+            raise ValueError(f"experts.gate_up_proj {tuple(experts.gate_up_proj.shape)} and "
+                             f"down_proj {tuple(experts.down_proj.shape)} do not form gated experts "
+                             f"(gate and up of width I, then down back to H)")
+
+    def _read_router(self, router: nn.Module, family: str, num_experts: int, hidden: int) -> None:
+        # HunYuan's router keeps its projection in a child Linear; the others hold the weight.
+        linear = router.wg if family == "hunyuan_v1_moe" else router
+        self.router_weight = linear.weight
+        self.router_bias = getattr(linear, "bias", None)
+        if tuple(self.router_weight.shape) != (num_experts, hidden):
+            raise ValueError(f"the router ({type(router).__name__}) weight has shape "
+                             f"{tuple(self.router_weight.shape)}: expected [{num_experts}, {hidden}]")
+        if self.router_bias is not None and tuple(self.router_bias.shape) != (num_experts,):
+            raise ValueError(f"the router ({type(router).__name__}) bias has shape "
+                             f"{tuple(self.router_bias.shape)}: expected [{num_experts}]")
+
+    @staticmethod
+    def _activation(experts: nn.Module, family: str) -> dict:
+        if family == "gpt_oss":
+            return dict(activation="swiglu_clamped", swiglu_alpha=float(experts.alpha),
+                        swiglu_limit=float(experts.limit))
+        # transformers' experts decorator installs its default act(gate) * up unless the class
+        # brings its own gating, whose activation could be anything.
+        apply_gate = getattr(type(experts), "_apply_gate", None)
+        if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+            raise ValueError(f"{type(experts).__name__} defines its own gating (_apply_gate), whose "
+                             "activation flashmoe cannot identify: not converted")
+        return dict(activation=_activation(experts))
+
+    def _shared_fields(self, block: nn.Module, activation: str) -> dict:
+        width = _shared_width(self.shared, activation)
+        if self.shared_gate is not None:
+            _check_linear(self.shared_gate, _SPECS[self.family].shared_gate)
+            return dict(num_shared_experts=1, shared_intermediate_size=width, shared_expert_gate=True)
+        # n shared experts are stored fused (one MLP of width n * moe_intermediate_size);
+        # splitting the width back only documents the model, the computation is the same.
+        n_shared = _shared_count(block)
+        if width % n_shared:
+            n_shared = 1
+        return dict(num_shared_experts=n_shared, shared_intermediate_size=width // n_shared)
+
+
+def _children(block: nn.Module) -> set:
+    return {name for name, _ in block.named_children()}
+
+
+def _expected_children(spec: _Spec) -> set:
+    return {"experts", spec.router} | {name for name in (spec.shared, spec.shared_gate) if name}
+
+
+def _expert_layout(experts: nn.Module, family: str) -> dict:
+    """The experts' layout flags, as transformers' experts decorator records them; checked
+    convertible."""
+    if family == "llama4":
+        # Llama4's experts are not decorated; its code multiplies by [E, H, 2I] then chunks.
+        return dict(is_transposed=True, is_concatenated=True, has_bias=False)
+    layout = {"is_transposed": getattr(experts, "is_transposed", False),
+              "is_concatenated": getattr(experts, "is_concatenated", True),
+              "has_bias": getattr(experts, "has_bias", False)}
+    if not getattr(experts, "has_gate", True):
+        raise ValueError(f"{type(experts).__name__} has no gate (has_gate=False): flashmoe converts "
+                         "gated experts (gate_up_proj) only")
+    if getattr(experts, "has_post_expert_norm", False):
+        raise ValueError(f"{type(experts).__name__} normalises each expert's output "
+                         "(has_post_expert_norm=True), which MoEConfig has no field for")
+    return layout
+
+
+def _gate_then_up(t: torch.Tensor, layout: dict) -> tuple:
+    """``t`` [E, 2I, ...] (rows gate then up, or interleaved gate0, up0, gate1, ...) as the
+    parts (gate, up) to concatenate along dim 1: views, no copy."""
+    if layout["is_concatenated"]:
+        return (t,)
+    return (t[:, 0::2], t[:, 1::2])
+
+
+def _softmax_renormalised(block, router) -> dict:
+    return dict(norm_topk_prob=True)
+
+
+def _softmax_plain(block, router) -> dict:
+    return dict(norm_topk_prob=False)
+
+
+def _softmax_optional_norm(block, router) -> dict:
+    return dict(norm_topk_prob=bool(router.norm_topk_prob))
+
+
+def _deepseek_v3_routing(block, router) -> dict:
+    return dict(scoring="sigmoid", selection_bias=True, n_group=int(router.num_group),
+                topk_group=int(router.topk_group), group_score="top2_sum",
+                norm_topk_prob=bool(router.norm_topk_prob),
+                routed_scaling_factor=float(router.routed_scaling_factor))
+
+
+def _deepseek_v2_routing(block, router) -> dict:
+    fields = dict(routed_scaling_factor=float(router.routed_scaling_factor))
+    if router.topk_method == "group_limited_greedy":
+        fields.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
+                      group_score="max")
+    elif router.topk_method != "greedy":
+        raise ValueError(f"DeepSeek-V2's topk_method={router.topk_method!r} has no MoEConfig "
+                         "equivalent: 'greedy' and 'group_limited_greedy' convert")
+    return fields
+
+
+# ERNIE's moe_norm_min up to which its clamp is accepted: a chosen top-k sum below it needs
+# every chosen expert's probability below it, which only a selection bias overriding the scores
+# by orders of magnitude brings about.
+ERNIE_NORM_MIN_LIMIT = 1e-6
+
+
+def _ernie_routing(block, router) -> dict:
+    if float(router.norm_min) > ERNIE_NORM_MIN_LIMIT:
+        raise ValueError(f"ERNIE's moe_norm_min={router.norm_min} clamps the top-k sum from below, "
+                         f"which MoEConfig (norm_topk_epsilon adds to the sum) matches only for a "
+                         f"clamp that never binds: moe_norm_min <= {ERNIE_NORM_MIN_LIMIT} converts")
+    return dict(selection_bias=True, norm_topk_prob=True)
+
+
+def _llama4_routing(block, router) -> dict:
+    # sigmoid is monotonic, so the top-k of the logits is the top-k of the sigmoid scores.
+    return dict(scoring="sigmoid", scale_expert_input=True)
+
+
+def _lfm2_routing(block, router) -> dict:
+    fields = dict(scoring="sigmoid", selection_bias=bool(block.use_expert_bias),
+                  norm_topk_prob=bool(router.norm_topk_prob),
+                  routed_scaling_factor=float(router.routed_scaling_factor))
+    if fields["norm_topk_prob"]:
+        fields["norm_topk_epsilon"] = LFM2_NORM_EPSILON
+    return fields
+
+# family -> its routing fields (beyond E, k and the dtype), from the block and its router
+_ROUTING = {
+    "mixtral": _softmax_renormalised, "minimax": _softmax_renormalised,
+    "hunyuan_v1_moe": _softmax_renormalised, "qwen3_5_moe": _softmax_renormalised,
+    "gpt_oss": _softmax_renormalised, "granitemoe": _softmax_renormalised,
+    "granitemoeshared": _softmax_renormalised,
+    "jamba": _softmax_plain,
+    "qwen2_moe": _softmax_optional_norm, "qwen3_next": _softmax_optional_norm,
+    "qwen3_moe": _softmax_optional_norm, "olmoe": _softmax_optional_norm,
+    "flex_olmo": _softmax_optional_norm,
+    **{family: _deepseek_v3_routing for family in _DEEPSEEK_V3_ROUTERS},
+    "deepseek_v2": _deepseek_v2_routing,
+    "ernie4_5_moe": _ernie_routing,
+    "llama4": _llama4_routing,
+    "lfm2_moe": _lfm2_routing,
+}
+
+
+def _selection_bias(block, router, family: str) -> torch.Tensor:
+    if family == "lfm2_moe":
+        return block.expert_bias
+    if family == "ernie4_5_moe":
+        return router.moe_statics.e_score_correction_bias      # [1, E]
+    return router.e_score_correction_bias
+
+
+def _shared_count(block: nn.Module) -> int:
+    """How many shared experts the block's config says its fused shared MLP holds (1 if it
+    does not say)."""
+    config = getattr(block, "config", None)
+    for name in ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= 1:
+            return value
+    return 1
 
 
 def _activation(module: nn.Module) -> str:
-    """flashmoe's name of the activation ``module.act_fn`` runs. The module is what actually
-    runs, so it decides; config.hidden_act is the fallback for a module without act_fn."""
+    """flashmoe's name of the activation ``module.act_fn`` (Llama4's MLP: ``activation_fn``)
+    runs. The module is what actually runs, so it decides; config.hidden_act is the fallback for
+    a module without one."""
     act = getattr(module, "act_fn", None)
+    if act is None:
+        act = getattr(module, "activation_fn", None)
     if act is not None:
         if type(act).__name__ in _ACT_CLASSES:
             return _ACT_CLASSES[type(act).__name__]
-        described = type(act).__name__
+        for function, name in _ACT_FUNCTIONS.items():      # a torch function itself (LFM2-MoE)
+            if act is function:
+                return name
+        described = getattr(act, "__name__", type(act).__name__)
     else:
         hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
         if hidden_act in HIDDEN_ACTS:

@@ -101,7 +101,8 @@ TENSOR_MAP_ALIGN = 64
 
 
 class LocalRank(C.Structure):
-    _fields_ = [("x", ptr), ("out", ptr), ("num_tokens", i32), ("pad", i32)]
+    _fields_ = [("x", ptr), ("out", ptr), ("num_tokens", i32), ("pad", i32), ("topk_ids", ptr),
+                ("topk_weights", ptr)]
 
 
 _PARAMS_FIELDS = [
@@ -114,7 +115,7 @@ _PARAMS_FIELDS = [
         ("group_score", i32), ("has_bias", i32), ("shared_gate", i32), ("activation", i32),
         ("routed_scaling_factor", f32), ("weights_first_expert", i32), ("capacity_factor", f64),
         ("fault_kind", u32), ("fault_rank", u32), ("trace_capacity", u32),
-        ("smem_sched_offset", u32), ("smem_scratch_offset", u32), ("pad0", u32),
+        ("smem_sched_offset", u32), ("smem_scratch_offset", u32), ("norm_topk_epsilon", f32),
         ("timeout_ns", u64),
         ("router_weight", ptr), ("selection_bias", ptr), ("gate_up", ptr), ("down", ptr),
         ("shared_gate_up", ptr), ("shared_down", ptr),
@@ -220,12 +221,14 @@ def abi_header() -> str:
 def fill_params(plan, *, heap: int, peer_bases: int, control: int,
                 router_weight: int, gate_up: int, down: int, selection_bias: int = 0,
                 shared_gate_up: int = 0, shared_down: int = 0, weights_first_expert: int = 0,
-                local: list[tuple[int, int, int]] = (), timeout_ns: int = 10**10,
+                local: list[tuple[int, ...]] = (), timeout_ns: int = 10**10,
                 trace: int = 0, trace_capacity: int = 0,
                 fault_kind: FaultKind = FaultKind.NONE, fault_rank: int = 0,
                 weight_maps: dict[str, bytes] | None = None) -> Params:
-    """Params for one launch of ``plan``. ``local`` is one (x, out, num_tokens) per hosted rank;
-    pointers are device addresses as integers. ``weight_maps`` (gemm="wgmma" specs): the encoded
+    """Params for one launch of ``plan``. ``local`` is one (x, out, num_tokens) per hosted rank,
+    or (x, out, num_tokens, topk_ids, topk_weights) for a spec with routing='given' (the
+    caller's int32 ids and fp32 weights [num_tokens, k]); pointers are device addresses as
+    integers. ``weight_maps`` (gemm="wgmma" specs): the encoded
     tensor maps by WEIGHT_MAPS name (``tensormap.weight_tensor_maps``); without them the wgmma
     engine loads the weights with cp.async instead of TMA."""
     cfg = plan.config
@@ -247,6 +250,7 @@ def fill_params(plan, *, heap: int, peer_bases: int, control: int,
     p.shared_gate = int(cfg.shared_expert_gate)
     p.activation = ACTIVATION_CODES[cfg.activation]
     p.routed_scaling_factor = cfg.routed_scaling_factor
+    p.norm_topk_epsilon = cfg.norm_topk_epsilon
     p.weights_first_expert = weights_first_expert
     p.capacity_factor = cfg.capacity_factor or 0.0
     p.fault_kind, p.fault_rank = int(fault_kind), fault_rank
@@ -273,8 +277,14 @@ def fill_params(plan, *, heap: int, peer_bases: int, control: int,
         p.weight_maps_valid = 1
     p.trace = trace
     p.trace_records_offset = plan_mod.trace_layout(plan.grid, trace_capacity)[1] if trace else 0
-    for v, (x, out, n) in enumerate(local):
+    routing_given = plan.spec.routing == "given"
+    for v, (x, out, n, *given) in enumerate(local):
         if not 0 <= n <= plan.max_tokens:
             raise ValueError(f"local rank {v}: {n} tokens, the plan holds 0..{plan.max_tokens}")
+        if len(given) != (2 if routing_given else 0):
+            raise ValueError(f"local rank {v}: (x, out, num_tokens{', topk_ids, topk_weights' if routing_given else ''}) "
+                             f"expected for a spec with routing={plan.spec.routing!r}, got {len(given) + 3} values")
         p.local[v].x, p.local[v].out, p.local[v].num_tokens = x, out, n
+        if routing_given:
+            p.local[v].topk_ids, p.local[v].topk_weights = given
     return p

@@ -106,7 +106,8 @@ class KernelBackend:
     def __init__(self, config: MoEConfig, device, virtual_world: int = 1, max_tokens: int | None = None, *,
                  emulate: bool = False, spec: KernelSpec | list[KernelSpec] | None = None,
                  timeout_s: float = 10.0, error_check: str = "deferred", blocks_per_rank: int | None = None,
-                 trace_capacity: int = 0, runtime=None, force_nvshmem: bool = False, gemm: str | None = None):
+                 trace_capacity: int = 0, runtime=None, force_nvshmem: bool = False, gemm: str | None = None,
+                 routing: str = "router"):
         if gemm not in (None, *GEMM_ENGINES):
             raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)} (None: the device's best)")
         reason = KernelBackend.unavailable_reason(config, device, virtual_world, emulate)
@@ -129,7 +130,7 @@ class KernelBackend:
             info = _device_info(self.device)
             sm_count = info.sm_count if blocks_per_rank is None else blocks_per_rank * virtual_world
             self.device_info = replace(info, sm_count=min(sm_count, info.sm_count))
-        self._set_specs(spec, gemm=gemm)
+        self._set_specs(spec, gemm=gemm, routing=routing)
         # spec.transport == "nvshmem" with virtual ranks: the heap is one NVSHMEM allocation of a
         # single PE (runtime.Runtime.single_process), and force_nvshmem sends every write through
         # NVSHMEM's device API: the NVSHMEM transport tested on one GPU, deterministically.
@@ -155,9 +156,9 @@ class KernelBackend:
         self._free_checks = []      # (event, pinned copy) pairs to reuse
         self._last = None           # the variant of the last launch (its trace)
 
-    def _set_specs(self, spec, transport: str = "peer", gemm: str | None = None) -> None:
+    def _set_specs(self, spec, transport: str = "peer", gemm: str | None = None, routing: str = "router") -> None:
         """The kernel variants: the given spec(s), or the prefill and decode tiles for the device
-        (with the ``gemm`` engine, default the device's best)."""
+        (with the ``gemm`` engine, default the device's best); all route with ``routing``."""
         if spec is None:
             info = self.device_info
             try:
@@ -167,7 +168,7 @@ class KernelBackend:
                 raise KernelUnavailable(str(e)) from e
         else:
             specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-        specs = [replace(s, trace=self.trace_capacity > 0,
+        specs = [replace(s, trace=self.trace_capacity > 0, routing=routing,
                          transport=transport if transport != "peer" else s.transport) for s in specs]
         self.variants = {s.block_m: Variant(s) for s in sorted(specs, key=lambda s: -s.block_m)}
         if len(self.variants) != len(specs):
@@ -266,12 +267,14 @@ class KernelBackend:
                 view = view.clone()
             return view
 
-        router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
-        if cfg.shared_expert_gate:
-            router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H), torch.float32)])
-        keep = {"router": router,
-                "gate_up": need(w.gate_up_proj, "gate_up_proj", (E, cfg.up_rows, H), dt),
+        keep = {"gate_up": need(w.gate_up_proj, "gate_up_proj", (E, cfg.up_rows, H), dt),
                 "down": need(w.down_proj, "down_proj", (E, H, cfg.intermediate_size), dt)}
+        if self.spec.routing == "router":
+            router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
+            if cfg.shared_expert_gate:
+                router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H),
+                                                 torch.float32)])
+            keep["router"] = router
         if cfg.selection_bias:
             keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.num_experts,), torch.float32)
         if cfg.num_shared_experts:
@@ -312,26 +315,50 @@ class KernelBackend:
     # -- forward (hot path) --
 
     def forward(self, x2d: torch.Tensor, weights: MoEWeights, return_routing: bool = False,
-                out: torch.Tensor | None = None, fault_rank: int | None = None):
+                out: torch.Tensor | None = None, fault_rank: int | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None):
         """out[T, H] for x2d[T, H] (and the Routing the kernel chose, if asked). ``out`` may be
         given (checks poison it first); ``fault_rank`` (tests only) makes that virtual rank stall
-        so every wait on it times out."""
+        so every wait on it times out. A backend built with ``routing='given'`` runs the kernel
+        without a router and takes ``routing=(topk_ids, topk_weights)`` ([T, k], k the config's
+        top_k): it dispatches, multiplies and combines as told (an id outside 0..E-1 is no
+        expert), and ``weights.router_weight`` is not read."""
+        if (routing is not None) != (self.spec.routing == "given"):
+            raise ValueError("routing=(topk_ids, topk_weights) goes with a backend built with routing='given', "
+                             f"and only there; this one has routing={self.spec.routing!r}")
         x2d = self._check_x(x2d)
         self._check_pending(block=False)
         counts = split_tokens(x2d.shape[0], self.world)
         self._ensure_plan(max(counts))
         views = self._weight_views(weights)
+        given = None if routing is None else self._given_routing(x2d, *routing)
         out = self._check_out(out, x2d)
         row = self.config.hidden_size * x2d.element_size()
+        k = self.config.top_k
         local, start = [], 0
         for n in counts:
-            local.append((x2d.data_ptr() + start * row, out.data_ptr() + start * row, n))
+            rank = (x2d.data_ptr() + start * row, out.data_ptr() + start * row, n)
+            if given is not None:   # ids are int32, weights fp32: 4 bytes per slot
+                rank += (given[0].data_ptr() + start * k * 4, given[1].data_ptr() + start * k * 4)
+            local.append(rank)
             start += n
         variant = self.variant_for(x2d.shape[0])
         self._launch(variant, self._params(variant, views, local, fault_rank))
         if not return_routing:
             return out
         return out, self._routing(counts)
+
+    def _given_routing(self, x2d: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """The caller's routing as the kernel reads it: int32 ids (every id outside 0..E-1 the
+        same "no expert", before the narrowing could wrap it into range) and fp32 weights."""
+        shape = (x2d.shape[0], self.config.top_k)
+        if tuple(ids.shape) != shape or tuple(weights.shape) != shape:
+            raise ValueError(f"routing: topk_ids {tuple(ids.shape)} and topk_weights {tuple(weights.shape)} "
+                             f"must both be {shape}")
+        if ids.device != self.device or weights.device != self.device:
+            raise ValueError(f"routing is on {ids.device} / {weights.device}, the kernel runs on {self.device}")
+        ids = ids.clamp(-1, self.config.num_experts).to(torch.int32).contiguous()
+        return ids, weights.to(torch.float32).contiguous()
 
     def _check_x(self, x2d: torch.Tensor) -> torch.Tensor:
         cfg = self.config

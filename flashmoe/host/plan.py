@@ -272,6 +272,26 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:
         return f"n_group={config.n_group} is above the kernel's limit of 32"
+    return _unimplemented_feature(config)
+
+
+# Config fields the kernel does not implement, with the value it does (the reference computes
+# any value; backend='auto' falls back to it).
+_KERNEL_DEFAULTS = {
+    "expert_bias": (False, "expert biases (expert_bias=True) are not implemented by the kernel"),
+    "router_bias": (False, "a router bias (router_bias=True) is not implemented by the kernel"),
+    "scale_expert_input": (False, "scaling the expert input by the routing weight "
+                                  "(scale_expert_input=True) is not implemented by the kernel"),
+}
+
+
+def _unimplemented_feature(config: MoEConfig) -> str | None:
+    """Why the kernel cannot compute one of the config's semantics (None when it can)."""
+    if config.activation == "swiglu_clamped":
+        return "activation='swiglu_clamped' is not implemented by the kernel"
+    for name, (value, reason) in _KERNEL_DEFAULTS.items():
+        if getattr(config, name) != value:
+            return f"{reason} (config.{name}={getattr(config, name)!r})"
     return None
 
 

@@ -3,7 +3,8 @@
 A spec is the compile-cache key (together with the device sources' hash, the NVRTC version and
 the options; see ``compile.py``). Only what changes the generated code belongs here: the dtype,
 gated or plain experts (one or two B operands per GEMM0 tile), the tile shape and pipeline depth,
-the block size, the GEMM engine, the transport and tracing. Shapes (H, I, E, k, tokens), the
+the block size, the GEMM engine, the transport, tracing, and whether the kernel routes or reads the
+caller's routing (``flashmoe.experts_forward``: that kernel has no router at all). Shapes (H, I, E, k, tokens), the
 activation, routing options and capacity are run-time values in ``Params``, so a new batch size or
 model width never recompiles.
 
@@ -14,12 +15,13 @@ tile that took a full K loop, so it is not measurable, and it divides the number
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ARCHS = ("sm_80", "sm_90a")   # the shipped cubin targets; any sm_XX >= 80 compiles on demand
 DTYPE_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 GEMM_ENGINES = ("mma_sync", "wgmma")
 TRANSPORTS = ("peer", "nvshmem")
+ROUTINGS = ("router", "given")
 
 # Bytes of K one pipeline stage holds per row: 64 bf16/fp16 or 32 fp32 elements. One 128-byte
 # row is one swizzle atom (8 chunks of 16 bytes), for ldmatrix and for the wgmma 128B swizzle.
@@ -48,6 +50,7 @@ class KernelSpec:
     gemm: str = "mma_sync"        # mma_sync (sm_80+) or wgmma (sm_90a)
     transport: str = "peer"       # peer pointers (NVLink, same GPU) or the NVSHMEM device API
     trace: bool = False           # record per-task timestamps into the trace buffer
+    routing: str = "router"       # router: the kernel routes; given: LocalRank::topk_ids / topk_weights
 
     def __post_init__(self):
         if not _ARCH_RE.fullmatch(self.arch) or int(_ARCH_RE.fullmatch(self.arch).group(1)) < 80:
@@ -60,6 +63,8 @@ class KernelSpec:
             raise ValueError("gemm='wgmma' needs arch='sm_90a'")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport={self.transport!r}: allowed are {', '.join(TRANSPORTS)}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r}: allowed are {', '.join(ROUTINGS)}")
         if self.block_m % 16 or not 16 <= self.block_m <= 256:
             raise ValueError(f"block_m={self.block_m}: must be a multiple of 16 in [16, 256]")
         if self.block_n % 32 or not 32 <= self.block_n <= 256:
@@ -121,6 +126,7 @@ class KernelSpec:
             "FLASHMOE_GEMM_WGMMA": int(self.gemm == "wgmma"),
             "FLASHMOE_TRANSPORT_NVSHMEM": int(self.transport == "nvshmem"),
             "FLASHMOE_TRACE": int(self.trace),
+            "FLASHMOE_ROUTING_GIVEN": int(self.routing == "given"),
         }
 
     def key(self) -> str:
@@ -139,6 +145,8 @@ def shipped_specs() -> list[KernelSpec]:
             for block_m in (PREFILL_BLOCK_M, DECODE_BLOCK_M):
                 specs.append(select_spec(dtype, gated, "sm_80", 163 * 1024, block_m))
                 specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, block_m))
+    # The routing-given kernels (flashmoe.experts_forward) of the commonest layout.
+    specs += [replace(s, routing="given") for s in specs if s.dtype == "bfloat16" and s.gated]
     return specs
 
 

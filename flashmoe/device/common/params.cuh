@@ -102,10 +102,12 @@ enum WeightMap : int { kMapGateUp = 0, kMapDown = 1, kMapSharedGateUp = 2, kMapS
 
 // One hosted rank's tensors.
 struct LocalRank {
-  const void* x;    // [num_tokens, H] dtype, contiguous
-  void* out;        // [num_tokens, H] dtype, contiguous
-  i32 num_tokens;   // 0 .. max_tokens
+  const void* x;              // [num_tokens, H] dtype, contiguous
+  void* out;                  // [num_tokens, H] dtype, contiguous
+  i32 num_tokens;             // 0 .. max_tokens
   i32 pad;
+  const i32* topk_ids;        // kRoutingGiven: [num_tokens, k]; an id outside 0..E-1 is "no expert"
+  const float* topk_weights;  // kRoutingGiven: [num_tokens, k] combine weights
 };
 
 struct Params {
@@ -148,7 +150,7 @@ struct Params {
   u32 trace_capacity;       // records per block (0: no trace buffer)
   u32 smem_sched_offset;    // shared memory: the task map, after the GEMM/phase union
   u32 smem_scratch_offset;  // shared memory: block-wide scratch words
-  u32 pad0;
+  float norm_topk_epsilon;  // added to the sum of the top-k weights before dividing
   u64 timeout_ns;           // bound of every wait
   // Weights.
   const float* router_weight;   // [E (+1 shared gate row), H] fp32

@@ -25,6 +25,7 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
   const int k = p.top_k, H = p.hidden;
   const elem_t* ret = region<elem_t>(p, c.slice, kRetRows, c.bank);
   const float* weights = region<float>(p, c.slice, kTopkWeights);
+  const i32* ids = region<i32>(p, c.slice, kTopkIds);   // -1: no expert (kRoutingGiven)
   const float* shared_gate = region<float>(p, c.slice, kSharedGate);
   const u32* drops = region<u32>(p, c.slice, kDropMarks, c.bank);
   const bool capacity = p.capacity_factor > 0.0;
@@ -35,6 +36,7 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
 #pragma unroll
       for (int i = 0; i < kVecElems; ++i) acc[i] = 0.0f;
       for (int j = 0; j < k; ++j) {
+        if (kRoutingGiven && ids[(u64)t * k + j] < 0) continue;
         if (capacity && ld_cg_u32(drops + (u64)t * k + j) == c.epoch) continue;
         const float w = weights[(u64)t * k + j];
         float y[kVecElems];

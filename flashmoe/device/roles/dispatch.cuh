@@ -67,6 +67,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   __syncthreads();
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
     const int e = ids[pair];
+    if (kRoutingGiven && e < 0) continue;   // "no expert" in the caller's routing
     const u64 bit = 1ull << (pair / k);
     atomicOr(&expert_mask[e], bit);
     atomicOr(&rank_mask[e / p.experts_per_rank], bit);
@@ -78,6 +79,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
     const int tl = pair / k, j = pair % k;
     const int e = ids[pair];
+    if (kRoutingGiven && e < 0) continue;
     const int dst = e / p.experts_per_rank;
     const u64 below = (1ull << tl) - 1;
     // Entry {recv_row, token, slot, weight} as one vector.

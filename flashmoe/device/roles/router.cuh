@@ -117,6 +117,25 @@ __device__ void router_logits(const Params& p, const Ctx& c, int chunk, RouterSm
   __syncthreads();   // logits of the whole chunk are written before any warp reads a token's row
 }
 
+// Lane j < k holds the token's j-th choice (id -1: none): store it and count the token once per
+// expert and once per destination rank (lane j counts rank r unless an earlier slot did).
+__device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_out, float* weights_out,
+                              i32* counts, int lane) {
+  const bool chosen = lane < p.top_k && my_id >= 0;
+  if (lane < p.top_k) {
+    ids_out[lane] = my_id;
+    weights_out[lane] = my_w;
+  }
+  if (chosen) atomicAdd(&counts[my_id], 1);
+  const int dst = chosen ? my_id / p.experts_per_rank : -1;
+  bool first = chosen;
+  for (int jj = 0; jj < p.top_k; ++jj) {
+    const int other = __shfl_sync(0xffffffffu, dst, jj);
+    if (jj < lane && other == dst) first = false;
+  }
+  if (first) atomicAdd(&counts[p.num_experts + dst], 1);
+}
+
 // One warp picks the experts of the token whose logits are `logits_row`. Lane l looks after
 // experts l, l + 32, ...; scores are recomputed from the logits on every pass instead of being
 // held in registers (a few expf per lane and pass, far less than the logits GEMM).
@@ -203,22 +222,45 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
   }
   if (p.norm_topk) {
     const float total = warp_sum(lane < p.top_k ? my_w : 0.0f);
-    my_w = my_w / (total + 1e-20f);
+    my_w = my_w / (total + p.norm_topk_epsilon);
   }
   my_w *= p.routed_scaling_factor;
+  record_choice(p, my_id, my_w, ids_out, weights_out, counts, lane);
+}
+
+// Copy the caller's choice for one token (routing given): lane j < k reads slot j. An id outside
+// 0..E-1 means "no expert": the slot is stored as -1 and neither dispatched nor combined. A token
+// that names an expert twice gets it once, in its first slot, with the weights summed in slot
+// order (an expert's rows are one per token; reference.experts_forward says the same).
+__device__ void given_token(const Params& p, const i32* given_ids, const float* given_weights,
+                            i32* ids_out, float* weights_out, i32* counts, int lane) {
+  int my_id = -1;
+  float my_w = 0.0f;
   if (lane < p.top_k) {
-    ids_out[lane] = my_id;
-    weights_out[lane] = my_w;
-    atomicAdd(&counts[my_id], 1);
+    const i32 id = given_ids[lane];
+    if (id >= 0 && id < p.num_experts) {
+      my_id = id;
+      my_w = given_weights[lane];
+    }
   }
-  // Count the token once per destination rank: lane j counts rank r unless an earlier slot did.
-  const int dst = lane < p.top_k ? my_id / p.experts_per_rank : -1;
-  bool first = lane < p.top_k;
+  float merged = my_w;
+  bool repeat = false;
   for (int jj = 0; jj < p.top_k; ++jj) {
-    const int other = __shfl_sync(0xffffffffu, dst, jj);
-    if (jj < lane && other == dst) first = false;
+    const int other = __shfl_sync(0xffffffffu, my_id, jj);
+    const float other_w = __shfl_sync(0xffffffffu, my_w, jj);
+    if (my_id < 0 || other != my_id) continue;
+    if (jj < lane) repeat = true;
+    else if (jj > lane) merged += other_w;
   }
-  if (first) atomicAdd(&counts[E + dst], 1);
+  record_choice(p, repeat ? -1 : my_id, repeat ? 0.0f : merged, ids_out, weights_out, counts, lane);
+}
+
+// The chunk's counts per expert and per destination rank, from shared memory to chunk_counts.
+__device__ void store_chunk_counts(const Params& p, const Ctx& c, int chunk, const i32* counts) {
+  __syncthreads();
+  const int columns = p.num_experts + p.world;
+  i32* out = region<i32>(p, c.slice, kChunkCounts) + (u64)chunk * columns;
+  for (int i = threadIdx.x; i < columns; i += kThreads) out[i] = counts[i];
 }
 
 // Route chunk `chunk` of this rank and store its counts into chunk_counts[chunk].
@@ -229,8 +271,7 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk) {
   float* shared_gate = region<float>(p, c.slice, kSharedGate);
   i32* ids = region<i32>(p, c.slice, kTopkIds);
   float* weights = region<float>(p, c.slice, kTopkWeights);
-  const int columns = p.num_experts + p.world;
-  for (int i = threadIdx.x; i < columns; i += kThreads) sm.counts[i] = 0;
+  for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) sm.counts[i] = 0;
   router_logits(p, c, chunk, sm, logits, shared_gate);
 
   const int t0 = chunk * kChunkTokens;
@@ -238,14 +279,31 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int tl = warp; tl < ntok; tl += kWarps) {
     const u64 t = t0 + tl;
-    const float* row = logits + t * p.num_experts;
-    i32* id_out = ids + t * p.top_k;
-    float* w_out = weights + t * p.top_k;
-    route_token(p, row, id_out, w_out, sm.counts, lane);
+    route_token(p, logits + t * p.num_experts, ids + t * p.top_k, weights + t * p.top_k, sm.counts, lane);
   }
+  store_chunk_counts(p, c, chunk, sm.counts);
+  if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, ntok);
+}
+
+// The same for a routing the caller gave (kRoutingGiven, a kernel without route_chunk): no
+// logits; the ids and weights of LocalRank::topk_ids / topk_weights checked, merged, counted.
+__device__ void given_chunk(const Params& p, const Ctx& c, int chunk) {
+  TraceScope scope;
+  i32* counts = reinterpret_cast<RouterSmem*>(c.smem)->counts;
+  i32* ids = region<i32>(p, c.slice, kTopkIds);
+  float* weights = region<float>(p, c.slice, kTopkWeights);
+  for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) counts[i] = 0;
   __syncthreads();
-  i32* out = region<i32>(p, c.slice, kChunkCounts) + (u64)chunk * columns;
-  for (int i = threadIdx.x; i < columns; i += kThreads) out[i] = sm.counts[i];
+  const int t0 = chunk * kChunkTokens;
+  const int ntok = min(kChunkTokens, c.num_tokens - t0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const i32* given_ids = p.local[c.local].topk_ids;
+  const float* given_weights = p.local[c.local].topk_weights;
+  for (int tl = warp; tl < ntok; tl += kWarps) {
+    const u64 slots = (u64)(t0 + tl) * p.top_k;
+    given_token(p, given_ids + slots, given_weights + slots, ids + slots, weights + slots, counts, lane);
+  }
+  store_chunk_counts(p, c, chunk, counts);
   if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, ntok);
 }
 

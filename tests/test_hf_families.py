@@ -1,0 +1,359 @@
+"""FlashMoELayer.from_hf on whole tiny transformers models, one per MoE family: every sparse-MoE
+block of a randomly initialised two-layer model (built from a local config, fp32, nothing
+downloaded) is replaced by the converted layer, and the model's logits and its greedy
+generate() must not change. Routing weights are drawn large so the top-k choices are decisive
+(no near-ties that rounding could flip)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from flashmoe import FlashMoELayer, MoEConfig, reference
+from flashmoe.hf import FAMILIES, config_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+H = 32
+SMALL = dict(vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, max_position_embeddings=64, experts_implementation="eager",
+             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+DEEPSEEK_ATTENTION = dict(q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                          qk_rope_head_dim=8, v_head_dim=8)
+
+# family -> (module, config class, model class, config fields, number of MoE blocks)
+MODELS = {
+    "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16), 2),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                       num_experts_per_tok=3, shared_expert_intermediate_size=40,
+                       norm_topk_prob=False), 2),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                       num_experts_per_tok=2, head_dim=16, norm_topk_prob=True), 2),
+    "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2), 2),
+    "flex_olmo": ("flex_olmo", "FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True), 2),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                         first_k_dense_replace=1, **DEEPSEEK_ATTENTION), 1),
+    "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM",
+                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                     layer_types=["linear_attention", "full_attention"], block_size=4), 2),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(intermediate_size=24, num_experts=8, moe_topk=2, head_dim=16), 2),
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                        num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=16,
+                        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=8, norm_topk_prob=True,
+                        layer_types=["linear_attention", "full_attention"]), 2),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                         shared_expert_intermediate_size=24, head_dim=16, linear_num_key_heads=2,
+                         linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                         layer_types=["linear_attention", "full_attention"]), 2),
+    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM",
+              dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
+                   expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0,
+                   mamba_d_state=4, mamba_expand=2), 1),
+    "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                        residual_multiplier=0.5, embedding_multiplier=2.0), 2),
+    "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                              shared_intermediate_size=40), 2),
+    "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM",
+                # a small limit so that the clamps of the SwiGLU bind on many elements
+                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                     swiglu_limit=0.8, sliding_window=4,
+                     layer_types=["sliding_attention", "full_attention"]), 2),
+    "llama4": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM",
+               dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8,
+                    num_experts_per_tok=2, head_dim=16, interleave_moe_layer_step=2), 1),
+    "glm4_moe": ("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=2,
+                      first_k_dense_replace=1, routed_scaling_factor=2.5, head_dim=16), 1),
+    "dots1": ("dots1", "Dots1Config", "Dots1ForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                   num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                   first_k_dense_replace=1, norm_topk_prob=True, head_dim=16), 1),
+    "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM",
+                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                        num_experts_per_tok=2, num_shared_experts=1, n_group=2, topk_group=1,
+                        mlp_layer_types=["dense", "sparse"], head_dim=16), 1),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4,
+                         topk_group=2, n_shared_experts=2, routed_scaling_factor=2.0,
+                         first_k_dense_replace=1, **DEEPSEEK_ATTENTION), 1),
+    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                          moe_num_shared_experts=2, moe_layer_start_index=1), 1),
+    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM",
+                 dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                      num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.5,
+                      layer_types=["conv", "full_attention"]), 1),
+}
+
+# variants: (family, config fields changed)
+VARIANTS = {
+    "deepseek_v2_greedy": ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None)),
+    "ernie4_5_moe_no_shared": ("ernie4_5_moe", dict(moe_num_shared_experts=0)),
+    "lfm2_moe_no_bias_no_norm": ("lfm2_moe", dict(use_expert_bias=False, norm_topk_prob=False)),
+    "llama4_top1": ("llama4", dict(num_experts_per_tok=1)),
+}
+CASES = {**{name: (name, {}) for name in MODELS}, **VARIANTS}
+
+
+def build_model(family, **changes):
+    module_name, config_name, model_name, fields, moe_blocks = MODELS[family]
+    module = importlib.import_module(f"transformers.models.{module_name}")
+    config = getattr(module, config_name)(**SMALL, **{**fields, **changes})
+    torch.manual_seed(0)
+    model = getattr(module, model_name)(config).eval()
+    return model, moe_blocks
+
+
+def moe_blocks(model):
+    """(parent, attribute, block) of every sparse-MoE block flashmoe converts."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children() if type(child).__name__ in FAMILIES]
+
+
+# Router-side tensors: drawn large so the routing is decisive. Selection biases are drawn to
+# change some choices without dominating the scores.
+SELECTION_BIASES = ("e_score_correction_bias", "expert_bias")
+
+
+@torch.no_grad()
+def randomise(block, generator):
+    def normal(t, std):
+        t.copy_(torch.randn(t.shape, generator=generator) * std)
+
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        leaf, top = name.rsplit(".", 1)[-1], name.split(".", 1)[0]
+        if leaf in SELECTION_BIASES:
+            normal(t, 0.1)
+        elif top in ("gate", "router"):
+            normal(t, 2.0 / H ** 0.5 if t.dim() == 2 else 1.0)
+        elif t.dim() >= 2:
+            normal(t, 1.0 / min(t.shape[-1], t.shape[-2]) ** 0.5)
+        elif t.is_floating_point():
+            normal(t, 0.3)                    # expert and MLP biases
+
+
+def relative_error(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_whole_model_matches_transformers(case):
+    family, changes = CASES[case]
+    model, expected_blocks = build_model(family, **changes)
+    generator = torch.Generator().manual_seed(1)
+    blocks = moe_blocks(model)
+    assert len(blocks) == expected_blocks
+    for _, _, block in blocks:
+        randomise(block, generator)
+    ids = torch.randint(3, 64, (2, 8), generator=generator)
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids).logits
+        expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        for parent, name, block in blocks:
+            setattr(parent, name, FlashMoELayer.from_hf(block))
+        logits = model(input_ids=ids).logits
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert all(isinstance(child, FlashMoELayer) for _, _, child in moe_blocks_or_layers(model, blocks))
+    assert relative_error(logits, expected_logits) < 1e-5
+    assert torch.equal(tokens, expected_tokens)
+
+
+def moe_blocks_or_layers(model, blocks):
+    return [(parent, name, getattr(parent, name)) for parent, name, _ in blocks]
+
+
+def first_block(family, **changes):
+    model, _ = build_model(family, **changes)
+    block = moe_blocks(model)[0][2]
+    randomise(block, torch.Generator().manual_seed(2))
+    return block
+
+
+def test_configs_read_from_the_blocks():
+    c = config_from_hf(first_block("gpt_oss"))
+    assert (c.activation, c.swiglu_limit, c.swiglu_alpha, c.expert_bias, c.router_bias) == \
+        ("swiglu_clamped", 0.8, 1.702, True, True)
+    assert (c.scoring, c.norm_topk_prob, c.intermediate_size, c.num_experts) == ("softmax", True, 24, 8)
+    c = config_from_hf(first_block("llama4"))
+    assert (c.scoring, c.scale_expert_input, c.norm_topk_prob, c.num_shared_experts) == ("sigmoid", True, False, 1)
+    c = config_from_hf(first_block("deepseek_v2"))
+    assert (c.n_group, c.topk_group, c.group_score, c.routed_scaling_factor) == (4, 2, "max", 2.0)
+    assert (c.norm_topk_prob, c.num_shared_experts, c.shared_intermediate_size) == (False, 2, 16)
+    c = config_from_hf(first_block("lfm2_moe"))
+    assert (c.scoring, c.selection_bias, c.norm_topk_epsilon, c.routed_scaling_factor) == ("sigmoid", True, 1e-6, 1.5)
+    c = config_from_hf(first_block("ernie4_5_moe"))
+    assert (c.selection_bias, c.norm_topk_prob, c.shared_intermediate_total) == (True, True, 32)
+    c = config_from_hf(first_block("jamba"))
+    assert (c.norm_topk_prob, c.scoring) == (False, "softmax")
+    c = config_from_hf(first_block("exaone_moe"))
+    assert (c.selection_bias, c.n_group, c.num_shared_experts) == (True, 2, 1)
+
+
+def test_gpt_oss_weights_are_deinterleaved_and_transposed():
+    block = first_block("gpt_oss")
+    layer = FlashMoELayer.from_hf(block)
+    experts = block.experts
+    i = layer.config.intermediate_size
+    assert torch.equal(layer.gate_up_proj[:, :i], experts.gate_up_proj[:, :, 0::2].transpose(1, 2))
+    assert torch.equal(layer.gate_up_proj[:, i:], experts.gate_up_proj[:, :, 1::2].transpose(1, 2))
+    assert torch.equal(layer.down_proj, experts.down_proj.transpose(1, 2))
+    assert torch.equal(layer.gate_up_bias[:, :i], experts.gate_up_proj_bias[:, 0::2])
+    assert torch.equal(layer.down_bias, experts.down_proj_bias)
+    assert torch.equal(layer.router_bias, block.router.bias)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_blocks_returning_a_pair_are_replaced_by_a_layer_returning_one(family):
+    block = first_block(family)
+    layer = FlashMoELayer.from_hf(block)
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        expected, _ = block(x)
+        out, logits = layer(x)
+    assert relative_error(out, expected.view(out.shape)) < 1e-5
+    assert logits.shape == (10, layer.config.num_experts)
+    # its router logits, bias included
+    router = block.router
+    bias = router.bias if router.bias is not None else 0
+    assert relative_error(logits, x.reshape(-1, H) @ router.weight.t() + bias) < 1e-5
+
+
+def test_phimoe_is_refused_naming_its_router():
+    module = importlib.import_module("transformers.models.phimoe")
+    config = module.PhimoeConfig(**{k: v for k, v in SMALL.items() if k != "experts_implementation"},
+                                 intermediate_size=24, num_local_experts=4)
+    block = module.PhimoeForCausalLM(config).model.layers[0].mlp
+    with pytest.raises(ValueError, match=r"PhiMoE's sparsemixer router .* has no MoEConfig equivalent"):
+        FlashMoELayer.from_hf(block)
+
+
+def test_unconvertible_variants_name_the_feature():
+    with pytest.raises(ValueError, match=r"topk_method='noaux_tc' has no MoEConfig equivalent"):
+        block = first_block("deepseek_v2")
+        block.gate.topk_method = "noaux_tc"
+        config_from_hf(block)
+    with pytest.raises(ValueError, match=r"moe_norm_min=0.5 clamps the top-k sum"):
+        config_from_hf(first_block("ernie4_5_moe", moe_norm_min=0.5))
+    with pytest.raises(ValueError, match=r"shared expert gate_proj must be a bias-free nn.Linear"):
+        config_from_hf(first_block("ernie4_5_moe", use_bias=True))
+
+
+@pytest.mark.parametrize("features", [
+    dict(activation="swiglu_clamped", swiglu_limit=0.5),
+    dict(expert_bias=True),
+    dict(router_bias=True),
+    dict(scale_expert_input=True),
+])
+def test_kernel_says_which_feature_it_lacks(features):
+    from flashmoe.host.plan import kernel_support
+    from flashmoe.host.spec import KernelSpec
+    config = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=2, **features)
+    reason = kernel_support(config, KernelSpec(arch="sm_90", dtype=config.dtype, gated=True), 1)
+    name = next(iter(features))
+    assert reason is not None and name in reason
+    assert kernel_support(config.replace(**{k: MoEConfig.__dataclass_fields__[k].default
+                                            for k in features}),
+                          KernelSpec(arch="sm_90", dtype=config.dtype, gated=True), 1) is None
+
+
+def test_new_config_fields_are_validated():
+    base = dict(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match=r"activation='swiglu_clamped' is defined for gated experts only"):
+        MoEConfig(**base, activation="swiglu_clamped", gated=False)
+    for name, bad in (("swiglu_alpha", 0.0), ("swiglu_limit", float("inf")), ("norm_topk_epsilon", -1.0)):
+        with pytest.raises(ValueError, match=name):
+            MoEConfig(**base, **{name: bad})
+    for name in ("expert_bias", "router_bias", "scale_expert_input"):
+        with pytest.raises(ValueError, match=name):
+            MoEConfig(**base, **{name: 1})
+
+
+def test_expert_biases_reach_the_reference_and_autograd():
+    config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, dtype="float32",
+                       activation="swiglu_clamped", expert_bias=True, router_bias=True,
+                       swiglu_limit=0.5)
+    layer = FlashMoELayer(config, backend="reference")
+    with torch.no_grad():
+        for p in (layer.router_bias, layer.gate_up_bias, layer.down_bias):
+            p.normal_()
+    x = torch.randn(6, 16, requires_grad=True)
+    out = layer(x)
+    out.square().sum().backward()
+    for p in (layer.router_bias, layer.gate_up_bias, layer.down_bias):
+        assert p.grad is not None
+    assert layer.router_bias.grad.abs().sum() > 0 and layer.down_bias.grad.abs().sum() > 0
+    # one token through its experts by hand, with torch's own functions
+    w = layer.weights()
+    with torch.no_grad():
+        logits = x[:1] @ w.router_weight.t() + w.router_bias
+        top, ids = torch.softmax(logits, -1).topk(2)
+        total = 0
+        for weight, e in zip(top[0], ids[0]):
+            pre = x[:1] @ w.gate_up_proj[e].t() + w.gate_up_bias[e]
+            g, u = pre.chunk(2, -1)
+            g = g.clamp(max=0.5)
+            h = g * torch.sigmoid(1.702 * g) * (u.clamp(-0.5, 0.5) + 1)
+            total = total + weight * (h @ w.down_proj[e].t() + w.down_bias[e])
+        assert relative_error(out[:1].detach(), total) < 1e-5
+
+
+def test_grouped_experts_with_biases_equal_one_expert_at_a_time():
+    """The reference's grouped GEMM path (CPU bfloat16) adds the biases as the per-expert loop
+    does: bitwise the same."""
+    config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=3, top_k=1,
+                       activation="swiglu_clamped", expert_bias=True, swiglu_limit=1.0)
+    g = torch.Generator().manual_seed(4)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).bfloat16()
+
+    x, gate_up, down = rnd(9, 16), rnd(3, 16, 16), rnd(3, 16, 8)
+    gate_up_bias, down_bias = rnd(3, 16), rnd(3, 16)
+    rows = [4, 0, 5]
+    grouped = reference.run_experts(x, rows, gate_up, down, config, "mixed", gate_up_bias, down_bias)
+    one_by_one = torch.cat([
+        reference.expert_mlp(x[:4], gate_up[0], down[0], config, "mixed", gate_up_bias[0], down_bias[0]),
+        reference.expert_mlp(x[4:], gate_up[2], down[2], config, "mixed", gate_up_bias[2], down_bias[2])])
+    assert torch.equal(grouped, one_by_one)
+
+
+def test_a_bfloat16_gpt_oss_block_converts_within_rounding():
+    block = first_block("gpt_oss").to(torch.bfloat16)
+    layer = FlashMoELayer.from_hf(block)
+    assert layer.config.dtype == "bfloat16" and layer.gate_up_bias.dtype == torch.bfloat16
+    assert layer.router_bias.dtype == torch.float32
+    x = torch.randn(1, 9, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ideal, _ = FlashMoELayer.from_hf(block.float())(x.float())
+        out, _ = layer(x)
+    assert relative_error(out.float(), ideal) < 2e-2
+
+
+def test_lfm2_normalisation_epsilon_is_its_own():
+    """LFM2-MoE divides by (top-k sum + 1e-6): visible when the chosen sigmoid scores are small."""
+    block = first_block("lfm2_moe")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        block.gate.weight.copy_(-0.6 * torch.rand(block.gate.weight.shape, generator=g))
+        x = torch.rand(1, 7, H, generator=g) + 0.5          # logits around -10: scores ~1e-5
+        layer = FlashMoELayer.from_hf(block)
+        assert relative_error(layer(x), block(x)) < 1e-5
