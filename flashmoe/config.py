@@ -149,16 +149,13 @@ class MoEConfig:
         if self.activation in GATED_ONLY_ACTIVATIONS and not self.gated:
             raise ValueError(f"activation={self.activation!r} is defined for gated experts only "
                              "(it clamps and offsets the up half): set gated=True")
-        # Comparisons rather than math.isfinite: these floats may come from a caller traced by
-        # torch.compile (flashmoe.experts_forward builds its config inside the graph). A NaN
-        # fails every comparison.
         for name in ("swiglu_alpha", "swiglu_limit"):
             value = getattr(self, name)
-            if not _is_real(value) or not 0 < value < math.inf:
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a finite number > 0")
             object.__setattr__(self, name, float(value))
         eps = self.norm_topk_epsilon
-        if not _is_real(eps) or not 0 <= eps < math.inf:
+        if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"norm_topk_epsilon={eps!r}: must be a finite number >= 0")
         object.__setattr__(self, "norm_topk_epsilon", float(eps))
         rsf = self.routed_scaling_factor

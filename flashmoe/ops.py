@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import backend_select, reference
 from .config import MoEConfig, dtype_name
+from .errors import KernelUnavailable
 
 _WEIGHTS = [f.name for f in dataclasses.fields(reference.MoEWeights)]
 _OWNERS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
@@ -193,12 +194,14 @@ def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Ten
             activation: str, gated: bool, swiglu_alpha: float, swiglu_limit: float, backend: str,
             virtual_world: int, grad: bool) -> Tensor:
     cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit)
-    if topk_ids.shape[1] != cfg.top_k:
-        # More slots than experts: a valid routing repeats or skips; only the reference takes it.
-        which = backend_select.choose("reference" if backend == "auto" else backend, cfg, x.device, grad,
-                                      virtual_world)
-    else:
+    if topk_ids.shape[1] == cfg.top_k:
         which = backend_select.choose(backend, cfg, x.device, grad, virtual_world)
+    elif backend in ("kernel", "emulated"):
+        raise KernelUnavailable(f"backend={backend!r} cannot run: topk_ids has {topk_ids.shape[1]} slots "
+                                f"per token for {cfg.num_experts} experts, the kernel at most one per expert. "
+                                "backend='auto' falls back to the reference; backend='reference' always uses it.")
+    else:       # more slots than experts: a valid routing repeats or skips; the reference takes it
+        which = "reference"
     if which in ("kernel", "emulated") and x.shape[0] > 0:
         kernel = _shared_kernel(cfg, x.device, virtual_world, which == "emulated", "given")
         weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up_proj, down_proj=down_proj)

@@ -181,6 +181,8 @@ def test_more_slots_than_experts():
     ids = torch.tensor([[0, 1, 0], [1, -1, 1], [0, 0, 0]])
     out = experts_forward(x, ids, w, gate_up, down)
     torch.testing.assert_close(out, _loop(x, ids, w, gate_up, down, make()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KernelUnavailable, match="3 slots per token for 2 experts"):
+        experts_forward(x, ids, w, gate_up, down, backend="emulated")
 
 
 needs_emulator = pytest.mark.skipif(emulator.emulator_available() is not None,

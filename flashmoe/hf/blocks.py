@@ -397,6 +397,7 @@ def _lfm2_routing(block, router) -> dict:
         fields["norm_topk_epsilon"] = LFM2_NORM_EPSILON
     return fields
 
+
 # family -> its routing fields (beyond E, k and the dtype), from the block and its router
 _ROUTING = {
     "mixtral": _softmax_renormalised, "minimax": _softmax_renormalised,
