@@ -313,5 +313,3 @@ def test_kernel_launch_checks_the_block_size():
     kernel = emulator.EmulatedKernel(spec)
     with pytest.raises(ValueError, match="128 threads"):
         kernel.launch(abi.Params(), grid=1, block=256, smem_bytes=1024)
-    with pytest.raises(ValueError, match="not emulated"):
-        emulator.EmulatedKernel(KernelSpec(transport="nvshmem"))

@@ -14,8 +14,12 @@ What every rank must agree on, and how it is kept:
   the next launch (``error_check='deferred'``) or right after this one (``'sync'``), every rank
   waits for its own launch and the group all-reduces "did any launch stop"; then every rank zeroes
   its counters and raises, so no rank launches again while another still runs or holds stale
-  counters. The all-reduce is also what keeps launch n+1 of one rank from meeting launch n of a
-  peer still running. ``'none'`` skips it until ``synchronize()`` (a collective as well).
+  counters. ``'none'`` skips it until ``synchronize()`` (a collective as well): ranks then run up
+  to a launch apart, which the banked regions allow.
+
+Without GPUs, ``group`` may be an ``emulated_group.EmulatedRank``: the same code runs each rank as
+a thread of one process, its launches on the CPU emulator (the module says what stands in for
+NVSHMEM, the process group and the stream).
 """
 
 from __future__ import annotations
@@ -30,10 +34,26 @@ from ..reference import MoEWeights
 from . import abi
 from .backend import KernelBackend, _device_info, cuda_device_arch
 from .launch import check_control
-from .plan import experts_per_rank, kernel_support
+from .plan import DeviceInfo, experts_per_rank, kernel_support
 from .spec import KernelSpec
 
 DEFAULT_MAX_TOKENS = 1024
+
+
+class TorchGroup:
+    """The collectives GroupBackend needs, over a torch.distributed group (an
+    ``emulated_group.EmulatedRank`` offers the same)."""
+
+    def __init__(self, group, device=None):
+        import torch.distributed as dist
+        self.group, self.device = group, device
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def agree(self, ok: bool) -> bool:
+        return group_agrees(ok, self.group, self.device)
+
+    def values(self, value) -> list:
+        return group_values(value, self.group)
 
 
 def group_agrees(ok: bool, group, device=None) -> bool:
@@ -73,29 +93,38 @@ class GroupBackend(KernelBackend):
     def __init__(self, config: MoEConfig, device, group, max_tokens: int | None = None, *,
                  timeout_s: float = 10.0, error_check: str = "deferred",
                  blocks_per_rank: int | None = None, trace_capacity: int = 0, runtime=None,
-                 force_nvshmem: bool = False):
-        import torch.distributed as dist
+                 force_nvshmem: bool = False, spec: KernelSpec | None = None):
         from dataclasses import replace
-        from .runtime import Runtime
+        from .emulated_group import EmulatedRank
         self.group = group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.emulate = isinstance(group, EmulatedRank)
+        if self.emulate:
+            self._comm, self.device = group, torch.device("cpu")
+            # Blocks per rank as in KernelBackend(emulate=True): enough to share out tasks.
+            self.device_info = DeviceInfo(sm_count=blocks_per_rank or 2, max_smem_per_block=227 * 1024,
+                                          arch="sm_80")
+            spec = spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+        else:
+            self.device = torch.device(device)
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self._comm = TorchGroup(group, self.device)
+            info = _device_info(self.device)
+            sm_count = info.sm_count if blocks_per_rank is None else min(blocks_per_rank, info.sm_count)
+            self.device_info = replace(info, sm_count=sm_count)
+        self.rank, world = self._comm.rank, self._comm.size
         self._setup_common(config, world, timeout_s, error_check, trace_capacity)
-        self.rank, self.emulate = rank, False
-        self.device = torch.device(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         T = max_tokens or DEFAULT_MAX_TOKENS
-        bounds = group_values(T, group)
+        bounds = self._comm.values(T)
         if len(set(bounds)) != 1:
             raise ValueError(f"max_tokens differs across the group's ranks ({bounds}): the symmetric "
                              "heap has one layout, so every rank must build the layer with the same "
                              "max_tokens")
-        info = _device_info(self.device)
-        sm_count = info.sm_count if blocks_per_rank is None else min(blocks_per_rank, info.sm_count)
-        self.device_info = replace(info, sm_count=sm_count)
-        self._set_specs(None, transport="nvshmem")
-        self._runtime = runtime or Runtime.from_process_group(group, self.device)
-        self.runtime = self._runtime
+        self._set_specs(spec, transport="nvshmem")
+        if runtime is None:
+            from .runtime import Runtime
+            runtime = group.runtime() if self.emulate else Runtime.from_process_group(group, self.device)
+        self._runtime = self.runtime = runtime
         self._plans(T, num_local_ranks=1, first_local_rank=self.rank)
         self.symmetric = self.runtime.allocate_heap(1, self.plan.rank_heap_bytes, self.world,
                                                     force_nvshmem=force_nvshmem)
@@ -131,11 +160,15 @@ class GroupBackend(KernelBackend):
         views = self._weight_views(_local(weights, self.rank, self.world, self.config.num_experts))
         out = self._check_out(out, x2d)
         x_ptr = x2d.data_ptr()
+        before = []
         if self.symmetric.uses_nvshmem:
             # A NIC reads the rows this rank puts: they must be in the symmetric heap.
             region = self.plan.regions["x_stage"]
             stage = self.heap[region.offset:region.offset + n * x2d.shape[1] * x2d.element_size()]
-            stage.view(x2d.dtype).view(n, x2d.shape[1]).copy_(x2d)
+            if self.emulate:    # stream order: copied when the launch starts
+                before.append((stage.data_ptr(), x2d.data_ptr(), stage.numel()))
+            else:
+                stage.view(x2d.dtype).view(n, x2d.shape[1]).copy_(x2d)
             x_ptr = stage.data_ptr()
         # Variants share the heap layout and the protocol, so ranks may run different tiles; each
         # estimates the forward's size from its own tokens (ranks bring similar counts).
@@ -143,6 +176,17 @@ class GroupBackend(KernelBackend):
         params = self._params(variant, views, [(x_ptr, out.data_ptr(), n)], fault_rank,
                               weights_first_expert=self.rank * self._expected_experts())
         self._last = variant
+        if self.emulate:
+            # Every launch is checked at the next settle (with 'none': at synchronize()).
+            launch = self._comm.launch(variant.kernel, params, variant.plan.grid, variant.plan.smem_bytes,
+                                       keep=(x2d, out, views), before=before, control=self.control)
+            self._pending.append((launch, launch.control))
+            if self.error_check == "sync":
+                self._settle(block=True)
+            if not return_routing:
+                return out
+            launch.synchronize()     # the routing is read back from the heap once the launch ends
+            return out, self._routing([n])
         stream = torch.cuda.current_stream(self.device)
         variant.kernel.launch(params, variant.plan.grid, stream.cuda_stream)
         if self.error_check != "none":
@@ -165,13 +209,15 @@ class GroupBackend(KernelBackend):
                 check_control(copy.numpy().tobytes(), 1)
             except FlashMoEError as e:
                 records = records or e
-        self._free_checks += self._pending
+        if not self.emulate:      # events and pinned copies are reused; emulated launches are not
+            self._free_checks += self._pending
         self._pending.clear()
-        if group_agrees(records is None, self.group, self.device):
+        if self._comm.agree(records is None):
             return
         self._reset_after_error()
-        torch.cuda.synchronize(self.device)
-        group_agrees(True, self.group, self.device)     # every rank reset before anyone launches
+        if not self.emulate:      # emulated: every launch of this rank has ended (waited for above)
+            torch.cuda.synchronize(self.device)
+        self._comm.agree(True)     # every rank reset before anyone launches
         if records is not None:
             raise records
         raise FlashMoEError(f"flashmoe kernel stopped on another rank of the group (this is rank "
@@ -181,7 +227,7 @@ class GroupBackend(KernelBackend):
     def synchronize(self) -> None:
         """Wait for this rank's launches and raise if any rank's stopped (a collective; with
         error_check='none' the only check there is)."""
-        if self.error_check == "none":
+        if self.error_check == "none" and not self.emulate:
             self._record_pending(torch.cuda.current_stream(self.device))
         self._settle(block=True)
 

@@ -41,6 +41,8 @@ __device__ __forceinline__ void st_release_sys(u32* p, u32 v) {
 __device__ __forceinline__ void st_relaxed_gpu(u32* p, u32 v) {
   asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+// A word for another rank (counts, drop marks): published later by a fence and a flag.
+__device__ __forceinline__ void st_volatile_u32(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
@@ -52,6 +54,12 @@ __device__ __forceinline__ u32 atomic_add_relaxed_gpu(u32* p, u32 v) {
 }
 
 // ---- loads and stores of data other blocks or GPUs wrote ---------------------------------------
+// Plain accesses, named so that the emulator's weak-memory mode sees them (a plain load may hit a
+// stale L1 line, a plain store may reach others late): the same code as `*p` here.
+template <class T>
+__device__ __forceinline__ T ld_weak(const T* p) { return *p; }
+template <class T>
+__device__ __forceinline__ void st_weak(T* p, T v) { *p = v; }
 // .cg caches in L2 only: data a peer wrote after this SM last read the line must not come from L1.
 __device__ __forceinline__ uint4 ld_cg_v4(const void* p) {
   uint4 v;

@@ -28,7 +28,7 @@ __device__ __forceinline__ u64 region_off(const Params& p, RegionId id, int bank
 // ---- the pointer path (both transports) --------------------------------------------------------
 
 __device__ __forceinline__ void ptr_store_u32(const Params& p, int rank, u64 off, u32 v) {
-  *reinterpret_cast<volatile u32*>(peer_slice(p, rank) + off) = v;
+  st_volatile_u32(reinterpret_cast<u32*>(peer_slice(p, rank) + off), v);
 }
 
 __device__ __forceinline__ void ptr_copy_warp(const Params& p, int rank, u64 off, const void* src, u32 bytes,

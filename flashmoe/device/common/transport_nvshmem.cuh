@@ -34,8 +34,12 @@
 // kXStage when any peer takes this path (a NIC reads the put's source).
 #pragma once
 
+#if defined(FLASHMOE_EMULATION)
+#include "flashmoe/device/emulation/nvshmem.h"   // the calls below, with their ordering, on the CPU
+#else
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#endif
 
 namespace flashmoe {
 

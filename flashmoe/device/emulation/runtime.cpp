@@ -1,19 +1,44 @@
-// Fibers, the cooperative scheduler and the warp exchanges behind simt.h.
+// Fibers, the cooperative scheduler, weak memory and the NVSHMEM proxy behind simt.h.
 //
-// One launch = grid x block fibers on the calling OS thread, each with its own stack. A fiber runs
+// A world is one or more launches whose fibers (one per CUDA thread, each with its own stack) run
+// on the calling OS thread under one scheduler and one virtual clock: a single launch, or one
+// launch per rank started at chosen times, as separate processes would start them. A fiber runs
 // until it reaches a yield point, then control returns to the scheduler, which picks the next
 // ready fiber (round robin, or a seeded random pick to explore other interleavings). Yield points:
 // __syncthreads and every warp collective (the fiber parks until its block / warp has all arrived),
 // sleep_ns (parks on the virtual clock), and acquire/relaxed loads, fences and the relaxed atomic
-// add (the fiber goes to the back of the ready queue).
+// add (the fiber goes to the back of the ready queue). world_run() returns each time a launch
+// ends, so the host can start that rank's next launch (a stream's order) while the others run on.
 //
 // Virtual time. %globaltimer reads a clock that advances 1 ns per fiber dispatch; sleep_ns(ns)
 // parks a fiber until the clock has advanced by ns, and when no fiber is ready the clock jumps to
-// the next wake-up. So a wait that can never complete reaches the kernel's timeout after about
-// timeout_ns / 1024 spins (its backoff caps at 1024 ns) instead of hanging, and the same launch
-// with the same seed always takes the same path. A launch in which no fiber can ever run again
-// (all of them at a barrier or in a collective that cannot complete) is reported as a deadlock;
-// one that spins past $FLASHMOE_EMU_WALL_LIMIT_S (default 600) seconds of wall time, too.
+// the next wake-up or launch start. So a wait that can never complete reaches the kernel's timeout
+// after about timeout_ns / 1024 spins (its backoff caps at 1024 ns) instead of hanging, and the
+// same world with the same seeds always takes the same path. A world in which no fiber can ever
+// run again (all of them at a barrier or in a collective that cannot complete) is reported as a
+// deadlock; one that spins past $FLASHMOE_EMU_WALL_LIMIT_S (default 600) seconds of wall time, too.
+//
+// Weak memory (a world made with a weak seed). Global stores of a block wait in its store buffer;
+// at random dispatches a random buffered word moves on (block -> the launch's buffer, which every
+// block of that launch, one GPU, reads through -> memory, which every launch reads), so stores
+// reach other blocks late and out of order. What orders them is what orders them in the PTX memory
+// model: fence.acq_rel.gpu moves the fencing block's buffer into its launch's, fence.acq_rel.sys
+// moves it and the launch's buffer to memory (the fence is cumulative over what the block's
+// threads wrote before a bar.sync: one buffer per block); a release store is such a fence and then
+// the store at its scope; an atomic acts on memory after its word's buffered stores; a launch's
+// end empties its buffers. A block reads through its own buffer, then (for a plain load) its L1
+// copy, then its launch's buffer, then memory; a plain load fills the L1 copy, which only an
+// acquire load or a fence by one of the block's threads empties, so it may return a stale value;
+// .cg and acquire loads go past L1. cp.async copies read like .cg loads when the issuing thread
+// waits for them; the read-only path (ld.global.nc, TMA of the weights) reads memory.
+//
+// NVSHMEM. A put (nvshmem_*_p carries its value; putmem_nbi reads its source when delivered) is
+// delivered at a random virtual time up to kPutLatencyNs after its issue, but never before a put
+// to the same PE that this PE issued before a nvshmem_fence (the fence orders the PE's puts issued
+// before it, by any of its threads, as the kernel's protocol assumes). nvshmem_quiet delivers
+// every put of the PE at once. A delivered word reaches the target's memory, where its loads see
+// it, at a random time up to kVisibleLatencyNs later, or when the target runs the consistency step
+// (nvshmem_uint32_test). When nothing is left to run, every put is delivered and visible.
 //
 // Context switch: a hand-written x86-64 switch (callee-saved registers, MXCSR and the x87 control
 // word), about 20x the speed of glibc's swapcontext, which makes a sigprocmask syscall per switch
@@ -22,15 +47,18 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
-#include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <queue>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "flashmoe/device/emulation/simt.h"
@@ -79,7 +107,7 @@ flashmoe_emu_switch:
 namespace flashmoe::emu {
 
 FiberView* current = nullptr;
-Dim3 block_dim{}, grid_dim{};
+bool weak_memory = false;
 
 namespace {
 
@@ -120,6 +148,49 @@ void init_context(Context& c, char* stack_lo, size_t bytes, void (*entry)()) {
 #endif
 }
 
+// 4-byte words by address, in an order a random pick can draw from (store buffers).
+struct Words {
+  std::vector<std::pair<uintptr_t, u32>> items;
+  std::unordered_map<uintptr_t, size_t> where;
+
+  bool empty() const { return items.empty(); }
+  const u32* find(uintptr_t a) const {
+    auto it = where.find(a);
+    return it == where.end() ? nullptr : &items[it->second].second;
+  }
+  void put(uintptr_t a, u32 v) {   // a newer store of the word replaces the older one
+    auto it = where.find(a);
+    if (it != where.end()) {
+      items[it->second].second = v;
+      return;
+    }
+    where.emplace(a, items.size());
+    items.emplace_back(a, v);
+  }
+  std::pair<uintptr_t, u32> take(size_t i) {
+    const auto e = items[i];
+    where.erase(e.first);
+    if (i + 1 != items.size()) {
+      items[i] = items.back();
+      where[items[i].first] = i;
+    }
+    items.pop_back();
+    return e;
+  }
+  bool take(uintptr_t a, u32& v) {
+    auto it = where.find(a);
+    if (it == where.end()) return false;
+    v = take(it->second).second;
+    return true;
+  }
+  void clear() {
+    items.clear();
+    where.clear();
+  }
+};
+
+inline void to_memory(uintptr_t a, u32 v) { *reinterpret_cast<volatile u32*>(a) = v; }
+
 enum class State : u8 { kReady, kRunning, kBarrier, kWarp, kSleep, kDone };
 
 struct AsyncCopy {
@@ -128,12 +199,15 @@ struct AsyncCopy {
   u64 group;         // the commit group it belongs to (commits before its issue)
 };
 
+struct Launch;
+
 struct Fiber {
   FiberView view;
   Context ctx;
   State state = State::kReady;
   std::deque<AsyncCopy> copies;   // cp.async copies issued and not yet waited for, oldest first
   u64 commits = 0;
+  Launch* launch = nullptr;
 };
 
 struct WarpState {
@@ -146,7 +220,9 @@ struct WarpState {
 struct BlockState {
   int arrived = 0;
   std::vector<Fiber*> waiters;
-  int reduced = 0;   // __syncthreads_or's value
+  int reduced = 0;                          // __syncthreads_or's value
+  Words stores;                             // weak memory: stores no other block sees yet
+  std::unordered_map<uintptr_t, u32> l1;    // weak memory: what plain loads cached
 };
 
 struct Sleeper {
@@ -159,30 +235,87 @@ constexpr u64 kRedzone = 128;                 // canary bytes around each block'
 constexpr u8 kCanary = 0xA5, kPoison = 0xCD;  // poison: shared memory never written reads as this
 
 struct Launch {
+  int id = 0, pe = 0;
   int grid = 0, block = 0;
-  u64 smem_bytes = 0, smem_stride = 0;
+  u64 smem_bytes = 0, smem_stride = 0, start_at = 0;
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
+  void (*release)(void*) = nullptr;   // frees ctx when the launch ends
   std::vector<Fiber> fibers;
   std::vector<BlockState> blocks;
   std::vector<WarpState> warps;
-  std::deque<Fiber*> ready;
-  std::priority_queue<Sleeper, std::vector<Sleeper>, std::greater<Sleeper>> sleepers;
-  u64 clock = 0, seq = 0, switches = 0, rng = 0;
-  u64 wall_limit_s = 0;
-  std::chrono::steady_clock::time_point deadline;
   int live = 0;
-  Context sched;
-  Fiber* running = nullptr;
-  std::string error;
+  bool finished = false;
+  std::vector<u8> smem_storage;
   u8* smem = nullptr;
   char* stacks = nullptr;
   u64 stacks_bytes = 0;
+  Words gpu;   // weak memory: stores every block of this launch sees and no other launch yet
+
+  void free_resources() {
+    if (stacks) munmap(stacks, stacks_bytes);
+    stacks = nullptr;
+    std::vector<u8>().swap(smem_storage);
+    std::vector<Fiber>().swap(fibers);
+    std::vector<BlockState>().swap(blocks);
+    std::vector<WarpState>().swap(warps);
+    if (release && ctx) release(ctx);
+    ctx = nullptr;
+  }
+  ~Launch() { free_resources(); }
 };
 
-Launch* L = nullptr;
+struct Start {
+  u64 at, seq;
+  Launch* launch;
+  bool operator>(const Start& o) const { return at != o.at ? at > o.at : seq > o.seq; }
+};
+
+struct PutOp {
+  uintptr_t dst;      // in the target PE's heap
+  const u8* src;      // read at delivery; nullptr: `value`
+  u32 value[2];
+  u32 bytes;
+  int from, to;
+};
+
+constexpr u64 kPutLatencyNs = 20000, kVisibleLatencyNs = 20000;
+
+// Words a NIC wrote into a PE's memory, not yet visible to its loads: the newest value of each
+// word and when it becomes visible (a heap of those times finds the due ones; stale heap entries
+// are skipped).
+struct Arrivals {
+  std::unordered_map<uintptr_t, std::pair<u32, u64>> words;
+  std::priority_queue<std::pair<u64, uintptr_t>, std::vector<std::pair<u64, uintptr_t>>, std::greater<>> due;
+};
+
+struct World {
+  u64 clock = 0, seq = 0, switches = 0, rng = 0, bg = 0;
+  bool weak = false;
+  u64 wall_limit_s = 600;
+  std::chrono::steady_clock::time_point wall0, deadline;
+  std::deque<Fiber*> ready;
+  std::priority_queue<Sleeper, std::vector<Sleeper>, std::greater<Sleeper>> sleepers;
+  std::priority_queue<Start, std::vector<Start>, std::greater<Start>> starts;
+  std::vector<std::unique_ptr<Launch>> launches;   // by id
+  std::vector<Launch*> active;                     // started and not finished
+  std::deque<int> completed;                       // finished, not yet reported by world_run
+  u64 fibers_total = 0;
+  Context sched;
+  Fiber* running = nullptr;
+  std::string error;
+  // NVSHMEM: every PE's heap (base, bytes); puts in flight by delivery time; per (source, target)
+  // pair the latest delivery time issued and the one a fence holds later puts behind; arrivals.
+  std::vector<std::pair<uintptr_t, u64>> pes;
+  std::multimap<u64, PutOp> in_flight;
+  std::vector<u64> latest, fenced;   // [from * pes + to]
+  std::vector<Arrivals> arrivals;
+};
+
+World* G = nullptr;   // the world being run
 thread_local bool in_fiber = false;
-u64 last_stats[4] = {0, 0, 0, 0};   // switches, virtual ns, fibers, wall ns of the last launch
+std::mutex run_mutex;   // one world runs at a time per library: `current` and G are global
+u64 last_stats[4] = {0, 0, 0, 0};   // switches, virtual ns, fibers, wall ns of the last world
 
 const char* op_name(WarpOp op) {
   switch (op) {
@@ -195,24 +328,30 @@ const char* op_name(WarpOp op) {
   }
 }
 
+// "launch 2 (PE 2) " in a world of several launches; nothing for a lone launch.
+std::string launch_name(const Launch& l) {
+  if (G->launches.size() < 2) return "";
+  return "launch " + std::to_string(l.id) + " (PE " + std::to_string(l.pe) + ") ";
+}
+
 // Back to the scheduler; returns when the scheduler next dispatches this fiber.
 inline void park(Fiber* f, State s) {
   f->state = s;
-  switch_context(f->ctx, L->sched);
+  switch_context(f->ctx, G->sched);
 }
 
 inline void make_ready(Fiber* f) {
   f->state = State::kReady;
-  L->ready.push_back(f);
+  G->ready.push_back(f);
 }
 
 [[noreturn]] void fiber_entry() {
-  Launch* l = L;
-  l->body(l->ctx);
-  Fiber* f = l->running;
+  Fiber* f = G->running;
+  f->launch->body(f->launch->ctx);
+  f = G->running;
   // Copies that nobody waited for land at an undefined time: the kernel must wait for them all.
   if (!f->copies.empty()) fatal("the thread exits with %zu cp.async copies never waited for", f->copies.size());
-  --l->live;
+  --f->launch->live;
   park(f, State::kDone);
   __builtin_unreachable();
 }
@@ -231,88 +370,293 @@ std::string ranges(const std::vector<int>& v) {
 
 // Which threads of which blocks are stuck where (every block not entirely finished).
 std::string deadlock_report() {
-  std::string msg = "emulator deadlock: no thread can run again (virtual time " + std::to_string(L->clock) + " ns)";
+  std::string msg = "emulator deadlock: no thread can run again (virtual time " + std::to_string(G->clock) + " ns)";
   int shown = 0;
-  for (int b = 0; b < L->grid; ++b) {
-    std::vector<int> barrier, warp, done;
-    std::string ops;
-    for (int t = 0; t < L->block; ++t) {
-      const Fiber& f = L->fibers[(size_t)b * L->block + t];
-      if (f.state == State::kBarrier) barrier.push_back(t);
-      else if (f.state == State::kDone) done.push_back(t);
-      else if (f.state == State::kWarp) {
-        warp.push_back(t);
-        const char* name = op_name(L->warps[((size_t)b * L->block + t) / 32].op);
-        if (ops.find(name) == std::string::npos) ops += (ops.empty() ? "" : ", ") + std::string(name);
+  for (Launch* l : G->active) {
+    for (int b = 0; b < l->grid; ++b) {
+      std::vector<int> barrier, warp, done;
+      std::string ops;
+      for (int t = 0; t < l->block; ++t) {
+        const Fiber& f = l->fibers[(size_t)b * l->block + t];
+        if (f.state == State::kBarrier) barrier.push_back(t);
+        else if (f.state == State::kDone) done.push_back(t);
+        else if (f.state == State::kWarp) {
+          warp.push_back(t);
+          const char* name = op_name(l->warps[((size_t)b * l->block + t) / 32].op);
+          if (ops.find(name) == std::string::npos) ops += (ops.empty() ? "" : ", ") + std::string(name);
+        }
       }
+      if ((int)done.size() == l->block) continue;
+      if (++shown > 16) return msg + "\n  ...";
+      msg += "\n  " + launch_name(*l) + "block " + std::to_string(b) + ":";
+      if (!barrier.empty()) msg += " threads " + ranges(barrier) + " wait at __syncthreads;";
+      if (!warp.empty()) msg += " threads " + ranges(warp) + " wait in a warp collective (" + ops + ");";
+      if (!done.empty()) msg += " threads " + ranges(done) + " have exited;";
     }
-    if ((int)done.size() == L->block) continue;
-    if (++shown > 16) { msg += "\n  ..."; break; }
-    msg += "\n  block " + std::to_string(b) + ":";
-    if (!barrier.empty()) msg += " threads " + ranges(barrier) + " wait at __syncthreads;";
-    if (!warp.empty()) msg += " threads " + ranges(warp) + " wait in a warp collective (" + ops + ");";
-    if (!done.empty()) msg += " threads " + ranges(done) + " have exited;";
   }
   return msg;
 }
 
-u64 next_random() {
-  u64 x = L->rng;
+u64 xorshift(u64& state) {
+  u64 x = state;
   x ^= x >> 12;
   x ^= x << 25;
   x ^= x >> 27;
-  L->rng = x;
+  state = x;
   return x * 0x2545F4914F6CDD1Dull;
-}
-
-void run_scheduler() {
-  while (L->live > 0 && L->error.empty()) {
-    while (!L->sleepers.empty() && L->sleepers.top().wake <= L->clock) {
-      make_ready(L->sleepers.top().fiber);
-      L->sleepers.pop();
-    }
-    if (L->ready.empty()) {
-      if (L->sleepers.empty()) {
-        L->error = deadlock_report();
-        break;
-      }
-      L->clock = L->sleepers.top().wake;
-      continue;
-    }
-    // Every wait of the kernel is bounded, so a launch ends; a spin without a bound would not
-    // (it only ever sleeps and polls). The wall-clock limit turns that into a message.
-    if ((L->switches & 0xffff) == 0 && std::chrono::steady_clock::now() > L->deadline) {
-      L->error = "emulator: the launch ran past FLASHMOE_EMU_WALL_LIMIT_S (" + std::to_string(L->wall_limit_s) +
-                 " s of wall time) at virtual time " + std::to_string(L->clock) + " ns: a wait without a bound?";
-      break;
-    }
-    if (L->rng) std::swap(L->ready.front(), L->ready[next_random() % L->ready.size()]);
-    Fiber* f = L->ready.front();
-    L->ready.pop_front();
-    ++L->clock;
-    ++L->switches;
-    L->running = f;
-    current = &f->view;
-    f->state = State::kRunning;
-    switch_context(L->sched, f->ctx);
-  }
 }
 
 // Shared memory: [canary][smem, poisoned][canary] per block; a write past either end shows up as
 // a changed canary after the launch.
-std::string check_canaries() {
-  for (int b = 0; b < L->grid; ++b) {
-    const u8* base = L->smem + (u64)b * L->smem_stride;
+std::string check_canaries(const Launch& l) {
+  for (int b = 0; b < l.grid; ++b) {
+    const u8* base = l.smem + (u64)b * l.smem_stride;
     for (u64 i = 0; i < kRedzone; ++i) {
       if (base[i] != kCanary)
-        return "block " + std::to_string(b) + " wrote shared memory " + std::to_string(kRedzone - i) +
+        return launch_name(l) + "block " + std::to_string(b) + " wrote shared memory " + std::to_string(kRedzone - i) +
                " bytes before its start";
-      if (base[kRedzone + L->smem_bytes + i] != kCanary)
-        return "block " + std::to_string(b) + " wrote shared memory past its " + std::to_string(L->smem_bytes) +
-               " bytes (offset " + std::to_string(L->smem_bytes + i) + ")";
+      if (base[kRedzone + l.smem_bytes + i] != kCanary)
+        return launch_name(l) + "block " + std::to_string(b) + " wrote shared memory past its " +
+               std::to_string(l.smem_bytes) + " bytes (offset " + std::to_string(l.smem_bytes + i) + ")";
     }
   }
   return "";
+}
+
+// ---- weak memory and the NVSHMEM proxy: what moves stores along --------------------------------
+
+void drain_launch(Launch& l) {
+  for (BlockState& b : l.blocks) {
+    for (const auto& [a, v] : b.stores.items) l.gpu.put(a, v);
+    b.stores.clear();
+  }
+  for (const auto& [a, v] : l.gpu.items) to_memory(a, v);
+  l.gpu.clear();
+}
+
+void deliver(World& w, const PutOp& op) {
+  Arrivals& target = w.arrivals[op.to];
+  for (u32 i = 0; i < op.bytes; i += 4) {
+    u32 v;
+    if (op.src) std::memcpy(&v, op.src + i, 4);
+    else v = op.value[i / 4];
+    const u64 at = w.clock + xorshift(w.bg) % (kVisibleLatencyNs + 1);
+    auto [it, fresh] = target.words.try_emplace(op.dst + i, v, at);
+    if (!fresh) it->second = {v, std::min(it->second.second, at)};   // the newest value, seen no later
+    target.due.emplace(it->second.second, op.dst + i);
+  }
+}
+
+void make_visible(Arrivals& a, bool all, u64 now) {
+  if (all) {
+    for (const auto& [addr, word] : a.words) to_memory(addr, word.first);
+    a.words.clear();
+    a.due = {};
+    return;
+  }
+  while (!a.due.empty() && a.due.top().first <= now) {
+    const uintptr_t addr = a.due.top().second;
+    a.due.pop();
+    auto it = a.words.find(addr);
+    if (it != a.words.end() && it->second.second <= now) {
+      to_memory(addr, it->second.first);
+      a.words.erase(it);
+    }
+  }
+}
+
+// Called before every dispatch: puts and arrivals whose time has come; under weak memory, now and
+// then one buffered store moves a level on. Stores move rarely (a fiber dispatch is a few
+// instructions of one thread): most wait for a fence, so a missing one leaves them unseen for
+// a long time.
+void background(World& w) {
+  while (!w.in_flight.empty() && w.in_flight.begin()->first <= w.clock) {
+    const PutOp op = w.in_flight.begin()->second;
+    w.in_flight.erase(w.in_flight.begin());
+    deliver(w, op);
+  }
+  for (Arrivals& a : w.arrivals) make_visible(a, false, w.clock);
+  if (!w.weak || w.active.empty()) return;
+  const u64 r = xorshift(w.bg);
+  if ((r & 1023) == 0) {
+    Launch& l = *w.active[(r >> 8) % w.active.size()];
+    BlockState& b = l.blocks[(r >> 16) % l.grid];
+    if (!b.stores.empty()) {
+      const auto [a, v] = b.stores.take((r >> 24) % b.stores.items.size());
+      l.gpu.put(a, v);
+    }
+    if (!l.gpu.empty() && ((r >> 4) & 1)) {
+      const auto [a, v] = l.gpu.take((r >> 32) % l.gpu.items.size());
+      to_memory(a, v);
+    }
+  }
+}
+
+// Nothing left to run: what a device synchronisation and a barrier would leave behind.
+void settle_all(World& w) {
+  for (const auto& [due, op] : w.in_flight) deliver(w, op);
+  w.in_flight.clear();
+  for (Arrivals& a : w.arrivals) make_visible(a, true, w.clock);
+}
+
+void start_launch(World& w, Launch& l) {
+  const size_t n = (size_t)l.grid * l.block;
+  const char* kb = std::getenv("FLASHMOE_EMU_STACK_KB");
+  // Where the dynamic shared memory starts in the shared window (tests of the kernel's alignment
+  // check: a GPU puts it after any static __shared__ variables).
+  const char* skew = std::getenv("FLASHMOE_EMU_SMEM_SKEW");
+  const u32 smem_skew = skew ? static_cast<u32>(std::strtoul(skew, nullptr, 10)) : 0;
+  const u64 page = (u64)sysconf(_SC_PAGESIZE);
+  const u64 stack_bytes = ((kb ? std::strtoull(kb, nullptr, 10) : 256) * 1024 + page - 1) / page * page;
+  l.stacks_bytes = n * (stack_bytes + page);
+  // Stacks are reserved, not committed: a fiber only touches the few pages it uses. Each stack has
+  // an inaccessible guard page below it, so an overflow faults instead of corrupting a neighbour.
+  void* stacks = mmap(nullptr, l.stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+  if (stacks == MAP_FAILED) {
+    w.error = "cannot map " + std::to_string(l.stacks_bytes) + " bytes of fiber stacks";
+    l.stacks = nullptr;
+    return;
+  }
+  l.stacks = static_cast<char*>(stacks);
+  l.smem_storage.assign(l.smem_stride * l.grid + 128, 0);
+  l.smem = reinterpret_cast<u8*>((reinterpret_cast<uintptr_t>(l.smem_storage.data()) + 127) & ~uintptr_t{127});
+  for (int b = 0; b < l.grid; ++b) {
+    u8* base = l.smem + (u64)b * l.smem_stride;
+    std::memset(base, kCanary, kRedzone);
+    std::memset(base + kRedzone, kPoison, l.smem_bytes);
+    std::memset(base + kRedzone + l.smem_bytes, kCanary, kRedzone);
+  }
+  l.fibers.resize(n);
+  l.blocks.resize(l.grid);
+  l.warps.resize(n / 32);
+  const Dim3 block_dim{static_cast<u32>(l.block), 1, 1}, grid_dim{static_cast<u32>(l.grid), 1, 1};
+  for (size_t i = 0; i < n; ++i) {
+    Fiber& f = l.fibers[i];
+    const int b = static_cast<int>(i / l.block);
+    f.view = FiberView{{static_cast<u32>(i % l.block), 0, 0}, {static_cast<u32>(b), 0, 0}, block_dim, grid_dim,
+                       l.smem + (u64)b * l.smem_stride + kRedzone, l.smem_bytes, smem_skew};
+    f.launch = &l;
+    char* lo = l.stacks + i * (stack_bytes + page);
+    mprotect(lo, page, PROT_NONE);
+    init_context(f.ctx, lo + page, stack_bytes, fiber_entry);
+    w.ready.push_back(&f);
+  }
+  l.live = static_cast<int>(n);
+  w.fibers_total += n;
+  w.active.push_back(&l);
+}
+
+void finish_launch(World& w, Launch& l) {
+  drain_launch(l);   // a launch's end publishes every store it made
+  if (w.error.empty()) w.error = check_canaries(l);
+  l.finished = true;
+  l.free_resources();
+  for (size_t i = 0; i < w.active.size(); ++i)
+    if (w.active[i] == &l) {
+      w.active.erase(w.active.begin() + i);
+      break;
+    }
+  w.completed.push_back(l.id);
+}
+
+// Runs until a launch ends (its id), nothing is left to run (-1) or the world failed (-2).
+int run_world(World& w) {
+  for (;;) {
+    if (!w.error.empty()) return -2;
+    if (!w.completed.empty()) {
+      const int id = w.completed.front();
+      w.completed.pop_front();
+      return id;
+    }
+    while (!w.starts.empty() && w.starts.top().at <= w.clock) {
+      Launch* l = w.starts.top().launch;
+      w.starts.pop();
+      start_launch(w, *l);
+      if (!w.error.empty()) return -2;
+    }
+    while (!w.sleepers.empty() && w.sleepers.top().wake <= w.clock) {
+      make_ready(w.sleepers.top().fiber);
+      w.sleepers.pop();
+    }
+    if (w.ready.empty()) {
+      u64 next = ~0ull;
+      if (!w.sleepers.empty()) next = w.sleepers.top().wake;
+      if (!w.starts.empty()) next = std::min(next, w.starts.top().at);
+      if (next == ~0ull) {
+        if (!w.active.empty()) {
+          w.error = deadlock_report();
+          return -2;
+        }
+        settle_all(w);
+        return -1;
+      }
+      w.clock = next;
+      continue;
+    }
+    // Every wait of the kernel is bounded, so a launch ends; a spin without a bound would not
+    // (it only ever sleeps and polls). The wall-clock limit turns that into a message.
+    if ((w.switches & 0xffff) == 0 && std::chrono::steady_clock::now() > w.deadline) {
+      w.error = "emulator: the launch ran past FLASHMOE_EMU_WALL_LIMIT_S (" + std::to_string(w.wall_limit_s) +
+                " s of wall time) at virtual time " + std::to_string(w.clock) + " ns: a wait without a bound?";
+      return -2;
+    }
+    background(w);
+    if (w.rng) std::swap(w.ready.front(), w.ready[xorshift(w.rng) % w.ready.size()]);
+    Fiber* f = w.ready.front();
+    w.ready.pop_front();
+    ++w.clock;
+    ++w.switches;
+    w.running = f;
+    current = &f->view;
+    f->state = State::kRunning;
+    switch_context(w.sched, f->ctx);
+    if (f->state == State::kDone && f->launch->live == 0 && !f->launch->finished && w.error.empty())
+      finish_launch(w, *f->launch);
+  }
+}
+
+// Runs `w` on this thread (one world at a time) until world_run's answer.
+int run_locked(World& w) {
+  std::lock_guard<std::mutex> lock(run_mutex);
+  G = &w;
+  weak_memory = w.weak;
+  in_fiber = true;   // fibers run on this OS thread: a launch from one of them is refused
+  w.deadline = std::chrono::steady_clock::now() + std::chrono::seconds(w.wall_limit_s);
+  const int r = run_world(w);
+  in_fiber = false;
+  G = nullptr;
+  current = nullptr;
+  weak_memory = false;
+  return r;
+}
+
+BlockState& my_block() {
+  Fiber* f = G->running;
+  return f->launch->blocks[f->view.block.x];
+}
+
+bool in_smem(const void* p) {
+  const u8* q = static_cast<const u8*>(p);
+  return q >= current->smem && q < current->smem + current->smem_bytes;
+}
+
+void check_words(const void* p, u32 bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 4 || bytes % 4)
+    fatal("%s of %u bytes at %p: the weak-memory model moves whole aligned 4-byte words", what, bytes, p);
+}
+
+// A PE's heap address of the symmetric address `sym` of this PE's heap.
+uintptr_t translate(const void* sym, u32 bytes, int pe) {
+  World& w = *G;
+  const int me = w.running->launch->pe;
+  if (pe < 0 || pe >= (int)w.pes.size() || !w.pes[pe].first)
+    fatal("NVSHMEM call to PE %d: no such PE in this emulated world (%zu registered)", pe, w.pes.size());
+  const uintptr_t base = w.pes[me].first, a = reinterpret_cast<uintptr_t>(sym);
+  if (a < base || a + bytes > base + w.pes[me].second)
+    fatal("NVSHMEM call with address %p: not inside this PE's symmetric heap", sym);
+  if (a - base + bytes > w.pes[pe].second) fatal("NVSHMEM call past the end of PE %d's heap", pe);
+  return w.pes[pe].first + (a - base);
 }
 
 }  // namespace
@@ -320,23 +664,23 @@ std::string check_canaries() {
 // ---- what simt.h calls ------------------------------------------------------------------------
 
 void yield() {
-  Fiber* f = L->running;
+  Fiber* f = G->running;
   make_ready(f);
   park(f, State::kReady);
 }
 
 void sleep_for(u32 ns) {
-  Fiber* f = L->running;
-  L->sleepers.push(Sleeper{L->clock + (ns ? ns : 1), L->seq++, f});
+  Fiber* f = G->running;
+  G->sleepers.push(Sleeper{G->clock + (ns ? ns : 1), G->seq++, f});
   park(f, State::kSleep);
 }
 
-u64 now_ns() { return L->clock; }
+u64 now_ns() { return G->clock; }
 
 void block_barrier() {
-  Fiber* f = L->running;
-  BlockState& b = L->blocks[f->view.block.x];
-  if (++b.arrived < L->block) {
+  Fiber* f = G->running;
+  BlockState& b = f->launch->blocks[f->view.block.x];
+  if (++b.arrived < f->launch->block) {
     b.waiters.push_back(f);
     park(f, State::kBarrier);
     return;
@@ -346,15 +690,125 @@ void block_barrier() {
   b.waiters.clear();
 }
 
+void wm_load(const void* p, void* out, u32 bytes, LoadKind kind) {
+  if (in_smem(p)) {
+    std::memcpy(out, p, bytes);
+    return;
+  }
+  check_words(p, bytes, "load");
+  Fiber* f = G->running;
+  BlockState& b = f->launch->blocks[f->view.block.x];
+  const Words& gpu = f->launch->gpu;
+  for (u32 i = 0; i < bytes; i += 4) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
+    u32 v;
+    if (const u32* mine = b.stores.find(a)) {
+      v = *mine;
+    } else if (auto hit = kind == kLoadWeak ? b.l1.find(a) : b.l1.end(); hit != b.l1.end()) {
+      v = hit->second;
+    } else {
+      const u32* seen = gpu.find(a);
+      v = seen ? *seen : *reinterpret_cast<const volatile u32*>(a);
+      if (kind == kLoadWeak) b.l1[a] = v;
+    }
+    std::memcpy(static_cast<u8*>(out) + i, &v, 4);
+  }
+  if (kind == kLoadAcquire) b.l1.clear();
+}
+
+void wm_store(void* p, const void* v, u32 bytes) {
+  if (in_smem(p)) {
+    std::memcpy(p, v, bytes);
+    return;
+  }
+  check_words(p, bytes, "store");
+  BlockState& b = my_block();
+  for (u32 i = 0; i < bytes; i += 4) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
+    u32 word;
+    std::memcpy(&word, static_cast<const u8*>(v) + i, 4);
+    b.stores.put(a, word);
+    if (auto hit = b.l1.find(a); hit != b.l1.end()) hit->second = word;
+  }
+}
+
+void wm_fence(bool sys) {
+  Fiber* f = G->running;
+  Launch& l = *f->launch;
+  BlockState& b = l.blocks[f->view.block.x];
+  for (const auto& [a, v] : b.stores.items) l.gpu.put(a, v);
+  b.stores.clear();
+  if (sys) {
+    for (const auto& [a, v] : l.gpu.items) to_memory(a, v);
+    l.gpu.clear();
+  }
+  b.l1.clear();
+}
+
+void wm_release(u32* p, u32 v, bool sys) {
+  wm_fence(sys);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (sys) to_memory(a, v);
+  else G->running->launch->gpu.put(a, v);
+}
+
+void wm_atomic(const void* p, u32 bytes) {
+  if (in_smem(p)) return;
+  check_words(p, bytes, "atomic");
+  Fiber* f = G->running;
+  Launch& l = *f->launch;
+  BlockState& b = l.blocks[f->view.block.x];
+  for (u32 i = 0; i < bytes; i += 4) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
+    u32 v;
+    if (l.gpu.take(a, v)) to_memory(a, v);
+    if (b.stores.take(a, v)) to_memory(a, v);
+    b.l1.erase(a);
+  }
+}
+
+void shmem_put(void* dst, const void* src, const void* value, u32 bytes, int pe) {
+  if (bytes % 4 || reinterpret_cast<uintptr_t>(dst) % 4)
+    fatal("NVSHMEM put of %u bytes to %p: the emulator moves whole aligned 4-byte words", bytes, dst);
+  World& w = *G;
+  PutOp op{translate(dst, bytes, pe), static_cast<const u8*>(src), {0, 0}, bytes, w.running->launch->pe, pe};
+  if (!src) std::memcpy(op.value, value, bytes);
+  const size_t pair = (size_t)op.from * w.pes.size() + op.to;
+  const u64 due = std::max(w.clock + xorshift(w.bg) % (kPutLatencyNs + 1), w.fenced[pair]);
+  w.latest[pair] = std::max(w.latest[pair], due);
+  w.in_flight.emplace(due, op);   // equal times keep issue order
+}
+
+void shmem_fence() {
+  World& w = *G;
+  const size_t n = w.pes.size(), from = w.running->launch->pe;
+  for (size_t to = 0; to < n; ++to) w.fenced[from * n + to] = w.latest[from * n + to];
+}
+
+void shmem_quiet() {
+  World& w = *G;
+  const int me = w.running->launch->pe;
+  for (auto it = w.in_flight.begin(); it != w.in_flight.end();) {
+    if (it->second.from != me) {
+      ++it;
+      continue;
+    }
+    deliver(w, it->second);
+    it = w.in_flight.erase(it);
+  }
+}
+
+void shmem_consistency() { make_visible(G->arrivals[G->running->launch->pe], true, G->clock); }
+
 }  // namespace flashmoe::emu
 
 // Three barriers: every thread has read the last result before thread 0 clears it, and every
 // thread has contributed before anyone reads.
 int __syncthreads_or(int pred) {
   using namespace flashmoe::emu;
-  BlockState& b = L->blocks[L->running->view.block.x];
+  BlockState& b = my_block();
   block_barrier();
-  if (L->running->view.thread.x == 0) b.reduced = 0;
+  if (G->running->view.thread.x == 0) b.reduced = 0;
   block_barrier();
   if (pred) b.reduced = 1;
   block_barrier();
@@ -364,11 +818,11 @@ int __syncthreads_or(int pred) {
 namespace flashmoe::emu {
 
 void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]) {
-  Fiber* f = L->running;
+  Fiber* f = G->running;
   const u32 t = f->view.thread.x, lane = t & 31u;
   if (mask != 0xffffffffu)
     fatal("%s with mask %#x: the emulator supports whole-warp collectives only", op_name(op), mask);
-  WarpState& w = L->warps[((size_t)f->view.block.x * L->block + t) / 32];
+  WarpState& w = f->launch->warps[((size_t)f->view.block.x * f->launch->block + t) / 32];
   if (w.arrived == 0) w.op = op;
   else if (w.op != op)
     fatal("warp collective mismatch: this lane is in %s while other lanes of its warp are in %s", op_name(op),
@@ -388,18 +842,19 @@ void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]) {
 }
 
 void cp_async_issue(void* dst, const void* src) {
-  Fiber* f = L->running;
+  Fiber* f = G->running;
   f->copies.push_back(AsyncCopy{dst, src, f->commits});
 }
 
-void cp_async_commit_group() { ++L->running->commits; }
+void cp_async_commit_group() { ++G->running->commits; }
 
 void cp_async_wait_groups(int n) {
-  Fiber* f = L->running;
+  Fiber* f = G->running;
   while (!f->copies.empty() && f->copies.front().group + n < f->commits) {
     const AsyncCopy& c = f->copies.front();
-    if (c.src) std::memcpy(c.dst, c.src, 16);
-    else std::memset(c.dst, 0, 16);
+    if (!c.src) std::memset(c.dst, 0, 16);
+    else if (weak_memory) wm_load(c.src, c.dst, 16, kLoadCg);
+    else std::memcpy(c.dst, c.src, 16);
     f->copies.pop_front();
   }
 }
@@ -431,101 +886,128 @@ void fatal(const char* fmt, ...) {
   va_start(args, fmt);
   vsnprintf(buf, sizeof(buf), fmt, args);
   va_end(args);
-  if (!L || !L->running) {
+  if (!G || !G->running) {
     std::fprintf(stderr, "flashmoe emulator: %s\n", buf);
     std::abort();
   }
-  Fiber* f = L->running;
-  L->error = "block " + std::to_string(f->view.block.x) + " thread " + std::to_string(f->view.thread.x) + ": " + buf;
-  park(f, State::kDone);   // the scheduler sees the error and ends the launch; this fiber never resumes
+  Fiber* f = G->running;
+  G->error = launch_name(*f->launch) + "block " + std::to_string(f->view.block.x) + " thread " +
+             std::to_string(f->view.thread.x) + ": " + buf;
+  park(f, State::kDone);   // the scheduler sees the error and ends the world; this fiber never resumes
   __builtin_unreachable();
 }
 
-int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), void* ctx, char* err, u64 err_len) {
+// ---- worlds -------------------------------------------------------------------------------------
+
+void* world_new(u64 seed, u64 weak_seed) {
+  World* w = new World;
+  w->rng = seed ? seed * 0x9E3779B97F4A7C15ull | 1 : 0;
+  w->weak = weak_seed != 0;
+  // The background moves (stores, puts) always draw from a generator: from the weak seed when
+  // there is one, else a fixed one, so a world without one is still reproducible.
+  w->bg = (weak_seed ? weak_seed : 0x5DEECE66Dull) * 0xD1B54A32D192ED03ull | 1;
+  const char* limit = std::getenv("FLASHMOE_EMU_WALL_LIMIT_S");
+  w->wall_limit_s = limit ? std::strtoull(limit, nullptr, 10) : 600;
+  w->wall0 = std::chrono::steady_clock::now();
+  return w;
+}
+
+int world_set_pe(void* world, int pe, const void* heap, u64 bytes, char* err, u64 err_len) {
+  World& w = *static_cast<World*>(world);
+  if (pe < 0 || pe > 4096) {
+    std::snprintf(err, err_len, "PE %d out of range", pe);
+    return 1;
+  }
+  if ((size_t)pe >= w.pes.size()) {
+    if (!w.in_flight.empty()) {
+      std::snprintf(err, err_len, "PE %d registered while puts are in flight: register every PE first", pe);
+      return 1;
+    }
+    const size_t n = pe + 1, old = w.pes.size();
+    std::vector<u64> latest(n * n, 0), fenced(n * n, 0);   // the pair tables, re-laid for n PEs
+    for (size_t i = 0; i < old; ++i)
+      for (size_t j = 0; j < old; ++j) {
+        latest[i * n + j] = w.latest[i * old + j];
+        fenced[i * n + j] = w.fenced[i * old + j];
+      }
+    w.latest.swap(latest);
+    w.fenced.swap(fenced);
+    w.pes.resize(n, {0, 0});
+    w.arrivals.resize(n);
+  }
+  w.pes[pe] = {reinterpret_cast<uintptr_t>(heap), bytes};
+  return 0;
+}
+
+int world_add(void* world, void (*body)(void*), void* ctx, void (*release)(void*), int grid, int block,
+              u64 smem_bytes, u64 delay_ns, int pe, char* err, u64 err_len) {
+  World& w = *static_cast<World*>(world);
   auto fail = [&](const std::string& m) {
     std::snprintf(err, err_len, "%s", m.c_str());
-    return 1;
+    if (release) release(ctx);
+    return -1;
   };
   if (in_fiber) return fail("a launch from inside an emulated kernel is not supported");
   if (grid < 1 || block < 32 || block % 32 || block > 1024)
     return fail("grid " + std::to_string(grid) + " x block " + std::to_string(block) +
                 ": need grid >= 1 and a block of whole warps, at most 1024 threads");
-  static std::mutex mu;   // one launch at a time per library: the scheduler state is global
-  std::lock_guard<std::mutex> lock(mu);
-  const auto wall0 = std::chrono::steady_clock::now();
+  if (pe < 0 || (size_t)pe >= w.pes.size() || !w.pes[pe].first)
+    return fail("PE " + std::to_string(pe) + " has no heap registered (world_set_pe)");
+  auto l = std::make_unique<Launch>();
+  l->id = static_cast<int>(w.launches.size());
+  l->pe = pe;
+  l->grid = grid;
+  l->block = block;
+  l->smem_bytes = smem_bytes;
+  l->smem_stride = kRedzone + ((smem_bytes + 127) & ~u64{127}) + kRedzone;
+  l->body = body;
+  l->ctx = ctx;
+  l->release = release;
+  l->start_at = w.clock + delay_ns;
+  w.starts.push(Start{l->start_at, w.seq++, l.get()});
+  w.launches.push_back(std::move(l));
+  return w.launches.back()->id;
+}
 
-  Launch l;
-  l.grid = grid;
-  l.block = block;
-  l.smem_bytes = smem_bytes;
-  l.smem_stride = kRedzone + ((smem_bytes + 127) & ~u64{127}) + kRedzone;
-  l.body = body;
-  l.ctx = ctx;
-  l.rng = seed ? seed * 0x9E3779B97F4A7C15ull | 1 : 0;
-  const char* limit = std::getenv("FLASHMOE_EMU_WALL_LIMIT_S");
-  l.wall_limit_s = limit ? std::strtoull(limit, nullptr, 10) : 600;
-  l.deadline = wall0 + std::chrono::seconds(l.wall_limit_s);
-  const size_t n = (size_t)grid * block;
-  const char* kb = std::getenv("FLASHMOE_EMU_STACK_KB");
-  // Where the dynamic shared memory starts in the shared window (tests of the kernel's alignment
-  // check: a GPU puts it after any static __shared__ variables).
-  const char* skew = std::getenv("FLASHMOE_EMU_SMEM_SKEW");
-  const u32 smem_skew = skew ? static_cast<u32>(std::strtoul(skew, nullptr, 10)) : 0;
-  const u64 page = (u64)sysconf(_SC_PAGESIZE);
-  const u64 stack_bytes = ((kb ? std::strtoull(kb, nullptr, 10) : 256) * 1024 + page - 1) / page * page;
-  l.stacks_bytes = n * (stack_bytes + page);
-  // Stacks are reserved, not committed: a fiber only touches the few pages it uses. Each stack has
-  // an inaccessible guard page below it, so an overflow faults instead of corrupting a neighbour.
-  void* stacks = mmap(nullptr, l.stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
-  if (stacks == MAP_FAILED) return fail("cannot map " + std::to_string(l.stacks_bytes) + " bytes of fiber stacks");
-  l.stacks = static_cast<char*>(stacks);
-  std::vector<u8> smem(l.smem_stride * grid + 128);
-  l.smem = reinterpret_cast<u8*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t{127});
-  for (int b = 0; b < grid; ++b) {
-    u8* base = l.smem + (u64)b * l.smem_stride;
-    std::memset(base, kCanary, kRedzone);
-    std::memset(base + kRedzone, kPoison, smem_bytes);
-    std::memset(base + kRedzone + smem_bytes, kCanary, kRedzone);
+int world_run(void* world, char* err, u64 err_len) {
+  World& w = *static_cast<World*>(world);
+  if (in_fiber) {
+    std::snprintf(err, err_len, "a world run from inside an emulated kernel is not supported");
+    return -2;
   }
-  l.fibers.resize(n);
-  l.blocks.resize(grid);
-  l.warps.resize(n / 32);
-  for (size_t i = 0; i < n; ++i) {
-    Fiber& f = l.fibers[i];
-    const int b = static_cast<int>(i / block);
-    f.view = FiberView{{static_cast<u32>(i % block), 0, 0}, {static_cast<u32>(b), 0, 0},
-                       l.smem + (u64)b * l.smem_stride + kRedzone, smem_bytes, smem_skew};
-    char* lo = l.stacks + i * (stack_bytes + page);
-    mprotect(lo, page, PROT_NONE);
-    init_context(f.ctx, lo + page, stack_bytes, fiber_entry);
-    l.ready.push_back(&f);
-  }
-  l.live = static_cast<int>(n);
-  block_dim = Dim3{static_cast<u32>(block), 1, 1};
-  grid_dim = Dim3{static_cast<u32>(grid), 1, 1};
+  const int r = run_locked(w);
+  if (r == -2) std::snprintf(err, err_len, "%s", w.error.c_str());
+  else if (err_len) err[0] = '\0';
+  return r;
+}
 
-  L = &l;
-  in_fiber = true;   // fibers run on this OS thread: a launch from one of them is refused above
-  run_scheduler();
-  in_fiber = false;
-  if (l.error.empty()) l.error = check_canaries();
-  L = nullptr;
-  current = nullptr;
-  munmap(l.stacks, l.stacks_bytes);
-  last_stats[0] = l.switches;
-  last_stats[1] = l.clock;
-  last_stats[2] = n;
-  const auto wall = std::chrono::steady_clock::now() - wall0;
-  last_stats[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(wall).count();
-  if (!l.error.empty()) return fail(l.error);
-  if (err_len) err[0] = '\0';
-  return 0;
+void world_free(void* world) {
+  World* w = static_cast<World*>(world);
+  last_stats[0] = w->switches;
+  last_stats[1] = w->clock;
+  last_stats[2] = w->fibers_total;
+  last_stats[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - w->wall0).count();
+  delete w;
+}
+
+int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), void* ctx, char* err, u64 err_len) {
+  void* w = world_new(seed, 0);
+  // A lone launch on PE 0; its heap is never addressed through NVSHMEM (the probes).
+  static u8 no_heap;
+  world_set_pe(w, 0, &no_heap, 0, err, err_len);
+  int r = world_add(w, body, ctx, nullptr, grid, block, smem_bytes, 0, 0, err, err_len);
+  if (r < 0) {
+    world_free(w);
+    return 1;
+  }
+  while (r >= 0) r = world_run(w, err, err_len);
+  world_free(w);
+  return r == -1 ? 0 : 1;
 }
 
 }  // namespace flashmoe::emu
 
-// Switches, virtual nanoseconds, fibers and wall-clock nanoseconds of the last launch.
+// Switches, virtual nanoseconds, fibers and wall-clock nanoseconds of the last world freed.
 FLASHMOE_EMU_EXPORT void flashmoe_emu_stats(unsigned long long* out) {
   for (int i = 0; i < 4; ++i) out[i] = flashmoe::emu::last_stats[i];
 }

@@ -4,11 +4,17 @@
 // Every CUDA thread of a launch runs as a cooperative fiber on one OS thread (runtime.cpp), so the
 // kernel's own source runs unchanged on a CPU: threadIdx/blockIdx resolve to the running fiber,
 // __syncthreads is a per-block barrier, warp collectives (shuffles, ballot, ldmatrix, mma) are
-// exchanges among the 32 fibers of a warp, and %globaltimer is a virtual clock. What this checks
-// is the kernel's logic: indexing, fragment layouts, the protocol between blocks and ranks, bounded
-// waits. What it cannot check: real concurrency and memory ordering. Fibers switch only at the
-// yield points listed in runtime.cpp and memory is sequentially consistent, so a missing fence or
-// a data race between blocks stays invisible here (compute-sanitizer on a GPU covers those).
+// exchanges among the 32 fibers of a warp, and %globaltimer is a virtual clock. Several launches
+// (one per rank, as separate processes would make them) can share one scheduler and clock.
+//
+// Memory. By default memory is sequentially consistent: every store is visible at once. The weak
+// mode (runtime.cpp "Weak memory") instead holds each block's global stores in a store buffer
+// that drains late and out of order, lets a plain load hit a stale per-block L1 copy, and orders
+// only what the PTX memory model orders; it sees the global accesses that go through the named
+// functions below (ptx.cuh's ld_/st_ functions, fences, atomics, cp.async), which is every access
+// of the kernel to memory that another block or rank writes. What stays out of reach: races among
+// the threads of one block (they share one buffer), shared memory ordering (compute-sanitizer's
+// racecheck on a GPU), and real parallel speed.
 #pragma once
 
 #include <cmath>
@@ -46,12 +52,15 @@ struct Dim3 { unsigned int x, y, z; };
 // an out-of-line call, so the compiler never carries one fiber's value into another).
 struct FiberView {
   Dim3 thread, block;
+  Dim3 block_dim, grid_dim;   // of the fiber's launch
   u8* smem;          // this block's dynamic shared memory
   u64 smem_bytes;
   u32 smem_skew;     // the shared-window address of smem[0] (FLASHMOE_EMU_SMEM_SKEW; normally 0)
 };
 extern FiberView* current;
-extern Dim3 block_dim, grid_dim;
+// Whether the running world models weak memory (the memory functions below skip the runtime
+// calls when it does not).
+extern bool weak_memory;
 
 inline u8* dynamic_smem() { return current->smem; }
 
@@ -77,9 +86,44 @@ u32 smem_offset(const void* p, u32 bytes, const char* what);
 u8* smem_at(u32 address, u32 bytes, const char* what);
 void check_aligned(const void* p, u32 align, const char* what);
 
+// Global memory under the weak mode (runtime.cpp): `bytes` is a multiple of 4, p 4-byte aligned.
+// A weak load may be served by the block's L1 copy; .cg and acquire loads go past it, and an
+// acquire (or a fence) empties it. A store waits in the block's store buffer; a fence moves the
+// buffer out (gpu: to where every block of the launch sees it; sys: to memory every launch sees);
+// a release store is a fence and then the store, at its scope. Before an atomic the word's
+// buffered stores reach memory, where atomics operate.
+enum LoadKind : int { kLoadWeak, kLoadCg, kLoadAcquire };
+void wm_load(const void* p, void* out, u32 bytes, LoadKind kind);
+void wm_store(void* p, const void* v, u32 bytes);
+void wm_fence(bool sys);
+void wm_release(u32* p, u32 v, bool sys);
+void wm_atomic(const void* p, u32 bytes);
+
+// NVSHMEM's device calls (emulation/nvshmem.h): a put goes into this PE's proxy queue and is
+// delivered later, in any order nvshmem_fence allows; delivered data becomes visible to the target
+// at random or when the target runs its consistency step. `src` nullptr: the value travels in the
+// request (nvshmem_*_p); else it is read when the put is delivered (the source must stay intact
+// until nvshmem_quiet).
+void shmem_put(void* dst, const void* src, const void* value, u32 bytes, int pe);
+void shmem_fence();
+void shmem_quiet();
+void shmem_consistency();
+
 // Function-pointer launch: body(ctx) runs once per thread of grid x block threads.
 int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), void* ctx, char* err,
            u64 err_len);
+
+// Worlds: several launches under one scheduler and clock (runtime.cpp). world_new(seed, weak
+// seed: 0 = sequentially consistent); world_set_pe registers a PE's heap (NVSHMEM addressing);
+// world_add queues a launch on PE `pe` to start delay_ns after the world's present time (its
+// ctx is released with release(ctx) when it ends) and returns its id, -1 on error; world_run
+// runs until a launch ends (its id), nothing is left (-1) or the world fails (-2, message in err).
+void* world_new(u64 seed, u64 weak_seed);
+int world_set_pe(void* world, int pe, const void* heap, u64 bytes, char* err, u64 err_len);
+int world_add(void* world, void (*body)(void*), void* ctx, void (*release)(void*), int grid, int block,
+              u64 smem_bytes, u64 delay_ns, int pe, char* err, u64 err_len);
+int world_run(void* world, char* err, u64 err_len);
+void world_free(void* world);
 
 template <class To, class From>
 inline To bits(From v) {
@@ -93,8 +137,8 @@ inline To bits(From v) {
 
 #define threadIdx (::flashmoe::emu::current->thread)
 #define blockIdx (::flashmoe::emu::current->block)
-#define blockDim (::flashmoe::emu::block_dim)
-#define gridDim (::flashmoe::emu::grid_dim)
+#define blockDim (::flashmoe::emu::current->block_dim)
+#define gridDim (::flashmoe::emu::current->grid_dim)
 
 // ---- 16-bit floats: IEEE round to nearest even, as cuda_bf16.h / cuda_fp16.h ---------------------
 struct __nv_bfloat16 { unsigned short __x; };
@@ -189,8 +233,6 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   flashmoe::u32 out[4];
   flashmoe::emu::warp_exchange(flashmoe::emu::kOpBallot, mask, in, 1, out);   // a vote nobody reads
 }
-inline void __threadfence() { flashmoe::emu::yield(); }
-inline void __threadfence_system() { flashmoe::emu::yield(); }
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
   const flashmoe::u32 in[1] = {predicate != 0};
   flashmoe::u32 out[4];
@@ -202,6 +244,7 @@ inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
 namespace flashmoe::emu {
 template <class T, class F>
 inline T rmw(T* p, F f) {
+  if (weak_memory) wm_atomic(p, sizeof(T));
   const T old = *p;
   *p = f(old);
   return old;
@@ -231,36 +274,76 @@ inline unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v) {
 // ---- the functions of ptx.cuh, same names, signatures and semantics -----------------------------
 namespace flashmoe {
 
-// Memory ordering. Memory is sequentially consistent here, so ordering is free; what matters is
-// that a spinning fiber lets the others run, so every load another block may be waiting to change
-// is a yield point. Fences and the relaxed atomic add are yield points too: more interleavings at
-// the places where the protocol hands data from one block to another.
-inline u32 ld_acquire_gpu(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
-inline u32 ld_acquire_sys(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
-inline u32 ld_relaxed_gpu(const u32* p) { emu::yield(); return *reinterpret_cast<const volatile u32*>(p); }
-inline void st_release_gpu(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
-inline void st_release_sys(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
-inline void st_relaxed_gpu(u32* p, u32 v) { *reinterpret_cast<volatile u32*>(p) = v; }
-inline void fence_acq_rel_gpu() { emu::yield(); }
-inline void fence_acq_rel_sys() { emu::yield(); }
+// Memory ordering. Every load another block may be waiting to change is a yield point, so a
+// spinning fiber lets the others run; fences and the relaxed atomic add are yield points too: more
+// interleavings where the protocol hands data from one block to another. Without the weak mode
+// memory is sequentially consistent and the ordering functions only yield.
+namespace emu {
+inline u32 load_u32(const void* p, LoadKind kind) {
+  if (!weak_memory) return *static_cast<const volatile u32*>(p);
+  u32 v;
+  wm_load(p, &v, 4, kind);
+  return v;
+}
+inline void store_u32(void* p, u32 v) {
+  if (weak_memory) wm_store(p, &v, 4);
+  else *static_cast<volatile u32*>(p) = v;
+}
+inline void release_u32(u32* p, u32 v, bool sys) {
+  if (weak_memory) wm_release(p, v, sys);
+  else *reinterpret_cast<volatile u32*>(p) = v;
+}
+inline void fence(bool sys) {
+  yield();
+  if (weak_memory) wm_fence(sys);
+}
+}  // namespace emu
+inline u32 ld_acquire_gpu(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadAcquire); }
+inline u32 ld_acquire_sys(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadAcquire); }
+inline u32 ld_relaxed_gpu(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadCg); }
+inline void st_release_gpu(u32* p, u32 v) { emu::release_u32(p, v, false); }
+inline void st_release_sys(u32* p, u32 v) { emu::release_u32(p, v, true); }
+inline void st_relaxed_gpu(u32* p, u32 v) { emu::store_u32(p, v); }
+inline void st_volatile_u32(u32* p, u32 v) { emu::store_u32(p, v); }
+inline void fence_acq_rel_gpu() { emu::fence(false); }
+inline void fence_acq_rel_sys() { emu::fence(true); }
 inline u32 atomic_add_relaxed_gpu(u32* p, u32 v) {
   emu::yield();
+  if (emu::weak_memory) emu::wm_atomic(p, 4);
   const u32 old = *p;
   *p = old + v;
   return old;
+}
+
+// Plain (weak) accesses of global memory other blocks read or write; 4-byte types.
+template <class T>
+inline T ld_weak(const T* p) {
+  static_assert(sizeof(T) == 4, "weak accesses are of 4-byte values");
+  if (!emu::weak_memory) return *p;
+  T v;
+  emu::wm_load(p, &v, 4, emu::kLoadWeak);
+  return v;
+}
+template <class T>
+inline void st_weak(T* p, T v) {
+  static_assert(sizeof(T) == 4, "weak accesses are of 4-byte values");
+  if (emu::weak_memory) emu::wm_store(p, &v, 4);
+  else *p = v;
 }
 
 // Vector accesses: the hardware faults on a misaligned 16-byte access, so the emulator does too.
 inline uint4 ld_cg_v4(const void* p) {
   emu::check_aligned(p, 16, "ld_cg_v4");
   uint4 v;
-  std::memcpy(&v, p, 16);
+  if (emu::weak_memory) emu::wm_load(p, &v, 16, emu::kLoadCg);
+  else std::memcpy(&v, p, 16);
   return v;
 }
 inline u32 ld_cg_u32(const void* p) {
   emu::check_aligned(p, 4, "ld_cg_u32");
-  return *static_cast<const volatile u32*>(p);
+  return emu::load_u32(p, emu::kLoadCg);
 }
+// Read-only for the whole launch: memory itself, whatever any buffer holds.
 inline uint4 ld_nc_v4(const void* p) {
   emu::check_aligned(p, 16, "ld_nc_v4");
   uint4 v;
@@ -269,7 +352,8 @@ inline uint4 ld_nc_v4(const void* p) {
 }
 inline void st_v4(void* p, uint4 v) {
   emu::check_aligned(p, 16, "st_v4");
-  std::memcpy(p, &v, 16);
+  if (emu::weak_memory) emu::wm_store(p, &v, 16);
+  else std::memcpy(p, &v, 16);
 }
 
 inline u64 globaltimer_ns() { return emu::now_ns(); }

@@ -93,7 +93,7 @@ __device__ bool select_expert(const Params& p, const Ctx& c, const TaskMap& tm, 
     u32 before = sm.running;
     for (int w = 0; w < warp; ++w) before += sm.warp_sums[w];
     before += __popc(ballot & ((1u << lane) - 1));
-    if (keep) kept[before] = (u32)src * p.max_tokens + (q - s[src]);
+    if (keep) st_weak(kept + before, (u32)src * p.max_tokens + (q - s[src]));
     else if (q < total)
       remote_store_u32(p, src, drop_off + ((u64)entry.y * p.top_k + entry.z) * 4, c.epoch);
     __syncthreads();

@@ -36,16 +36,16 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
 #pragma unroll
       for (int i = 0; i < kVecElems; ++i) acc[i] = 0.0f;
       for (int j = 0; j < k; ++j) {
-        if (kRoutingGiven && ids[(u64)t * k + j] < 0) continue;
+        if (kRoutingGiven && ld_weak(ids + (u64)t * k + j) < 0) continue;
         if (capacity && ld_cg_u32(drops + (u64)t * k + j) == c.epoch) continue;
-        const float w = weights[(u64)t * k + j];
+        const float w = ld_weak(weights + (u64)t * k + j);
         float y[kVecElems];
         unpack(ld_cg_v4(ret + ret_row_index(p, t, j) * H + (u64)v * kVecElems), y);
 #pragma unroll
         for (int i = 0; i < kVecElems; ++i) acc[i] = fmaf(w, y[i], acc[i]);
       }
       if (p.shared_intermediate) {
-        const float g = p.shared_gate ? shared_gate[t] : 1.0f;
+        const float g = p.shared_gate ? ld_weak(shared_gate + t) : 1.0f;
         float y[kVecElems];
         unpack(ld_cg_v4(ret + ret_row_index(p, t, k) * H + (u64)v * kVecElems), y);
 #pragma unroll

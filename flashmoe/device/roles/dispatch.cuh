@@ -24,8 +24,8 @@ __device__ void prefix_counts(const Params& p, const Ctx& c) {
   for (int q = c.block * kThreads + threadIdx.x; q < columns; q += p.blocks_per_rank * kThreads) {
     i32 running = 0;
     for (int ch = 0; ch < nchunks; ++ch) {
-      base[(u64)ch * columns + q] = running;
-      running += counts[(u64)ch * columns + q];
+      st_weak(base + (u64)ch * columns + q, running);
+      running += ld_weak(counts + (u64)ch * columns + q);
     }
     if (q < p.num_experts) {
       const int dst = expert_owner(p, q);
@@ -66,7 +66,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   for (int i = threadIdx.x; i < E + p.world; i += kThreads) sm.masks[i] = 0;
   __syncthreads();
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
-    const int e = ids[pair];
+    const int e = ld_weak(ids + pair);
     if (kRoutingGiven && e < 0) continue;   // "no expert" in the caller's routing
     const u64 bit = 1ull << (pair / k);
     atomicOr(&expert_mask[e], bit);
@@ -78,14 +78,14 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   const u64 entries_off = region_off(p, kEntries, c.bank);
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
     const int tl = pair / k, j = pair % k;
-    const int e = ids[pair];
+    const int e = ld_weak(ids + pair);
     if (kRoutingGiven && e < 0) continue;
     const int dst = e / p.experts_per_rank;
     const u64 below = (1ull << tl) - 1;
     // Entry {recv_row, token, slot, weight} as one vector.
-    const u32 recv_row = dst == c.rank ? t0 + tl : base[E + dst] + __popcll(rank_mask[dst] & below);
-    const uint4 entry = make_uint4(recv_row, t0 + tl, j, __float_as_uint(weights[pair]));
-    const u32 pos = base[e] + __popcll(expert_mask[e] & below);
+    const u32 recv_row = dst == c.rank ? t0 + tl : ld_weak(base + E + dst) + __popcll(rank_mask[dst] & below);
+    const uint4 entry = make_uint4(recv_row, t0 + tl, j, __float_as_uint(ld_weak(weights + pair)));
+    const u32 pos = ld_weak(base + e) + __popcll(expert_mask[e] & below);
     remote_store_v4(p, dst, entries_off + entry_index(p, e % p.experts_per_rank, c.rank, pos) * sizeof(Entry),
                     entry);
   }
@@ -99,7 +99,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
     const u64 mask = rank_mask[dst];
     for (int tl = warp; tl < ntok; tl += kWarps) {
       if (!((mask >> tl) & 1ull)) continue;
-      const u32 row = base[E + dst] + __popcll(mask & ((1ull << tl) - 1));
+      const u32 row = ld_weak(base + E + dst) + __popcll(mask & ((1ull << tl) - 1));
       remote_copy_warp(p, dst, recv_off + recv_row_index(p, c.rank, row) * row_bytes,
                        c.x + (u64)(t0 + tl) * p.hidden, row_bytes, lane);
     }

@@ -109,7 +109,8 @@ __device__ void router_logits(const Params& p, const Ctx& c, int chunk, RouterSm
         for (int j = 0; j < 8; ++j) {
           const int e = e0 + tx + 16 * j;
           if (e < p.num_experts) logits[(u64)(t0 + t) * p.num_experts + e] = acc[vt][i][j];
-          else if (e == p.num_experts && p.shared_gate) shared_gate[t0 + t] = 1.0f / (1.0f + expf(-acc[vt][i][j]));
+          else if (e == p.num_experts && p.shared_gate)
+            st_weak(shared_gate + t0 + t, 1.0f / (1.0f + expf(-acc[vt][i][j])));
         }
       }
     }
@@ -123,8 +124,8 @@ __device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_o
                               i32* counts, int lane) {
   const bool chosen = lane < p.top_k && my_id >= 0;
   if (lane < p.top_k) {
-    ids_out[lane] = my_id;
-    weights_out[lane] = my_w;
+    st_weak(ids_out + lane, my_id);
+    st_weak(weights_out + lane, my_w);
   }
   if (chosen) atomicAdd(&counts[my_id], 1);
   const int dst = chosen ? my_id / p.experts_per_rank : -1;
@@ -260,7 +261,7 @@ __device__ void store_chunk_counts(const Params& p, const Ctx& c, int chunk, con
   __syncthreads();
   const int columns = p.num_experts + p.world;
   i32* out = region<i32>(p, c.slice, kChunkCounts) + (u64)chunk * columns;
-  for (int i = threadIdx.x; i < columns; i += kThreads) out[i] = counts[i];
+  for (int i = threadIdx.x; i < columns; i += kThreads) st_weak(out + i, counts[i]);
 }
 
 // Route chunk `chunk` of this rank and store its counts into chunk_counts[chunk].

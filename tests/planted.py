@@ -1,0 +1,43 @@
+"""Deliberately broken copies of the kernel source, for tests that show a checker catches the
+break: each entry drops one ordering step the kernel's protocol needs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from flashmoe.host import compile as compile_mod
+
+PLANTED = {
+    # Every block publishes its dispatched rows before it counts itself done; without the fence,
+    # the rows of all but the last block stay unseen when the last one signals the data flag.
+    "dispatch-fence": ("flashmoe/device/roles/dispatch.cuh",
+                       "  if (threadIdx.x != 0) return;\n  fence_acq_rel_sys();\n  u32* counter",
+                       "  if (threadIdx.x != 0) return;\n  u32* counter"),
+    # A GEMM0 tile's rows reach the GEMM1 tiles of other blocks through the fence before the
+    # tile's done-counter.
+    "gemm0-fence": ("flashmoe/device/roles/expert_gemm.cuh",
+                    "      fence_acq_rel_gpu();\n      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone",
+                    "      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone"),
+    # A flag to an NVSHMEM peer must be delivered after the data put before it.
+    "nvshmem-fence": ("flashmoe/device/common/transport_nvshmem.cuh",
+                      "    fence_acq_rel_sys();   // this thread's and (by cumulativity) the block's P2P stores\n"
+                      "    nvshmem_fence();\n",
+                      "    fence_acq_rel_sys();   // this thread's and (by cumulativity) the block's P2P stores\n"),
+    # After seeing an NVSHMEM peer's flag, its data is visible only after the consistency step.
+    "consistency-step": ("flashmoe/device/common/transport_nvshmem.cuh",
+                         "    (void)nvshmem_uint32_test(const_cast<uint32_t*>(flag), NVSHMEM_CMP_GE, 0u);",
+                         "    (void)flag;"),
+}
+
+
+def planted_tree(root: Path, name: str) -> Path:
+    """A copy of flashmoe/device under ``root`` with PLANTED[name] applied (an include root for
+    ``emulator.EmulatedKernel``)."""
+    path, old, new = PLANTED[name]
+    shutil.copytree(compile_mod.INCLUDE_ROOT / compile_mod.DEVICE_DIR, root / compile_mod.DEVICE_DIR)
+    source = root / path
+    text = source.read_text()
+    assert text.count(old) == 1, f"{name}: the code to remove is not in {path} any more"
+    source.write_text(text.replace(old, new))
+    return root
