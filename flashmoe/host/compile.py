@@ -191,10 +191,10 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 # ---------------------------------------------------------------- inputs and cache key
 
-def source_fingerprint(include_root: Path = INCLUDE_ROOT) -> str:
-    """sha256 over every file under flashmoe/device/ of ``include_root`` (relative path and bytes,
-    sorted by path)."""
-    root = include_root / DEVICE_DIR
+def source_fingerprint(include_root: Path | None = None) -> str:
+    """sha256 over every file under flashmoe/device/ of ``include_root`` (default: this package's;
+    relative path and bytes, sorted by path)."""
+    root = (include_root or INCLUDE_ROOT) / DEVICE_DIR
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
