@@ -3,8 +3,9 @@ the reference: routing, dispatch positions, the task map, GEMM tiles, capacity s
 expert parallel over virtual ranks, bounded waits. The same checks as the GPU selftest
 (flashmoe.checks); tiny shapes keep each forward well under a second.
 
-Memory ordering and real concurrency are out of the emulator's reach (it is sequentially
-consistent); every other part of the kernel's logic is exercised here on every CPU CI run.
+Memory here is sequentially consistent (the default); tests/test_weak_memory.py runs the kernel
+with weak memory, and tests/test_ep_emulated.py runs ranks as separate launches. Real parallel
+speed stays out of the emulator's reach.
 """
 
 from __future__ import annotations
