@@ -265,10 +265,16 @@ struct Launch {
   ~Launch() { free_resources(); }
 };
 
+// Launches due at the same time start in PE order, not in the order hosts added them: host threads
+// race to add, and the schedule must not depend on who won.
 struct Start {
-  u64 at, seq;
+  u64 at;
+  int pe;
+  u64 seq;
   Launch* launch;
-  bool operator>(const Start& o) const { return at != o.at ? at > o.at : seq > o.seq; }
+  bool operator>(const Start& o) const {
+    return at != o.at ? at > o.at : pe != o.pe ? pe > o.pe : seq > o.seq;
+  }
 };
 
 struct PutOp {
@@ -964,7 +970,7 @@ int world_add(void* world, void (*body)(void*), void* ctx, void (*release)(void*
   l->ctx = ctx;
   l->release = release;
   l->start_at = w.clock + delay_ns;
-  w.starts.push(Start{l->start_at, w.seq++, l.get()});
+  w.starts.push(Start{l->start_at, pe, w.seq++, l.get()});
   w.launches.push_back(std::move(l));
   return w.launches.back()->id;
 }
