@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flashmoe import accuracy
-from flashmoe.checks import Case, make_inputs
+from flashmoe.checks import Case, compare_routing, make_inputs, weight_tolerance
 from flashmoe.config import MoEConfig
 from flashmoe.errors import FlashMoEError
 from flashmoe.host import emulator
@@ -139,6 +139,22 @@ def test_settling_after_every_forward():
     xs, weights = inputs(COUNTS[:2], seed=21)
     got = run_group(xs, weights, 4, ranks_per_node=1, error_check="deferred", delays=SKEWS["one-rank-late"])
     assert_bitwise(got, expected(xs, weights, 4))
+
+
+def test_each_rank_reads_back_the_routing_of_its_tokens():
+    xs, weights = inputs([[70, 9]], seed=60)
+
+    def rank_body(rank):
+        backend = GroupBackend(CONFIG, None, rank, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, spec=SPEC)
+        x = xs[0][rank.rank]
+        out, routing = backend.forward(x, weights, return_routing=True)
+        backend.close()
+        return x, routing
+
+    for x, routing in EmulatedGroup(2, ranks_per_node=1).run(rank_body):
+        mismatches, near, weight_err = compare_routing(x, weights, CONFIG, routing)
+        assert routing.ids.shape == (x.shape[0], CONFIG.top_k)
+        assert mismatches == 0 and weight_err <= weight_tolerance(x, weights, CONFIG)
 
 
 # ---------------------------------------------------------------- weak memory

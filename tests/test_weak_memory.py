@@ -1,4 +1,4 @@
-"""The kernel on the emulator with weak memory (device/emulation/runtime.cpp, "Weak memory"): one
+"""The kernel on the emulator with weak memory (device/emulation/memory.cpp): one
 launch hosting W virtual ranks, each block's global stores held in a store buffer that drains late
 and out of order except where the PTX memory model orders them, plain loads served by a stale L1
 copy until an acquire. Random schedules with it; the results must still match the reference, and

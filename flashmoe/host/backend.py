@@ -86,6 +86,16 @@ def cuda_device_arch(device) -> tuple[str | None, str | None]:
     return arch_for_capability(major, minor), None
 
 
+def emulated_setup(config: MoEConfig, ranks: int, blocks_per_rank: int | None, spec, gemm: str | None = None):
+    """(DeviceInfo, spec) of a backend on the CPU emulator: 2 blocks per hosted rank unless told
+    (enough to share out tasks, few enough to stay fast), shared memory as on an H100, and the
+    sm_80 mma_sync spec with 3 stages unless a spec or gemm='wgmma' is given."""
+    info = DeviceInfo(sm_count=(blocks_per_rank or 2) * ranks, max_smem_per_block=227 * 1024, arch="sm_80")
+    if spec is None and gemm == "wgmma":
+        spec = wgmma_spec(config.dtype, config.gated, stages=3)
+    return info, spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+
+
 class KernelBackend:
     @staticmethod
     def unavailable_reason(config: MoEConfig, device, virtual_world: int = 1, emulate: bool = False) -> str | None:
@@ -117,12 +127,7 @@ class KernelBackend:
         self.emulate = emulate
         if emulate:
             self.device = torch.device("cpu")
-            bpr = blocks_per_rank or 2
-            self.device_info = DeviceInfo(sm_count=bpr * virtual_world, max_smem_per_block=227 * 1024,
-                                          arch="sm_80")
-            if spec is None and gemm == "wgmma":
-                spec = wgmma_spec(config.dtype, config.gated, stages=3)
-            spec = spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+            self.device_info, spec = emulated_setup(config, virtual_world, blocks_per_rank, spec, gemm)
         else:
             self.device = torch.device(device)
             if self.device.index is None:

@@ -290,8 +290,5 @@ class EmulatedRuntime:
         self._rank.barrier()      # no peer writes into this heap before every rank registered its own
         return SymmetricHeap(tensor, rank_heap_bytes, peers, lambda t: None)
 
-    def register_kernel(self, module) -> None:
-        pass
-
-    def barrier(self, stream=None) -> None:
+    def barrier(self) -> None:
         self._rank.barrier()

@@ -10,16 +10,16 @@ per rank, each on its own heap and started when its host says, as W processes wo
 (``flashmoe.host.emulated_group`` drives it from W host threads). A world's memory is sequentially
 consistent, or weak (a weak seed): stores reach other blocks and ranks late and out of order but
 where the PTX memory model orders them, and plain loads may return stale values
-(``runtime.cpp``, "Weak memory"). The NVSHMEM transport's device calls are emulated with the
+(``memory.cpp``). The NVSHMEM transport's device calls are emulated with the
 ordering the NVSHMEM specification gives them (``device/emulation/nvshmem.h``).
 
 Build. One shared library per kernel spec: a generated translation unit that includes
 ``flashmoe/device/flashmoe.cu`` and the ABI header (``abi.abi_header()``, so the emulated build
-checks the ctypes mirror too) and exports ``flashmoe_emu_launch(const Params*, ...)``, linked with
-the runtime object (built once; it does not depend on the spec). Libraries are cached in
+checks the ctypes mirror too) and exports the world functions (``flashmoe_emu_world_*``), linked with
+the runtime objects (built once; they do not depend on the spec). Libraries are cached in
 ``$FLASHMOE_CACHE_DIR/emulator`` (default ``~/.cache/flashmoe/emulator``) under a key over the spec,
 every file under ``flashmoe/device``, the ABI header, the compiler's version and the flags (the
-runtime object: its own sources only, so editing the kernel does not rebuild it); files
+runtime objects: their own sources only, so editing the kernel does not rebuild it); files
 are written under a temporary name and renamed, so concurrent builders never see half a library.
 """
 
@@ -45,7 +45,8 @@ from .spec import KernelSpec
 CXX_ENV = "FLASHMOE_EMULATOR_CXX"       # compiler override (default g++)
 SEED_ENV = "FLASHMOE_EMULATOR_SEED"     # default schedule of EmulatedKernel launches (0: round robin)
 WEAK_ENV = "FLASHMOE_EMULATOR_WEAK"     # default weak-memory seed of EmulatedKernel launches (0: off)
-RUNTIME_SOURCE = "flashmoe/device/emulation/runtime.cpp"
+# The runtime: fibers, the scheduler and worlds; weak memory and the NVSHMEM proxy.
+RUNTIME_SOURCES = ("flashmoe/device/emulation/runtime.cpp", "flashmoe/device/emulation/memory.cpp")
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden",
              # The device code reinterprets bytes freely (vectors of elements, staged tiles), as
              # CUDA allows; g++ must not assume strict aliasing.
@@ -108,7 +109,7 @@ def _include_flags(build_dir: Path, root: Path | None = None) -> list[str]:
 def _runtime_fingerprint() -> str:
     """The runtime's own inputs: the emulation directory and params.cuh (its only other include)."""
     root = compile_mod.INCLUDE_ROOT
-    files = sorted((root / RUNTIME_SOURCE).parent.glob("*")) + [root / "flashmoe/device/common/params.cuh"]
+    files = sorted((root / RUNTIME_SOURCES[0]).parent.glob("*")) + [root / "flashmoe/device/common/params.cuh"]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -142,11 +143,13 @@ def _build(kind: str, suffix: str, payload: dict, make) -> Path:
     return target
 
 
-def _runtime_object() -> Path:
-    def make(build_dir: Path, out: Path) -> None:
-        _run([_compiler(), *CXX_FLAGS, "-DFLASHMOE_EMULATION", *_include_flags(build_dir), "-c",
-              str(compile_mod.INCLUDE_ROOT / RUNTIME_SOURCE), "-o", str(out)], "building the emulator runtime")
-    return _build("runtime", ".o", {}, make)
+def _runtime_objects() -> list[Path]:
+    def make(source: str):
+        def build(build_dir: Path, out: Path) -> None:
+            _run([_compiler(), *CXX_FLAGS, "-DFLASHMOE_EMULATION", *_include_flags(build_dir), "-c",
+                  str(compile_mod.INCLUDE_ROOT / source), "-o", str(out)], f"building the emulator runtime ({source})")
+        return build
+    return [_build("runtime", ".o", {"source": source}, make(source)) for source in RUNTIME_SOURCES]
 
 
 def build_library(source: str, defines: dict[str, int], name: str = "lib", include_root: Path | None = None) -> Path:
@@ -155,9 +158,9 @@ def build_library(source: str, defines: dict[str, int], name: str = "lib", inclu
     ``flashmoe_abi_check.h``), compiled with ``-DFLASHMOE_EMULATION`` and ``defines`` and linked with
     the emulator runtime. ``include_root``: another tree's device sources instead of this package's
     (tests build deliberately broken copies of the kernel). Cached; returns its path."""
-    runtime = _runtime_object()
+    runtime = _runtime_objects()
     header = abi.abi_header()
-    payload = {"source": source, "defines": defines, "abi": header, "runtime": runtime.name}
+    payload = {"source": source, "defines": defines, "abi": header, "runtime": [o.name for o in runtime]}
     if include_root is not None:
         payload["tree"] = compile_mod.source_fingerprint(Path(include_root))
 
@@ -166,7 +169,7 @@ def build_library(source: str, defines: dict[str, int], name: str = "lib", inclu
         (build_dir / "tu.cpp").write_text(source)
         flags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())]
         _run([_compiler(), *CXX_FLAGS, "-shared", "-DFLASHMOE_EMULATION", *flags,
-              *_include_flags(build_dir, include_root), str(build_dir / "tu.cpp"), str(runtime), "-o", str(out)],
+              *_include_flags(build_dir, include_root), str(build_dir / "tu.cpp"), *map(str, runtime), "-o", str(out)],
              f"building the emulated {name}")
     return _build(name, ".so", payload, make)
 
@@ -377,8 +380,8 @@ class EmulatedProbes(_EmulatedUnit):
 
 def build_library_parallel(builds, max_workers: int | None = None) -> list[Path]:
     """Run the callables ``builds`` (each calling build_library) on a thread pool: each g++ is
-    a separate process, so they use every core. The runtime object is built first, once."""
-    _runtime_object()
+    a separate process, so they use every core. The runtime objects are built first, once."""
+    _runtime_objects()
     with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda build: build(), builds))
 

@@ -32,9 +32,9 @@ from ..config import MoEConfig
 from ..errors import FlashMoEError, KernelUnavailable
 from ..reference import MoEWeights
 from . import abi
-from .backend import KernelBackend, _device_info, cuda_device_arch
+from .backend import KernelBackend, _device_info, cuda_device_arch, emulated_setup
 from .launch import check_control
-from .plan import DeviceInfo, experts_per_rank, kernel_support
+from .plan import experts_per_rank, kernel_support
 from .spec import KernelSpec
 
 DEFAULT_MAX_TOKENS = 1024
@@ -100,10 +100,7 @@ class GroupBackend(KernelBackend):
         self.emulate = isinstance(group, EmulatedRank)
         if self.emulate:
             self._comm, self.device = group, torch.device("cpu")
-            # Blocks per rank as in KernelBackend(emulate=True): enough to share out tasks.
-            self.device_info = DeviceInfo(sm_count=blocks_per_rank or 2, max_smem_per_block=227 * 1024,
-                                          arch="sm_80")
-            spec = spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+            self.device_info, spec = emulated_setup(config, 1, blocks_per_rank, spec)
         else:
             self.device = torch.device(device)
             if self.device.index is None:

@@ -1,7 +1,7 @@
 // The NVSHMEM device calls of transport_nvshmem.cuh, for the CPU emulator. A PE is a launch of the
 // emulated world (one rank per process, or every virtual rank of one launch on one PE); symmetric
 // addresses are translated with the heap bases the host registered (flashmoe/host/emulator.py).
-// The ordering the NVSHMEM specification promises, and no more (runtime.cpp, "NVSHMEM"):
+// The ordering the NVSHMEM specification promises, and no more (memory.cpp, "NVSHMEM"):
 //   put / p        queued at this PE's proxy; delivered later, in any order nvshmem_fence allows
 //   nvshmem_fence  puts to one PE issued after it are delivered after those issued before it
 //   nvshmem_quiet  every put of this PE is delivered, its source read

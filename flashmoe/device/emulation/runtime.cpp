@@ -1,4 +1,5 @@
-// Fibers, the cooperative scheduler, weak memory and the NVSHMEM proxy behind simt.h.
+// Fibers, the cooperative scheduler and worlds of launches behind simt.h (weak memory and the
+// NVSHMEM proxy: memory.cpp; the state both share: world.h).
 //
 // A world is one or more launches whose fibers (one per CUDA thread, each with its own stack) run
 // on the calling OS thread under one scheduler and one virtual clock: a single launch, or one
@@ -18,54 +19,21 @@
 // run again (all of them at a barrier or in a collective that cannot complete) is reported as a
 // deadlock; one that spins past $FLASHMOE_EMU_WALL_LIMIT_S (default 600) seconds of wall time, too.
 //
-// Weak memory (a world made with a weak seed). Global stores of a block wait in its store buffer;
-// at random dispatches a random buffered word moves on (block -> the launch's buffer, which every
-// block of that launch, one GPU, reads through -> memory, which every launch reads), so stores
-// reach other blocks late and out of order. What orders them is what orders them in the PTX memory
-// model: fence.acq_rel.gpu moves the fencing block's buffer into its launch's, fence.acq_rel.sys
-// moves it and the launch's buffer to memory (the fence is cumulative over what the block's
-// threads wrote before a bar.sync: one buffer per block); a release store is such a fence and then
-// the store at its scope; an atomic acts on memory after its word's buffered stores; a launch's
-// end empties its buffers. A block reads through its own buffer, then (for a plain load) its L1
-// copy, then its launch's buffer, then memory; a plain load fills the L1 copy, which only an
-// acquire load or a fence by one of the block's threads empties, so it may return a stale value;
-// .cg and acquire loads go past L1. cp.async copies read like .cg loads when the issuing thread
-// waits for them; the read-only path (ld.global.nc, TMA of the weights) reads memory.
-//
-// NVSHMEM. A put (nvshmem_*_p carries its value; putmem_nbi reads its source when delivered) is
-// delivered at a random virtual time up to kPutLatencyNs after its issue, but never before a put
-// to the same PE that this PE issued before a nvshmem_fence (the fence orders the PE's puts issued
-// before it, by any of its threads, as the kernel's protocol assumes). nvshmem_quiet delivers
-// every put of the PE at once. A delivered word reaches the target's memory, where its loads see
-// it, at a random time up to kVisibleLatencyNs later, or when the target runs the consistency step
-// (nvshmem_uint32_test). When nothing is left to run, every put is delivered and visible.
-//
 // Context switch: a hand-written x86-64 switch (callee-saved registers, MXCSR and the x87 control
 // word), about 20x the speed of glibc's swapcontext, which makes a sigprocmask syscall per switch
 // (measured on a barrier-heavy test: 7 M against 0.34 M switches/s). Other architectures, or
 // -DFLASHMOE_EMU_UCONTEXT, use ucontext.
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
-#include <map>
-#include <memory>
 #include <mutex>
-#include <queue>
-#include <string>
-#include <unordered_map>
-#include <vector>
 
-#include "flashmoe/device/emulation/simt.h"
-#include "flashmoe/device/emulation/warp_ops.h"
+#include "flashmoe/device/emulation/world.h"
 
-#if defined(__x86_64__) && !defined(FLASHMOE_EMU_UCONTEXT)
-#define FLASHMOE_EMU_FAST_SWITCH 1
+#if FLASHMOE_EMU_FAST_SWITCH
 // switch(save, load): push the callee-saved state, store rsp into *save, load rsp, pop, return
 // into the other context. A new context's stack is laid out as if it had called this function.
 extern "C" void flashmoe_emu_switch(void** save_sp, void* load_sp);
@@ -99,9 +67,6 @@ flashmoe_emu_switch:
   ret
   .size flashmoe_emu_switch, .-flashmoe_emu_switch
 )");
-#else
-#define FLASHMOE_EMU_FAST_SWITCH 0
-#include <ucontext.h>
 #endif
 
 namespace flashmoe::emu {
@@ -109,15 +74,7 @@ namespace flashmoe::emu {
 FiberView* current = nullptr;
 bool weak_memory = false;
 
-namespace {
-
-struct Context {
-#if FLASHMOE_EMU_FAST_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t uc;
-#endif
-};
+namespace detail {
 
 inline void switch_context(Context& save, Context& load) {
 #if FLASHMOE_EMU_FAST_SWITCH
@@ -147,176 +104,6 @@ void init_context(Context& c, char* stack_lo, size_t bytes, void (*entry)()) {
   makecontext(&c.uc, entry, 0);
 #endif
 }
-
-// 4-byte words by address, in an order a random pick can draw from (store buffers).
-struct Words {
-  std::vector<std::pair<uintptr_t, u32>> items;
-  std::unordered_map<uintptr_t, size_t> where;
-
-  bool empty() const { return items.empty(); }
-  const u32* find(uintptr_t a) const {
-    auto it = where.find(a);
-    return it == where.end() ? nullptr : &items[it->second].second;
-  }
-  void put(uintptr_t a, u32 v) {   // a newer store of the word replaces the older one
-    auto it = where.find(a);
-    if (it != where.end()) {
-      items[it->second].second = v;
-      return;
-    }
-    where.emplace(a, items.size());
-    items.emplace_back(a, v);
-  }
-  std::pair<uintptr_t, u32> take(size_t i) {
-    const auto e = items[i];
-    where.erase(e.first);
-    if (i + 1 != items.size()) {
-      items[i] = items.back();
-      where[items[i].first] = i;
-    }
-    items.pop_back();
-    return e;
-  }
-  bool take(uintptr_t a, u32& v) {
-    auto it = where.find(a);
-    if (it == where.end()) return false;
-    v = take(it->second).second;
-    return true;
-  }
-  void clear() {
-    items.clear();
-    where.clear();
-  }
-};
-
-inline void to_memory(uintptr_t a, u32 v) { *reinterpret_cast<volatile u32*>(a) = v; }
-
-enum class State : u8 { kReady, kRunning, kBarrier, kWarp, kSleep, kDone };
-
-struct AsyncCopy {
-  void* dst;
-  const void* src;   // nullptr: zero-fill
-  u64 group;         // the commit group it belongs to (commits before its issue)
-};
-
-struct Launch;
-
-struct Fiber {
-  FiberView view;
-  Context ctx;
-  State state = State::kReady;
-  std::deque<AsyncCopy> copies;   // cp.async copies issued and not yet waited for, oldest first
-  u64 commits = 0;
-  Launch* launch = nullptr;
-};
-
-struct WarpState {
-  int arrived = 0;
-  WarpOp op = kOpShfl;
-  WarpSlots slots;
-  Fiber* waiters[32];   // the lanes parked until the last one arrives
-};
-
-struct BlockState {
-  int arrived = 0;
-  std::vector<Fiber*> waiters;
-  int reduced = 0;                          // __syncthreads_or's value
-  Words stores;                             // weak memory: stores no other block sees yet
-  std::unordered_map<uintptr_t, u32> l1;    // weak memory: what plain loads cached
-};
-
-struct Sleeper {
-  u64 wake, seq;
-  Fiber* fiber;
-  bool operator>(const Sleeper& o) const { return wake != o.wake ? wake > o.wake : seq > o.seq; }
-};
-
-constexpr u64 kRedzone = 128;                 // canary bytes around each block's shared memory
-constexpr u8 kCanary = 0xA5, kPoison = 0xCD;  // poison: shared memory never written reads as this
-
-struct Launch {
-  int id = 0, pe = 0;
-  int grid = 0, block = 0;
-  u64 smem_bytes = 0, smem_stride = 0, start_at = 0;
-  void (*body)(void*) = nullptr;
-  void* ctx = nullptr;
-  void (*release)(void*) = nullptr;   // frees ctx when the launch ends
-  std::vector<Fiber> fibers;
-  std::vector<BlockState> blocks;
-  std::vector<WarpState> warps;
-  int live = 0;
-  bool finished = false;
-  std::vector<u8> smem_storage;
-  u8* smem = nullptr;
-  char* stacks = nullptr;
-  u64 stacks_bytes = 0;
-  Words gpu;   // weak memory: stores every block of this launch sees and no other launch yet
-
-  void free_resources() {
-    if (stacks) munmap(stacks, stacks_bytes);
-    stacks = nullptr;
-    std::vector<u8>().swap(smem_storage);
-    std::vector<Fiber>().swap(fibers);
-    std::vector<BlockState>().swap(blocks);
-    std::vector<WarpState>().swap(warps);
-    if (release && ctx) release(ctx);
-    ctx = nullptr;
-  }
-  ~Launch() { free_resources(); }
-};
-
-// Launches due at the same time start in PE order, not in the order hosts added them: host threads
-// race to add, and the schedule must not depend on who won.
-struct Start {
-  u64 at;
-  int pe;
-  u64 seq;
-  Launch* launch;
-  bool operator>(const Start& o) const {
-    return at != o.at ? at > o.at : pe != o.pe ? pe > o.pe : seq > o.seq;
-  }
-};
-
-struct PutOp {
-  uintptr_t dst;      // in the target PE's heap
-  const u8* src;      // read at delivery; nullptr: `value`
-  u32 value[2];
-  u32 bytes;
-  int from, to;
-};
-
-constexpr u64 kPutLatencyNs = 20000, kVisibleLatencyNs = 20000;
-
-// Words a NIC wrote into a PE's memory, not yet visible to its loads: the newest value of each
-// word and when it becomes visible (a heap of those times finds the due ones; stale heap entries
-// are skipped).
-struct Arrivals {
-  std::unordered_map<uintptr_t, std::pair<u32, u64>> words;
-  std::priority_queue<std::pair<u64, uintptr_t>, std::vector<std::pair<u64, uintptr_t>>, std::greater<>> due;
-};
-
-struct World {
-  u64 clock = 0, seq = 0, switches = 0, rng = 0, bg = 0;
-  bool weak = false;
-  u64 wall_limit_s = 600;
-  std::chrono::steady_clock::time_point wall0, deadline;
-  std::deque<Fiber*> ready;
-  std::priority_queue<Sleeper, std::vector<Sleeper>, std::greater<Sleeper>> sleepers;
-  std::priority_queue<Start, std::vector<Start>, std::greater<Start>> starts;
-  std::vector<std::unique_ptr<Launch>> launches;   // by id
-  std::vector<Launch*> active;                     // started and not finished
-  std::deque<int> completed;                       // finished, not yet reported by world_run
-  u64 fibers_total = 0;
-  Context sched;
-  Fiber* running = nullptr;
-  std::string error;
-  // NVSHMEM: every PE's heap (base, bytes); puts in flight by delivery time; per (source, target)
-  // pair the latest delivery time issued and the one a fence holds later puts behind; arrivals.
-  std::vector<std::pair<uintptr_t, u64>> pes;
-  std::multimap<u64, PutOp> in_flight;
-  std::vector<u64> latest, fenced;   // [from * pes + to]
-  std::vector<Arrivals> arrivals;
-};
 
 World* G = nullptr;   // the world being run
 thread_local bool in_fiber = false;
@@ -403,15 +190,6 @@ std::string deadlock_report() {
   return msg;
 }
 
-u64 xorshift(u64& state) {
-  u64 x = state;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  state = x;
-  return x * 0x2545F4914F6CDD1Dull;
-}
-
 // Shared memory: [canary][smem, poisoned][canary] per block; a write past either end shows up as
 // a changed canary after the launch.
 std::string check_canaries(const Launch& l) {
@@ -427,82 +205,6 @@ std::string check_canaries(const Launch& l) {
     }
   }
   return "";
-}
-
-// ---- weak memory and the NVSHMEM proxy: what moves stores along --------------------------------
-
-void drain_launch(Launch& l) {
-  for (BlockState& b : l.blocks) {
-    for (const auto& [a, v] : b.stores.items) l.gpu.put(a, v);
-    b.stores.clear();
-  }
-  for (const auto& [a, v] : l.gpu.items) to_memory(a, v);
-  l.gpu.clear();
-}
-
-void deliver(World& w, const PutOp& op) {
-  Arrivals& target = w.arrivals[op.to];
-  for (u32 i = 0; i < op.bytes; i += 4) {
-    u32 v;
-    if (op.src) std::memcpy(&v, op.src + i, 4);
-    else v = op.value[i / 4];
-    const u64 at = w.clock + xorshift(w.bg) % (kVisibleLatencyNs + 1);
-    auto [it, fresh] = target.words.try_emplace(op.dst + i, v, at);
-    if (!fresh) it->second = {v, std::min(it->second.second, at)};   // the newest value, seen no later
-    target.due.emplace(it->second.second, op.dst + i);
-  }
-}
-
-void make_visible(Arrivals& a, bool all, u64 now) {
-  if (all) {
-    for (const auto& [addr, word] : a.words) to_memory(addr, word.first);
-    a.words.clear();
-    a.due = {};
-    return;
-  }
-  while (!a.due.empty() && a.due.top().first <= now) {
-    const uintptr_t addr = a.due.top().second;
-    a.due.pop();
-    auto it = a.words.find(addr);
-    if (it != a.words.end() && it->second.second <= now) {
-      to_memory(addr, it->second.first);
-      a.words.erase(it);
-    }
-  }
-}
-
-// Called before every dispatch: puts and arrivals whose time has come; under weak memory, now and
-// then one buffered store moves a level on. Stores move rarely (a fiber dispatch is a few
-// instructions of one thread): most wait for a fence, so a missing one leaves them unseen for
-// a long time.
-void background(World& w) {
-  while (!w.in_flight.empty() && w.in_flight.begin()->first <= w.clock) {
-    const PutOp op = w.in_flight.begin()->second;
-    w.in_flight.erase(w.in_flight.begin());
-    deliver(w, op);
-  }
-  for (Arrivals& a : w.arrivals) make_visible(a, false, w.clock);
-  if (!w.weak || w.active.empty()) return;
-  const u64 r = xorshift(w.bg);
-  if ((r & 1023) == 0) {
-    Launch& l = *w.active[(r >> 8) % w.active.size()];
-    BlockState& b = l.blocks[(r >> 16) % l.grid];
-    if (!b.stores.empty()) {
-      const auto [a, v] = b.stores.take((r >> 24) % b.stores.items.size());
-      l.gpu.put(a, v);
-    }
-    if (!l.gpu.empty() && ((r >> 4) & 1)) {
-      const auto [a, v] = l.gpu.take((r >> 32) % l.gpu.items.size());
-      to_memory(a, v);
-    }
-  }
-}
-
-// Nothing left to run: what a device synchronisation and a barrier would leave behind.
-void settle_all(World& w) {
-  for (const auto& [due, op] : w.in_flight) deliver(w, op);
-  w.in_flight.clear();
-  for (Arrivals& a : w.arrivals) make_visible(a, true, w.clock);
 }
 
 void start_launch(World& w, Launch& l) {
@@ -637,35 +339,9 @@ int run_locked(World& w) {
   return r;
 }
 
-BlockState& my_block() {
-  Fiber* f = G->running;
-  return f->launch->blocks[f->view.block.x];
-}
+}  // namespace detail
 
-bool in_smem(const void* p) {
-  const u8* q = static_cast<const u8*>(p);
-  return q >= current->smem && q < current->smem + current->smem_bytes;
-}
-
-void check_words(const void* p, u32 bytes, const char* what) {
-  if (reinterpret_cast<uintptr_t>(p) % 4 || bytes % 4)
-    fatal("%s of %u bytes at %p: the weak-memory model moves whole aligned 4-byte words", what, bytes, p);
-}
-
-// A PE's heap address of the symmetric address `sym` of this PE's heap.
-uintptr_t translate(const void* sym, u32 bytes, int pe) {
-  World& w = *G;
-  const int me = w.running->launch->pe;
-  if (pe < 0 || pe >= (int)w.pes.size() || !w.pes[pe].first)
-    fatal("NVSHMEM call to PE %d: no such PE in this emulated world (%zu registered)", pe, w.pes.size());
-  const uintptr_t base = w.pes[me].first, a = reinterpret_cast<uintptr_t>(sym);
-  if (a < base || a + bytes > base + w.pes[me].second)
-    fatal("NVSHMEM call with address %p: not inside this PE's symmetric heap", sym);
-  if (a - base + bytes > w.pes[pe].second) fatal("NVSHMEM call past the end of PE %d's heap", pe);
-  return w.pes[pe].first + (a - base);
-}
-
-}  // namespace
+using namespace detail;
 
 // ---- what simt.h calls ------------------------------------------------------------------------
 
@@ -695,116 +371,6 @@ void block_barrier() {
   for (Fiber* w : b.waiters) make_ready(w);
   b.waiters.clear();
 }
-
-void wm_load(const void* p, void* out, u32 bytes, LoadKind kind) {
-  if (in_smem(p)) {
-    std::memcpy(out, p, bytes);
-    return;
-  }
-  check_words(p, bytes, "load");
-  Fiber* f = G->running;
-  BlockState& b = f->launch->blocks[f->view.block.x];
-  const Words& gpu = f->launch->gpu;
-  for (u32 i = 0; i < bytes; i += 4) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
-    u32 v;
-    if (const u32* mine = b.stores.find(a)) {
-      v = *mine;
-    } else if (auto hit = kind == kLoadWeak ? b.l1.find(a) : b.l1.end(); hit != b.l1.end()) {
-      v = hit->second;
-    } else {
-      const u32* seen = gpu.find(a);
-      v = seen ? *seen : *reinterpret_cast<const volatile u32*>(a);
-      if (kind == kLoadWeak) b.l1[a] = v;
-    }
-    std::memcpy(static_cast<u8*>(out) + i, &v, 4);
-  }
-  if (kind == kLoadAcquire) b.l1.clear();
-}
-
-void wm_store(void* p, const void* v, u32 bytes) {
-  if (in_smem(p)) {
-    std::memcpy(p, v, bytes);
-    return;
-  }
-  check_words(p, bytes, "store");
-  BlockState& b = my_block();
-  for (u32 i = 0; i < bytes; i += 4) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
-    u32 word;
-    std::memcpy(&word, static_cast<const u8*>(v) + i, 4);
-    b.stores.put(a, word);
-    if (auto hit = b.l1.find(a); hit != b.l1.end()) hit->second = word;
-  }
-}
-
-void wm_fence(bool sys) {
-  Fiber* f = G->running;
-  Launch& l = *f->launch;
-  BlockState& b = l.blocks[f->view.block.x];
-  for (const auto& [a, v] : b.stores.items) l.gpu.put(a, v);
-  b.stores.clear();
-  if (sys) {
-    for (const auto& [a, v] : l.gpu.items) to_memory(a, v);
-    l.gpu.clear();
-  }
-  b.l1.clear();
-}
-
-void wm_release(u32* p, u32 v, bool sys) {
-  wm_fence(sys);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (sys) to_memory(a, v);
-  else G->running->launch->gpu.put(a, v);
-}
-
-void wm_atomic(const void* p, u32 bytes) {
-  if (in_smem(p)) return;
-  check_words(p, bytes, "atomic");
-  Fiber* f = G->running;
-  Launch& l = *f->launch;
-  BlockState& b = l.blocks[f->view.block.x];
-  for (u32 i = 0; i < bytes; i += 4) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p) + i;
-    u32 v;
-    if (l.gpu.take(a, v)) to_memory(a, v);
-    if (b.stores.take(a, v)) to_memory(a, v);
-    b.l1.erase(a);
-  }
-}
-
-void shmem_put(void* dst, const void* src, const void* value, u32 bytes, int pe) {
-  if (bytes % 4 || reinterpret_cast<uintptr_t>(dst) % 4)
-    fatal("NVSHMEM put of %u bytes to %p: the emulator moves whole aligned 4-byte words", bytes, dst);
-  World& w = *G;
-  PutOp op{translate(dst, bytes, pe), static_cast<const u8*>(src), {0, 0}, bytes, w.running->launch->pe, pe};
-  if (!src) std::memcpy(op.value, value, bytes);
-  const size_t pair = (size_t)op.from * w.pes.size() + op.to;
-  const u64 due = std::max(w.clock + xorshift(w.bg) % (kPutLatencyNs + 1), w.fenced[pair]);
-  w.latest[pair] = std::max(w.latest[pair], due);
-  w.in_flight.emplace(due, op);   // equal times keep issue order
-}
-
-void shmem_fence() {
-  World& w = *G;
-  const size_t n = w.pes.size(), from = w.running->launch->pe;
-  for (size_t to = 0; to < n; ++to) w.fenced[from * n + to] = w.latest[from * n + to];
-}
-
-void shmem_quiet() {
-  World& w = *G;
-  const int me = w.running->launch->pe;
-  for (auto it = w.in_flight.begin(); it != w.in_flight.end();) {
-    if (it->second.from != me) {
-      ++it;
-      continue;
-    }
-    deliver(w, it->second);
-    it = w.in_flight.erase(it);
-  }
-}
-
-void shmem_consistency() { make_visible(G->arrivals[G->running->launch->pe], true, G->clock); }
 
 }  // namespace flashmoe::emu
 

@@ -8,7 +8,7 @@
 // (one per rank, as separate processes would make them) can share one scheduler and clock.
 //
 // Memory. By default memory is sequentially consistent: every store is visible at once. The weak
-// mode (runtime.cpp "Weak memory") instead holds each block's global stores in a store buffer
+// mode (memory.cpp) instead holds each block's global stores in a store buffer
 // that drains late and out of order, lets a plain load hit a stale per-block L1 copy, and orders
 // only what the PTX memory model orders; it sees the global accesses that go through the named
 // functions below (ptx.cuh's ld_/st_ functions, fences, atomics, cp.async), which is every access
@@ -86,7 +86,7 @@ u32 smem_offset(const void* p, u32 bytes, const char* what);
 u8* smem_at(u32 address, u32 bytes, const char* what);
 void check_aligned(const void* p, u32 align, const char* what);
 
-// Global memory under the weak mode (runtime.cpp): `bytes` is a multiple of 4, p 4-byte aligned.
+// Global memory under the weak mode (memory.cpp): `bytes` is a multiple of 4, p 4-byte aligned.
 // A weak load may be served by the block's L1 copy; .cg and acquire loads go past it, and an
 // acquire (or a fence) empties it. A store waits in the block's store buffer; a fence moves the
 // buffer out (gpu: to where every block of the launch sees it; sys: to memory every launch sees);
