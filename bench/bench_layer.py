@@ -6,7 +6,11 @@
 Every row is checked once against the fp32 reference (``flashmoe.accuracy`` rule) before it is
 timed, and is reported as a fraction of the two ceilings measured at the start of the same run:
 the dense bf16 matmul rate (useful FLOPs / time) and the copy bandwidth (expert-weight bytes /
-time). Speed-ups are over the baselines of the same row, and only between correct results.
+time), and against the roofline those ceilings give the row (``bench.metrics.roofline``: the
+longer of its FLOPs at the matmul rate and its bytes at the copy bandwidth). Speed-ups are over
+the baselines of the same row, and only between correct results. With ``--trace N`` each
+flashmoe row also gets the kernel's phase table: the share of the launch's block time spent in
+route, dispatch, selections, GEMM0, GEMM1 and combine, and in no task (waiting or idle).
 Writes ``bench/results/layer_<device>_<date>.{csv,json,png}``.
 """
 
@@ -29,11 +33,13 @@ PROVIDERS = ("flashmoe", "torch_loop", "hf_grouped_mm")
 BASELINES = ("torch_loop", "hf_grouped_mm")
 COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tokens", "provider",
            "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
-           "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "max_abs_err", "tol", "correct",
-           "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + ["sm_busy", "comm_overlap", "note"]
+           "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "roofline_ms", "bound", "pct_roofline",
+           "max_abs_err", "tol", "correct", "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + \
+    ["sm_busy", "comm_overlap", "phases", "note"]
 TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""),
          ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"), ("pct_matmul", "%mm", ".3g"),
-         ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"),
+         ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"), ("roofline_ms", "roof ms", ".3g"),
+         ("pct_roofline", "%roof", ".3g"),
          ("max_abs_err", "err", ".2e"), ("tol", "tol", ".2e"), ("route_agree", "route", ".4f"),
          ("speedup_vs_torch_loop", "x loop", ".3g"), ("speedup_vs_hf_grouped_mm", "x hf", ".3g"),
          ("status", "status", "")]
@@ -92,7 +98,8 @@ def attach_trace(layer: FlashMoELayer, stem: str) -> dict:
     except ImportError:
         pass
     u = trace.utilisation(t)
-    return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"]}
+    return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"],
+            "phases": trace.format_phase_table(trace.phase_table(t))}
 
 
 def main(argv=None) -> int:
@@ -139,6 +146,8 @@ def run(args, device: torch.device) -> int:
             for r in group:
                 r.update(shape)
                 show(r)
+                if r.get("phases"):
+                    print(f"    phases: {r['phases']}")
             rows += group
             report.write_results(stem, COLUMNS, rows, meta, ceilings)
             del inputs

@@ -47,6 +47,9 @@ def measure(provider: Provider, inputs: list[torch.Tensor], weights: MoEWeights,
                pct_matmul=100 * flop / seconds / 1e12 / ceilings["matmul_tflops"],
                weight_gb=wbytes / 1e9, weight_gbps=wbytes / seconds / 1e9,
                pct_copy=100 * wbytes / seconds / 1e9 / ceilings["copy_gbps"])
+    roof = metrics.roofline(config, tokens, ceilings, reference_routing)
+    row.update(roofline_ms=roof["roofline_ms"], bound=roof["bound"],
+               pct_roofline=100 * roof["roofline_ms"] / t.median_ms)
     return row
 
 

@@ -1,4 +1,5 @@
-"""The two work counts every benchmark row is divided by: useful FLOPs and expert-weight bytes."""
+"""The work counts every benchmark row is divided by (useful FLOPs, expert-weight bytes) and the
+roofline they give against the ceilings a run measures."""
 
 from __future__ import annotations
 
@@ -57,3 +58,21 @@ def expert_weight_bytes(config: MoEConfig, tokens: int, routing: Routing | None 
     shared_rows = (2 if config.gated else 1) * config.shared_intermediate_total
     shared = (shared_rows + config.shared_intermediate_total) * config.hidden_size * element
     return int(round(active * bytes_per_expert(config))) + shared
+
+
+def roofline(config: MoEConfig, tokens: int, ceilings: dict, routing: Routing | None = None) -> dict:
+    """The time a forward could take at best on this GPU, from its work alone: the useful FLOPs at
+    the measured dense matmul rate, or the bytes it must move at the measured copy bandwidth,
+    whichever is longer. The bytes are the expert weights it must read once
+    (``expert_weight_bytes``) plus x read once and the output written once; everything a fused
+    kernel keeps on chip or in L2 (routing, intermediates, results on their way home) is left out.
+
+    Returns ``roofline_ms``, ``compute_ms``, ``memory_ms`` and ``bound`` ("compute" or "memory").
+    A measured time over ``roofline_ms`` is how far a provider runs from the hardware's limit.
+    """
+    element = torch.empty((), dtype=config.torch_dtype).element_size()
+    nbytes = expert_weight_bytes(config, tokens, routing) + 2 * tokens * config.hidden_size * element
+    compute_ms = flops(config, tokens) / (ceilings["matmul_tflops"] * 1e12) * 1e3
+    memory_ms = nbytes / (ceilings["copy_gbps"] * 1e9) * 1e3
+    return {"roofline_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms, "memory_ms": memory_ms,
+            "bound": "compute" if compute_ms >= memory_ms else "memory"}

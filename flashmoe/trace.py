@@ -302,6 +302,59 @@ def utilisation(trace: Trace) -> dict:
     }
 
 
+# The phases of a forward in the order they run (device/flashmoe.cu); TaskKind names.
+PHASES = ("ROUTE", "PREFIX", "DISPATCH", "SELECT", "GEMM0", "GEMM1", "COMBINE")
+
+
+def phase_table(trace: Trace) -> dict:
+    """Where one forward's block time went, phase by phase. Time is counted in block-ns: the
+    launch's ``blocks`` (those with records) times its span are the whole.
+
+    - ``phases[name]``: ``block_ns`` (summed record length), ``share`` (of the whole), ``count``,
+      and ``first_ns`` / ``last_ns``: when its first record started and its last ended, from the
+      launch's first record (how far the phase reaches into the others).
+    - ``unrecorded_share``: the time each block spent in no record (waiting for a flag, a tile
+      counter or the next job, or finished while others work), summed over blocks, of the whole.
+      Records of one block that overlap (the wgmma producer's selections run while its consumers
+      multiply) count once here, so phase shares may add up to a little more than
+      ``1 - unrecorded_share``.
+    - ``span_ns``, ``blocks``; ``truncated_blocks`` > 0 means records are missing (raise the
+      trace capacity) and the figures undercount.
+    """
+    rec = trace.records
+    start, end = _spans(rec)
+    span = int(end.max()) if rec.size else 0
+    blocks = np.unique(rec["block"]).tolist() if rec.size else []
+    whole = span * len(blocks)
+    phases = {}
+    for k in np.unique(rec["kind"]).tolist():
+        sel = rec["kind"] == k
+        ns = int((end[sel] - start[sel]).sum())
+        phases[kind_name(k)] = {"block_ns": ns, "share": ns / whole if whole else 0.0, "count": int(sel.sum()),
+                                "first_ns": int(start[sel].min()), "last_ns": int(end[sel].max())}
+    recorded = 0
+    for b in blocks:
+        on = rec["block"] == b
+        ms, me = _merge(start[on], end[on])
+        recorded += int((me - ms).sum())
+    order = {name: i for i, name in enumerate(PHASES)}
+    return {"span_ns": span, "blocks": len(blocks),
+            "phases": dict(sorted(phases.items(), key=lambda kv: order.get(kv[0], len(order)))),
+            "unrecorded_share": (whole - recorded) / whole if whole else 0.0,
+            "truncated_blocks": len(trace.truncated)}
+
+
+def format_phase_table(table: dict) -> str:
+    """The phase table on one line: each phase's share of the launch's block time, then what no
+    record covers."""
+    cells = [f"{name.lower()} {p['share']:.1%}" for name, p in table["phases"].items()]
+    cells.append(f"unrecorded {table['unrecorded_share']:.1%}")
+    line = f"span {table['span_ns'] / 1e3:.1f} us x {table['blocks']} blocks: " + ", ".join(cells)
+    if table["truncated_blocks"]:
+        line += f" (WARNING: {table['truncated_blocks']} truncated blocks)"
+    return line
+
+
 def format_utilisation(u: dict) -> str:
     """The utilisation dict as a text table."""
     overlap = u["comm_compute_overlap"]
@@ -389,6 +442,7 @@ def main(argv=None) -> int:
     if args.png:
         plot_timeline(trace, args.png)
     print(format_utilisation(utilisation(trace)))
+    print(format_phase_table(phase_table(trace)))
     return 0
 
 

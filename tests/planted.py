@@ -17,8 +17,13 @@ PLANTED = {
     # A GEMM0 tile's rows reach the GEMM1 tiles of other blocks through the fence before the
     # tile's done-counter.
     "gemm0-fence": ("flashmoe/device/roles/expert_gemm.cuh",
-                    "      fence_acq_rel_gpu();\n      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone",
-                    "      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone"),
+                    "    fence_acq_rel_gpu();\n    atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone",
+                    "    atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone"),
+    # The wgmma consumers release a tile's last stage once its wgmmas are done; without it the
+    # producer can never refill that stage (a bounded wait must report it).
+    "stage-release": ("flashmoe/device/gemm/wgmma.cuh",
+                      "    if (ktiles > 0 && (ct & 31) == 0) mbar_arrive(&bar.empty[(used + ktiles - 1) % kStages]);\n",
+                      ""),
     # A flag to an NVSHMEM peer must be delivered after the data put before it.
     "nvshmem-fence": ("flashmoe/device/common/transport_nvshmem.cuh",
                       "    fence_acq_rel_sys();   // this thread's and (by cumulativity) the block's P2P stores\n"

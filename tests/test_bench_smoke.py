@@ -47,6 +47,7 @@ def test_bench_layer_dry_run(tmp_path, capsys):
         assert r["correct"] == "True"
         assert float(r["max_abs_err"]) <= float(r["tol"])
         assert r["clock"] == "host"
+        assert float(r["roofline_ms"]) > 0 and r["bound"] in ("compute", "memory") and float(r["pct_roofline"]) > 0
     data = out["json"]
     assert data["meta"]["dry_run"] is True
     assert {"matmul_tflops", "copy_gbps"} <= set(data["ceilings"])
@@ -97,3 +98,19 @@ def test_bench_cpu_prints_both_times_and_errors_within_the_rule(capsys):
         assert r["flashmoe_ms"] > 0 and r["hf_grouped_mm_ms"] > 0
         assert r["flashmoe_err"] <= r["tolerance"] and r["hf_err"] <= r["tolerance"]
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_roofline_is_the_longer_of_compute_and_memory():
+    """Mixtral's shapes at the H200's measured ceilings: 128 tokens read nearly every expert's
+    weights and are memory-bound, 16384 tokens are compute-bound; the figures are the counts of
+    bench.metrics over the ceilings, nothing else."""
+    from bench import metrics
+    from flashmoe.config import MoEConfig
+    config = MoEConfig(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2, dtype="bfloat16")
+    ceilings = {"matmul_tflops": 800.0, "copy_gbps": 4000.0}
+    for tokens, bound in ((128, "memory"), (16384, "compute")):
+        r = metrics.roofline(config, tokens, ceilings)
+        nbytes = metrics.expert_weight_bytes(config, tokens) + 2 * tokens * 4096 * 2
+        assert r["compute_ms"] == pytest.approx(metrics.flops(config, tokens) / 800e12 * 1e3)
+        assert r["memory_ms"] == pytest.approx(nbytes / 4000e9 * 1e3)
+        assert r["roofline_ms"] == max(r["compute_ms"], r["memory_ms"]) and r["bound"] == bound

@@ -53,13 +53,13 @@ def inputs(counts: list[list[int]], seed: int):
 _EXPECTED: dict = {}
 
 
-def expected(xs, weights, world: int) -> list[torch.Tensor]:
+def expected(xs, weights, world: int, spec: KernelSpec = SPEC) -> list[torch.Tensor]:
     """One launch of the same W ranks as virtual ranks, per forward; checked against the
     reference under the accuracy rule."""
-    backend = _EXPECTED.get(world)
+    backend = _EXPECTED.get((world, spec))
     if backend is None:
-        backend = _EXPECTED[world] = KernelBackend(CONFIG, None, virtual_world=world, emulate=True,
-                                                   timeout_s=TIMEOUT_S, error_check="sync", spec=SPEC)
+        backend = _EXPECTED[world, spec] = KernelBackend(CONFIG, None, virtual_world=world, emulate=True,
+                                                         timeout_s=TIMEOUT_S, error_check="sync", spec=spec)
     outs = []
     for forward in xs:
         x = torch.cat(forward)
@@ -71,14 +71,15 @@ def expected(xs, weights, world: int) -> list[torch.Tensor]:
 
 
 def run_group(xs, weights, world: int, *, ranks_per_node: int | None = None, seed: int = 0, weak_seed: int = 0,
-              delays=None, error_check: str = "none", include_root: Path | None = None) -> list[torch.Tensor]:
+              delays=None, error_check: str = "none", include_root: Path | None = None,
+              spec: KernelSpec = SPEC) -> list[torch.Tensor]:
     """Every forward of xs on W emulated ranks; returns each forward's output, all ranks' rows
     in rank order."""
     group = EmulatedGroup(world, seed=seed, weak_seed=weak_seed, ranks_per_node=ranks_per_node, delays=delays)
 
     def rank_body(rank):
         backend = GroupBackend(CONFIG, None, rank, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S,
-                               error_check=error_check, spec=SPEC)
+                               error_check=error_check, spec=spec)
         if include_root is not None:
             for v in backend.variants.values():
                 v.kernel = emulator.EmulatedKernel(v.spec, include_root=include_root)
@@ -104,6 +105,20 @@ def test_ranks_in_separate_launches_match_one_launch(world, ranks_per_node):
     xs, weights = inputs(counts, seed=world * 10 + ranks_per_node)
     got = run_group(xs, weights, world, ranks_per_node=ranks_per_node)
     assert_bitwise(got, expected(xs, weights, world))
+
+
+# The wgmma engine's persistent task loop, its GEMM1 rows leaving through the consumers' epilogue
+# (by pointer, or staged and put through NVSHMEM), under weak memory and skew.
+WGMMA = KernelSpec(arch="sm_90a", dtype="bfloat16", gated=True, block_m=64, threads=256, stages=2, gemm="wgmma")
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 1], ids=["pointers", "nvshmem"])
+def test_wgmma_engine_in_separate_launches(ranks_per_node):
+    counts = [c[:2] for c in COUNTS]
+    xs, weights = inputs(counts, seed=17)
+    got = run_group(xs, weights, 2, ranks_per_node=ranks_per_node, weak_seed=2, spec=WGMMA,
+                    delays=lambda r, n: FORWARD_NS * (r % 2))
+    assert_bitwise(got, expected(xs, weights, 2, WGMMA))
 
 
 SKEWS = {

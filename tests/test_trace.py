@@ -163,6 +163,27 @@ def test_chrome_json_every_track_nests(items):
                 assert disjoint or nested, (spans, (a0, a1), (b0, b1))
 
 
+def test_phase_table_counts_block_time_by_phase():
+    """Two blocks over a 200 ns launch (400 block-ns): block 0 routes then runs a GEMM0 tile;
+    block 1 routes, runs a GEMM1 tile and, at the same time, a selection (the wgmma producer's).
+    Shares are of the 400; what no record covers is 80 ns on each block; the overlapping
+    selection adds to its phase but not to the covered time."""
+    t = decode([[rec(0, 20, K.ROUTE, sm=0), rec(20, 120, K.GEMM0, sm=0)],
+                [rec(0, 20, K.ROUTE, sm=1), rec(100, 200, K.GEMM1, sm=1), rec(150, 180, K.SELECT, sm=1)]])
+    table = tr.phase_table(t)
+    assert (table["span_ns"], table["blocks"], table["truncated_blocks"]) == (200, 2, 0)
+    assert list(table["phases"]) == ["ROUTE", "SELECT", "GEMM0", "GEMM1"]       # the order they run in
+    shares = {name: p["share"] for name, p in table["phases"].items()}
+    assert shares == pytest.approx({"ROUTE": 0.1, "SELECT": 0.075, "GEMM0": 0.25, "GEMM1": 0.25})
+    assert table["unrecorded_share"] == pytest.approx(0.4)
+    assert (table["phases"]["GEMM1"]["first_ns"], table["phases"]["GEMM1"]["last_ns"]) == (100, 200)
+    assert table["phases"]["ROUTE"]["count"] == 2
+    line = tr.format_phase_table(table)
+    assert line.startswith("span 0.2 us x 2 blocks: route 10.0%") and line.endswith("unrecorded 40.0%")
+    empty = tr.phase_table(decode([[]]))
+    assert (empty["span_ns"], empty["blocks"], empty["phases"], empty["unrecorded_share"]) == (0, 0, {}, 0.0)
+
+
 def test_png_written(tmp_path):
     pytest.importorskip("matplotlib")
     t = decode([[rec(0, 100, K.GEMM0, sm=0), rec(100, 150, K.DISPATCH, sm=0)],

@@ -116,8 +116,9 @@ def test_shared_memory_layout_alignment():
     cfg = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)
     for spec in WGMMA_SPECS:
         stage = (spec.block_m + spec.block_n) * STAGE_K_BYTES
-        assert spec.gemm_smem_bytes() == spec.stages * stage + WGMMA_BARRIER_BYTES
-        assert 2 * spec.stages * 8 <= WGMMA_BARRIER_BYTES
+        staging = spec.block_m * (spec.block_n * spec.element_bytes + 16)   # GEMM1's output tile, padded
+        assert spec.gemm_smem_bytes() == spec.stages * stage + WGMMA_BARRIER_BYTES + staging
+        assert (2 * spec.stages + 4) * 8 <= WGMMA_BARRIER_BYTES   # full/empty per stage, ready/free per slot
         # Every A tile, consumer slab and B tile starts on a swizzle atom (pipeline at offset 0).
         consumers = spec.threads // 128 - 1
         for s in range(spec.stages):
@@ -125,7 +126,7 @@ def test_shared_memory_layout_alignment():
                          [s * stage + spec.block_m * 128 + op * (spec.block_n // spec.num_b_operands) * 128
                           for op in range(spec.num_b_operands)]:
                 assert start % SWIZZLE_ATOM == 0
-        assert (spec.stages * stage) % 8 == 0 and spec.gemm_smem_bytes() % 16 == 0   # barriers, tables
+        assert (spec.stages * stage) % 8 == 0 and spec.gemm_smem_bytes() % 16 == 0   # barriers, staging, tables
         plan = make_plan(dataclasses.replace(cfg, dtype=spec.dtype, gated=spec.gated), spec, world=8,
                          num_local_ranks=1)
         assert plan.smem_sched_offset >= spec.gemm_smem_bytes() + gemm_tables_bytes(spec)
@@ -161,6 +162,7 @@ def _device_checks(spec: KernelSpec) -> str:
         f"static_assert(G::kPipeBytes == {spec.gemm_smem_bytes()}, \"spec.gemm_smem_bytes()\");",
         "static_assert(WgmmaTile<kBlockM, kBlockN, 1>::kPipeBytes == G::kPipeBytes, \"one pipeline\");",
         f"static_assert(G::kBarrierBytes == {WGMMA_BARRIER_BYTES}, \"WGMMA_BARRIER_BYTES\");",
+        f"static_assert(G::kStagingBytes == {spec.staging_bytes()}, \"spec.staging_bytes()\");",
         f"static_assert(G::kBlockK == {maps['gate_up'].box[0]} && G::kBlockK == {maps['down'].box[0]}, \"box K\");",
         f"static_assert(G::kBBytes == {maps['gate_up'].box_bytes * nb}u, \"GEMM0 boxes per stage\");",
         f"static_assert(G::kBBytes == {maps['down'].box_bytes}u, \"GEMM1 box per stage\");",

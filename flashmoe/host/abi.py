@@ -49,6 +49,8 @@ class WaitKind(enum.IntEnum):
     SELECT_DONE = 6
     PIPE_FULL = 7
     PIPE_EMPTY = 8
+    JOB_READY = 9
+    JOB_FREE = 10
 
 
 class ErrorCode(enum.IntEnum):

@@ -27,13 +27,15 @@ _WAIT_NAMES = {
     abi.WaitKind.TILE_DONE: "GEMM0 of its row tile {index}",
     abi.WaitKind.SELECT_DONE: "the capacity selection of its local expert {index}",
 }
-# The GEMM pipeline's mbarrier waits record the stage (index), the phase awaited (expected) and
-# the k-tile (observed): "expected X, saw Y" would mean nothing there.
+# The GEMM pipeline's mbarrier waits record the stage or table slot (index), the phase awaited
+# (expected) and the k-tile (observed): "expected X, saw Y" would mean nothing there.
 _PIPE_NAMES = {
     abi.WaitKind.PIPE_FULL: ("stage {index} of its GEMM pipeline to fill for k-tile {observed} (fill {expected}: "
                              "A rows by cp.async, B by TMA or cp.async; a TMA box smaller than the bytes "
                              "the stage expects never completes it)"),
     abi.WaitKind.PIPE_EMPTY: "its GEMM consumers to release stage {index} for k-tile {observed}",
+    abi.WaitKind.JOB_READY: "its GEMM producer to post job {expected} of table slot {index}",
+    abi.WaitKind.JOB_FREE: "its GEMM consumers to finish job {expected} of table slot {index}",
 }
 
 

@@ -304,13 +304,17 @@ def scheduler_smem_bytes(config: MoEConfig, world: int) -> int:
 
 
 GEMM_WEIGHT_TILE_BYTES = 16   # TileTables::wt: tensor map pointer, first row, expert (TMA B tile)
+GEMM_JOB_BYTES = 24           # TileTables::job: GEMM, K, valid columns, row tile, two trace words
 
 
 def gemm_tables_bytes(spec: KernelSpec) -> int:
-    """Per-tile row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables):
-    A and B row pointers, the B tile as a tensor-map box (16 bytes), output offsets (u64), output
-    ranks (i32) and row-valid flags."""
-    return _align((spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + spec.block_m * (8 + 4 + 1), 16)
+    """Row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables), per slot: A and
+    B row pointers, the B tile as a tensor-map box (16 bytes), the job, output offsets (u64), output
+    ranks (i32) and row-valid flags. The wgmma engine keeps two slots (one being prepared while the
+    other's tile runs, device/roles/tasks.cuh), mma_sync one."""
+    slot = _align((spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + GEMM_JOB_BYTES
+                  + spec.block_m * (8 + 4 + 1), 16)
+    return slot * (2 if spec.gemm == "wgmma" else 1)
 
 
 def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:

@@ -26,9 +26,10 @@ ROUTINGS = ("router", "given")
 # Bytes of K one pipeline stage holds per row: 64 bf16/fp16 or 32 fp32 elements. One 128-byte
 # row is one swizzle atom (8 chunks of 16 bytes), for ldmatrix and for the wgmma 128B swizzle.
 STAGE_K_BYTES = 128
-# The wgmma engine keeps its pipeline's mbarriers (a full and an empty one per stage, 8 bytes
-# each, at most 8 stages) after the stages: device/gemm/wgmma.cuh kBarrierBytes.
-WGMMA_BARRIER_BYTES = 128
+# The wgmma engine keeps its pipeline's mbarriers (a full and an empty one per stage, at most 8
+# stages, and a ready and a free one per task-table slot, 8 bytes each) after the stages:
+# device/gemm/wgmma.cuh kBarrierBytes. Its epilogue's staging tile follows them.
+WGMMA_BARRIER_BYTES = 256
 # Threads of a wgmma block: one producer warpgroup (cp.async + TMA) and two consumer warpgroups
 # (wgmma), each consumer taking half of the 128 tile rows (one m64 slab).
 # GEMM tile heights: prefill tiles fill the tensor cores; decode tiles (an expert gets few rows,
@@ -75,12 +76,11 @@ class KernelSpec:
             raise ValueError(f"threads={self.threads}: must be a multiple of 128 in [128, 512]")
         if self.gemm == "mma_sync" and self.threads not in (128, 256):
             raise ValueError(f"threads={self.threads}: the mma_sync engine tiles 4 or 8 warps (128 or 256)")
-        # The GEMM epilogue stages an output tile (rows padded by 16 bytes) in the pipeline's
-        # shared memory; the widest is GEMM1's BM x BN.
-        staging = self.block_m * (self.block_n * self.element_bytes + 16)
-        if staging > self.gemm_smem_bytes():
+        # The mma_sync epilogue stages its output tile in the pipeline's shared memory (the wgmma
+        # engine's has its own area, since the next tile's stages fill while it runs).
+        if self.gemm == "mma_sync" and self.staging_bytes() > self.gemm_smem_bytes():
             raise ValueError(f"stages={self.stages}: the {self.block_m} x {self.block_n} {self.dtype} epilogue "
-                             f"tile ({staging} B) needs more shared memory than the pipeline "
+                             f"tile ({self.staging_bytes()} B) needs more shared memory than the pipeline "
                              f"({self.gemm_smem_bytes()} B); use more stages")
         if self.gemm == "wgmma":
             consumers = self.threads // 128 - 1    # warpgroup 0 produces, the others run wgmma
@@ -108,11 +108,17 @@ class KernelSpec:
         Device side: kPipeAlign of the engine; the kernel checks it at launch."""
         return 1024 if self.gemm == "wgmma" else 16
 
+    def staging_bytes(self) -> int:
+        """The epilogue's output tile: BM rows of the widest output (GEMM1's BN columns), padded by
+        16 bytes against bank conflicts."""
+        return self.block_m * (self.block_n * self.element_bytes + 16)
+
     def gemm_smem_bytes(self) -> int:
         """Shared memory of the GEMM pipeline: every stage holds a BM x BK A tile and a BN x BK B tile
-        (the wgmma engine adds its stage barriers). Device side: kPipeBytes of the engine."""
+        (the wgmma engine adds its barriers and its own epilogue staging tile). Device side:
+        kPipeBytes of the engine."""
         stages = self.stages * (self.block_m + self.block_n) * STAGE_K_BYTES
-        return stages + (WGMMA_BARRIER_BYTES if self.gemm == "wgmma" else 0)
+        return stages + (WGMMA_BARRIER_BYTES + self.staging_bytes() if self.gemm == "wgmma" else 0)
 
     def defines(self) -> dict[str, int]:
         """The -D macros the device code is compiled with (the only channel from spec to code)."""
@@ -165,14 +171,15 @@ def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
                 block_m: int = 128, gemm: str | None = None) -> KernelSpec:
     """The spec for a device and a tile height (``plan.choose_block_m``): the wgmma engine on
     sm_90a, mma_sync elsewhere (``gemm`` forces one: mma_sync runs on Hopper too, without its
-    Hopper-only instructions), with the deepest pipeline (up to 6 stages for the decode tile,
-    whose loads are the whole cost, else 4) that leaves 16 KiB for the row tables and task map."""
+    Hopper-only instructions), with the deepest pipeline that leaves 16 KiB for the row tables and
+    task map: up to 8 stages with wgmma (its pipeline runs across tiles, so every stage keeps loads
+    in flight); with mma_sync up to 6 for the decode tile, whose loads are the whole cost, else 4."""
     if gemm is not None and gemm not in GEMM_ENGINES:
         raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)}")
     gemm = gemm or ("wgmma" if arch == "sm_90a" else "mma_sync")
     if gemm == "wgmma" and arch != "sm_90a":
         raise ValueError(f"gemm='wgmma' needs a Hopper GPU (arch sm_90a); this one is {arch}")
-    deepest = 6 if block_m <= DECODE_BLOCK_M else 4
+    deepest = 8 if gemm == "wgmma" else 6 if block_m <= DECODE_BLOCK_M else 4
     for stages in range(deepest, 1, -1):
         try:
             if gemm == "wgmma":

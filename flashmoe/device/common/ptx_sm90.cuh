@@ -93,6 +93,27 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 __device__ __forceinline__ void named_barrier_sync(u32 id, u32 threads) {
   asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
 }
+// The same barrier, returning whether any of the `threads` threads passed pred = true (bar.red.or).
+__device__ __forceinline__ bool named_barrier_or(u32 id, u32 threads, bool pred) {
+  u32 any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any) : "r"((u32)pred), "r"(id), "r"(threads) : "memory");
+  return any != 0;
+}
+
+// The executing warpgroup's per-thread register budget, raised (waits for registers in the block's
+// pool) or lowered (returns them): "setmaxnreg". kRegs: a multiple of 8 in [24, 256].
+template <u32 kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(kRegs));
+}
+template <u32 kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(kRegs));
+}
 
 // ---- bulk tensor copy (TMA) --------------------------------------------------------------------
 __device__ __forceinline__ void prefetch_tensor_map(const void* map) {

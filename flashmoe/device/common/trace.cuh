@@ -16,12 +16,13 @@ __device__ __forceinline__ void trace_begin(const Params& p) {
   if (kTrace && p.trace != nullptr && threadIdx.x == 0) reinterpret_cast<u32*>(p.trace)[blockIdx.x] = 0;
 }
 
-// Called by thread 0 of a block when a task ends.
+// Called by one thread of a block when a task ends; two may record at once (the wgmma task loop's
+// producer and consumers, device/roles/tasks.cuh), hence the atomic.
 __device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, const TraceScope& scope,
                                              u32 kind, u32 task, u32 extra) {
   if (!kTrace || p.trace == nullptr || p.trace_capacity == 0) return;
   u32* counts = reinterpret_cast<u32*>(p.trace);
-  const u32 n = counts[blockIdx.x]++;          // only thread 0 of this block writes it
+  const u32 n = atomicAdd(counts + blockIdx.x, 1u);
   if (n >= p.trace_capacity) return;           // keeps counting: the reader reports truncation
   TraceRecord* rec = reinterpret_cast<TraceRecord*>(p.trace + p.trace_records_offset) +
                      (u64)blockIdx.x * p.trace_capacity + n;

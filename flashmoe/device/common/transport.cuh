@@ -14,9 +14,11 @@
 //                                        sources (a launch may reuse them afterwards)
 //   remote_acquired                      after a flag written by `writer` was seen: its data is
 //                                        visible (NVSHMEM: consistency at the target)
-//   remote_tile_begin/_store/_end        the GEMM1 epilogue's rows (a tile staged in shared memory)
+//   remote_tile_begin/_store/_end        the GEMM1 epilogue's rows (a tile staged in shared memory),
+//                                        run by the thread group G that stores the tile
 #pragma once
 
+#include "flashmoe/device/common/group.cuh"
 #include "flashmoe/device/common/heap.cuh"
 
 namespace flashmoe {
@@ -77,6 +79,7 @@ __device__ __forceinline__ void remote_complete(const Params&) {}
 // ld.acquire.sys of the flag already ordered the writer's stores.
 __device__ __forceinline__ void remote_acquired(const Params&, int, const u32*) {}
 
+template <class G>
 __device__ __forceinline__ void remote_tile_begin(const Params&, const Ctx&) {}
 
 __device__ __forceinline__ void remote_tile_store(const Params& p, const Ctx&, int rank, u64 off, int, int byte,
@@ -84,6 +87,7 @@ __device__ __forceinline__ void remote_tile_store(const Params& p, const Ctx&, i
   st_v4(peer_slice(p, rank) + off + byte, v);
 }
 
+template <class G>
 __device__ __forceinline__ void remote_tile_end(const Params&, const Ctx&, const i32*, const u64*, const bool*,
                                                 u32) {}
 

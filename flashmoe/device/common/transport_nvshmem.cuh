@@ -111,10 +111,11 @@ __device__ __forceinline__ u8* put_stage_row(const Params& p, const Ctx& c, int 
   return c.slice + p.region_offset[kPutStage] + ((u64)c.block * kBlockM + row) * (kBlockN * kElemBytes);
 }
 
-// Thread 0, before the block writes its staging tile (a __syncthreads follows): the previous
-// tile's puts have read it.
+// Before group G writes the block's staging tile (G synchronises next): the previous tile's puts
+// have read it.
+template <class G>
 __device__ __forceinline__ void remote_tile_begin(const Params&, const Ctx&) {
-  if (threadIdx.x == 0) nvshmem_quiet();
+  if (G::rank() == 0) nvshmem_quiet();
 }
 
 // `byte` is the offset in the row's column range of this tile.
@@ -124,12 +125,13 @@ __device__ __forceinline__ void remote_tile_store(const Params& p, const Ctx& c,
   else st_v4(put_stage_row(p, c, row) + byte, v);
 }
 
-// Whole block, after every remote_tile_store: one put per staged row, a warp per row.
+// Group G, after its remote_tile_stores: one put per staged row.
+template <class G>
 __device__ __forceinline__ void remote_tile_end(const Params& p, const Ctx& c, const i32* ranks, const u64* offs,
                                                 const bool* valid, u32 bytes) {
-  __syncthreads();   // the staging rows are written; the fence makes them visible to a NIC too
+  G::sync();   // the staging rows are written; the fence makes them visible to a NIC too
   fence_acq_rel_sys();
-  for (int row = threadIdx.x; row < kBlockM; row += kThreads) {
+  for (int row = G::rank(); row < kBlockM; row += G::kSize) {
     if (!valid[row] || via_pointer(p, ranks[row])) continue;
     const int rank = ranks[row];
     nvshmem_putmem_nbi(symmetric_slice(p, rank) + offs[row], put_stage_row(p, c, row), bytes, rank_pe(p, rank));

@@ -55,14 +55,16 @@ __device__ __noinline__ void record_error(const Params& p, int local, u32 tag, u
 
 // How long a wait may take. A wait whose signal comes only after other waits of the launch end
 // gets more time than they do: GEMM1 waits for GEMM0, which waits for a source's rows; a combine
-// waits for results that wait for GEMM1. All of them start within moments of each other, so with
+// waits for results that wait for GEMM1; the wgmma consumers wait for the producer's next job,
+// which may wait for any of those. All of them start within moments of each other, so with
 // equal bounds chance decides which expires first; with these, when a rank stalls, the wait on
 // its missing signal expires first and the error names that rank, not a wait downstream of it.
 __device__ __forceinline__ u64 patience_ns(const Params& p, u32 what) {
   switch (what) {
     case kWaitTileDone:
     case kWaitSelectDone: return 2 * p.timeout_ns;
-    case kWaitDoneFlag: return 3 * p.timeout_ns;
+    case kWaitDoneFlag:
+    case kWaitJobReady: return 3 * p.timeout_ns;   // the next job may wait for GEMM0 or a selection
     default: return p.timeout_ns;   // a peer's counts or rows, a barrier, the GEMM pipeline
   }
 }
@@ -105,20 +107,20 @@ __device__ bool wait_reached(const Params& p, const Ctx& c, const u32* flag, u32
   });
 }
 
-// Whole-block versions: thread 0 waits, the block learns the outcome through shared memory.
-// `scratch` is a block-wide shared word.
-template <bool kSys>
+// Group versions (device/common/group.cuh; the whole block by default): the group's first thread
+// waits, the others learn the outcome through `scratch`, a shared word of the group's.
+template <bool kSys, class G = Block>
 __device__ __forceinline__ bool block_wait(const Params& p, const Ctx& c, const u32* flag, u32 target,
                                            WaitSite site, volatile u32* scratch) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  G::sync();
+  if (G::rank() == 0) {
     const bool ok = wait_reached<kSys>(p, c, flag, target, site);
     // System-scope flags are written by rank site.index; its transport may need a step before
     // its data is visible (NVSHMEM over a NIC).
     if (kSys && ok) remote_acquired(p, site.index, flag);
     *scratch = ok ? 1u : 0u;
   }
-  __syncthreads();
+  G::sync();
   return *scratch != 0;
 }
 

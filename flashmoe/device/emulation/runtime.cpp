@@ -167,11 +167,12 @@ std::string deadlock_report() {
   int shown = 0;
   for (Launch* l : G->active) {
     for (int b = 0; b < l->grid; ++b) {
-      std::vector<int> barrier, warp, done;
+      std::vector<int> barrier, named, warp, done;
       std::string ops;
       for (int t = 0; t < l->block; ++t) {
         const Fiber& f = l->fibers[(size_t)b * l->block + t];
         if (f.state == State::kBarrier) barrier.push_back(t);
+        else if (f.state == State::kNamedBarrier) named.push_back(t);
         else if (f.state == State::kDone) done.push_back(t);
         else if (f.state == State::kWarp) {
           warp.push_back(t);
@@ -183,6 +184,7 @@ std::string deadlock_report() {
       if (++shown > 16) return msg + "\n  ...";
       msg += "\n  " + launch_name(*l) + "block " + std::to_string(b) + ":";
       if (!barrier.empty()) msg += " threads " + ranges(barrier) + " wait at __syncthreads;";
+      if (!named.empty()) msg += " threads " + ranges(named) + " wait at a named barrier;";
       if (!warp.empty()) msg += " threads " + ranges(warp) + " wait in a warp collective (" + ops + ");";
       if (!done.empty()) msg += " threads " + ranges(done) + " have exited;";
     }
@@ -370,6 +372,30 @@ void block_barrier() {
   b.arrived = 0;
   for (Fiber* w : b.waiters) make_ready(w);
   b.waiters.clear();
+}
+
+// Named barrier `id` of this block over `threads` threads; returns the OR of every arrival's pred
+// (bar.red.or). A waiter reads the result when it resumes: the next generation cannot complete
+// before it has arrived again.
+int named_barrier(u32 id, u32 threads, int pred) {
+  Fiber* f = G->running;
+  if (id == 0 || id > 15 || threads == 0 || threads % 32 || threads > (u32)f->launch->block)
+    fatal("bar.sync %u, %u: bad barrier id or thread count", id, threads);
+  NamedBarrier& b = f->launch->blocks[f->view.block.x].named[id];
+  if (b.arrived && b.threads != threads) fatal("bar.sync %u: thread counts %u and %u differ", id, b.threads, threads);
+  b.threads = threads;
+  b.reduced |= pred ? 1 : 0;
+  if (++b.arrived < threads) {
+    b.waiters.push_back(f);
+    park(f, State::kNamedBarrier);
+    return b.result;
+  }
+  b.result = b.reduced;
+  b.reduced = 0;
+  b.arrived = 0;
+  for (Fiber* w : b.waiters) make_ready(w);
+  b.waiters.clear();
+  return b.result;
 }
 
 }  // namespace flashmoe::emu

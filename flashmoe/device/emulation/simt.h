@@ -69,6 +69,7 @@ void yield();                                  // let every other runnable fiber
 void sleep_for(u32 ns);                        // park until the virtual clock has advanced by ns
 u64 now_ns();                                  // the virtual clock
 void block_barrier();                          // __syncthreads
+int named_barrier(u32 id, u32 threads, int pred); // bar.red.or id, threads (bar.sync: pred ignored)
 [[noreturn]] void fatal(const char* fmt, ...); // end the launch with this message
 enum WarpOp : int { kOpShfl, kOpBallot, kOpLdmatrix, kOpMmaBf16, kOpMmaF16, kOpMmaTf32 };
 // One warp-wide exchange: this lane deposits `in` (n words); once all 32 lanes have, the last one

@@ -22,7 +22,8 @@
 //   + c) as a double-precision dot product, rounded once into the fp32 accumulator; .tf32 inputs
 //   drop their low 13 mantissa bits, as the PTX ISA says the hardware does.
 // - wgmma.fence / commit_group / wait_group are warp-synchronous (.sync.aligned): a warp barrier.
-// - Fences are yield points; named barriers park until `threads` threads have arrived.
+// - Fences are yield points; named barriers (runtime.cpp) park until `threads` threads of the block
+//   have arrived, and a deadlock among them is reported like one at __syncthreads.
 #pragma once
 
 #include <map>
@@ -34,10 +35,6 @@ namespace flashmoe {
 inline u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
 
 namespace emu {
-
-// A named barrier that has not completed after this much virtual time is a protocol error (a
-// deadlock the fiber scheduler cannot see, since the waiter keeps sleeping and waking).
-constexpr u64 kNamedBarrierLimitNs = 2'000'000'000ull;
 
 struct Mbarrier {
   u64 pending : 20, expected : 20, phase : 1, valid : 1;
@@ -105,9 +102,10 @@ struct WgmmaQueue {
   std::vector<WgmmaOp> open;
   std::vector<std::vector<WgmmaOp>> groups;
 };
+// Keyed by the fiber (its view), not by (block, thread): the launches of a world share this map.
 inline WgmmaQueue& wgmma_queue() {
-  static std::map<u64, WgmmaQueue> queues;   // one OS thread runs every fiber
-  return queues[(static_cast<u64>(blockIdx.x) << 32) | threadIdx.x];
+  static std::map<const FiberView*, WgmmaQueue> queues;   // one OS thread runs every fiber
+  return queues[current];
 }
 
 inline float wgmma_element(const u8* p) {
@@ -183,25 +181,14 @@ inline bool mbar_try_wait(u64* bar, u32 parity) {
 
 // ---- proxies and barriers --------------------------------------------------------------------
 inline void fence_proxy_async_smem() { emu::yield(); }
-inline void named_barrier_sync(u32 id, u32 threads) {
-  struct State { u32 arrived = 0, threads = 0; u64 generation = 0; };
-  static std::map<std::pair<u32, u32>, State> barriers;
-  if (id == 0 || id > 15 || threads % 32) emu::fatal("bar.sync %u, %u: bad barrier or thread count", id, threads);
-  State& b = barriers[{blockIdx.x, id}];
-  if (b.arrived && b.threads != threads) emu::fatal("bar.sync %u: thread counts %u and %u differ", id, b.threads, threads);
-  b.threads = threads;
-  const u64 generation = b.generation;
-  if (++b.arrived == threads) {
-    b.arrived = 0;
-    ++b.generation;
-    return;
-  }
-  const u64 start = emu::now_ns();
-  while (b.generation == generation) {
-    if (emu::now_ns() - start > emu::kNamedBarrierLimitNs) emu::fatal("bar.sync %u never completes", id);
-    emu::sleep_for(64);
-  }
-}
+inline void named_barrier_sync(u32 id, u32 threads) { emu::named_barrier(id, threads, 0); }
+inline bool named_barrier_or(u32 id, u32 threads, bool pred) { return emu::named_barrier(id, threads, pred) != 0; }
+
+// Register budgets do not exist on the CPU; the limits are checked at compile time.
+template <u32 kRegs>
+inline void setmaxnreg_inc() { static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg"); }
+template <u32 kRegs>
+inline void setmaxnreg_dec() { static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg"); }
 
 // ---- bulk tensor copy (TMA) --------------------------------------------------------------------
 inline void prefetch_tensor_map(const void* map) { emu::tensor_map(map); }

@@ -77,7 +77,7 @@ struct Words {
 
 inline void to_memory(uintptr_t a, u32 v) { *reinterpret_cast<volatile u32*>(a) = v; }
 
-enum class State : u8 { kReady, kRunning, kBarrier, kWarp, kSleep, kDone };
+enum class State : u8 { kReady, kRunning, kBarrier, kNamedBarrier, kWarp, kSleep, kDone };
 
 struct AsyncCopy {
   void* dst;
@@ -103,10 +103,18 @@ struct WarpState {
   Fiber* waiters[32];   // the lanes parked until the last one arrives
 };
 
+// A named barrier (bar.sync / bar.red id, threads) of one block: ids 1..15.
+struct NamedBarrier {
+  u32 arrived = 0, threads = 0;
+  int reduced = 0, result = 0;              // bar.red.or: the generation being gathered, the last one
+  std::vector<Fiber*> waiters;
+};
+
 struct BlockState {
   int arrived = 0;
   std::vector<Fiber*> waiters;
   int reduced = 0;                          // __syncthreads_or's value
+  NamedBarrier named[16];
   Words stores;                             // weak memory: stores no other block sees yet
   std::unordered_map<uintptr_t, u32> l1;    // weak memory: what plain loads cached
 };

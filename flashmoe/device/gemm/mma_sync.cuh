@@ -34,6 +34,8 @@ struct MmaSyncTile {
   static_assert(kWarpsM * kWarpsN == kWarps, "warps must tile the block");
   static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tiles are whole m16 x (2 n8) fragments");
   static_assert(BM * kStagePitch <= kPipeBytes, "the epilogue tile reuses the pipeline's shared memory");
+  // The epilogue tile reuses the pipeline's shared memory (the block finished the main loop).
+  __device__ __forceinline__ static u8* staging(u8* pipe) { return pipe; }
 
   float acc[NB][kMI][kNI][4];
 

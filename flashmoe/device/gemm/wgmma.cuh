@@ -15,8 +15,10 @@
 //     the whole BN (gate and up side by side, so d[b * BN/NB/2 + i] is operand b's fragment),
 //     commits, and once the previous stage's wgmmas are done (wait_group 1) releases that stage
 //     on its "empty" barrier (one arrive per consumer warp).
-// The barriers are initialised at the start of every mainloop and invalidated at its end (the
-// memory is reused by the epilogue and the route/dispatch phases), so each tile starts at phase 0.
+// The pipeline is persistent: its barriers are initialised once for the task loop (or once for a
+// lone tile, mainloop()), and producer and consumers each count the stages they have gone through
+// (`fill`, `used`), so the producer fills the next tile's stages while the consumers finish the
+// current one and its epilogue, which has its own staging tile after the barriers.
 // Every mbarrier wait is bounded (pipe_wait below, device/common/wait.cuh): a stage that never
 // fills (a TMA box smaller than expect_tx, a copy that faulted) or is never released becomes an
 // error record naming the stage and k-tile, and the tile reports failure instead of hanging.
@@ -27,7 +29,8 @@
 // Swizzle<3,4,3> over ((8,m),(T,2k)):((8T,SBO),(1,T)), SBO = 1024 B) and the TMA 128B swizzle
 // ("Tensors: Swizzling Modes"), provided every tile starts on a 1024-byte boundary: stages are
 // (BM + BN) x 128 bytes from the 1024-byte aligned dynamic shared memory base. The barriers follow
-// the stages (kBarrierBytes; flashmoe/host/spec.py WGMMA_BARRIER_BYTES).
+// the stages (kBarrierBytes; flashmoe/host/spec.py WGMMA_BARRIER_BYTES), then the epilogue's
+// staging tile (kStagingBytes).
 //
 // Memory ordering (PTX ISA "Proxies", "Async Proxy"): cp.async writes are generic-proxy writes and
 // wgmma reads through the async proxy, so a consumer thread executes fence.proxy.async after its
@@ -43,6 +46,7 @@
 
 #include "flashmoe/device/common/spec.cuh"
 #include "flashmoe/device/common/ptx_sm90.cuh"
+#include "flashmoe/device/common/group.cuh"
 #include "flashmoe/device/common/wait.cuh"
 
 namespace flashmoe {
@@ -72,12 +76,13 @@ struct WgmmaTile {
   static constexpr int kMTiles = kWGRows / 64;             // m64 slabs per consumer
   static constexpr int kAcc = BN / 2;                      // fp32 accumulators per thread per slab
   static constexpr int kStageBytes = (BM + BN) * kStageKBytes;
-  static constexpr int kBarrierBytes = 128;                // 2 x kStages mbarriers of 8 bytes
-  static constexpr int kPipeBytes = kStages * kStageBytes + kBarrierBytes;
+  static constexpr int kBarrierBytes = 256;                // Barriers below
   // Epilogue staging tile: BM rows of BN / nb elements, padded by 16 bytes against bank conflicts.
   template <int kNB>
   static constexpr int stage_pitch() { return BN / kNB * kElemBytes + 16; }
-  static constexpr int kStagePitch = stage_pitch<NB>();
+  static constexpr int kStagingOffset = kStages * kStageBytes + kBarrierBytes;
+  static constexpr int kStagingBytes = BM * stage_pitch<1>();   // the widest: GEMM1's BM x BN
+  static constexpr int kPipeBytes = kStagingOffset + kStagingBytes;
   static constexpr int kBlockK = kStageKBytes / kElemBytes;  // K elements per stage (TMA box dim 0)
   static constexpr int kKSteps = kStageKBytes / 32;          // wgmma k-steps per stage
   static constexpr int kRowStep = kProducerThreads / 8;      // rows one producer pass covers
@@ -90,18 +95,58 @@ struct WgmmaTile {
   static_assert(BM % kRowStep == 0 && BN % kRowStep == 0, "producer passes cover whole tiles");
   static_assert(kRowStep % 8 == 0, "a producer thread keeps its row's swizzle phase (row % 8) across passes");
   static_assert(BM % 8 == 0 && kStageBytes % kPipeAlign == 0, "A and B tiles start on 1024-byte boundaries");
-  static_assert(2 * kStages * 8 <= kBarrierBytes, "the stage barriers fit their area");
-  static_assert(BM * stage_pitch<1>() <= kStages * kStageBytes, "the epilogue tile reuses the stages, not the barriers");
+
+  // A full and an empty barrier per stage; a ready and a free barrier per slot of the task loop's
+  // double-buffered tile tables (device/roles/tasks.cuh).
+  struct Barriers {
+    u64 full[kStages];    // the producers' cp.async arrives + thread 0's expect_tx
+    u64 empty[kStages];   // one arrive per consumer warp
+    u64 ready[2];         // the producer's thread 0: the slot's tables and job are written
+    u64 free[2];          // one arrive per consumer warp: the slot's job is finished
+  };
+  static_assert(sizeof(Barriers) <= kBarrierBytes, "the barriers fit their area");
+
+  __device__ __forceinline__ static Barriers& barriers(u8* pipe) {
+    return *reinterpret_cast<Barriers*>(pipe + kStages * kStageBytes);
+  }
+  __device__ __forceinline__ static u8* staging(u8* pipe) { return pipe + kStagingOffset; }
+
+  // Before the pipeline's first use: every thread fences (the generic accesses of earlier phases to
+  // this memory -> the TMA writes to come), thread 0 initialises; the caller synchronises the block.
+  __device__ __forceinline__ static void init_barriers(u8* pipe) {
+    fence_proxy_async_smem();
+    if (threadIdx.x != 0) return;
+    Barriers& b = barriers(pipe);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&b.full[s], kProducerThreads + 1);
+      mbar_init(&b.empty[s], kConsumerThreads / 32);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      mbar_init(&b.ready[j], 1);
+      mbar_init(&b.free[j], kConsumerThreads / 32);
+    }
+    fence_mbar_init();
+  }
+  // After the last use (the block synchronised: nothing in flight); the memory is reused.
+  __device__ __forceinline__ static void inval_barriers(u8* pipe) {
+    if (threadIdx.x != 0) return;
+    u64* b = reinterpret_cast<u64*>(&barriers(pipe));
+    for (int i = 0; i < static_cast<int>(sizeof(Barriers) / 8); ++i) mbar_inval(b + i);
+  }
 
   float acc[kMTiles][kAcc];
 
   // ---- producer warpgroup ---------------------------------------------------------------------
 
+  // One tile's ktiles stages, after the `fill` the pipeline has had so far (the caller adds ktiles).
   // False: a wait for a stage to be released failed (recorded); the producer stops filling.
-  __device__ __forceinline__ static bool produce(u8* pipe, u64* full, u64* empty, const u8* const* a_rows,
-                                                 const u8* const* b_rows, u32 k_bytes, const void* dummy,
-                                                 const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
-                                                 int ktiles, const Params& p, const Ctx& c, u32 role) {
+  __device__ __forceinline__ static bool produce(u8* pipe, const u8* const* a_rows, const u8* const* b_rows,
+                                                 u32 k_bytes, const void* dummy, const TensorMap* b_map, int b_row0,
+                                                 int b_expert, int b_ops, int ktiles, u32 fill, const Params& p,
+                                                 const Ctx& c, u32 role) {
+    Barriers& bar = barriers(pipe);
     const int t = threadIdx.x;                   // 0 .. 127
     const int chunk = t & 7, row = t >> 3;       // this thread copies chunk `chunk` of rows row + i * kRowStep
     const u32 dst = row * kStageKBytes + ((chunk ^ (row & 7)) << 4);
@@ -109,10 +154,10 @@ struct WgmmaTile {
     const int box_rows = b_ops == 2 ? BN / 2 : BN;   // rows of each operand's TMA box
     if (t == 0 && tma) prefetch_tensor_map(b_map);
     for (int kt = 0; kt < ktiles; ++kt) {
-      const int s = kt % kStages;
-      // Fill j = kt / kStages of stage s needs phase j - 1 of its "empty" barrier complete.
-      if (kt >= kStages && !pipe_wait(&empty[s], ((kt / kStages) + 1) & 1, p, c,
-                                      WaitSite{role, kWaitPipeEmpty, (u32)s}, kt / kStages - 1, kt)) {
+      const u32 n = fill + kt, s = n % kStages, round = n / kStages;
+      // Fill `round` of stage s needs phase round - 1 of its "empty" barrier complete.
+      if (round > 0 && !pipe_wait(&bar.empty[s], (round + 1) & 1, p, c, WaitSite{role, kWaitPipeEmpty, s}, round - 1,
+                                  kt)) {
         cp_async_commit();   // nothing of this block's may still be landing when it leaves
         cp_async_wait<0>();
         return false;
@@ -120,12 +165,12 @@ struct WgmmaTile {
       u8* stage = pipe + s * kStageBytes;
       if (t == 0) {
         if (tma) {
-          mbar_arrive_expect_tx(&full[s], kBBytes);
+          mbar_arrive_expect_tx(&bar.full[s], kBBytes);
           for (int op = 0; op < b_ops; ++op)
-            tma_load_4d(stage + (BM + op * box_rows) * kStageKBytes, b_map, &full[s], kt * kBlockK, b_row0, op,
+            tma_load_4d(stage + (BM + op * box_rows) * kStageKBytes, b_map, &bar.full[s], kt * kBlockK, b_row0, op,
                         b_expert);
         } else {
-          mbar_arrive(&full[s]);
+          mbar_arrive(&bar.full[s]);
         }
       }
       const u32 kbyte = kt * kStageKBytes + chunk * 16;
@@ -146,7 +191,7 @@ struct WgmmaTile {
           cp_async_16(stage + (BM + i * kRowStep) * kStageKBytes + dst, valid ? src + kbyte : dummy, valid);
         }
       }
-      cp_async_mbar_arrive_noinc(&full[s]);
+      cp_async_mbar_arrive_noinc(&bar.full[s]);
     }
     return true;
   }
@@ -179,12 +224,13 @@ struct WgmmaTile {
     }
   }
 
-  // False: a wait for a stage's data failed (recorded). The consumers then run the remaining
-  // k-tiles without waiting, on whatever the stages hold: wgmma and the named barrier are
-  // collective over the warpgroup / all consumers, so no thread may leave them early. The
-  // tile's result is discarded.
-  __device__ __forceinline__ bool consume(u8* pipe, u64* full, u64* empty, int ktiles, const Params& p, const Ctx& c,
-                                          u32 role) {
+  // One tile's ktiles stages into acc, after the `used` stages the consumers went through so far
+  // (the caller adds ktiles); every stage is released once its wgmmas are done. False: a wait for
+  // a stage's data failed (recorded). The consumers then run the remaining k-tiles without
+  // waiting, on whatever the stages hold: wgmma and the named barrier are collective over the
+  // warpgroup / all consumers, so no thread may leave them early. The tile's result is discarded.
+  __device__ __forceinline__ bool consume(u8* pipe, int ktiles, u32 used, const Params& p, const Ctx& c, u32 role) {
+    Barriers& bar = barriers(pipe);
     const int ct = threadIdx.x - kProducerThreads;   // 0 .. kConsumerThreads - 1
     const int wg = ct >> 7;
     const u32 pipe_addr = smem_addr(pipe);
@@ -197,12 +243,12 @@ struct WgmmaTile {
       }
     bool ok = true;
     for (int kt = 0; kt < ktiles; ++kt) {
-      const int s = kt % kStages;
-      ok = ok && pipe_wait(&full[s], (kt / kStages) & 1, p, c, WaitSite{role, kWaitPipeFull, (u32)s}, kt / kStages, kt);
+      const u32 n = used + kt, s = n % kStages, round = n / kStages;
+      ok = ok && pipe_wait(&bar.full[s], round & 1, p, c, WaitSite{role, kWaitPipeFull, s}, round, kt);
       if constexpr (kFp32) {
         round_stage_tf32(pipe + s * kStageBytes, ct);
         fence_proxy_async_smem();                     // these generic writes -> the wgmma reads
-        named_barrier_sync(1, kConsumerThreads);      // every consumer's part of the stage is rounded
+        Consumers::sync();                            // every consumer's part of the stage is rounded
       } else {
         fence_proxy_async_smem();                     // the producers' cp.async writes -> wgmma reads
       }
@@ -216,10 +262,11 @@ struct WgmmaTile {
           issue_n<0>(acc[mt], wgmma_desc_sw128(a_addr + mt * 64 * kStageKBytes + ks * 32), b_addr + ks * 32);
       }
       wgmma_commit();
-      wgmma_wait<1>();                                // stage kt - 1's wgmmas have completed
-      if (kt > 0 && (ct & 31) == 0) mbar_arrive(&empty[(kt - 1) % kStages]);
+      wgmma_wait<1>();                                // stage n - 1's wgmmas have completed
+      if (kt > 0 && (ct & 31) == 0) mbar_arrive(&bar.empty[(n - 1) % kStages]);
     }
     wgmma_wait<0>();
+    if (ktiles > 0 && (ct & 31) == 0) mbar_arrive(&bar.empty[(used + ktiles - 1) % kStages]);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -227,54 +274,43 @@ struct WgmmaTile {
     return ok;
   }
 
-  // acc = A . B^T over k_bytes of K. Row tables live in shared memory; the caller synchronised
-  // after writing them. b_map: the weight tensor map whose box (K, b_row0 .., op, b_expert) of
-  // BN / b_ops rows is B operand op (b_ops: 1 or 2), or nullptr to read B through b_rows. The
-  // pipeline's waits report as task `role` of block context c. Ends with the block synchronised;
-  // false (in every thread) when a wait failed: acc is then garbage and the error is recorded.
-  // The caller has checked that `pipe` starts on a kPipeAlign boundary (pipe_aligned()).
+  __device__ __forceinline__ static int ktiles_of(u32 k_bytes) {
+    return static_cast<int>((k_bytes + kStageKBytes - 1) / kStageKBytes);
+  }
+
+  // One lone tile (the component probes), its pipeline set up and taken down around it: acc =
+  // A . B^T over k_bytes of K. Row tables live in shared memory; the caller synchronised after
+  // writing them. b_map: the weight tensor map whose box (K, b_row0 .., op, b_expert) of BN / b_ops
+  // rows is B operand op (b_ops: 1 or 2), or nullptr to read B through b_rows. The pipeline's
+  // waits report as task `role` of block context c. Ends with the block synchronised; false (in
+  // every thread) when a wait failed: acc is then garbage and the error is recorded. The caller
+  // has checked that `pipe` starts on a kPipeAlign boundary (pipe_aligned()).
   __device__ bool mainloop(u8* pipe, const u8* const* a_rows, const u8* const* b_rows, u32 k_bytes,
                            const void* dummy, const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
                            const Params& p, const Ctx& c, u32 role) {
-    u64* full = reinterpret_cast<u64*>(pipe + kStages * kStageBytes);
-    u64* empty = full + kStages;
-    const int ktiles = static_cast<int>((k_bytes + kStageKBytes - 1) / kStageKBytes);
-    fence_proxy_async_smem();   // earlier generic accesses of this memory -> this tile's TMA writes
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int s = 0; s < kStages; ++s) {
-        mbar_init(&full[s], kProducerThreads + 1);     // every producer's cp.async arrive + expect_tx
-        mbar_init(&empty[s], kConsumerThreads / 32);   // one arrive per consumer warp
-      }
-      fence_mbar_init();
-    }
+    init_barriers(pipe);
     __syncthreads();
+    const int ktiles = ktiles_of(k_bytes);
     const bool ok = threadIdx.x < kProducerThreads
-        ? produce(pipe, full, empty, a_rows, b_rows, k_bytes, dummy, b_map, b_row0, b_expert, b_ops, ktiles, p, c, role)
-        : consume(pipe, full, empty, ktiles, p, c, role);
+        ? produce(pipe, a_rows, b_rows, k_bytes, dummy, b_map, b_row0, b_expert, b_ops, ktiles, 0, p, c, role)
+        : consume(pipe, ktiles, 0, p, c, role);
     // Every stage consumed (or abandoned): no copy or wgmma of this tile is in flight.
     const bool failed = __syncthreads_or(!ok);
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int s = 0; s < kStages; ++s) {
-        mbar_inval(&full[s]);
-        mbar_inval(&empty[s]);
-      }
-    }
+    inval_barriers(pipe);
     return !failed;
   }
 
-  // Writes f(v) (v: the kNB accumulators of one output element) into the staging tile in shared
-  // memory as elem_t. Call after mainloop(); synchronise before store_rows(). Only the consumer
-  // warpgroups hold accumulators.
+  // Writes f(v) (v: the kNB accumulators of one output element) into the staging tile `out`
+  // (staging()) as elem_t. Call after the tile's stages are consumed; synchronise before
+  // store_rows(). Only the consumer warpgroups hold accumulators.
   template <int kNB = NB, class F>
-  __device__ __forceinline__ void stage_output(u8* pipe, F f) const {
+  __device__ __forceinline__ void stage_output(u8* out, F f) const {
     constexpr int kCols = BN / kNB, kPitch = stage_pitch<kNB>();
     const int wg = static_cast<int>(threadIdx.x >> 7) - 1;
     if (wg < 0) return;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     // This thread's first element; every other one is a compile-time offset from it.
-    u8* base = pipe + (wg * kWGRows + warp * 16 + (lane >> 2)) * kPitch + (lane & 3) * 2 * kElemBytes;
+    u8* base = out + (wg * kWGRows + warp * 16 + (lane >> 2)) * kPitch + (lane & 3) * 2 * kElemBytes;
     struct alignas(2 * kElemBytes) Pair { elem_t e[2]; };   // the two adjacent columns c = 0, 1
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -296,16 +332,16 @@ struct WgmmaTile {
     }
   }
 
-  // Copies the staged tile out, 16 bytes at a time: store(row, byte offset in the row's column
-  // range, value) for every row with rows_valid[row] and every 16-byte chunk below valid_cols.
-  template <int kNB = NB, class Store>
-  __device__ __forceinline__ static void store_rows(const u8* pipe, const bool* rows_valid, int valid_cols,
+  // Group G copies the staged tile out, 16 bytes at a time: store(row, byte offset in the row's
+  // column range, value) for every row with rows_valid[row] and every 16-byte chunk below valid_cols.
+  template <int kNB = NB, class G = Block, class Store>
+  __device__ __forceinline__ static void store_rows(const u8* staged, const bool* rows_valid, int valid_cols,
                                                     Store store) {
     constexpr int kChunksPerRow = BN / kNB * kElemBytes / 16, kPitch = stage_pitch<kNB>();
-    for (int idx = threadIdx.x; idx < BM * kChunksPerRow; idx += kThreads) {
+    for (int idx = G::rank(); idx < BM * kChunksPerRow; idx += G::kSize) {
       const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
       if (!rows_valid[row] || chunk * kVecElems >= valid_cols) continue;
-      store(row, chunk * 16, *reinterpret_cast<const uint4*>(pipe + row * kPitch + chunk * 16));
+      store(row, chunk * 16, *reinterpret_cast<const uint4*>(staged + row * kPitch + chunk * 16));
     }
   }
 };

@@ -48,20 +48,33 @@ struct WeightTile {
   i32 expert;      // the expert's index in the weight tensor
 };
 
-// Per-tile row tables, after the pipeline (flashmoe/host/plan.py gemm_tables_bytes()).
+// What a prepared tile runs: which GEMM over which K, how many output columns are real, and (for
+// GEMM0) the row tile whose done-counter it bumps.
+constexpr i32 kJobEnd = 2;
+struct TileJob {
+  i32 gemm;        // 0 or 1; kJobEnd: no task is left; -1: no tile (a capacity selection ran)
+  i32 k;           // K elements
+  i32 valid_cols;  // output columns this tile writes
+  i32 row_tile;    // tile_done index (GEMM0)
+  u32 trace_task, trace_extra;
+};
+
+// Per-tile row tables, after the pipeline (flashmoe/host/plan.py gemm_tables_bytes()); the wgmma
+// task loop keeps two (tasks.cuh), the producer writing one while the consumers read the other.
 struct TileTables {
   const u8* a[kBlockM];     // A row starts (nullptr: zeros)
   const u8* b[kBlockN];     // B row starts (nullptr: zeros)
   WeightTile wt;            // the same B rows as a tensor-map box
+  TileJob job;
   u64 out_off[kBlockM];     // where the row's output starts in rank out_rank's heap slice
   i32 out_rank[kBlockM];
   bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
 };
-static_assert(sizeof(TileTables) <= ((kBlockM + kBlockN) * 8 + 16 + kBlockM * 13 + 15) / 16 * 16,
+static_assert(sizeof(TileTables) <= ((kBlockM + kBlockN) * 8 + 16 + 24 + kBlockM * 13 + 15) / 16 * 16,
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
-__device__ __forceinline__ TileTables& tile_tables(const Ctx& c) {
-  return *reinterpret_cast<TileTables*>(c.smem + Gemm0::kPipeBytes);
+__device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {
+  return reinterpret_cast<TileTables*>(c.smem + Gemm0::kPipeBytes)[slot];
 }
 
 // Local expert e of `rank` as an index into the weight tensors (which start at weights_first_expert).
@@ -81,22 +94,24 @@ __device__ __forceinline__ const TensorMap* weight_map(const Params& p, int whic
 // B rows of a GEMM0 tile: columns [col0, col0 + kGemm0Cols) of an intermediate of width `inter`;
 // gated weights hold the gate rows then the up rows, each row K = H long. As a box of the 4-D map
 // (H, inter, kNumB, experts): (0.., col0.., op, expert), rows past `inter` zero-filled by TMA.
+template <class G>
 __device__ __forceinline__ void gemm0_b_rows(TileTables& tt, const elem_t* w, int inter, int col0, int H,
                                              const TensorMap* map, int expert) {
-  for (int r = threadIdx.x; r < kBlockN; r += kThreads) {
+  for (int r = G::rank(); r < kBlockN; r += G::kSize) {
     const int op = r / kGemm0Cols, col = col0 + r % kGemm0Cols;
     tt.b[r] = col < inter ? reinterpret_cast<const u8*>(w + (u64)(op * inter + col) * H) : nullptr;
   }
-  if (threadIdx.x == 0) tt.wt = WeightTile{map, col0, expert};
+  if (G::rank() == 0) tt.wt = WeightTile{map, col0, expert};
 }
 
 // B rows of a GEMM1 tile: output columns [row0, row0 + kBlockN) of H; down has rows of K = inter.
 // As a box of the 4-D map (inter, H, 1, experts): (0.., row0.., 0, expert).
+template <class G>
 __device__ __forceinline__ void gemm1_b_rows(TileTables& tt, const elem_t* w, int H, int row0, int inter,
                                              const TensorMap* map, int expert) {
-  for (int r = threadIdx.x; r < kBlockN; r += kThreads)
+  for (int r = G::rank(); r < kBlockN; r += G::kSize)
     tt.b[r] = row0 + r < H ? reinterpret_cast<const u8*>(w + (u64)(row0 + r) * inter) : nullptr;
-  if (threadIdx.x == 0) tt.wt = WeightTile{map, row0, expert};
+  if (G::rank() == 0) tt.wt = WeightTile{map, row0, expert};
 }
 
 // act(gate) * up (or act) of one GEMM0 output element, for activation code kAct (spec.cuh activate()).
@@ -107,69 +122,107 @@ struct GatedActivation {
   }
 };
 
-// stage_output / store_rows of engine G for an epilogue of kNB operands: the wgmma engine serves
-// both GEMMs with one object and takes kNB explicitly; mma_sync has one type per GEMM.
-template <int kNB, class G, class F>
-__device__ __forceinline__ void stage_tile(const G& g, u8* smem, F f) {
+// stage_output / store_rows of engine E for an epilogue of kNB operands, stored by thread group
+// G: the wgmma engine serves both GEMMs with one object and takes kNB explicitly; mma_sync has one
+// type per GEMM and stores with the whole block.
+template <int kNB, class E, class F>
+__device__ __forceinline__ void stage_tile(const E& g, u8* out, F f) {
 #if FLASHMOE_GEMM_WGMMA
-  g.template stage_output<kNB>(smem, f);
+  g.template stage_output<kNB>(out, f);
 #else
-  g.stage_output(smem, f);
+  g.stage_output(out, f);
 #endif
 }
-template <int kNB, class G, class Store>
-__device__ __forceinline__ void store_tile(const u8* smem, const bool* rows_valid, int valid_cols, Store store) {
+template <int kNB, class E, class G, class Store>
+__device__ __forceinline__ void store_tile(const u8* staged, const bool* rows_valid, int valid_cols, Store store) {
 #if FLASHMOE_GEMM_WGMMA
-  G::template store_rows<kNB>(smem, rows_valid, valid_cols, store);
+  E::template store_rows<kNB, G>(staged, rows_valid, valid_cols, store);
 #else
-  G::store_rows(smem, rows_valid, valid_cols, store);
+  static_assert(G::kSize == kThreads, "the mma_sync engine stores with the whole block");
+  E::store_rows(staged, rows_valid, valid_cols, store);
 #endif
 }
 
-// GEMM0's epilogue: act(gate) * up (or act) into the staging tile, then into this rank's slice.
-// One staging pass per activation: a run-time switch inside the per-element function is inlined
-// into every element, and that code (all cases, interleaved) costs as many registers as the tile.
-template <class G>
-__device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const G& g,
+// GEMM0's epilogue (thread group G, every thread holding accumulators among them): act(gate) * up
+// (or act) into the staging tile, then into this rank's slice. One staging pass per activation: a
+// run-time switch inside the per-element function is inlined into every element, and that code
+// (all cases, interleaved) costs as many registers as the tile.
+template <class G, class E>
+__device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
+  u8* staged = E::staging(c.smem);
   switch (p.activation) {
-    case 0: stage_tile<kNumB>(g, c.smem, GatedActivation<0>{}); break;
-    case 1: stage_tile<kNumB>(g, c.smem, GatedActivation<1>{}); break;
-    case 2: stage_tile<kNumB>(g, c.smem, GatedActivation<2>{}); break;
-    default: stage_tile<kNumB>(g, c.smem, GatedActivation<3>{}); break;
+    case 0: stage_tile<kNumB>(g, staged, GatedActivation<0>{}); break;
+    case 1: stage_tile<kNumB>(g, staged, GatedActivation<1>{}); break;
+    case 2: stage_tile<kNumB>(g, staged, GatedActivation<2>{}); break;
+    default: stage_tile<kNumB>(g, staged, GatedActivation<3>{}); break;
   }
-  __syncthreads();
-  store_tile<kNumB, G>(c.smem, tt.valid, valid_cols,
-                       [&](int row, int byte, uint4 v) { st_v4(c.slice + tt.out_off[row] + byte, v); });
+  G::sync();
+  store_tile<kNumB, E, G>(staged, tt.valid, valid_cols,
+                          [&](int row, int byte, uint4 v) { st_v4(c.slice + tt.out_off[row] + byte, v); });
 }
 
 // GEMM1's epilogue: each row into its owner's slice.
-template <class G>
-__device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, TileTables& tt, const G& g,
+template <class G, class E>
+__device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
-  stage_tile<1>(g, c.smem, [](const float* v) { return v[0]; });
-  remote_tile_begin(p, c);
-  __syncthreads();
-  store_tile<1, G>(c.smem, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
+  u8* staged = E::staging(c.smem);
+  stage_tile<1>(g, staged, [](const float* v) { return v[0]; });
+  remote_tile_begin<G>(p, c);
+  G::sync();
+  store_tile<1, E, G>(staged, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
     remote_tile_store(p, c, tt.out_rank[row], tt.out_off[row], row, byte, v);
   });
-  remote_tile_end(p, c, tt.out_rank, tt.out_off, tt.valid, (u32)min(valid_cols, kBlockN) * kElemBytes);
+  remote_tile_end<G>(p, c, tt.out_rank, tt.out_off, tt.valid, (u32)min(valid_cols, kBlockN) * kElemBytes);
+}
+
+// A GEMM0 tile's rows are stored (by group G): count them for this rank's GEMM1 tiles.
+template <class G>
+__device__ __forceinline__ void publish_rows(const Params& p, const Ctx& c, int row_tile) {
+  G::sync();
+  if (G::rank() == 0) {
+    fence_acq_rel_gpu();
+    atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone, c.bank) + row_tile, 1);
+  }
 }
 
 #if FLASHMOE_GEMM_WGMMA
-// Both GEMMs of a tile through one inlined copy of the wgmma main loop (NB only changes the B
-// boxes and the epilogue). Two copies, one per GEMM, would each pin a contiguous 64-register
-// accumulator block, at different registers, and the task loop's own live values would spill.
-// False: a pipeline wait failed (recorded); nothing was stored.
-__device__ bool run_gemm(const Params& p, const Ctx& c, TileTables& tt, int gemm, int K, int valid_cols) {
-  __syncthreads();
+// The wgmma engine runs a tile in two halves at once (device/roles/tasks.cuh): the producer
+// warpgroup loads its stages, the consumers multiply them and store the result. Both GEMMs go
+// through one inlined copy of each half (NB only changes the B boxes and the epilogue): two
+// copies, one per GEMM, would each pin a contiguous 64-register accumulator block.
+
+// The producer's half: the tile's stages after the `fill` the pipeline has had. False: a wait for
+// a free stage failed (recorded).
+__device__ __forceinline__ bool load_job(const Params& p, const Ctx& c, const TileTables& tt, const TileJob& job,
+                                         u32& fill) {
+  const u32 k_bytes = (u32)job.k * kElemBytes;
+  const int ktiles = Gemm0::ktiles_of(k_bytes);
+  const bool ok = Gemm0::produce(c.smem, tt.a, tt.b, k_bytes, p.router_weight, tt.wt.map, tt.wt.row0, tt.wt.expert,
+                                 job.gemm == 0 ? kNumB : 1, ktiles, fill, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
+  fill += ktiles;
+  return ok;
+}
+
+// The consumers' half: multiply the stages after the `used` ones, store the tile, publish a GEMM0
+// tile's rows. False (in every consumer): a wait for a stage failed (recorded); nothing was stored.
+__device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileTables& tt, const TileJob& job,
+                                            u32& used) {
+  TraceScope scope;
   Gemm0 g;
-  const WeightTile wt = tt.wt;
-  if (!g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight, wt.map, wt.row0, wt.expert,
-                  gemm == 0 ? kNumB : 1, p, c, gemm == 0 ? kTaskGemm0 : kTaskGemm1))
-    return false;
-  if (gemm == 0) finish_gemm0(p, c, tt, g, valid_cols);
-  else finish_gemm1(p, c, tt, g, valid_cols);
+  const int ktiles = Gemm0::ktiles_of((u32)job.k * kElemBytes);
+  const bool ok = g.consume(c.smem, ktiles, used, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
+  used += ktiles;
+  // Also the barrier before the staging tile is rewritten: every consumer has stored the last one.
+  if (Consumers::any(!ok)) return false;
+  if (job.gemm == 0) {
+    finish_gemm0<Consumers>(p, c, tt, g, job.valid_cols);
+    publish_rows<Consumers>(p, c, job.row_tile);
+  } else {
+    finish_gemm1<Consumers>(p, c, tt, g, job.valid_cols);
+  }
+  if (Consumers::rank() == 0)
+    trace_record(p, c, scope, job.gemm ? kTaskGemm1 : kTaskGemm0, job.trace_task, job.trace_extra);
   return true;
 }
 #else
@@ -178,7 +231,7 @@ __device__ void run_gemm0(const Params& p, const Ctx& c, TileTables& tt, int K, 
   __syncthreads();
   Gemm0 g;
   g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
-  finish_gemm0(p, c, tt, g, valid_cols);
+  finish_gemm0<Block>(p, c, tt, g, valid_cols);
 }
 
 // Runs GEMM1 on the tables and stores each row into its owner's slice.
@@ -186,77 +239,56 @@ __device__ void run_gemm1(const Params& p, const Ctx& c, TileTables& tt, int K, 
   __syncthreads();
   Gemm1 g;
   g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
-  finish_gemm1(p, c, tt, g, valid_cols);
+  finish_gemm1<Block>(p, c, tt, g, valid_cols);
 }
-#endif
 
-// What a prepared tile runs: which GEMM over which K, how many output columns are real, and (for
-// GEMM0) the row tile whose done-counter it bumps. The tables are filled by then; one call site
-// per GEMM keeps one copy of each in the binary.
-struct TileJob {
-  int gemm;        // 0 or 1
-  int k;           // K elements
-  int valid_cols;  // output columns this tile writes
-  int row_tile;    // tile_done index (GEMM0)
-  u32 trace_task, trace_extra;
-};
-
-// False: the tile could not finish (a bounded wait failed; recorded).
-__device__ bool run_job(const Params& p, const Ctx& c, const TileJob& job) {
+// The whole block runs a prepared tile (one call site per GEMM keeps one copy of each).
+__device__ void run_job(const Params& p, const Ctx& c, const TileJob& job) {
   TraceScope scope;
   TileTables& tt = tile_tables(c);
-#if FLASHMOE_GEMM_WGMMA
-  if (!run_gemm(p, c, tt, job.gemm, job.k, job.valid_cols)) return false;
-#endif
   if (job.gemm == 0) {
-#if !FLASHMOE_GEMM_WGMMA
     run_gemm0(p, c, tt, job.k, job.valid_cols);
-#endif
-    // Publish the rows to this rank's GEMM1 tiles.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      fence_acq_rel_gpu();
-      atomic_add_relaxed_gpu(region<u32>(p, c.slice, kTileDone, c.bank) + job.row_tile, 1);
-    }
+    publish_rows<Block>(p, c, job.row_tile);
   } else {
-#if !FLASHMOE_GEMM_WGMMA
     run_gemm1(p, c, tt, job.k, job.valid_cols);
-#endif
   }
   if (threadIdx.x == 0) trace_record(p, c, scope, job.gemm ? kTaskGemm1 : kTaskGemm0, job.trace_task, job.trace_extra);
-  return true;
 }
+#endif
 
 // ---- shared experts: rows are this rank's tokens ----------------------------------------------
 
-__device__ TileJob prepare_shared_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task) {
+// The prepare_* functions below run on the thread group G that claims tasks: they wait for what the
+// tile needs and fill its tables `tt` (G synchronises before anyone reads them).
+
+template <class G>
+__device__ TileJob prepare_shared_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task, TileTables& tt) {
   const int m = task / tm.h->shared_g0_cols, n = task % tm.h->shared_g0_cols;
   const int Is = p.shared_intermediate, H = p.hidden;
-  TileTables& tt = tile_tables(c);
   const u64 inter_off = region_off(p, kSharedInter);
-  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+  for (int i = G::rank(); i < kBlockM; i += G::kSize) {
     const int q = m * kBlockM + i;
     const bool ok = q < c.num_tokens;
     tt.a[i] = ok ? reinterpret_cast<const u8*>(c.x + (u64)q * H) : nullptr;
     tt.valid[i] = ok;
     tt.out_off[i] = inter_off + ((u64)q * Is + (u64)n * kGemm0Cols) * kElemBytes;
   }
-  gemm0_b_rows(tt, static_cast<const elem_t*>(p.shared_gate_up), Is, n * kGemm0Cols, H,
-               weight_map(p, kMapSharedGateUp), 0);
+  gemm0_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_gate_up), Is, n * kGemm0Cols, H,
+                  weight_map(p, kMapSharedGateUp), 0);
   return TileJob{0, H, Is - n * kGemm0Cols, m, (u32)task, 0xffffffffu};
 }
 
+template <class G>
 __device__ bool prepare_shared_gemm1(const Params& p, const Ctx& c, const TaskMap& tm, int task,
-                                     volatile u32* scratch, TileJob& job) {
+                                     volatile u32* scratch, TileTables& tt, TileJob& job) {
   const int m = task / tm.h->g1_cols, n = task % tm.h->g1_cols;
   const int Is = p.shared_intermediate, H = p.hidden;
-  if (!block_wait<false>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + m, tm.h->shared_g0_cols,
+  if (!block_wait<false, G>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + m, tm.h->shared_g0_cols,
                          WaitSite{kTaskGemm1, kWaitTileDone, (u32)m}, scratch))
     return false;
-  TileTables& tt = tile_tables(c);
   const elem_t* inter = region<elem_t>(p, c.slice, kSharedInter);
   const u64 ret_off = region_off(p, kRetRows, c.bank);
-  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+  for (int i = G::rank(); i < kBlockM; i += G::kSize) {
     const int q = m * kBlockM + i;
     const bool ok = q < c.num_tokens;
     tt.a[i] = ok ? reinterpret_cast<const u8*>(inter + (u64)q * Is) : nullptr;
@@ -264,7 +296,7 @@ __device__ bool prepare_shared_gemm1(const Params& p, const Ctx& c, const TaskMa
     tt.out_rank[i] = c.rank;
     tt.out_off[i] = ret_off + (ret_row_index(p, q, p.top_k) * H + (u64)n * kBlockN) * kElemBytes;
   }
-  gemm1_b_rows(tt, static_cast<const elem_t*>(p.shared_down), H, n * kBlockN, Is, weight_map(p, kMapSharedDown), 0);
+  gemm1_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_down), H, n * kBlockN, Is, weight_map(p, kMapSharedDown), 0);
   job = TileJob{1, Is, H - n * kBlockN, 0, (u32)task, 0xffffffffu};
   return true;
 }
@@ -294,16 +326,17 @@ __device__ __forceinline__ uint4 routed_row(const Params& p, const Ctx& c, const
 
 // Waits until every source with rows in [q0, q1) of expert e has delivered them (dropless), or
 // until the expert's capacity selection is done.
+template <class G>
 __device__ bool wait_rows(const Params& p, const Ctx& c, const TaskMap& tm, int e, int q0, int q1,
                           volatile u32* scratch) {
   if (tm.h->capacity >= 0)
-    return block_wait<false>(p, c, region<u32>(p, c.slice, kSelectDone, c.bank) + e, 1,
+    return block_wait<false, G>(p, c, region<u32>(p, c.slice, kSelectDone, c.bank) + e, 1,
                              WaitSite{kTaskGemm0, kWaitSelectDone, (u32)e}, scratch);
   const i32* s = tm.seg_of(p, e);
   const u32* flags = region<u32>(p, c.slice, kDataFlags);
   for (int src = 0; src < p.world; ++src) {
     if (s[src] < q1 && s[src + 1] > q0 &&
-        !block_wait<true>(p, c, flags + src, c.epoch, WaitSite{kTaskGemm0, kWaitDataFlag, (u32)src}, scratch))
+        !block_wait<true, G>(p, c, flags + src, c.epoch, WaitSite{kTaskGemm0, kWaitDataFlag, (u32)src}, scratch))
       return false;
   }
   return true;
@@ -325,15 +358,15 @@ __device__ __forceinline__ RoutedTile routed_tile(const Params& p, const TaskMap
   return t;
 }
 
+template <class G>
 __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMap& tm, int task,
-                                     volatile u32* scratch, TileJob& job) {
+                                     volatile u32* scratch, TileTables& tt, TileJob& job) {
   const auto [tile, n, e, q0, nrows] = routed_tile(p, tm, task, tm.h->g0_cols);
   const int H = p.hidden, I = p.intermediate;
-  if (!wait_rows(p, c, tm, e, q0, q0 + nrows, scratch)) return false;
-  TileTables& tt = tile_tables(c);
+  if (!wait_rows<G>(p, c, tm, e, q0, q0 + nrows, scratch)) return false;
   const u8* recv = c.slice + region_off(p, kRecvRows, c.bank);
   const u64 inter_off = region_off(p, kInterRows);
-  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+  for (int i = G::rank(); i < kBlockM; i += G::kSize) {
     tt.valid[i] = i < nrows;
     tt.a[i] = nullptr;
     if (i >= nrows) continue;
@@ -343,23 +376,23 @@ __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMa
                             : recv + recv_row_index(p, src, entry.x) * H * kElemBytes;
     tt.out_off[i] = inter_off + ((u64)(tm.row_off[e] + q0 + i) * I + (u64)n * kGemm0Cols) * kElemBytes;
   }
-  gemm0_b_rows(tt, expert_weights(p, p.gate_up, c.rank, e, (u64)kNumB * I, H), I, n * kGemm0Cols, H,
-               weight_map(p, kMapGateUp), expert_index(p, c.rank, e));
+  gemm0_b_rows<G>(tt, expert_weights(p, p.gate_up, c.rank, e, (u64)kNumB * I, H), I, n * kGemm0Cols, H,
+                  weight_map(p, kMapGateUp), expert_index(p, c.rank, e));
   job = TileJob{0, H, I - n * kGemm0Cols, tm.h->shared_row_tiles + tile, (u32)task, (u32)e};
   return true;
 }
 
+template <class G>
 __device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMap& tm, int task,
-                                     volatile u32* scratch, TileJob& job) {
+                                     volatile u32* scratch, TileTables& tt, TileJob& job) {
   const auto [tile, n, e, q0, nrows] = routed_tile(p, tm, task, tm.h->g1_cols);
   const int H = p.hidden, I = p.intermediate;
-  if (!block_wait<false>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + tm.h->shared_row_tiles + tile,
+  if (!block_wait<false, G>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + tm.h->shared_row_tiles + tile,
                          tm.h->g0_cols, WaitSite{kTaskGemm1, kWaitTileDone, (u32)tile}, scratch))
     return false;
-  TileTables& tt = tile_tables(c);
   const elem_t* inter = region<elem_t>(p, c.slice, kInterRows);
   const u64 ret_off = region_off(p, kRetRows, c.bank);
-  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+  for (int i = G::rank(); i < kBlockM; i += G::kSize) {
     tt.valid[i] = i < nrows;
     tt.a[i] = nullptr;
     if (i >= nrows) continue;
@@ -369,8 +402,8 @@ __device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMa
     tt.out_rank[i] = src;
     tt.out_off[i] = ret_off + (ret_row_index(p, entry.y, entry.z) * H + (u64)n * kBlockN) * kElemBytes;
   }
-  gemm1_b_rows(tt, expert_weights(p, p.down, c.rank, e, H, I), H, n * kBlockN, I, weight_map(p, kMapDown),
-               expert_index(p, c.rank, e));
+  gemm1_b_rows<G>(tt, expert_weights(p, p.down, c.rank, e, H, I), H, n * kBlockN, I, weight_map(p, kMapDown),
+                  expert_index(p, c.rank, e));
   job = TileJob{1, I, H - n * kBlockN, 0, (u32)task, (u32)e};
   return true;
 }

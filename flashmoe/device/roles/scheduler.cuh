@@ -66,9 +66,12 @@ struct TaskMap {
   }
 };
 
+// The map is computed and read by the thread group G that claims tasks (device/common/group.cuh).
+
 // The part of the map that needs nothing from other ranks.
+template <class G>
 __device__ void map_shared_part(const Params& p, const Ctx& c, TaskMap& tm) {
-  if (threadIdx.x == 0) {
+  if (G::rank() == 0) {
     TaskMapHeader& h = *tm.h;
     h.routed_ready = 0;
     h.shared_row_tiles = p.shared_intermediate ? ceil_div(c.num_tokens, kBlockM) : 0;
@@ -78,18 +81,19 @@ __device__ void map_shared_part(const Params& p, const Ctx& c, TaskMap& tm) {
     h.n_shared_g0 = h.shared_row_tiles * h.shared_g0_cols;
     h.n_shared = h.n_shared_g0 + h.shared_row_tiles * h.g1_cols;
   }
-  __syncthreads();
+  G::sync();
 }
 
 // The routed part: wait for every source's counts, then lay out this rank's expert rows.
+template <class G>
 __device__ bool map_routed_part(const Params& p, const Ctx& c, TaskMap& tm, volatile u32* scratch) {
   const u32* flags = region<u32>(p, c.slice, kCountFlags);
   for (int src = 0; src < p.world; ++src)
-    if (!block_wait<true>(p, c, flags + src, c.epoch, WaitSite{kTaskWait, kWaitCountFlag, (u32)src}, scratch))
+    if (!block_wait<true, G>(p, c, flags + src, c.epoch, WaitSite{kTaskWait, kWaitCountFlag, (u32)src}, scratch))
       return false;
   const u32* counts = region<u32>(p, c.slice, kCounts, c.bank);
   const int El = p.experts_per_rank, W = p.world;
-  if (threadIdx.x == 0) {
+  if (G::rank() == 0) {
     i32 tokens = 0;
     for (int src = 0; src < W; ++src) {
       tm.tok_off[src] = tokens;
@@ -101,8 +105,8 @@ __device__ bool map_routed_part(const Params& p, const Ctx& c, TaskMap& tm, vola
         ? static_cast<i32>(ceil(p.capacity_factor * (double)tokens * (double)p.top_k / (double)p.num_experts))
         : -1;
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < El; e += kThreads) {
+  G::sync();
+  for (int e = G::rank(); e < El; e += G::kSize) {
     i32* s = tm.seg_of(p, e);
     i32 rows = 0;
     for (int src = 0; src < W; ++src) {
@@ -112,8 +116,8 @@ __device__ bool map_routed_part(const Params& p, const Ctx& c, TaskMap& tm, vola
     s[W] = rows;
     tm.rows[e] = tm.h->capacity >= 0 && rows > tm.h->capacity ? tm.h->capacity : rows;
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  G::sync();
+  if (G::rank() == 0) {
     i32 rows = 0, tiles = 0;
     for (int e = 0; e < El; ++e) {
       tm.row_off[e] = rows;
@@ -129,15 +133,16 @@ __device__ bool map_routed_part(const Params& p, const Ctx& c, TaskMap& tm, vola
     h.n_g1 = tiles * h.g1_cols;
     h.routed_ready = 1;
   }
-  __syncthreads();
+  G::sync();
   return true;
 }
 
-// Next task index for the whole block.
+// Next task index for group G.
+template <class G>
 __device__ __forceinline__ u32 claim_task(const Params& p, const Ctx& c, volatile u32* scratch) {
-  __syncthreads();   // everyone is done with the previous task's shared memory and scratch
-  if (threadIdx.x == 0) *scratch = atomic_add_relaxed_gpu(region<u32>(p, c.slice, kSyncCounters, c.bank) + kClaim, 1);
-  __syncthreads();
+  G::sync();   // everyone is done with the previous task's shared memory and scratch
+  if (G::rank() == 0) *scratch = atomic_add_relaxed_gpu(region<u32>(p, c.slice, kSyncCounters, c.bank) + kClaim, 1);
+  G::sync();
   return *scratch;
 }
 

@@ -1,0 +1,123 @@
+"""The wgmma engine's persistent task loop (device/roles/tasks.cuh) on the CPU emulator: the
+producer warpgroup claims and prepares the next tile and fills its stages while the consumers
+finish the current one; the stage ring and the two table slots run on across tiles, and
+capacity selections run on the producer while the consumers compute. Shapes are chosen so each
+block runs many tiles and the ring wraps inside tiles and across their boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmoe.checks import Case, check_fault, make_inputs, run_case
+from flashmoe.config import MoEConfig
+from flashmoe.errors import FlashMoEError
+from flashmoe.host import emulator
+from flashmoe.host.abi import TaskKind
+from flashmoe.host.backend import KernelBackend
+from flashmoe.host.spec import KernelSpec
+from planted import planted_tree
+
+pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
+                                reason=f"emulator unavailable: {emulator.emulator_available()}")
+
+TIMEOUT_S = 0.05
+
+# The prefill tile (two consumer warpgroups) and the decode tile (one), both with a 2-stage ring,
+# so a 3-k-tile GEMM (H or I = 160..192) wraps it inside a tile and at every tile boundary.
+PREFILL = dict(block_m=128, threads=384, stages=2)
+DECODE = dict(block_m=64, threads=256, stages=2)
+
+
+def cfg(**kw) -> MoEConfig:
+    base = dict(hidden_size=192, intermediate_size=160, num_experts=4, top_k=2, dtype="bfloat16")
+    return MoEConfig(**{**base, **kw})
+
+
+def backend_for(config: MoEConfig, world: int, tile: dict, timeout_s: float = TIMEOUT_S, **kw) -> KernelBackend:
+    spec = KernelSpec(arch="sm_90a", dtype=config.dtype, gated=config.gated, gemm="wgmma", **tile)
+    return KernelBackend(config, None, virtual_world=world, emulate=True, timeout_s=timeout_s,
+                         error_check="sync", spec=spec, **kw)
+
+
+CASES = [
+    (Case("prefill-many-tiles", cfg(), tokens=300), PREFILL),
+    (Case("decode-one-consumer-W2", cfg(), world=2, tokens=130), DECODE),
+    (Case("prefill-capacity-shared-W2", cfg(capacity_factor=0.75, num_shared_experts=1), world=2, tokens=170,
+          routing="skewed"), PREFILL),
+    (Case("decode-capacity-W2", cfg(num_experts=8, capacity_factor=0.5), world=2, tokens=90, routing="skewed"),
+     DECODE),
+    (Case("fp32-plain-relu-W2", cfg(dtype="float32", gated=False, activation="relu"), world=2, tokens=150), PREFILL),
+    (Case("fp16-gelu-shared-gate", cfg(dtype="float16", activation="gelu", num_shared_experts=1,
+                                       shared_expert_gate=True), tokens=140), DECODE),
+    (Case("one-token-W2", cfg(), world=2, tokens=1), PREFILL),
+    (Case("no-tokens", cfg(), tokens=0), DECODE),
+    (Case("W4-single-expert", cfg(num_experts=8), world=4, tokens=200, routing="single"), PREFILL),
+]
+
+
+@pytest.mark.parametrize("case,tile", CASES, ids=[c.name for c, _ in CASES])
+def test_persistent_loop_matches_reference(case, tile):
+    result = run_case(backend_for(case.config, case.world, tile), case, torch.device("cpu"))
+    assert result.passed, f"{case.name}: {result.detail}"
+
+
+@pytest.mark.parametrize("weak_seed", [1, 2])
+def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed):
+    """Table slots, tile counters and selections published by one warpgroup and read by another or
+    by other blocks, with stores that reach them late and out of order."""
+    monkeypatch.setenv(emulator.WEAK_ENV, str(weak_seed))
+    case = Case("weak", cfg(capacity_factor=0.75, num_shared_experts=1), world=2, tokens=170, routing="skewed")
+    result = run_case(backend_for(case.config, case.world, PREFILL), case, torch.device("cpu"))
+    assert result.passed, result.detail
+
+
+def test_fiber_order_changes_no_bit(monkeypatch):
+    """Producer and consumers interleaved differently (which block claims which tile, how far the
+    producer runs ahead) must not change a single bit of the output."""
+    case = Case("order", cfg(capacity_factor=0.75), world=2, tokens=170, routing="skewed")
+    x, weights = make_inputs(case, torch.device("cpu"))
+    first = backend_for(case.config, 2, PREFILL).forward(x, weights).clone()
+    monkeypatch.setenv(emulator.SEED_ENV, "5")
+    assert torch.equal(backend_for(case.config, 2, PREFILL).forward(x, weights), first)
+
+
+def test_stalled_rank_is_named_and_the_next_forward_is_right():
+    """The producer waits for the stalled rank's rows while the consumers wait for its next job:
+    the error names the rank, every block leaves, and the next launch is correct."""
+    def make_backend(config, world, timeout_s, error_check="sync"):
+        return backend_for(config, world, PREFILL, timeout_s=timeout_s)
+
+    ok, detail = check_fault(make_backend, Case("fault", cfg(num_experts=8), world=2, tokens=90),
+                             torch.device("cpu"), stalled_rank=1)
+    assert ok, detail
+
+
+def test_trace_has_one_record_per_tile_and_selection():
+    """GEMM records come from the consumers, selection records from the producer: every tile and
+    selection is recorded once."""
+    config = cfg(capacity_factor=0.75, num_shared_experts=1)
+    backend = backend_for(config, 2, PREFILL, trace_capacity=256)
+    x, weights = make_inputs(Case("trace", config, world=2, tokens=170, routing="skewed"), torch.device("cpu"))
+    backend.forward(x, weights)
+    records = backend.last_trace().records
+    kinds = [TaskKind(k).name for k in records["kind"]]
+    assert {"GEMM0", "GEMM1", "SELECT"} <= set(kinds)
+    # (rank, kind, task, extra): shared-expert tiles have extra = 0xffffffff, routed ones the expert.
+    keys = [(int(r), kind, int(t), int(e)) for r, kind, t, e in
+            zip(records["rank"], kinds, records["task"], records["extra"]) if kind in ("GEMM0", "GEMM1", "SELECT")]
+    assert len(keys) == len(set(keys)), "a task recorded twice (or a record overwritten)"
+    assert sum(kind == "SELECT" for kind in kinds) == config.num_experts, "one per local expert of each rank"
+
+
+def test_a_stage_never_released_is_an_error_not_a_hang(tmp_path):
+    """Without the consumers' release of a tile's last stage the producer can never refill it:
+    the launch must stop with a record that says so, in bounded time."""
+    root = planted_tree(tmp_path, "stage-release")
+    config = cfg()
+    backend = backend_for(config, 1, PREFILL)
+    for v in backend.variants.values():
+        v.kernel = emulator.EmulatedKernel(v.spec, include_root=root)
+    x, weights = make_inputs(Case("planted", config, tokens=300), torch.device("cpu"))
+    with pytest.raises(FlashMoEError, match="release stage"):
+        backend.forward(x, weights)
