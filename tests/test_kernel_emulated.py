@@ -135,6 +135,24 @@ def test_stalled_rank_times_out_with_a_record_and_recovers():
     assert ok, detail
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
+                                            num_shared_experts=1, shared_expert_gate=True)],
+                         ids=["softmax", "deepseek-shared-gate"])
+def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
+    """Fewer chunks than blocks: every block computes a slice of the logits (spread_logits); more:
+    each block routes whole chunks. The same tokens routed both ways (alone, then behind 100
+    others) get the same ids, weights and outputs, bit for bit: a token's result does not depend
+    on the batch it came in."""
+    config = cfg(num_experts=8, hidden_size=96, **kw)
+    backend = make_backend(config, 1)
+    x, weights = make_inputs(Case("decode", config, tokens=140), torch.device("cpu"))
+    alone, alone_routing = backend.forward(x[100:].clone(), weights, return_routing=True)
+    together, routing = backend.forward(x, weights, return_routing=True)
+    assert torch.equal(alone_routing.ids, routing.ids[100:])
+    assert torch.equal(alone_routing.weights, routing.weights[100:])
+    assert torch.equal(alone, together[100:])
+
+
 def test_decode_and_prefill_tiles_share_one_heap():
     """Two kernels (128- and 64-row tiles) over one heap: each forward runs the tile
     plan.choose_block_m picks for its size, alternating launches keep the shared epoch, banks and

@@ -239,6 +239,8 @@ def probes(st: Stage) -> str:
         if i == 0:
             st.case("router, softmax top-4 of 64, near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 300))
+            st.case("router, decode (logits spread over the blocks), near ties",
+                    lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 70))
             st.case("router, sigmoid + bias + groups (DeepSeek), near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=6, scoring="sigmoid", selection_bias=True,
                                                         n_group=8, topk_group=4, norm_topk_prob=True,

@@ -2,7 +2,8 @@
 // rank (blockIdx.x / blocks_per_rank); every block of a rank runs the same phases:
 //
 //   route     its 64-token chunks: logits, top-k (or the caller's choice), counts per expert and
-//             destination rank
+//             destination rank; with fewer chunks than blocks, every block's share of the logits
+//             first, then a rank barrier
 //   barrier   (rank)            prefix   positions of every token at every destination; counts out
 //   barrier   (rank)            dispatch rows and entries to the owners of the experts; data signal
 //   tasks     claim shared/routed GEMM tiles (and capacity selections) until none are left
@@ -38,13 +39,20 @@ __device__ void run_rank(const Params& p, const Ctx& c) {
   if (!pipe_aligned(p, c)) return;
 
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
+  u32 barriers = 0;   // rank barriers so far (their generations count from 1)
+  // Fewer chunks than blocks (decode): every block computes logits first (router.cuh).
+  const bool spread = !kRoutingGiven && nchunks > 0 && nchunks < p.blocks_per_rank;
+  if (spread) {
+    spread_logits(p, c, nchunks);
+    if (!rank_barrier(p, c, ++barriers, kTaskRoute, scratch)) return;
+  }
   for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) {
     if constexpr (kRoutingGiven) given_chunk(p, c, ch);
-    else route_chunk(p, c, ch);
+    else route_chunk(p, c, ch, spread);
   }
-  if (!rank_barrier(p, c, 1, kTaskRoute, scratch)) return;
+  if (!rank_barrier(p, c, ++barriers, kTaskRoute, scratch)) return;
   prefix_counts(p, c);
-  if (!rank_barrier(p, c, 2, kTaskPrefix, scratch)) return;
+  if (!rank_barrier(p, c, ++barriers, kTaskPrefix, scratch)) return;
   signal_counts(p, c);
   for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) dispatch_chunk(p, c, ch);
   finish_dispatch(p, c);

@@ -142,14 +142,22 @@ flashmoe_probe_tma_box(const __grid_constant__ ProbeArgs a) {
 FLASHMOE_PROBE_ENTRY(flashmoe_probe_tma_box)
 #endif
 
-// Every block routes the chunks c.block, c.block + grid, ... of hosted rank 0.
+// The route phase of hosted rank 0 as the kernel runs it (flashmoe.cu): with fewer chunks than
+// blocks, every block's share of the logits and a rank barrier first; then every block routes the
+// chunks c.block, c.block + grid, ...
 extern "C" __global__ void __launch_bounds__(flashmoe::kThreads, 1)
 flashmoe_probe_router(const __grid_constant__ ProbeArgs a) {
   using namespace flashmoe;
   const Params& p = *a.params;
   const Ctx c = make_ctx(p, dynamic_smem());
+  volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem + p.smem_scratch_offset);
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
-  for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) route_chunk(p, c, ch);
+  const bool spread = nchunks > 0 && nchunks < p.blocks_per_rank;
+  if (spread) {
+    spread_logits(p, c, nchunks);
+    if (!rank_barrier(p, c, 1, kTaskRoute, scratch)) return;
+  }
+  for (int ch = c.block; ch < nchunks; ch += p.blocks_per_rank) route_chunk(p, c, ch, spread);
 }
 FLASHMOE_PROBE_ENTRY(flashmoe_probe_router)
 

@@ -5,6 +5,15 @@
 //
 // The logits are fp32 FMAs over K in order: tensor cores would round x W_router products in
 // bf16/tf32 and move near-tie top-k decisions away from the fp32 contract.
+//
+// Two ways to share the logits out, by the number of chunks. With at least as many chunks as the
+// rank has blocks (prefill), each block computes whole chunks (router_logits: a 64-token x
+// 128-row tile per pass). With fewer (decode) that would leave most blocks waiting while a few
+// compute 64 token rows each, most of them padding; instead every block takes slices of a
+// chunk's router rows for the chunk's real tokens (router_logits_rows), the rank meets at a
+// barrier, and each chunk's block selects from the logits. Both run one FMA chain per (token, row)
+// over K in the same order, so both give the same bits and a token's routing never depends on
+// how many tokens came with it.
 #pragma once
 
 #include "flashmoe/device/common/wait.cuh"
@@ -47,6 +56,14 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& payload) {
     const float op = __shfl_xor_sync(0xffffffffu, payload, o);
     if (better(ov, oi, v, i)) { v = ov; i = oi; payload = op; }
   }
+}
+
+// Router row e's logit of token t: a routed expert's into logits, the shared-expert gate's row
+// (e = E) through its sigmoid into shared_gate; rows past those are padding.
+__device__ __forceinline__ void store_logit(const Params& p, float* logits, float* shared_gate, int t, int e,
+                                            float v) {
+  if (e < p.num_experts) st_weak(logits + (u64)t * p.num_experts + e, v);
+  else if (e == p.num_experts && p.shared_gate) st_weak(shared_gate + t, 1.0f / (1.0f + expf(-v)));
 }
 
 // logits[t][e] for the chunk's tokens and all E (+1 shared-gate) router rows.
@@ -107,15 +124,59 @@ __device__ void router_logits(const Params& p, const Ctx& c, int chunk, RouterSm
         if (t >= ntok) continue;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const int e = e0 + tx + 16 * j;
-          if (e < p.num_experts) logits[(u64)(t0 + t) * p.num_experts + e] = acc[vt][i][j];
-          else if (e == p.num_experts && p.shared_gate)
-            st_weak(shared_gate + t0 + t, 1.0f / (1.0f + expf(-acc[vt][i][j])));
+          store_logit(p, logits, shared_gate, t0 + t, e0 + tx + 16 * j, acc[vt][i][j]);
         }
       }
     }
   }
   __syncthreads();   // logits of the whole chunk are written before any warp reads a token's row
+}
+
+// Decode: router rows [e0, e0 + ne) for the `ntok` real tokens of chunk `chunk`, one chain per
+// thread (ntok * ne <= kThreads), through the same shared-memory K slices as router_logits.
+__device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int e0, int ne, RouterSmem& sm,
+                                   float* logits, float* shared_gate) {
+  const int t0 = chunk * kChunkTokens;
+  const int ntok = min(kChunkTokens, c.num_tokens - t0);
+  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int H = p.hidden;
+  const int t = threadIdx.x / ne, r = threadIdx.x % ne;
+  const bool mine = t < ntok;
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < H; k0 += kRouterK) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < ntok * kRouterK; idx += kThreads) {
+      const int tt = idx / kRouterK, k = idx % kRouterK;
+      sm.x[tt][k] = k0 + k < H ? to_float(c.x[(u64)(t0 + tt) * H + k0 + k]) : 0.0f;
+    }
+    for (int idx = threadIdx.x; idx < ne * kRouterK; idx += kThreads) {
+      const int e = idx / kRouterK, k = idx % kRouterK;
+      sm.w[e][k] = (e0 + e < rows && k0 + k < H) ? p.router_weight[(u64)(e0 + e) * H + k0 + k] : 0.0f;
+    }
+    __syncthreads();
+    if (mine)
+      for (int k = 0; k < kRouterK; ++k) acc = fmaf(sm.x[t][k], sm.w[r][k], acc);
+  }
+  if (mine) store_logit(p, logits, shared_gate, t0 + t, e0 + r, acc);
+}
+
+// Decode: this block's slices of every chunk's router rows. Slices are as wide as a chunk's tokens
+// allow (one chain per thread) and narrow enough that every block gets about one.
+__device__ void spread_logits(const Params& p, const Ctx& c, int nchunks) {
+  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem);
+  float* logits = region<float>(p, c.slice, kLogits);
+  float* shared_gate = region<float>(p, c.slice, kSharedGate);
+  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int ntok_max = min(kChunkTokens, c.num_tokens);
+  const int wide = min(kRouterExpertsPerPass, kThreads / ntok_max);
+  const int ne = max(1, min(wide, ceil_div(rows * nchunks, p.blocks_per_rank)));
+  const int slices = ceil_div(rows, ne);
+  for (int item = c.block; item < nchunks * slices; item += p.blocks_per_rank) {
+    TraceScope scope;
+    const int chunk = item / slices, e0 = (item % slices) * ne;
+    router_logits_rows(p, c, chunk, e0, min(ne, rows - e0), sm, logits, shared_gate);
+    if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, e0);
+  }
 }
 
 // Lane j < k holds the token's j-th choice (id -1: none): store it and count the token once per
@@ -148,17 +209,17 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
   if (p.scoring == 0) {   // softmax over all E: max, then sum of exp
     for (int i = 0; i < per_lane; ++i) {
       const int e = i * 32 + lane;
-      if (e < E) m = fmaxf(m, logits_row[e]);
+      if (e < E) m = fmaxf(m, ld_weak(logits_row + e));
     }
     m = warp_max(m);
     for (int i = 0; i < per_lane; ++i) {
       const int e = i * 32 + lane;
-      if (e < E) sum += expf(logits_row[e] - m);
+      if (e < E) sum += expf(ld_weak(logits_row + e) - m);
     }
     sum = warp_sum(sum);
   }
   auto score = [&](int e) {
-    const float l = logits_row[e];
+    const float l = ld_weak(logits_row + e);
     return p.scoring == 0 ? expf(l - m) / sum : 1.0f / (1.0f + expf(-l));
   };
   auto selection = [&](int e) { return score(e) + (p.has_bias ? p.selection_bias[e] : 0.0f); };
@@ -264,8 +325,9 @@ __device__ void store_chunk_counts(const Params& p, const Ctx& c, int chunk, con
   for (int i = threadIdx.x; i < columns; i += kThreads) st_weak(out + i, counts[i]);
 }
 
-// Route chunk `chunk` of this rank and store its counts into chunk_counts[chunk].
-__device__ void route_chunk(const Params& p, const Ctx& c, int chunk) {
+// Route chunk `chunk` of this rank and store its counts into chunk_counts[chunk]; with
+// logits_done the rank has computed its logits already (spread_logits, then a rank barrier).
+__device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logits_done) {
   TraceScope scope;
   RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem);
   float* logits = region<float>(p, c.slice, kLogits);
@@ -273,7 +335,8 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk) {
   i32* ids = region<i32>(p, c.slice, kTopkIds);
   float* weights = region<float>(p, c.slice, kTopkWeights);
   for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) sm.counts[i] = 0;
-  router_logits(p, c, chunk, sm, logits, shared_gate);
+  if (logits_done) __syncthreads();   // the counts are zero before any warp counts a token
+  else router_logits(p, c, chunk, sm, logits, shared_gate);
 
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
