@@ -9,11 +9,11 @@ from pathlib import Path
 from flashmoe.host import compile as compile_mod
 
 PLANTED = {
-    # Every block publishes its dispatched rows before it counts itself done; without the fence,
-    # the rows of all but the last block stay unseen when the last one signals the data flag.
-    "dispatch-fence": ("flashmoe/device/roles/dispatch.cuh",
-                       "  if (threadIdx.x != 0) return;\n  fence_acq_rel_sys();\n  u32* counter",
-                       "  if (threadIdx.x != 0) return;\n  u32* counter"),
+    # Every block publishes its dispatched rows (and its results) before it counts itself done;
+    # without the fence, the rows of all but the last block stay unseen when the last one signals.
+    "dispatch-fence": ("flashmoe/device/common/wait.cuh",
+                       "  if (threadIdx.x == 0) {\n    fence_acq_rel_sys();\n    u32* counter",
+                       "  if (threadIdx.x == 0) {\n    u32* counter"),
     # A GEMM0 tile's rows reach the GEMM1 tiles of other blocks through the fence before the
     # tile's done-counter.
     "gemm0-fence": ("flashmoe/device/roles/expert_gemm.cuh",

@@ -111,15 +111,8 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
 // that this rank's rows and entries are all written.
 __device__ void finish_dispatch(const Params& p, const Ctx& c) {
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  fence_acq_rel_sys();
-  u32* counter = region<u32>(p, c.slice, kSyncCounters, c.bank) + kDispatched;
-  if (atomic_add_relaxed_gpu(counter, 1) != static_cast<u32>(p.blocks_per_rank - 1)) return;
-  fence_acq_rel_sys();
-  remote_complete(p);   // every block's rows have left their source before the signal
-  if (p.fault_kind == kFaultStall && static_cast<u32>(c.rank) == p.fault_rank) return;   // tests only
-  const u64 off = region_off(p, kDataFlags) + (u64)c.rank * 4;
-  for (int dst = 0; dst < p.world; ++dst) remote_signal(p, dst, off, c.epoch);
+  const bool stalled = p.fault_kind == kFaultStall && static_cast<u32>(c.rank) == p.fault_rank;   // tests only
+  count_and_signal(p, c, kDispatched, kDataFlags, c.epoch, stalled);
 }
 
 }  // namespace flashmoe

@@ -41,17 +41,9 @@ __device__ bool next_job(const Params& p, const Ctx& c, TaskMap& tm, u32 task, v
   return true;
 }
 
-// Finished: publish this block's writes, count it; the last block signals every rank.
+// Finished (after a block barrier): the rank's last block tells every rank its results are written.
 __device__ void finish_tasks(const Params& p, const Ctx& c) {
-  if (threadIdx.x != 0) return;
-  fence_acq_rel_sys();
-  u32* counter = region<u32>(p, c.slice, kSyncCounters, c.bank) + kFinished;
-  if (atomic_add_relaxed_gpu(counter, 1) == static_cast<u32>(p.blocks_per_rank - 1)) {
-    fence_acq_rel_sys();
-    remote_complete(p);   // every block's result rows have left their staging tiles
-    const u64 off = region_off(p, kDoneFlags) + (u64)c.rank * 4;
-    for (int dst = 0; dst < p.world; ++dst) remote_signal(p, dst, off, c.epoch);
-  }
+  count_and_signal(p, c, kFinished, kDoneFlags, c.epoch, false);
 }
 
 #if FLASHMOE_GEMM_WGMMA
