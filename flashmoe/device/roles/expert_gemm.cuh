@@ -284,7 +284,7 @@ __device__ bool prepare_shared_gemm1(const Params& p, const Ctx& c, const TaskMa
   const int m = task / tm.h->g1_cols, n = task % tm.h->g1_cols;
   const int Is = p.shared_intermediate, H = p.hidden;
   if (!block_wait<false, G>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + m, tm.h->shared_g0_cols,
-                         WaitSite{kTaskGemm1, kWaitTileDone, (u32)m}, scratch))
+                            WaitSite{kTaskGemm1, kWaitTileDone, (u32)m}, scratch))
     return false;
   const elem_t* inter = region<elem_t>(p, c.slice, kSharedInter);
   const u64 ret_off = region_off(p, kRetRows, c.bank);
@@ -331,7 +331,7 @@ __device__ bool wait_rows(const Params& p, const Ctx& c, const TaskMap& tm, int 
                           volatile u32* scratch) {
   if (tm.h->capacity >= 0)
     return block_wait<false, G>(p, c, region<u32>(p, c.slice, kSelectDone, c.bank) + e, 1,
-                             WaitSite{kTaskGemm0, kWaitSelectDone, (u32)e}, scratch);
+                                WaitSite{kTaskGemm0, kWaitSelectDone, (u32)e}, scratch);
   const i32* s = tm.seg_of(p, e);
   const u32* flags = region<u32>(p, c.slice, kDataFlags);
   for (int src = 0; src < p.world; ++src) {
@@ -388,7 +388,7 @@ __device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMa
   const auto [tile, n, e, q0, nrows] = routed_tile(p, tm, task, tm.h->g1_cols);
   const int H = p.hidden, I = p.intermediate;
   if (!block_wait<false, G>(p, c, region<u32>(p, c.slice, kTileDone, c.bank) + tm.h->shared_row_tiles + tile,
-                         tm.h->g0_cols, WaitSite{kTaskGemm1, kWaitTileDone, (u32)tile}, scratch))
+                            tm.h->g0_cols, WaitSite{kTaskGemm1, kWaitTileDone, (u32)tile}, scratch))
     return false;
   const elem_t* inter = region<elem_t>(p, c.slice, kInterRows);
   const u64 ret_off = region_off(p, kRetRows, c.bank);
