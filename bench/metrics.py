@@ -33,7 +33,7 @@ def flops(config: MoEConfig, tokens: int) -> int:
 
 def bytes_per_expert(config: MoEConfig) -> int:
     """Bytes of one routed expert's weights: gate_up [up_rows, H] plus down [H, I]."""
-    element = torch.empty((), dtype=config.torch_dtype).element_size()
+    element = config.torch_dtype.itemsize
     return (config.up_rows + config.intermediate_size) * config.hidden_size * element
 
 
@@ -54,7 +54,7 @@ def expert_weight_bytes(config: MoEConfig, tokens: int, routing: Routing | None 
         active = int(torch.unique(routing.ids[routing.kept]).numel())
     else:
         active = e * (1.0 - (1.0 - k / e) ** tokens)
-    element = torch.empty((), dtype=config.torch_dtype).element_size()
+    element = config.torch_dtype.itemsize
     shared_rows = (2 if config.gated else 1) * config.shared_intermediate_total
     shared = (shared_rows + config.shared_intermediate_total) * config.hidden_size * element
     return int(round(active * bytes_per_expert(config))) + shared
@@ -70,7 +70,7 @@ def roofline(config: MoEConfig, tokens: int, ceilings: dict, routing: Routing | 
     Returns ``roofline_ms``, ``compute_ms``, ``memory_ms`` and ``bound`` ("compute" or "memory").
     A measured time over ``roofline_ms`` is how far a provider runs from the hardware's limit.
     """
-    element = torch.empty((), dtype=config.torch_dtype).element_size()
+    element = config.torch_dtype.itemsize
     nbytes = expert_weight_bytes(config, tokens, routing) + 2 * tokens * config.hidden_size * element
     compute_ms = flops(config, tokens) / (ceilings["matmul_tflops"] * 1e12) * 1e3
     memory_ms = nbytes / (ceilings["copy_gbps"] * 1e9) * 1e3

@@ -85,7 +85,7 @@ def test_fiber_order_changes_no_bit(monkeypatch):
 def test_stalled_rank_is_named_and_the_next_forward_is_right():
     """The producer waits for the stalled rank's rows while the consumers wait for its next job:
     the error names the rank, every block leaves, and the next launch is correct."""
-    def make_backend(config, world, timeout_s, error_check="sync"):
+    def make_backend(config, world, timeout_s):
         return backend_for(config, world, PREFILL, timeout_s=timeout_s)
 
     ok, detail = check_fault(make_backend, Case("fault", cfg(num_experts=8), world=2, tokens=90),
