@@ -172,6 +172,24 @@ def test_each_rank_reads_back_the_routing_of_its_tokens():
         assert mismatches == 0 and weight_err <= weight_tolerance(x, weights, CONFIG)
 
 
+def test_system_scope_only_when_the_ranks_span_launches():
+    """Ranks in separate launches (peers on other GPUs) publish with system-scope fences, releases
+    and acquires; one launch hosting every rank needs none of them: gpu scope orders its signals."""
+    xs, weights = inputs([[70, 9]], seed=62)
+    kernels = []
+
+    def rank_body(rank):
+        backend = GroupBackend(CONFIG, None, rank, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, spec=SPEC)
+        kernels.append(next(iter(backend.variants.values())).kernel)
+        backend.forward(xs[0][rank.rank], weights)
+        backend.close()
+
+    EmulatedGroup(2, ranks_per_node=2).run(rank_body)
+    assert kernels[0].stats["sys_scope"] > 0      # the world of both launches, freed last
+    expected(xs, weights, 2)
+    assert next(iter(_EXPECTED[2, SPEC].variants.values())).kernel.stats["sys_scope"] == 0
+
+
 # ---------------------------------------------------------------- weak memory
 
 @pytest.mark.parametrize("weak_seed", [1, 2, 3])
@@ -192,8 +210,8 @@ def caught(xs, weights, world, **kw) -> bool:
     return any(not torch.equal(g, w) for g, w in zip(got, expected(xs, weights, world)))
 
 
-@pytest.mark.parametrize("name,ranks_per_node,weak", [("dispatch-fence", 4, True), ("nvshmem-fence", 1, False),
-                                                      ("consistency-step", 1, False)])
+@pytest.mark.parametrize("name,ranks_per_node,weak", [("dispatch-fence", 4, True), ("world-scope", 4, True),
+                                                      ("nvshmem-fence", 1, False), ("consistency-step", 1, False)])
 def test_a_missing_ordering_step_is_caught(name, ranks_per_node, weak, tmp_path_factory):
     root = planted_tree(tmp_path_factory.mktemp(name), name)
     xs, weights = inputs(COUNTS[:2], seed=40)

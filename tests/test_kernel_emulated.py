@@ -136,21 +136,30 @@ def test_stalled_rank_times_out_with_a_record_and_recovers():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
-                                            num_shared_experts=1, shared_expert_gate=True)],
-                         ids=["softmax", "deepseek-shared-gate"])
+                                            num_shared_experts=1, shared_expert_gate=True),
+                                 dict(hidden_size=1024), dict(num_experts=128)],
+                         ids=["softmax", "deepseek-shared-gate", "wide", "many-experts"])
 def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
-    """Fewer chunks than blocks: every block computes a slice of the logits (spread_logits); more:
-    each block routes whole chunks. The same tokens routed both ways (alone, then behind 100
-    others) get the same ids, weights and outputs, bit for bit: a token's result does not depend
-    on the batch it came in."""
-    config = cfg(num_experts=8, hidden_size=96, **kw)
+    """The router shares the logits out three ways (router.cuh): with as many chunks as blocks
+    (two here) or more, each block routes whole chunks; with fewer, every block takes row slices of
+    the real tokens, or 128-row tiles when slices would read more shared memory. The same tokens
+    routed alone (the last 40, the last 3) and behind 100 others get the same ids, weights and
+    outputs, bit for bit: a token's result does not depend on the batch it came in. 3 tokens go
+    by slices; 40 by slices with 8 experts, by tiles with 128 (a slice per block would cover only
+    6 rows of 40 tokens). H = 96 ends in a half segment; H = 1024 is 16 segments, more than the
+    slices stage at once (the 40 tokens' x alone outgrow the phase area)."""
+    config = cfg(**{"num_experts": 8, "hidden_size": 96, **kw})
     backend = make_backend(config, 1)
     x, weights = make_inputs(Case("decode", config, tokens=140), torch.device("cpu"))
-    alone, alone_routing = backend.forward(x[100:].clone(), weights, return_routing=True)
-    together, routing = backend.forward(x, weights, return_routing=True)
-    assert torch.equal(alone_routing.ids, routing.ids[100:])
-    assert torch.equal(alone_routing.weights, routing.weights[100:])
-    assert torch.equal(alone, together[100:])
+    if config.hidden_size == 1024:
+        assert 40 * config.hidden_size * 4 > max(v.plan.smem_sched_offset for v in backend.variants.values())
+    out, routing = backend.forward(x, weights, return_routing=True)
+    together, ids, routing_weights = out.clone(), routing.ids.clone(), routing.weights.clone()
+    for start in (100, 137):
+        alone, alone_routing = backend.forward(x[start:].clone(), weights, return_routing=True)
+        assert torch.equal(alone_routing.ids, ids[start:]), start
+        assert torch.equal(alone_routing.weights, routing_weights[start:]), start
+        assert torch.equal(alone, together[start:]), start
 
 
 def test_decode_and_prefill_tiles_share_one_heap():

@@ -186,10 +186,11 @@ def load_library(path: Path) -> ctypes.CDLL:
 
 
 def last_stats(lib: ctypes.CDLL) -> dict[str, int]:
-    """Of the library's last launch: fiber switches, virtual ns, fibers, wall-clock ns."""
-    out = (ctypes.c_ulonglong * 4)()
+    """Of the library's last launch (world): fiber switches, virtual ns, fibers, wall-clock ns, and
+    system-scope fences, releases and acquires."""
+    out = (ctypes.c_ulonglong * 5)()
     lib.flashmoe_emu_stats(out)
-    return dict(zip(("switches", "virtual_ns", "fibers", "wall_ns"), (int(v) for v in out)))
+    return dict(zip(("switches", "virtual_ns", "fibers", "wall_ns", "sys_scope"), (int(v) for v in out)))
 
 
 def raise_on_error(rc: int, err: ctypes.Array, what: str) -> None:

@@ -1,7 +1,7 @@
 // Writes into another rank's heap slice. Every remote write of the kernel goes through the
 // functions below, addressed as (rank, byte offset in the slice), which both transports understand:
 //   peer pointers (default): a plain store through Params::peer_bases[rank] (NVLink peer mapping,
-//     or this GPU's own memory for virtual ranks), published by a system-scope release;
+//     or this GPU's own memory for virtual ranks), published by a release at world scope;
 //   NVSHMEM (FLASHMOE_TRANSPORT_NVSHMEM): per peer, the pointer path when peer_bases[rank] != 0
 //     (NVLink, or several PEs on one GPU) and one-sided NVSHMEM puts when it is 0 (other nodes);
 //     see transport_nvshmem.cuh.
@@ -27,6 +27,26 @@ __device__ __forceinline__ u64 region_off(const Params& p, RegionId id, int bank
   return p.region_offset[id] + (u64)bank * p.region_stride[id];
 }
 
+// ---- world scope -------------------------------------------------------------------------------
+// What orders a rank's writes for the other ranks. When every rank of the world runs in this
+// launch (virtual ranks on one GPU) no other GPU, process or launch reads the heap while it runs,
+// so gpu scope does what system scope would, without waiting for the system's ordering point;
+// otherwise peers on other GPUs read it, and it takes system scope. A uniform branch per call.
+
+__device__ __forceinline__ bool world_in_launch(const Params& p) { return p.num_local_ranks == p.world; }
+
+__device__ __forceinline__ void fence_world(const Params& p) {
+  if (world_in_launch(p)) fence_acq_rel_gpu();
+  else fence_acq_rel_sys();
+}
+__device__ __forceinline__ u32 ld_acquire_world(const Params& p, const u32* flag) {
+  return world_in_launch(p) ? ld_acquire_gpu(flag) : ld_acquire_sys(flag);
+}
+__device__ __forceinline__ void st_release_world(const Params& p, u32* flag, u32 v) {
+  if (world_in_launch(p)) st_release_gpu(flag, v);
+  else st_release_sys(flag, v);
+}
+
 // ---- the pointer path (both transports) --------------------------------------------------------
 
 __device__ __forceinline__ void ptr_store_u32(const Params& p, int rank, u64 off, u32 v) {
@@ -43,8 +63,8 @@ __device__ __forceinline__ void ptr_copy_warp(const Params& p, int rank, u64 off
 // Publishes every write this thread made or observed (the callers reach here after a block
 // barrier, so that covers the whole block's writes), then the flag.
 __device__ __forceinline__ void ptr_signal(const Params& p, int rank, u64 off, u32 value) {
-  fence_acq_rel_sys();
-  st_release_sys(reinterpret_cast<u32*>(peer_slice(p, rank) + off), value);
+  fence_world(p);
+  st_release_world(p, reinterpret_cast<u32*>(peer_slice(p, rank) + off), value);
 }
 
 }  // namespace flashmoe
@@ -76,7 +96,7 @@ __device__ __forceinline__ void remote_signal(const Params& p, int rank, u64 off
 // Stores complete when they are made: nothing to wait for.
 __device__ __forceinline__ void remote_complete(const Params&) {}
 
-// ld.acquire.sys of the flag already ordered the writer's stores.
+// The acquire load of the flag already ordered the writer's stores.
 __device__ __forceinline__ void remote_acquired(const Params&, int, const u32*) {}
 
 template <class G>

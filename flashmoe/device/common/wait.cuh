@@ -96,12 +96,13 @@ __device__ __forceinline__ bool bounded_wait(const Params& p, const Ctx& c, Wait
   }
 }
 
-// One thread spins until *flag reaches target (acquire at the given scope). False: timed out or
-// the launch was aborted; the error is recorded.
-template <bool kSys>
+// One thread spins until *flag reaches target: an acquire at world scope when another rank
+// writes the flag (kPeer), else at gpu scope. False: timed out or the launch was aborted; the
+// error is recorded.
+template <bool kPeer>
 __device__ bool wait_reached(const Params& p, const Ctx& c, const u32* flag, u32 target, WaitSite site) {
   return bounded_wait<true>(p, c, site, target, [&](u32& seen) {
-    const u32 v = kSys ? ld_acquire_sys(flag) : ld_acquire_gpu(flag);
+    const u32 v = kPeer ? ld_acquire_world(p, flag) : ld_acquire_gpu(flag);
     seen = v;
     return reached(v, target);
   });
@@ -109,15 +110,15 @@ __device__ bool wait_reached(const Params& p, const Ctx& c, const u32* flag, u32
 
 // Group versions (device/common/group.cuh; the whole block by default): the group's first thread
 // waits, the others learn the outcome through `scratch`, a shared word of the group's.
-template <bool kSys, class G = Block>
+template <bool kPeer, class G = Block>
 __device__ __forceinline__ bool block_wait(const Params& p, const Ctx& c, const u32* flag, u32 target,
                                            WaitSite site, volatile u32* scratch) {
   G::sync();
   if (G::rank() == 0) {
-    const bool ok = wait_reached<kSys>(p, c, flag, target, site);
-    // System-scope flags are written by rank site.index; its transport may need a step before
-    // its data is visible (NVSHMEM over a NIC).
-    if (kSys && ok) remote_acquired(p, site.index, flag);
+    const bool ok = wait_reached<kPeer>(p, c, flag, target, site);
+    // Rank site.index wrote the flag; its transport may need a step before its data is visible
+    // (NVSHMEM over a NIC).
+    if (kPeer && ok) remote_acquired(p, site.index, flag);
     *scratch = ok ? 1u : 0u;
   }
   G::sync();
@@ -132,11 +133,11 @@ __device__ void count_and_signal(const Params& p, const Ctx& c, u32 which, Regio
   if (threadIdx.x >= 32) return;
   u32 last = 0;
   if (threadIdx.x == 0) {
-    fence_acq_rel_sys();
+    fence_world(p);
     u32* counter = region<u32>(p, c.slice, kSyncCounters, c.bank) + which;
     last = atomic_add_relaxed_gpu(counter, 1) == static_cast<u32>(p.blocks_per_rank - 1);
     if (last) {
-      fence_acq_rel_sys();   // every block's writes, seen through the counter
+      fence_world(p);        // every block's writes, seen through the counter
       remote_complete(p);    // and every put of theirs has left its source
     }
   }
@@ -154,11 +155,11 @@ __device__ __forceinline__ bool rank_barrier(const Params& p, const Ctx& c, u32 
   __syncthreads();
   if (threadIdx.x == 0) {
     // Publish this block's writes (including remote ones) before arriving.
-    fence_acq_rel_sys();
+    fence_world(p);
     atomic_add_relaxed_gpu(counter, 1);
     const bool ok = wait_reached<false>(p, c, counter, generation * p.blocks_per_rank,
                                         WaitSite{role, kWaitBarrier, generation});
-    fence_acq_rel_sys();
+    fence_world(p);
     *scratch = ok ? 1u : 0u;
   }
   __syncthreads();

@@ -108,7 +108,8 @@ void init_context(Context& c, char* stack_lo, size_t bytes, void (*entry)()) {
 World* G = nullptr;   // the world being run
 thread_local bool in_fiber = false;
 std::mutex run_mutex;   // one world runs at a time per library: `current` and G are global
-u64 last_stats[4] = {0, 0, 0, 0};   // switches, virtual ns, fibers, wall ns of the last world
+u64 last_stats[5] = {0, 0, 0, 0, 0};   // switches, virtual ns, fibers, wall ns, system-scope
+                                      // operations of the last world
 
 const char* op_name(WarpOp op) {
   switch (op) {
@@ -361,6 +362,8 @@ void sleep_for(u32 ns) {
 
 u64 now_ns() { return G->clock; }
 
+void count_sys_scope() { ++G->sys_scope; }
+
 void block_barrier() {
   Fiber* f = G->running;
   BlockState& b = f->launch->blocks[f->view.block.x];
@@ -585,6 +588,7 @@ void world_free(void* world) {
   last_stats[1] = w->clock;
   last_stats[2] = w->fibers_total;
   last_stats[3] = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - w->wall0).count();
+  last_stats[4] = w->sys_scope;
   delete w;
 }
 
@@ -605,7 +609,8 @@ int launch(int grid, int block, u64 smem_bytes, u64 seed, void (*body)(void*), v
 
 }  // namespace flashmoe::emu
 
-// Switches, virtual nanoseconds, fibers and wall-clock nanoseconds of the last world freed.
+// Switches, virtual nanoseconds, fibers, wall-clock nanoseconds and system-scope operations of the
+// last world freed.
 FLASHMOE_EMU_EXPORT void flashmoe_emu_stats(unsigned long long* out) {
-  for (int i = 0; i < 4; ++i) out[i] = flashmoe::emu::last_stats[i];
+  for (int i = 0; i < 5; ++i) out[i] = flashmoe::emu::last_stats[i];
 }

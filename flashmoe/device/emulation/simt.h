@@ -68,6 +68,7 @@ inline u8* dynamic_smem() { return current->smem; }
 void yield();                                  // let every other runnable fiber run once
 void sleep_for(u32 ns);                        // park until the virtual clock has advanced by ns
 u64 now_ns();                                  // the virtual clock
+void count_sys_scope();                        // a system-scope fence, release or acquire
 void block_barrier();                          // __syncthreads
 int named_barrier(u32 id, u32 threads, int pred); // bar.red.or id, threads (bar.sync: pred ignored)
 [[noreturn]] void fatal(const char* fmt, ...); // end the launch with this message
@@ -291,16 +292,22 @@ inline void store_u32(void* p, u32 v) {
   else *static_cast<volatile u32*>(p) = v;
 }
 inline void release_u32(u32* p, u32 v, bool sys) {
+  if (sys) count_sys_scope();
   if (weak_memory) wm_release(p, v, sys);
   else *reinterpret_cast<volatile u32*>(p) = v;
 }
 inline void fence(bool sys) {
   yield();
+  if (sys) count_sys_scope();
   if (weak_memory) wm_fence(sys);
 }
 }  // namespace emu
 inline u32 ld_acquire_gpu(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadAcquire); }
-inline u32 ld_acquire_sys(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadAcquire); }
+inline u32 ld_acquire_sys(const u32* p) {
+  emu::yield();
+  emu::count_sys_scope();
+  return emu::load_u32(p, emu::kLoadAcquire);
+}
 inline u32 ld_relaxed_gpu(const u32* p) { emu::yield(); return emu::load_u32(p, emu::kLoadCg); }
 inline void st_release_gpu(u32* p, u32 v) { emu::release_u32(p, v, false); }
 inline void st_release_sys(u32* p, u32 v) { emu::release_u32(p, v, true); }

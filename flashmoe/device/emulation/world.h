@@ -201,6 +201,7 @@ struct World {
   std::vector<Launch*> active;                     // started and not finished
   std::deque<int> completed;                       // finished, not yet reported by world_run
   u64 fibers_total = 0;
+  u64 sys_scope = 0;   // system-scope fences, releases and acquires (emu::count_sys_scope)
   Context sched;
   Fiber* running = nullptr;
   std::string error;

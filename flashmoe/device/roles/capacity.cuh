@@ -105,7 +105,7 @@ __device__ bool select_expert(const Params& p, const Ctx& c, const TaskMap& tm, 
   }
   G::sync();
   if (G::rank() == 0) {
-    fence_acq_rel_sys();   // kept list (read by this rank's tiles) and drop marks (home ranks)
+    fence_world(p);        // kept list (read by this rank's tiles) and drop marks (home ranks)
     st_release_gpu(region<u32>(p, c.slice, kSelectDone, c.bank) + e, 1);
     trace_record(p, c, scope, kTaskSelect, e, total);
   }
