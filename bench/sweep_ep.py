@@ -1,6 +1,7 @@
 """Expert parallelism on one GPU: flashmoe with W virtual ranks against bulk-synchronous EP.
 
     python bench/sweep_ep.py [--configs ...] [--tokens ...] [--worlds 1 2 4 8] [--repeats N]
+                             [--routing skewed]
     python bench/sweep_ep.py --dry-run                   # CPU, tiny shapes, reference backend
     torchrun --nproc_per_node=N bench/sweep_ep.py --multiprocess    # see sweep_multiprocess
 
@@ -10,6 +11,9 @@ bulk-synchronous baseline of ``bench/baselines.py`` for the same W. Every output
 against the same fp32 reference (``flashmoe.accuracy`` rule): all W agree within the project
 tolerance exactly when every row is correct. Reported: time, time(W) / time(W=1) per provider
 (flashmoe's target: W=8 within 1.15x of W=1) and the speed-up over bulk-synchronous at each W.
+``--routing skewed`` favours the first E / 8 experts (``flashmoe.checks.routing_shift``), all on
+the first ranks: the busiest rank's share of the expert rows over the mean (``rank_load``) is
+printed beside the time, which shows what a rank's fixed share of the blocks costs under skew.
 Writes ``bench/results/ep_<device>_<date>.{csv,json,png}``.
 """
 
@@ -29,15 +33,16 @@ import torch
 from bench import layers, providers, report, timing
 from bench.measure import measure
 from flashmoe import FlashMoELayer, reference
+from flashmoe.checks import routing_shift
 
 PROVIDERS = ("flashmoe", "bulk_sync")
 RATIO_TARGET = 1.15       # flashmoe's goal for time(W=8) / time(W=1); reported, never asserted
-COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "tokens", "world", "provider",
-           "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
+COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "tokens", "routing", "world",
+           "rank_load", "provider", "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
            "pct_matmul", "weight_gbps", "pct_copy", "max_abs_err", "tol", "correct", "route_agree",
            "ratio_vs_w1", "speedup_vs_bulk_sync", "note"]
 TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("world", "W", ""),
-         ("provider", "provider", ""), ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"),
+         ("rank_load", "load", ".3g"), ("provider", "provider", ""), ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"),
          ("pct_matmul", "%mm", ".3g"), ("ratio_vs_w1", "W/W1", ".3f"),
          ("speedup_vs_bulk_sync", "x bulk", ".3g"), ("max_abs_err", "err", ".2e"),
          ("tol", "tol", ".2e"), ("status", "status", "")]
@@ -50,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help="total tokens per forward (default 4096 16384; 32 with --dry-run)")
     p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--routing", default="uniform", choices=("uniform", "skewed"),
+                   help="skewed: the first E / 8 experts (the first ranks') get most of the rows")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 30; 2 dry)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 1 dry)")
@@ -91,6 +98,10 @@ def sweep_virtual(args, device: torch.device) -> int:
                      experts=config.num_experts, top_k=config.top_k)
         source = FlashMoELayer(config, backend="reference" if args.dry_run else "kernel",
                                device=device, max_tokens=max(args.tokens))
+        shift = routing_shift(args.routing, config, torch.Generator().manual_seed(args.seed))
+        if shift is not None:
+            with torch.no_grad():
+                source.router_weight += shift[1].to(source.router_weight)
         weights = source.weights()
         mine: list[dict] = []
         for world in args.worlds:
@@ -99,15 +110,19 @@ def sweep_virtual(args, device: torch.device) -> int:
                 # Same seed per token count: every W sees the same inputs.
                 inputs = timing.rotating_inputs((tokens, config.hidden_size), config.torch_dtype,
                                                 device, seed=args.seed + tokens)
+                if shift is not None:
+                    inputs = [(x.float() + shift[0].to(device)).to(x.dtype) for x in inputs]
                 with torch.inference_mode():
                     ref_routing = reference.route(inputs[0], weights, config)
+                load = None if config.num_experts % world else rank_load(ref_routing, config.num_experts, world)
                 for pname, p in made.items():
                     if isinstance(p, str):
                         row = {"provider": pname, "tokens": tokens, "status": f"skipped: {p}"}
                     else:
                         row = measure(p, inputs, weights, config, ref_routing, ceilings,
                                       warmup=args.warmup, repeats=args.repeats, graph=args.cuda_graph)
-                    row.update(shape, world=world, series=f"{pname} T={tokens}")
+                    row.update(shape, routing=args.routing, world=world, rank_load=load,
+                               series=f"{pname} T={tokens}")
                     mine.append(row)
                     show(row)
                 report.write_results(stem, COLUMNS, rows + mine, meta, ceilings)
@@ -126,6 +141,12 @@ def sweep_virtual(args, device: torch.device) -> int:
     png = _plot(stem, rows, meta)
     print(f"wrote {stem}.csv, {stem}.json" + (f", {png}" if png else ""))
     return 0
+
+
+def rank_load(routing: reference.Routing, num_experts: int, world: int) -> float:
+    """The busiest rank's expert rows (routed (token, slot) pairs) over the mean of the W ranks."""
+    rows = torch.bincount((routing.ids.flatten() // (num_experts // world)).cpu(), minlength=world)
+    return float(rows.max() / rows.float().mean()) if rows.sum() else 1.0
 
 
 def _plot(stem, rows, meta):

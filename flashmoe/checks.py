@@ -74,26 +74,36 @@ class CaseResult:
         return d
 
 
+def routing_shift(routing: str, config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What shapes a routing of ``ROUTINGS`` (CPU, fp32): ``(x_shift [H], router_shift [E, H])``
+    to add to every token and to the router rows, or None for 'uniform'. Both follow one random
+    direction every token shares: 'skewed' makes the first E / 8 experts favour it (a few popular
+    experts, all on the first ranks), 'single' makes k experts favour it so strongly that every
+    token picks them."""
+    if routing == "uniform":
+        return None
+    E = config.num_experts
+    d = torch.randn(config.hidden_size, generator=generator)
+    d = d / d.norm()
+    strength = torch.zeros(E)
+    if routing == "single":
+        strength[:config.top_k] = 20.0
+    else:
+        strength[:max(1, E // 8)] = 3.0
+    return 2.0 * d, strength[:, None] * d
+
+
 def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
-    """Random x and weights with O(1) outputs. ``routing`` shapes the router: 'skewed' adds a
-    direction every token shares and makes a few experts favour it; 'single' makes k experts
-    favour it so strongly that every token picks them."""
+    """Random x and weights with O(1) outputs, routed as ``case.routing`` asks (routing_shift)."""
     cfg = case.config
     g = torch.Generator(device="cpu").manual_seed(case.seed)
     E, H, I, dt = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.torch_dtype
     randn = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
     x = randn(case.tokens, H)
     router = randn(E, H, scale=H ** -0.5)
-    if case.routing != "uniform":
-        d = randn(H)
-        d = d / d.norm()
-        x = x + 2.0 * d
-        strength = torch.zeros(E)
-        if case.routing == "single":
-            strength[:cfg.top_k] = 20.0
-        else:
-            strength[:max(1, E // 8)] = 3.0
-        router = router + strength[:, None] * d
+    shift = routing_shift(case.routing, cfg, g)
+    if shift is not None:
+        x, router = x + shift[0], router + shift[1]
     Iu = cfg.up_rows
     w = MoEWeights(router_weight=router,
                    gate_up_proj=randn(E, Iu, H, scale=H ** -0.5),

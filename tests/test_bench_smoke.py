@@ -70,6 +70,19 @@ def test_sweep_ep_dry_run(tmp_path):
         assert r["ratio_vs_w1"] != "" and r["speedup_vs_bulk_sync"] != ""
 
 
+def test_sweep_ep_skewed_routing_loads_the_first_ranks(tmp_path):
+    """--routing skewed: the same skew at every W (flashmoe.checks.routing_shift), so W = 1 is
+    balanced by definition and the first of W = 8 ranks gets several times its share."""
+    args = ["--dry-run", "--tokens", "64", "--configs", "qwen3-30b-a3b", "--worlds", "1", "8",
+            "--routing", "skewed", "--out-dir", str(tmp_path)]
+    assert sweep_ep.main(args) == 0
+    rows = _outputs(tmp_path, "ep_dryrun_")["csv"]
+    assert {r["routing"] for r in rows} == {"skewed"}
+    load = {r["world"]: float(r["rank_load"]) for r in rows}
+    assert load["1"] == 1.0 and load["8"] > 2.0, load
+    assert all(r["status"] == "ok" and float(r["max_abs_err"]) <= float(r["tol"]) for r in rows)
+
+
 def test_sweep_ep_world_that_does_not_divide_the_experts_is_skipped_with_a_reason(tmp_path):
     args = ["--dry-run", "--tokens", "16", "--configs", "mixtral-8x7b", "--worlds", "1", "3",
             "--out-dir", str(tmp_path)]

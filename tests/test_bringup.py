@@ -48,8 +48,8 @@ def test_emulated_kit_runs_every_stage_it_can_and_says_why_not_for_the_rest(tmp_
     cases = [r for r in lines if r["type"] == "case"]
     assert all(r["passed"] is not False for r in cases)
     probes = {r["case"] for r in cases if r["stage"] == "probes"}
-    for part in ("tile nb=2", "tile nb=1", "TMA 4-D box", "bounded mbarrier wait", "router", "router, decode",
-                 "bounded flag wait", "trace records"):
+    for part in ("tile nb=2", "tile nb=1", "TMA 4-D box", "bounded mbarrier wait", "router", "router, 70 tokens",
+                 "router, 5 tokens", "bounded flag wait", "trace records"):
         assert any(part in name for name in probes), part
     graph = [r for r in cases if "CUDA graph" in r["case"]]
     assert graph and graph[0]["passed"] is None and "GPU" in graph[0]["skipped"]

@@ -110,7 +110,7 @@ def test_the_component_probes_pass():
     spec = gpu_probe_specs(arch_for_capability(*torch.cuda.get_device_capability(device)))[0]
     runner = P.ProbeRunner(spec, device)
     results = [P.check_tile(runner, nb, 200, use_tma=spec.gemm == "wgmma") for nb in (2, 1)]
-    results += [P.check_router(runner, selftest._cfg(num_experts=64, top_k=4), tokens) for tokens in (300, 70)]
+    results += [P.check_router(runner, selftest._cfg(num_experts=64, top_k=4), tokens) for tokens in (300, 70, 5)]
     results += [P.check_wait(runner),
                 P.check_trace(runner)]
     if spec.gemm == "wgmma":
