@@ -17,8 +17,8 @@ PLANTED = {
     # Ranks in separate launches (other GPUs) see each other's writes only through system scope;
     # gpu scope there leaves them in the writer's GPU.
     "world-scope": ("flashmoe/device/common/transport.cuh",
-                    "{ return p.num_local_ranks == p.world; }",
-                    "{ return true; }"),
+                    "  return !FLASHMOE_TRANSPORT_NVSHMEM && p.num_local_ranks == p.world;",
+                    "  return true;"),
     # A GEMM0 tile's rows reach the GEMM1 tiles of other blocks through the fence before the
     # tile's done-counter.
     "gemm0-fence": ("flashmoe/device/roles/expert_gemm.cuh",

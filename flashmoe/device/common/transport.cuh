@@ -29,11 +29,15 @@ __device__ __forceinline__ u64 region_off(const Params& p, RegionId id, int bank
 
 // ---- world scope -------------------------------------------------------------------------------
 // What orders a rank's writes for the other ranks. When every rank of the world runs in this
-// launch (virtual ranks on one GPU) no other GPU, process or launch reads the heap while it runs,
-// so gpu scope does what system scope would, without waiting for the system's ordering point;
-// otherwise peers on other GPUs read it, and it takes system scope. A uniform branch per call.
+// launch (virtual ranks on one GPU) and writes by pointer, no other GPU, process or launch reads
+// the heap while it runs, so gpu scope does what system scope would, without waiting for the
+// system's ordering point; otherwise peers on other GPUs read it, and it takes system scope, as
+// it does under the NVSHMEM transport, whose puts the library may carry outside the launch. A
+// uniform branch per call.
 
-__device__ __forceinline__ bool world_in_launch(const Params& p) { return p.num_local_ranks == p.world; }
+__device__ __forceinline__ bool world_in_launch(const Params& p) {
+  return !FLASHMOE_TRANSPORT_NVSHMEM && p.num_local_ranks == p.world;
+}
 
 __device__ __forceinline__ void fence_world(const Params& p) {
   if (world_in_launch(p)) fence_acq_rel_gpu();
