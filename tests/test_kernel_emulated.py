@@ -137,8 +137,8 @@ def test_stalled_rank_times_out_with_a_record_and_recovers():
 
 @pytest.mark.parametrize("kw", [dict(), dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
                                             num_shared_experts=1, shared_expert_gate=True),
-                                 dict(hidden_size=1024), dict(num_experts=128)],
-                         ids=["softmax", "deepseek-shared-gate", "wide", "many-experts"])
+                                 dict(hidden_size=1024), dict(num_experts=128), dict(dtype="float32")],
+                         ids=["softmax", "deepseek-shared-gate", "wide", "many-experts", "fp32"])
 def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
     """The router shares the logits out three ways (router.cuh): with as many chunks as blocks
     (two here) or more, each block routes whole chunks; with fewer, every block takes row slices of
