@@ -40,8 +40,7 @@ __device__ void run_rank(const Params& p, const Ctx& c) {
 
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
   u32 barriers = 0;   // rank barriers so far (their generations count from 1)
-  // Fewer chunks than blocks (decode): every block computes logits first (router.cuh).
-  const bool spread = !kRoutingGiven && nchunks > 0 && nchunks < p.blocks_per_rank;
+  const bool spread = !kRoutingGiven && logits_first(p, nchunks);
   if (spread) {
     spread_logits(p, c, nchunks);
     if (!rank_barrier(p, c, ++barriers, kTaskRoute, scratch)) return;

@@ -152,7 +152,7 @@ flashmoe_probe_router(const __grid_constant__ ProbeArgs a) {
   const Ctx c = make_ctx(p, dynamic_smem());
   volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem + p.smem_scratch_offset);
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
-  const bool spread = nchunks > 0 && nchunks < p.blocks_per_rank;
+  const bool spread = logits_first(p, nchunks);
   if (spread) {
     spread_logits(p, c, nchunks);
     if (!rank_barrier(p, c, 1, kTaskRoute, scratch)) return;

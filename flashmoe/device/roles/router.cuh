@@ -224,6 +224,12 @@ __device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int
     store_logit(p, c, t0 + threadIdx.x / ne, e0 + threadIdx.x % ne, total);
 }
 
+// Whether the rank computes its logits first, every block a share (spread_logits, then a rank
+// barrier), rather than each block its own chunks inside route_chunk: with fewer chunks than blocks.
+__device__ __forceinline__ bool logits_first(const Params& p, int nchunks) {
+  return nchunks > 0 && nchunks < p.blocks_per_rank;
+}
+
 // With fewer chunks than blocks: the rank's logits, shared out over every block before any chunk
 // selects. Two ways to cut them, and the one with fewer shared-memory reads on the busiest block
 // runs (both are bound by those reads, not by their FMAs):
