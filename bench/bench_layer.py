@@ -30,20 +30,22 @@ from bench.measure import measure, speedups
 from flashmoe import FlashMoELayer, reference
 
 PROVIDERS = ("flashmoe", "torch_loop", "hf_grouped_mm")
+# On request: flashmoe without its wide 128 x 256 tile, to measure what that tile gains.
+EXTRA_PROVIDERS = ("flashmoe_128x128",)
 BASELINES = ("torch_loop", "hf_grouped_mm")
-COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tokens", "provider",
+COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tokens", "provider", "tile",
            "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
            "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "roofline_ms", "bound", "pct_roofline",
            "max_abs_err", "tol", "correct", "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + \
     ["sm_busy", "comm_overlap", "phases", "note"]
-TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""),
+TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""), ("tile", "tile", ""),
          ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"), ("pct_matmul", "%mm", ".3g"),
          ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"), ("roofline_ms", "roof ms", ".3g"),
          ("pct_roofline", "%roof", ".3g"),
          ("max_abs_err", "err", ".2e"), ("tol", "tol", ".2e"), ("route_agree", "route", ".4f"),
          ("speedup_vs_torch_loop", "x loop", ".3g"), ("speedup_vs_hf_grouped_mm", "x hf", ".3g"),
          ("status", "status", "")]
-WIDTHS = {"config": 16, "provider": 13, "tokens": 6}
+WIDTHS = {"config": 16, "provider": 16, "tokens": 6, "tile": 7}
 
 
 def parse_args(argv=None):
@@ -51,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=list(layers.LAYERS), choices=list(layers.LAYERS))
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help=f"default {list(layers.TOKENS)} ({list(layers.DRY_RUN_TOKENS)} with --dry-run)")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + EXTRA_PROVIDERS,
+                   help=f"default {' '.join(PROVIDERS)}; flashmoe_128x128 is flashmoe without the wide tile")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 30; 2 dry)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 1 dry)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -76,8 +79,8 @@ def build_providers(names, source: FlashMoELayer, family: str, dry_run: bool):
     made = {}
     for name in names:
         try:
-            if name == "flashmoe":
-                made[name] = providers.flashmoe(source, dry_run=dry_run)
+            if name in ("flashmoe", "flashmoe_128x128"):
+                made[name] = providers.flashmoe(source, dry_run=dry_run, narrow=name == "flashmoe_128x128")
             elif name == "torch_loop":
                 made[name] = providers.torch_loop(config, weights)
             else:
@@ -140,6 +143,8 @@ def run(args, device: torch.device) -> int:
                     continue
                 group.append(measure(p, inputs, weights, config, ref_routing, ceilings,
                                      warmup=args.warmup, repeats=args.repeats, graph=args.cuda_graph))
+                if pname.startswith("flashmoe") and not args.dry_run:
+                    group[-1]["tile"] = providers.kernel_tile(p.forward)
                 if traced and pname == "flashmoe" and group[-1].get("status") == "ok":
                     group[-1].update(attach_trace(source, f"{stem}_{name}_{tokens}"))
             speedups(group, list(BASELINES))

@@ -34,11 +34,12 @@ if __package__ in (None, ""):       # run as a script: make the repository impor
 
 from bench import layers, metrics
 from flashmoe.config import MoEConfig
-from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_block_m, experts_per_rank
-from flashmoe.host.spec import KernelSpec
+from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_tile, experts_per_rank
+from flashmoe.host.spec import BLOCK_N
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BLOCK_N = KernelSpec().block_n      # B rows per tile; a gated GEMM0 tile splits them gate / up
+# B rows per tile: BLOCK_N (a gated GEMM0 tile splits them gate / up). The model keeps the tile the
+# measured rows it is fitted to ran; the wide 128 x 256 tile waits for a GPU measurement of its own.
 PEAK_BF16 = 989.4                   # TFLOP/s, H100 / H200 SXM dense bf16 (TF32: half)
 # One H200, 2026-11-30 (results/layer_nvidia-h200_20261130-010632.json): its measured ceilings, and
 # the FlashMoE paper layer's flashmoe times (bf16, W = 1) the tile efficiency and fixed cost fit.
@@ -158,7 +159,7 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
 
     # Experts: a local expert gets Binomial(W T, k / E) rows in tiles of bm; the rank's blocks
     # claim GEMM0 tiles (2 bm BN H FLOPs), then GEMM1 tiles (2 bm BN I).
-    bm = choose_block_m(config, tokens * world)
+    bm = choose_tile(config, tokens * world)[0]
     tiles_e, active = expected_tiles(world * tokens, k / E, bm)
     per_b = max(tiles_e / active, 1.0) if active else 1.0   # row tiles sharing one B tile
     cols0 = BLOCK_N // (2 if config.gated else 1)          # intermediate columns of a GEMM0 tile
@@ -231,7 +232,7 @@ def trace_efficiency(path: str, layer: str | None, tokens: int | None) -> tuple[
     layer = layer or (named.group(1) if named and named.group(1) in layers.LAYERS else "flashmoe-paper")
     tokens = tokens or (int(named.group(2)) if named else 16384)
     config = layers.LAYERS[layer][0]
-    bm = choose_block_m(config, tokens)
+    bm = choose_tile(config, tokens)[0]
     rate_us = GPUS["h200"].matmul_tflops * 1e6 / GPUS["h200"].sms     # FLOPs per us per SM
     eff = tuple(2 * bm * BLOCK_N * K / rate_us / med[kind]
                 for K, kind in ((config.hidden_size, "GEMM0"), (config.intermediate_size, "GEMM1")))
@@ -334,7 +335,8 @@ def assumptions(gpu: Gpu, links: Links, knobs: Knobs, trace: dict | None, virtua
         f"an H200 ({gpu.matmul_tflops:.0f} TFLOP/s bf16, {gpu.matmul_tflops / PEAK_BF16:.0%} of the "
         f"{PEAK_BF16} peak; same die and clocks as H100), TF32 at half ({gpu.matmul_tflops / 2:.0f}; "
         f"peak {PEAK_BF16 / 2:.0f}); HBM copy {gpu.copy_gbps:.0f} GB/s.",
-        f"GEMM tiles: 128 rows (64 when an expert averages <= 64, plan.choose_block_m) x {BLOCK_N} B rows, "
+        f"GEMM tiles: 128 rows (64 when an expert averages <= 64, plan.choose_tile) x {BLOCK_N} B rows (the "
+        "wide 128 x 256 tile is not modelled), "
         "K = H (GEMM0) or I (GEMM1); time = max(FLOPs / (per-SM matmul rate x efficiency), HBM bytes / "
         f"per-SM share of the bandwidth); {tiles}.",
         f"fixed cost {knobs.fixed_ms:.3f} ms per forward, fitted with the tiles: what the one-GPU times "

@@ -46,22 +46,24 @@ def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
 
 
 def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int | None = None,
-             dry_run: bool = False) -> Provider:
+             dry_run: bool = False, narrow: bool = False) -> Provider:
     """The flashmoe layer on ``source``'s weights. On a GPU the kernel backend is forced (a
     silent fallback to the reference must never be timed as flashmoe); a dry run uses the
-    reference backend."""
+    reference backend. ``narrow``: without the wide 128 x 256 tile (provider "flashmoe_128x128"),
+    so that one run measures what the wide tile gains."""
     config = source.config
     device = source.router_weight.device
     if not dry_run:
         reason = backend_select.kernel_unavailable_reason(config, device, virtual_world)
         if reason:
             raise Unavailable(f"flashmoe kernel: {reason}")
-    if virtual_world == 1 and max_tokens in (None, source.max_tokens):
+    options = {"spec": narrow_specs(config, device)} if narrow and not dry_run else None
+    if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
         layer = source
     else:
         # Built on the meta device, then given the source's tensors.
         layer = FlashMoELayer(config, backend=source.backend, virtual_world=virtual_world,
-                              device="meta", max_tokens=max_tokens)
+                              device="meta", max_tokens=max_tokens or source.max_tokens, kernel_options=options)
         share_weights(layer, source)
 
     def checked(x2d):
@@ -80,7 +82,23 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
         if x2d.device.type == "cuda":
             torch.cuda.synchronize(x2d.device)
 
-    return Provider("flashmoe", layer, checked, finish)
+    return Provider("flashmoe_128x128" if narrow else "flashmoe", layer, checked, finish)
+
+
+def narrow_specs(config: MoEConfig, device) -> list:
+    """The kernel's prefill and decode specs for ``device`` without the wide tile."""
+    from flashmoe.host.backend import _device_info
+    from flashmoe.host.spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, select_spec
+    info = _device_info(torch.device(device))
+    return [select_spec(config.dtype, config.gated, info.arch, info.max_smem_per_block, bm)
+            for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+
+
+def kernel_tile(layer: FlashMoELayer) -> str | None:
+    """The GEMM tile of ``layer``'s last kernel launch, as "BMxBN" (None: no kernel launch)."""
+    kernel = layer._kernel
+    last = getattr(kernel, "_last", None)
+    return f"{last.spec.block_m}x{last.spec.block_n}" if last is not None else None
 
 
 def torch_loop(config: MoEConfig, weights: MoEWeights) -> Provider:

@@ -98,16 +98,16 @@ def test_unknown_stages_are_refused(tmp_path):
         runner.main(["--out", str(tmp_path), "--stages", "environment,warp_drive"])
 
 
-@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
-def test_probes_compile_without_spills(arch, tmp_path, monkeypatch):
-    """The probe unit of the kit's first probe build per arch (wgmma on Hopper, mma_sync on sm_80):
-    every probe kernel is in the cubin, none spills."""
+@pytest.mark.parametrize("arch,wide", [("sm_90a", False), ("sm_90a", True), ("sm_80", False)])
+def test_probes_compile_without_spills(arch, wide, tmp_path, monkeypatch):
+    """The probe unit of the kit's first probe build per arch (wgmma on Hopper, mma_sync on sm_80),
+    and of its wide-tile build: every probe kernel is in the cubin, none spills."""
     from flashmoe.bringup.probes import probe_spec
     from flashmoe.bringup.stages import gpu_probe_specs
     from flashmoe.host import compile as C
     from flashmoe.host import cubin
     monkeypatch.setenv(C.CACHE_DIR_ENV, str(tmp_path))
-    spec = probe_spec(gpu_probe_specs(arch)[0])
+    spec = probe_spec(next(s for s in gpu_probe_specs(arch) if (s.block_n == 256) == wide))
     kernel = C.compile_spec(spec, unit="probes")
     assert kernel.resources.spill_bytes == 0 and kernel.resources.stack_bytes == 0, kernel.resources
     names = ["flashmoe_probe_tile", "flashmoe_probe_router", "flashmoe_probe_wait", "flashmoe_probe_trace"]

@@ -407,3 +407,28 @@ def test_reference_without_tokens(config, lead):
     assert out.shape == x.shape and out.dtype == x.dtype
     r = ref.route(x.reshape(0, config.hidden_size), weights, config)
     assert r.ids.shape == r.weights.shape == r.kept.shape == (0, config.top_k)
+
+
+def test_tile_by_shape():
+    """plan.choose_tile: the decode tile up to 64 rows an expert, then the wide tile once a rank has
+    WIDE_MIN_ROUNDS wide tiles a block, else the 128 x 128 tile; routed_tiles counts as the plan's
+    column tiles do."""
+    config = MoEConfig(hidden_size=256, intermediate_size=256, num_experts=4, top_k=1)
+    # An expert averages T / 4 rows: 256 tokens are 64 (decode), 257 are 65.
+    assert plan_mod.choose_tile(config, 256, blocks_per_rank=1) == (64, 128)
+    # 4 experts x 1 row tile x (2 GEMM0 + 1 GEMM1 column tiles of 256) = 12 wide tiles.
+    assert plan_mod.routed_tiles(config, 257, 1, 128, 256) == 12
+    assert plan_mod.choose_tile(config, 257, blocks_per_rank=3) == (128, 256)      # 4 rounds of 3 blocks
+    assert plan_mod.choose_tile(config, 257, blocks_per_rank=4) == (128, 128)      # 3 rounds of 4
+    assert plan_mod.choose_tile(config, 513, blocks_per_rank=4) == (128, 256)      # 2 row tiles: 24
+    # Ranks: each holds E / W experts, so half the tiles a rank at W = 2.
+    assert plan_mod.routed_tiles(config, 257, 2, 128, 256) == 6
+    assert plan_mod.choose_tile(config, 257, world=2, blocks_per_rank=3) == (128, 128)
+    for bn in (128, 256):
+        for gated in (True, False):
+            cfg = MoEConfig(hidden_size=320, intermediate_size=288, num_experts=8, top_k=2, gated=gated)
+            spec = KernelSpec(arch="sm_90a", gemm="wgmma", block_n=bn, threads=384, stages=2, gated=gated)
+            plan = plan_mod.make_plan(cfg, spec, world=2, max_tokens=600)
+            rows = math.ceil(600 * 2 / 8)
+            assert plan_mod.routed_tiles(cfg, 600, 2, 128, bn) == \
+                4 * math.ceil(rows / 128) * (plan.gemm0_col_tiles(288) + plan.gemm1_col_tiles())

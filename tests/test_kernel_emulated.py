@@ -164,13 +164,13 @@ def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
 
 def test_decode_and_prefill_tiles_share_one_heap():
     """Two kernels (128- and 64-row tiles) over one heap: each forward runs the tile
-    plan.choose_block_m picks for its size, alternating launches keep the shared epoch, banks and
+    plan.choose_tile picks for its size, alternating launches keep the shared epoch, banks and
     flags consistent, and every result matches the reference."""
     config = cfg(num_experts=4, top_k=2)
     tiles = [spec_for(config, SHIPPED), spec_for(config, dict(SHIPPED, block_m=64))]
     backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S,
                             error_check="sync", spec=tiles)
-    assert sorted(backend.variants) == [64, 128] and backend.plan.row_tile == 64
+    assert sorted(backend.variants) == [(64, 128), (128, 128)] and backend.plan.row_tile == 64
     # 4 experts, k = 2: up to 128 tokens give <= 64 rows per expert (decode tile), more do not.
     for i, tokens in enumerate((100, 150, 3, 140)):
         expected = 64 if tokens * 2 / 4 <= 64 else 128

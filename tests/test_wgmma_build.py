@@ -41,16 +41,52 @@ SWIZZLE_ATOM = 1024          # bytes: 8 rows of 128 bytes, the 128B swizzle patt
 def test_shipped_and_selected():
     assert {(s.dtype, s.gated) for s in WGMMA_SPECS} == {(d, g) for d in ("bfloat16", "float16", "float32")
                                                          for g in (True, False)}
-    # The prefill tile: a producer and two consumer warpgroups; the decode tile: one consumer.
+    # The prefill tiles: a producer and two consumer warpgroups; the decode tile: one consumer.
     for s in WGMMA_SPECS:
-        assert (s.arch, s.block_n) == ("sm_90a", 128)
-        assert (s.block_m, s.threads) in ((128, 384), (64, 256))
-    assert {s.block_m for s in WGMMA_SPECS} == {64, 128}
+        assert s.arch == "sm_90a"
+        assert (s.block_m, s.block_n, s.threads) in ((128, 128, 384), (128, 256, 384), (64, 128, 256))
+    assert {(s.block_m, s.block_n) for s in WGMMA_SPECS} == {(64, 128), (128, 128), (128, 256)}
+    # The wide tile for the 2-byte dtypes only: fp32's 128 x 256 epilogue tile leaves no stage room.
+    assert {(s.dtype, s.gated) for s in WGMMA_SPECS if s.block_n == 256 and s.routing == "router"} == \
+        {(d, g) for d in ("bfloat16", "float16") for g in (True, False)}
+    assert all(s.stages == 3 for s in WGMMA_SPECS if s.block_n == 256)
     # Every sm_90a spec shipped is wgmma; mma_sync stays for sm_80 (and compiles on demand on sm_90a).
     assert all(s.gemm == "wgmma" for s in shipped_specs() if s.arch == "sm_90a")
     assert all(s.gemm == "mma_sync" for s in shipped_specs() if s.arch == "sm_80")
     assert select_spec("bfloat16", True, "sm_90a", 227 * 1024).gemm == "wgmma"
     assert select_spec("float32", False, "sm_80", 163 * 1024).gemm == "mma_sync"
+
+
+@pytest.mark.parametrize("arch,dtype,transport,experts,tiles", [
+    ("sm_90a", "bfloat16", "peer", 128, {(128, 256), (128, 128), (64, 128)}),
+    ("sm_90a", "float16", "peer", 128, {(128, 256), (128, 128), (64, 128)}),
+    ("sm_90a", "float32", "peer", 128, {(128, 128), (64, 128)}),        # no stage room next to its epilogue
+    ("sm_90a", "bfloat16", "nvshmem", 128, {(128, 128), (64, 128)}),    # its wide build spills
+    ("sm_90a", "bfloat16", "peer", 512, {(128, 128), (64, 128)}),       # the task map leaves it no room
+    ("sm_80", "bfloat16", "peer", 128, {(128, 128), (64, 128)}),        # mma_sync
+])
+def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):
+    """The kernels a backend builds by default for a device: the wide tile where it is built and
+    fits, and every one of them fits the device's shared memory with its plan."""
+    from flashmoe.host.backend import KernelBackend
+    config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=experts, top_k=8, dtype=dtype)
+    backend = KernelBackend.__new__(KernelBackend)      # the spec choice only: no device, no launch
+    backend.config, backend.world, backend.trace_capacity = config, 1, 0
+    backend.device_info = DeviceInfo.for_arch(arch)
+    backend._set_specs(None, transport=transport)
+    assert set(backend.variants) == tiles
+    assert next(iter(backend.variants)) == max(tiles) and backend.row_tile == 64
+    for v in backend.variants.values():
+        assert make_plan(config, v.spec, max_tokens=4096).smem_bytes <= backend.device_info.max_smem_per_block
+
+
+def test_nvshmem_runs_narrow_tiles_only():
+    from flashmoe.host.backend import KernelBackend
+    config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)
+    backend = KernelBackend.__new__(KernelBackend)
+    backend.config, backend.world, backend.trace_capacity = config, 1, 0
+    with pytest.raises(ValueError, match="NVSHMEM transport runs tiles of at most 128 columns"):
+        backend._set_specs([wgmma_spec("bfloat16", True, 3, 128, 256)], transport="nvshmem")
 
 
 def test_spec_validation():
@@ -257,8 +293,8 @@ def kernel(spec, cache_dir, monkeypatch):
     return C.compile_spec(spec)
 
 
-HGMMA_SHAPE = {"bfloat16": "HGMMA.64x128x16.F32.BF16", "float16": "HGMMA.64x128x16.F32",
-               "float32": "HGMMA.64x128x8.F32.TF32"}
+HGMMA_SHAPE = {"bfloat16": "HGMMA.64x{n}x16.F32.BF16", "float16": "HGMMA.64x{n}x16.F32",
+               "float32": "HGMMA.64x{n}x8.F32.TF32"}
 
 
 @pytest.mark.slow
@@ -279,8 +315,8 @@ def test_wgmma_kernel_sass(kernel):
     text = cubin.sass(kernel.cubin)
     counts = cubin.opcode_counts(text)
     shapes = set(re.findall(r"HGMMA\.[0-9x]+\.F32(?:\.[A-Z0-9]+)?", text))
-    assert shapes == {HGMMA_SHAPE[kernel.spec.dtype]}, shapes
-    # One inlined main loop serves both GEMMs: 4 k-steps of one m64n128 instruction per stage.
+    assert shapes == {HGMMA_SHAPE[kernel.spec.dtype].format(n=kernel.spec.block_n)}, shapes
+    # One inlined main loop serves both GEMMs: 4 k-steps of one m64nBN instruction per stage.
     assert counts["HGMMA"] == 4
     assert counts["HMMA"] == 0 and counts["STL"] == counts["LDL"] == 0
     assert "UTMALDG.4D" in text                      # B tiles by TMA

@@ -23,18 +23,20 @@ pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
                                 reason=f"emulator unavailable: {emulator.emulator_available()}")
 
 # The shipped tile (128 x 128) with 3 stages, so K = 200 wraps the stage ring; 384 threads = a
-# producer and two consumer warpgroups; 256 threads = one consumer with two m64 slabs.
-BUILDS = [("bfloat16", 384), ("float16", 384), ("float32", 384), ("bfloat16", 256)]
+# producer and two consumer warpgroups; 256 threads = one consumer with two m64 slabs; the wide
+# tile (128 x 256: one m64n256 wgmma a k-step, 128 accumulators a consumer thread).
+BUILDS = [("bfloat16", 384, 128), ("float16", 384, 128), ("float32", 384, 128), ("bfloat16", 256, 128),
+          ("bfloat16", 384, 256), ("float16", 384, 256)]
 
 
-def spec(dtype: str, threads: int) -> KernelSpec:
-    return KernelSpec(arch="sm_90a", dtype=dtype, gated=True, block_m=128, block_n=128, stages=3,
+def spec(dtype: str, threads: int, block_n: int = 128) -> KernelSpec:
+    return KernelSpec(arch="sm_90a", dtype=dtype, gated=True, block_m=128, block_n=block_n, stages=3,
                       threads=threads, gemm="wgmma")
 
 
 @functools.cache
-def runner(dtype: str, threads: int) -> P.ProbeRunner:
-    return P.ProbeRunner(spec(dtype, threads), torch.device("cpu"))
+def runner(dtype: str, threads: int, block_n: int = 128) -> P.ProbeRunner:
+    return P.ProbeRunner(spec(dtype, threads, block_n), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,12 +46,12 @@ def _prebuilt():
         for b in BUILDS])
 
 
-@pytest.mark.parametrize("dtype,threads", BUILDS, ids=[f"{d}-{t}" for d, t in BUILDS])
+@pytest.mark.parametrize("dtype,threads,block_n", BUILDS, ids=[f"{d}-{t}-bn{n}" for d, t, n in BUILDS])
 @pytest.mark.parametrize("nb", [2, 1])
 @pytest.mark.parametrize("tma", [1, 0], ids=["tma", "cp_async_b"])
 @pytest.mark.parametrize("K", [200, 8])
-def test_wgmma_tile_gathered_gemm(dtype, threads, nb, tma, K):
-    result = P.check_tile(runner(dtype, threads), nb, K, bool(tma), act=0 if nb == 1 else 1)
+def test_wgmma_tile_gathered_gemm(dtype, threads, block_n, nb, tma, K):
+    result = P.check_tile(runner(dtype, threads, block_n), nb, K, bool(tma), act=0 if nb == 1 else 1)
     assert result["passed"], result
 
 

@@ -27,6 +27,9 @@ TIMEOUT_S = 0.05
 # so a 3-k-tile GEMM (H or I = 160..192) wraps it inside a tile and at every tile boundary.
 PREFILL = dict(block_m=128, threads=384, stages=2)
 DECODE = dict(block_m=64, threads=256, stages=2)
+# The wide prefill tile: 128 x 256, a gated GEMM0 tile 128 intermediate columns, 128 accumulators
+# a consumer thread (m64n256 wgmma).
+WIDE = dict(block_m=128, block_n=256, threads=384, stages=2)
 
 
 def cfg(**kw) -> MoEConfig:
@@ -53,6 +56,19 @@ CASES = [
     (Case("one-token-W2", cfg(), world=2, tokens=1), PREFILL),
     (Case("no-tokens", cfg(), tokens=0), DECODE),
     (Case("W4-single-expert", cfg(num_experts=8), world=4, tokens=200, routing="single"), PREFILL),
+    # Wide tiles: partial column tiles in both GEMMs (I = 160: 128 + 32 columns; H = 192 of 256),
+    # several of each (H = 320, I = 288), every activation path, capacity, shared experts, W = 1..4,
+    # 0, 1 and uneven token counts.
+    (Case("wide-gelu-W2", cfg(activation="gelu"), world=2, tokens=301), WIDE),
+    (Case("wide-H320-I288-W2", cfg(hidden_size=320, intermediate_size=288), world=2, tokens=260), WIDE),
+    (Case("wide-fp16-plain-relu-shared", cfg(dtype="float16", gated=False, activation="relu",
+                                             num_shared_experts=1), tokens=200), WIDE),
+    (Case("wide-gelu-tanh-capacity-W2", cfg(activation="gelu_tanh", capacity_factor=0.75), world=2, tokens=170,
+          routing="skewed"), WIDE),
+    (Case("wide-shared-gate-W4-single", cfg(num_experts=8, num_shared_experts=1, shared_expert_gate=True),
+          world=4, tokens=203, routing="single"), WIDE),
+    (Case("wide-one-token-W2", cfg(), world=2, tokens=1), WIDE),
+    (Case("wide-no-tokens", cfg(), tokens=0), WIDE),
 ]
 
 
@@ -63,13 +79,34 @@ def test_persistent_loop_matches_reference(case, tile):
 
 
 @pytest.mark.parametrize("weak_seed", [1, 2])
-def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed):
+@pytest.mark.parametrize("tile", [PREFILL, WIDE], ids=["prefill", "wide"])
+def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed, tile):
     """Table slots, tile counters and selections published by one warpgroup and read by another or
     by other blocks, with stores that reach them late and out of order."""
     monkeypatch.setenv(emulator.WEAK_ENV, str(weak_seed))
     case = Case("weak", cfg(capacity_factor=0.75, num_shared_experts=1), world=2, tokens=170, routing="skewed")
-    result = run_case(backend_for(case.config, case.world, PREFILL), case, torch.device("cpu"))
+    result = run_case(backend_for(case.config, case.world, tile), case, torch.device("cpu"))
     assert result.passed, result.detail
+
+
+def test_tiles_by_shape_share_one_heap():
+    """The decode, prefill and wide kernels over one heap: each forward runs the tile
+    plan.choose_tile picks for its size (2 blocks a rank: wide from 8 wide tiles a rank), launches
+    alternate between all three, and every result matches the reference."""
+    config = cfg()
+    specs = [KernelSpec(arch="sm_90a", dtype=config.dtype, gated=config.gated, gemm="wgmma", **t)
+             for t in (DECODE, PREFILL, WIDE)]
+    backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S,
+                            error_check="sync", spec=specs)
+    assert list(backend.variants) == [(128, 256), (128, 128), (64, 128)] and backend.plan.row_tile == 64
+    # E = 4, k = 2, two experts a rank: 100 tokens give 50 rows an expert (decode); 140 tokens one
+    # row tile an expert, 2 x (2 + 1) = 6 wide tiles a rank (prefill); 300 tokens two (wide).
+    for i, (tokens, tile) in enumerate([(300, (128, 256)), (100, (64, 128)), (140, (128, 128)), (301, (128, 256)),
+                                        (1, (64, 128))]):
+        assert backend.variant_for(tokens).tile == tile, tokens
+        result = run_case(backend, Case(f"tiles{i}", config, world=2, tokens=tokens, seed=i), torch.device("cpu"))
+        assert result.passed, f"{tokens} tokens: {result.detail}"
+        assert backend._last.tile == tile and result.extra["tile"] == "{}x{}".format(*tile)
 
 
 def test_fiber_order_changes_no_bit(monkeypatch):

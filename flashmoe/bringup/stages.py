@@ -22,7 +22,7 @@ import torch
 from .. import checks, selftest
 from ..checks import Case
 from ..host.plan import DeviceInfo
-from ..host.spec import KernelSpec, arch_for_capability, select_spec, wgmma_spec
+from ..host.spec import WIDE_BLOCK_N, KernelSpec, arch_for_capability, select_spec, wgmma_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,12 +160,15 @@ def environment(st: Stage) -> str:
 
 def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSpec]]:
     """(kernel specs, probe specs) the later stages of a GPU run use, for building them up front:
-    each engine at both tiles for the dtypes and expert kinds the cases use (engine_cases)."""
+    each engine at its tiles for the dtypes and expert kinds the cases use (engine_cases)."""
     from .probes import probe_spec
     engines = ("mma_sync", "wgmma") if arch == "sm_90a" else ("mma_sync",)
+    layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
     kernels = [select_spec(dtype, gated, arch, smem, bm, gemm=gemm) for gemm in engines
-               for dtype, gated in (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
-               for bm in (128, 64)]
+               for dtype, gated in layouts for bm in (128, 64)]
+    if arch == "sm_90a":      # the wide tile (2-byte dtypes)
+        kernels += [select_spec(dtype, gated, arch, smem, 128, block_n=WIDE_BLOCK_N)
+                    for dtype, gated in layouts if dtype != "float32"]
     return kernels, [probe_spec(s) for s in gpu_probe_specs(arch, smem)]
 
 
@@ -201,7 +204,8 @@ def gpu_probe_specs(arch: str, smem: int | None = None) -> list[KernelSpec]:
              select_spec("float32", True, arch, smem, 128, gemm="mma_sync")]
     if arch == "sm_90a":
         specs = [select_spec(d, True, arch, smem, 128) for d in ("bfloat16", "float16", "float32")] + \
-                [select_spec("bfloat16", True, arch, smem, 64)] + specs
+                [select_spec("bfloat16", True, arch, smem, 64),
+                 select_spec("bfloat16", True, arch, smem, 128, block_n=WIDE_BLOCK_N)] + specs
     return specs
 
 
@@ -271,6 +275,12 @@ def engine_cases(st: Stage) -> list[Case]:
     cases += [Case("fp16-gelu-plain-t333", _cfg(dtype="float16", activation="gelu", gated=False), tokens=333),
               Case("fp32-swiglu-t333", _cfg(dtype="float32"), tokens=333),
               Case("bf16-relu-plain-t333", _cfg(activation="relu", gated=False), tokens=333)]
+    # Enough tiles for the wgmma engine's wide 128 x 256 tile (plan.choose_tile; a case's `tile`
+    # field says which ran): gated GELU, the widest epilogue, and a plain one.
+    wide = dict(hidden_size=2048, intermediate_size=1024, num_experts=16)
+    cases += [Case("bf16-geglu-wide-t4096", _cfg(wide, activation="gelu"), tokens=4096),
+              Case("fp16-gelu-plain-wide-t4096", _cfg(wide, dtype="float16", activation="gelu", gated=False),
+                   tokens=4096)]
     if not st.quick:
         cases.append(Case("bf16-qwen3-width-t2048", _cfg(hidden_size=2048, intermediate_size=768, num_experts=16),
                           tokens=2048))

@@ -33,7 +33,7 @@ __device__ void zero_next_bank(const Params& p, const Ctx& c) {
 }
 
 __device__ void run_rank(const Params& p, const Ctx& c) {
-  volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem + p.smem_scratch_offset);
+  volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem() + p.smem_scratch_offset);
   zero_next_bank(p, c);
   trace_begin(p);
   if (!pipe_aligned(p, c)) return;
@@ -73,7 +73,9 @@ __device__ void exit_rank(const Params& p, const Ctx& c) {
 
 extern "C" __global__ void __launch_bounds__(flashmoe::kThreads, 1)
 flashmoe_kernel(const __grid_constant__ flashmoe::Params p) {
-  const flashmoe::Ctx c = flashmoe::make_ctx(p, flashmoe::dynamic_smem());
+  flashmoe::Ctx& c = flashmoe::block_ctx(p);
+  if (threadIdx.x == 0) c = flashmoe::make_ctx(p);
+  __syncthreads();
   flashmoe::run_rank(p, c);
   flashmoe::exit_rank(p, c);
 }

@@ -30,7 +30,6 @@ __device__ __forceinline__ Ctx probe_ctx(int local) {
   c.rank = local;
   c.block = blockIdx.x;
   c.epoch = 1;
-  c.smem = dynamic_smem();
   return c;
 }
 
@@ -50,7 +49,7 @@ __device__ void probe_tile(const ProbeArgs& a) {
   const Ctx c = probe_ctx(0);
   const Params& p = *a.params;
   if (!pipe_aligned(p, c)) return;
-  const u8** a_rows = reinterpret_cast<const u8**>(c.smem + T::kPipeBytes);
+  const u8** a_rows = reinterpret_cast<const u8**>(c.smem() + T::kPipeBytes);
   const u8** b_rows = a_rows + kBlockM;
   bool* valid = reinterpret_cast<bool*>(b_rows + kBlockN);
   const elem_t* A = static_cast<const elem_t*>(a.a);
@@ -67,16 +66,16 @@ __device__ void probe_tile(const ProbeArgs& a) {
   __syncthreads();
   T g;
 #if FLASHMOE_GEMM_WGMMA
-  if (!g.mainloop(c.smem, a_rows, b_rows, (u32)a.k * kElemBytes, a.a, a.use_tma ? &a.b_map : nullptr, a.col0,
+  if (!g.mainloop(c.smem(), a_rows, b_rows, (u32)a.k * kElemBytes, a.a, a.use_tma ? &a.b_map : nullptr, a.col0,
                   a.expert, NB, p, c, kTaskGemm0))
     return;
 #else
-  g.mainloop(c.smem, a_rows, b_rows, (u32)a.k * kElemBytes, a.a);
+  g.mainloop(c.smem(), a_rows, b_rows, (u32)a.k * kElemBytes, a.a);
 #endif
   const int act = a.act;
-  g.stage_output(c.smem, [act](const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; });
+  g.stage_output(c.smem(), [act](const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; });
   __syncthreads();
-  T::store_rows(c.smem, valid, a.valid_cols, [&](int row, int byte, uint4 v) {
+  T::store_rows(c.smem(), valid, a.valid_cols, [&](int row, int byte, uint4 v) {
     st_v4(static_cast<u8*>(a.out) + ((u64)row * kOpRows) * kElemBytes + byte, v);
   });
 }
@@ -116,7 +115,7 @@ flashmoe_probe_tma_box(const __grid_constant__ ProbeArgs a) {
   const Params& p = *a.params;
   if (!pipe_aligned(p, c)) return;
   const u32 box_bytes = static_cast<u32>(a.inter) * kStageKBytes;
-  u64* bar = reinterpret_cast<u64*>(c.smem + box_bytes);
+  u64* bar = reinterpret_cast<u64*>(c.smem() + box_bytes);
   if (threadIdx.x == 0) {
     mbar_init(bar, 1);
     fence_mbar_init();
@@ -125,14 +124,14 @@ flashmoe_probe_tma_box(const __grid_constant__ ProbeArgs a) {
   if (threadIdx.x == 0) {
     fence_proxy_async_smem();
     mbar_arrive_expect_tx(bar, static_cast<u32>(a.k));
-    tma_load_4d(c.smem, &a.b_map, bar, a.coord[0], a.coord[1], a.coord[2], a.coord[3]);
+    tma_load_4d(c.smem(), &a.b_map, bar, a.coord[0], a.coord[1], a.coord[2], a.coord[3]);
   }
   const bool ok = pipe_wait(bar, 0, p, c, WaitSite{kTaskGemm0, kWaitPipeFull, 0}, 0, 0);
   if (ok) {
     // Undo the 128-byte swizzle: chunk j of row r sits at chunk j ^ (r % 8).
     for (u32 i = threadIdx.x; i < box_bytes / 16; i += kThreads) {
       const u32 r = i / 8, j = i % 8;
-      st_v4(static_cast<u8*>(a.out) + i * 16, *reinterpret_cast<const uint4*>(c.smem + r * kStageKBytes +
+      st_v4(static_cast<u8*>(a.out) + i * 16, *reinterpret_cast<const uint4*>(c.smem() + r * kStageKBytes +
                                                                              ((j ^ (r & 7)) << 4)));
     }
   }
@@ -149,8 +148,8 @@ extern "C" __global__ void __launch_bounds__(flashmoe::kThreads, 1)
 flashmoe_probe_router(const __grid_constant__ ProbeArgs a) {
   using namespace flashmoe;
   const Params& p = *a.params;
-  const Ctx c = make_ctx(p, dynamic_smem());
-  volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem + p.smem_scratch_offset);
+  const Ctx c = make_ctx(p);
+  volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem() + p.smem_scratch_offset);
   const int nchunks = ceil_div(c.num_tokens, kChunkTokens);
   const bool spread = logits_first(p, nchunks);
   if (spread) {

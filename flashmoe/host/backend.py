@@ -9,10 +9,11 @@ Per forward it only fills the Params struct and launches: no allocation but the 
 compilation (the plan grows, and the heap with it, only when a forward brings more tokens per rank
 than ever before), and no host synchronisation unless ``error_check="sync"``.
 
-Shape-aware: by default the backend builds one kernel per GEMM tile height (the prefill and the
-decode tile of ``spec.select_spec``), all compiled when the backend is made, over one heap whose
-row-tile counters are sized for the smaller tile; each forward runs the one
-``plan.choose_block_m`` picks for its token count. A batch size never compiles anything.
+Shape-aware: by default the backend builds one kernel per GEMM tile (the decode 64 x 128, the
+prefill 128 x 128 and, with wgmma and pointer transport, the wide 128 x 256 tile of
+``spec.select_spec``), all compiled when the backend is made, over one heap whose row-tile
+counters are sized for the smallest tile; each forward runs the one ``plan.choose_tile`` picks for
+its token count. A batch size never compiles anything.
 
 ``emulate=True`` runs the same kernel source on the CPU through ``flashmoe.host.emulator`` (for
 tests on machines without a GPU): the same plan, heap layout and Params, in CPU memory.
@@ -43,9 +44,9 @@ from ..reference import MoEWeights, Routing
 from . import abi
 from .heap import LocalHeap
 from .launch import check_control
-from .plan import DeviceInfo, Plan, choose_block_m, kernel_support, make_plan, trace_layout
-from .spec import (DECODE_BLOCK_M, GEMM_ENGINES, PREFILL_BLOCK_M, KernelSpec, arch_for_capability, select_spec,
-                   wgmma_spec)
+from .plan import DeviceInfo, Plan, choose_tile, kernel_support, make_plan, smem_layout, trace_layout
+from .spec import (BLOCK_N, DECODE_BLOCK_M, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec,
+                   arch_for_capability, select_spec, wgmma_spec)
 
 MIN_PLAN_TOKENS = 64
 
@@ -65,6 +66,11 @@ class Variant:
     spec: KernelSpec
     plan: Plan | None = None
     kernel: object = None
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """(block_m, block_n): the key of the backend's variants."""
+        return self.spec.block_m, self.spec.block_n
 
 
 def split_tokens(num_tokens: int, ranks: int) -> list[int]:
@@ -156,14 +162,15 @@ class KernelBackend:
         self.error_check = error_check
         self.trace_capacity = trace_capacity
         self._weights_key = None
-        self._maps_for, self._maps = None, None   # TMA tensor maps of the weight views (wgmma specs)
+        self._maps = {}             # block_n -> TMA tensor maps of the weight views (wgmma specs)
         self._pending = []          # (event, control copy) of launches not yet checked
         self._free_checks = []      # (event, pinned copy) pairs to reuse
         self._last = None           # the variant of the last launch (its trace)
 
     def _set_specs(self, spec, transport: str = "peer", gemm: str | None = None, routing: str = "router") -> None:
-        """The kernel variants: the given spec(s), or the prefill and decode tiles for the device
-        (with the ``gemm`` engine, default the device's best); all route with ``routing``."""
+        """The kernel variants: the given spec(s), or the device's tiles (with the ``gemm``
+        engine, default the device's best): prefill and decode, and the wide prefill tile where
+        there is one (_wide_spec); all route with ``routing``."""
         if spec is None:
             info = self.device_info
             try:
@@ -171,15 +178,34 @@ class KernelBackend:
                                      gemm=gemm) for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
             except ValueError as e:
                 raise KernelUnavailable(str(e)) from e
+            specs += self._wide_spec(specs[0], transport)
         else:
             specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         specs = [replace(s, trace=self.trace_capacity > 0, routing=routing,
                          transport=transport if transport != "peer" else s.transport) for s in specs]
-        self.variants = {s.block_m: Variant(s) for s in sorted(specs, key=lambda s: -s.block_m)}
+        if any(s.transport == "nvshmem" and s.block_n > BLOCK_N for s in specs):
+            raise ValueError(f"the NVSHMEM transport runs tiles of at most {BLOCK_N} columns (its build of a wider "
+                             f"tile spills registers)")
+        # Widest first: the heap and the defaults are the first variant's.
+        self.variants = {v.tile: v for v in sorted(map(Variant, specs), key=lambda v: (-v.tile[0], -v.tile[1]))}
         if len(self.variants) != len(specs):
-            raise ValueError("the backend's specs must differ in block_m (one kernel per tile height)")
-        self.spec = next(iter(self.variants.values())).spec     # the widest tile: heap and defaults
-        self.row_tile = min(self.variants)
+            raise ValueError("the backend's specs must differ in their tile (one kernel per block_m x block_n)")
+        self.spec = next(iter(self.variants.values())).spec
+        self.row_tile = min(bm for bm, _ in self.variants)
+
+    def _wide_spec(self, prefill: KernelSpec, transport: str) -> list[KernelSpec]:
+        """[the 128 x 256 prefill spec], or [] where there is none: wgmma only, pointer transport
+        only (the NVSHMEM build of it spills), 2-byte dtypes (fp32's epilogue tile does not fit)
+        and a task map small enough for the ~7 KB it leaves (E / W up to 367 at W = 1, 152 at 8)."""
+        if prefill.gemm != "wgmma" or transport != "peer":
+            return []
+        info = self.device_info
+        try:
+            wide = select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block,
+                               PREFILL_BLOCK_M, gemm="wgmma", block_n=WIDE_BLOCK_N)
+        except ValueError:
+            return []
+        return [wide] if smem_layout(self.config, wide, self.world)[2] <= info.max_smem_per_block else []
 
     # -- set-up (cold path) --
 
@@ -237,11 +263,13 @@ class KernelBackend:
                 self._runtime.register_kernel(v.kernel.module)
 
     def variant_for(self, total_tokens: int) -> Variant:
-        """The kernel a forward of ``total_tokens`` (all ranks) runs (plan.choose_block_m)."""
+        """The kernel a forward of ``total_tokens`` (all ranks) runs: plan.choose_tile's tile, or
+        the nearest the backend has (the tallest no taller, then the widest no wider; else the
+        smallest)."""
         if len(self.variants) == 1:
             return next(iter(self.variants.values()))
-        want = choose_block_m(self.config, total_tokens)
-        fitting = [bm for bm in self.variants if bm <= want] or [min(self.variants)]
+        bm, bn = choose_tile(self.config, total_tokens, self.world, self.plan.blocks_per_rank)
+        fitting = [t for t in self.variants if t[0] <= bm and t[1] <= bn] or [min(self.variants)]
         return self.variants[max(fitting)]
 
     def _weight_views(self, w: MoEWeights) -> dict:
@@ -288,7 +316,7 @@ class KernelBackend:
                                           ((2 if cfg.gated else 1) * Is, H), dt)
             keep["shared_down"] = need(w.shared_down_proj, "shared_down_proj", (H, Is), dt)
         self._views, self._weights_key = keep, key
-        self._maps_for = None          # the tensor maps point at the old views
+        self._maps = {}                # the tensor maps point at the old views
         return keep
 
     def _expected_experts(self) -> int:
@@ -298,24 +326,24 @@ class KernelBackend:
 
     def _weight_maps(self, views: dict, spec: KernelSpec) -> dict | None:
         """The weights' TMA tensor maps for a wgmma spec (None for mma_sync); encoded on the host
-        (no GPU work) once per set of weight views and B box (block_n; the prefill and decode tiles
-        share it), in the emulator's own format when emulating."""
+        (no GPU work) once per set of weight views and B box (block_n: the prefill and decode tiles
+        share one, the wide tile has its own), in the emulator's own format when emulating."""
         if spec.gemm != "wgmma":
             return None
-        if self._maps_for != spec.block_n:
+        if spec.block_n not in self._maps:
             from . import tensormap
             encode = tensormap.emulated_weight_tensor_maps if self.emulate else tensormap.weight_tensor_maps
             ptr = lambda name: views[name].data_ptr() if name in views else 0   # noqa: E731
             try:
-                self._maps = encode(spec, self.config, gate_up=ptr("gate_up"), down=ptr("down"),
-                                    num_experts=views["gate_up"].shape[0],
-                                    shared_gate_up=ptr("shared_gate_up"), shared_down=ptr("shared_down"))
+                maps = encode(spec, self.config, gate_up=ptr("gate_up"), down=ptr("down"),
+                              num_experts=views["gate_up"].shape[0],
+                              shared_gate_up=ptr("shared_gate_up"), shared_down=ptr("shared_down"))
             except (ValueError, RuntimeError) as e:   # e.g. a weight view that is not 16-byte aligned
                 warnings.warn(f"flashmoe: no TMA tensor maps for the weights ({e}); the wgmma engine "
                               f"reads them with cp.async instead", stacklevel=3)
-                self._maps = None
-            self._maps_for = spec.block_n
-        return self._maps
+                maps = None
+            self._maps[spec.block_n] = maps
+        return self._maps[spec.block_n]
 
     # -- forward (hot path) --
 

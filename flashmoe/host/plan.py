@@ -66,7 +66,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import MoEConfig
-from .spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, KernelSpec
+from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
@@ -75,6 +75,9 @@ NUM_BANKS = 2
 NUM_SYNC_COUNTERS = 5        # barrier, claim, dispatched, finished, exited
 TRACE_RECORD_BYTES = 32
 PUT_STAGE_TILES = 256        # P: GEMM1 staging tiles per rank (NVSHMEM transport), one per block
+SCRATCH_BYTES = 64           # a block's scratch words (device/common/heap.cuh kScratchBytes)
+CTX_BYTES = 64               # then its Ctx, kept in shared memory (kCtxBytes, block_ctx())
+WIDE_MIN_ROUNDS = 4          # choose_tile: wide tiles once each block gets this many of them
 
 
 def experts_per_rank(num_experts: int, world: int) -> int:
@@ -90,6 +93,11 @@ def expert_owner(expert: int, num_experts: int, world: int) -> int:
 def rank_experts(rank: int, num_experts: int, world: int) -> range:
     per = experts_per_rank(num_experts, world)
     return range(rank * per, (rank + 1) * per)
+
+
+def gemm0_cols_per_tile(block_n: int, gated: bool) -> int:
+    """Intermediate columns one GEMM0 tile produces (BN split between gate and up when gated)."""
+    return block_n // (2 if gated else 1)
 
 
 def _align(n: int, a: int = REGION_ALIGN) -> int:
@@ -185,8 +193,7 @@ class Plan:
 
     @property
     def gemm0_cols_per_tile(self) -> int:
-        """Intermediate columns one GEMM0 tile produces (BN split between gate and up when gated)."""
-        return self.spec.block_n // self.spec.num_b_operands
+        return gemm0_cols_per_tile(self.spec.block_n, self.spec.gated)
 
     def gemm0_col_tiles(self, intermediate: int) -> int:
         return ceil_div(intermediate, self.gemm0_cols_per_tile)
@@ -332,7 +339,7 @@ def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
 
 def smem_layout(config: MoEConfig, spec: KernelSpec, world: int) -> tuple[int, int, int]:
     """(task map offset, scratch offset, total bytes) of a block's dynamic shared memory:
-    [GEMM pipeline + row tables | route/dispatch scratch] [task map] [128 B of scratch words].
+    [GEMM pipeline + row tables | route/dispatch scratch] [task map] [scratch words] [Ctx].
     The pipeline starts at the dynamic shared memory base, which the kernel declares 1024-byte
     aligned, and its stages are (BM + BN) x 128 bytes: every A and B tile starts on a 1024-byte
     boundary, the start of the 128-byte swizzle pattern (wgmma descriptors, TMA)."""
@@ -340,7 +347,7 @@ def smem_layout(config: MoEConfig, spec: KernelSpec, world: int) -> tuple[int, i
                        phase_smem_bytes(config, spec, world)), 128)
     sched = union
     scratch = sched + scheduler_smem_bytes(config, world)
-    return sched, scratch, scratch + 128
+    return sched, scratch, scratch + SCRATCH_BYTES + CTX_BYTES
 
 
 def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: int = 1024,
@@ -348,7 +355,7 @@ def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: i
               device: DeviceInfo | None = None, row_tile: int | None = None) -> Plan:
     """Lay out one launch. ``num_local_ranks`` defaults to ``world`` (all ranks virtual).
     ``row_tile``: size the row-tile counters for this BM (<= spec.block_m), so that plans of specs
-    with different tiles (``choose_block_m``) share one heap layout."""
+    with different tiles (``choose_tile``) share one heap layout."""
     row_tile = row_tile or spec.block_m
     if not 16 <= row_tile <= spec.block_m:
         raise ValueError(f"row_tile={row_tile}: must be in [16, block_m={spec.block_m}]")
@@ -389,12 +396,31 @@ def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: i
                 row_tile=row_tile)
 
 
-def choose_block_m(config: MoEConfig, total_tokens: int) -> int:
-    """GEMM tile height for a forward of ``total_tokens`` (all ranks): the decode tile when an
-    expert gets at most 64 rows on average (its weights dominate the time and a 128-row tile would
-    be mostly padding), else the prefill tile that keeps the tensor cores busy."""
+def routed_tiles(config: MoEConfig, total_tokens: int, world: int, block_m: int, block_n: int) -> int:
+    """GEMM0 + GEMM1 tiles of a rank's routed experts when every expert gets the average number of
+    rows (``total_tokens`` over all ranks): row tiles times column tiles, as the task map counts them."""
+    rows = ceil_div(total_tokens * config.top_k, config.num_experts)
+    cols = ceil_div(config.intermediate_size, gemm0_cols_per_tile(block_n, config.gated)) + \
+        ceil_div(config.hidden_size, block_n)
+    return experts_per_rank(config.num_experts, world) * ceil_div(rows, block_m) * cols
+
+
+def choose_tile(config: MoEConfig, total_tokens: int, world: int = 1,
+                blocks_per_rank: int = 132) -> tuple[int, int]:
+    """(block_m, block_n) of the GEMM tile for a forward of ``total_tokens`` (all ranks):
+    - 64 x 128 (decode) when an expert gets at most 64 rows on average: its weights dominate the
+      time and a 128-row tile would be mostly padding;
+    - 128 x 256 (wide) when the rank has at least WIDE_MIN_ROUNDS wide tiles per block: a wide
+      tile asks L2 for 3/4 of the bytes per FLOP and has half the per-tile costs, while the blocks'
+      uneven last round (at most one tile a block) costs at most 1/4 of the time, 1/8 more than
+      with narrow tiles; an estimate for the GPU benchmarks to settle (bench_layer's `tile`);
+    - else 128 x 128, which keeps more blocks busy when tiles are few.
+    The backend runs the nearest tile it has (wide tiles are wgmma-only; KernelBackend.variant_for)."""
     rows_per_expert = total_tokens * config.top_k / config.num_experts
-    return DECODE_BLOCK_M if rows_per_expert <= DECODE_BLOCK_M else PREFILL_BLOCK_M
+    if rows_per_expert <= DECODE_BLOCK_M:
+        return DECODE_BLOCK_M, BLOCK_N
+    wide = routed_tiles(config, total_tokens, world, PREFILL_BLOCK_M, WIDE_BLOCK_N)
+    return (PREFILL_BLOCK_M, WIDE_BLOCK_N if wide >= WIDE_MIN_ROUNDS * blocks_per_rank else BLOCK_N)
 
 
 def trace_layout(num_blocks: int, capacity: int) -> tuple[int, int, int]:

@@ -36,6 +36,12 @@ WGMMA_BARRIER_BYTES = 256
 # the time goes into reading its weights) halve the padding rows a 128-row tile would multiply.
 PREFILL_BLOCK_M = 128
 DECODE_BLOCK_M = 64
+# B rows per tile: 128, or 256 for the wide prefill tile (wgmma): a 128 x 256 tile loads each
+# gathered A row once for twice the columns, so it reads (128 + 256) / (128 x 256) bytes per
+# multiply-add where a 128 x 128 tile reads 256 / (128 x 128): 3/4 of the L2 traffic.
+# plan.choose_tile says when it runs.
+BLOCK_N = 128
+WIDE_BLOCK_N = 256
 _ARCH_RE = re.compile(r"sm_(\d+)a?")
 
 
@@ -143,7 +149,8 @@ class KernelSpec:
 def shipped_specs() -> list[KernelSpec]:
     """The specs every CPU CI run compiles and checks (resources, spills, SASS): what
     ``select_spec`` picks on an A100-class GPU (mma_sync) and on Hopper (wgmma), for every dtype,
-    gated and plain, at the prefill and the decode tile. Other archs compile on demand.
+    gated and plain, at the prefill and the decode tile, and on Hopper the wide prefill tile where
+    it fits (2-byte dtypes: fp32's epilogue tile would not). Other archs compile on demand.
     """
     specs = []
     for dtype in DTYPE_CODES:
@@ -151,14 +158,16 @@ def shipped_specs() -> list[KernelSpec]:
             for block_m in (PREFILL_BLOCK_M, DECODE_BLOCK_M):
                 specs.append(select_spec(dtype, gated, "sm_80", 163 * 1024, block_m))
                 specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, block_m))
+            if DTYPE_CODES[dtype] < DTYPE_CODES["float32"]:
+                specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, PREFILL_BLOCK_M, block_n=WIDE_BLOCK_N))
     # The routing-given kernels (flashmoe.experts_forward) of the commonest layout.
     specs += [replace(s, routing="given") for s in specs if s.dtype == "bfloat16" and s.gated]
     return specs
 
 
-def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128) -> KernelSpec:
+def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N) -> KernelSpec:
     """The Hopper spec: a producer warpgroup and one consumer warpgroup per 64 rows of the tile."""
-    return KernelSpec(arch="sm_90a", dtype=dtype, gated=gated, stages=stages, block_m=block_m,
+    return KernelSpec(arch="sm_90a", dtype=dtype, gated=gated, stages=stages, block_m=block_m, block_n=block_n,
                       threads=128 * (1 + block_m // 64), gemm="wgmma")
 
 
@@ -168,27 +177,30 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 
 def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
-                block_m: int = 128, gemm: str | None = None) -> KernelSpec:
-    """The spec for a device and a tile height (``plan.choose_block_m``): the wgmma engine on
-    sm_90a, mma_sync elsewhere (``gemm`` forces one: mma_sync runs on Hopper too, without its
-    Hopper-only instructions), with the deepest pipeline that leaves 16 KiB for the row tables and
-    task map: up to 8 stages with wgmma (its pipeline runs across tiles, so every stage keeps loads
-    in flight); with mma_sync up to 6 for the decode tile, whose loads are the whole cost, else 4."""
+                block_m: int = 128, gemm: str | None = None, block_n: int = BLOCK_N) -> KernelSpec:
+    """The spec for a device and a tile (``plan.choose_tile``): the wgmma engine on sm_90a,
+    mma_sync elsewhere (``gemm`` forces one: mma_sync runs on Hopper too, without its Hopper-only
+    instructions), with the deepest pipeline that leaves 16 KiB for the row tables and task map: up
+    to 8 stages with wgmma (its pipeline runs across tiles, so every stage keeps loads in flight);
+    with mma_sync up to 6 for the decode tile, whose loads are the whole cost, else 4. The wide
+    tile (``block_n=WIDE_BLOCK_N``) is a wgmma tile: 3 stages for bf16/fp16, none for fp32."""
     if gemm is not None and gemm not in GEMM_ENGINES:
         raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)}")
     gemm = gemm or ("wgmma" if arch == "sm_90a" else "mma_sync")
     if gemm == "wgmma" and arch != "sm_90a":
         raise ValueError(f"gemm='wgmma' needs a Hopper GPU (arch sm_90a); this one is {arch}")
+    if block_n != BLOCK_N and gemm != "wgmma":
+        raise ValueError(f"block_n={block_n}: tiles other than {BLOCK_N} B rows are wgmma tiles (Hopper)")
     deepest = 8 if gemm == "wgmma" else 6 if block_m <= DECODE_BLOCK_M else 4
     for stages in range(deepest, 1, -1):
         try:
             if gemm == "wgmma":
-                spec = wgmma_spec(dtype, gated, stages, block_m)
+                spec = wgmma_spec(dtype, gated, stages, block_m, block_n)
             else:
                 spec = KernelSpec(arch=arch, dtype=dtype, gated=gated, stages=stages, block_m=block_m)
         except ValueError:      # e.g. the epilogue tile does not fit this shallow a pipeline
             continue
         if spec.gemm_smem_bytes() + 16 * 1024 <= max_smem_per_block:
             return spec
-    raise ValueError(f"no {dtype} spec with block_m={block_m} fits {max_smem_per_block} B of shared "
-                     f"memory per block on {arch}")
+    raise ValueError(f"no {dtype} spec with a {block_m} x {block_n} tile fits {max_smem_per_block} B of "
+                     f"shared memory per block on {arch}")

@@ -17,10 +17,16 @@ struct Ctx {
   u8* slice;        // this rank's heap slice
   const elem_t* x;
   elem_t* out;
-  u8* smem;         // dynamic shared memory
+  __device__ __forceinline__ static u8* smem() { return dynamic_smem(); }   // dynamic shared memory
 };
 
-__device__ __forceinline__ Ctx make_ctx(const Params& p, u8* smem) {
+// The block's shared-memory tail (flashmoe/host/plan.py smem_layout(): SCRATCH_BYTES, CTX_BYTES):
+// scratch words, then the kernel's Ctx.
+constexpr int kScratchBytes = 64;
+constexpr int kCtxBytes = 64;
+static_assert(sizeof(Ctx) <= kCtxBytes, "the Ctx fits its shared-memory area");
+
+__device__ __forceinline__ Ctx make_ctx(const Params& p) {
   Ctx c;
   c.local = blockIdx.x / p.blocks_per_rank;
   c.rank = p.first_local_rank + c.local;
@@ -33,8 +39,15 @@ __device__ __forceinline__ Ctx make_ctx(const Params& p, u8* smem) {
   c.bank = c.epoch & 1;
   c.x = static_cast<const elem_t*>(p.local[c.local].x);
   c.out = static_cast<elem_t*>(p.local[c.local].out);
-  c.smem = smem;
   return c;
+}
+
+// The kernel keeps its Ctx in shared memory rather than in registers: held in registers it would
+// stay live through every phase, inside the wgmma task loop too, where a 128 x 256 tile's consumers
+// need 128 accumulators within 192 registers (device/roles/tasks.cuh RegisterBudget); read from
+// shared memory, each field is a load where it is used. Thread 0 writes it; the caller synchronises.
+__device__ __forceinline__ Ctx& block_ctx(const Params& p) {
+  return *reinterpret_cast<Ctx*>(dynamic_smem() + p.smem_scratch_offset + kScratchBytes);
 }
 
 // Base of rank r's slice as this GPU addresses it (a peer pointer, or this GPU's own memory).

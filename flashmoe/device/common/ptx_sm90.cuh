@@ -159,6 +159,7 @@ __device__ __forceinline__ void wgmma_pin(float& r) { asm volatile("" : "+f"(r) 
 #define FLASHMOE_ACC16(i) FLASHMOE_ACC4(i), FLASHMOE_ACC4((i) + 4), FLASHMOE_ACC4((i) + 8), FLASHMOE_ACC4((i) + 12)
 #define FLASHMOE_ACC32(i) FLASHMOE_ACC16(i), FLASHMOE_ACC16((i) + 16)
 #define FLASHMOE_ACC64(i) FLASHMOE_ACC32(i), FLASHMOE_ACC32((i) + 32)
+#define FLASHMOE_ACC128(i) FLASHMOE_ACC64(i), FLASHMOE_ACC64((i) + 64)
 
 // scale-d is a predicate operand; it is always 1 (accumulate): the engine zeroes D first.
 template <int N>
@@ -195,10 +196,28 @@ __device__ __forceinline__ void wgmma_m64k<128>(float* d, u64 desc_a, u64 desc_b
       : "l"(desc_a), "l"(desc_b), "r"(1));
 }
 
+template <>
+__device__ __forceinline__ void wgmma_m64k<256>(float* d, u64 desc_a, u64 desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256" FLASHMOE_WGMMA_KIND " {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, " FLASHMOE_WGMMA_OPS ";\n}\n"
+      : FLASHMOE_ACC128(0)
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
 #undef FLASHMOE_ACC4
 #undef FLASHMOE_ACC16
 #undef FLASHMOE_ACC32
 #undef FLASHMOE_ACC64
+#undef FLASHMOE_ACC128
 
 }  // namespace flashmoe
 

@@ -198,13 +198,13 @@ struct WgmmaTile {
 
   // ---- consumer warpgroups --------------------------------------------------------------------
 
-  // wgmma over the whole BN in chunks of 128, 64 and 32 columns (every multiple of 32): the
+  // wgmma over the whole BN in chunks of 256, 128, 64 and 32 columns (every multiple of 32): the
   // accumulator registers of consecutive chunks are consecutive n8 blocks, so the fragment layout
   // is the one of a single m64nBN instruction.
   template <int N0>
   __device__ __forceinline__ static void issue_n(float* d, u64 desc_a, u32 b_addr) {
     if constexpr (N0 < BN) {
-      constexpr int n = BN - N0 >= 128 ? 128 : (BN - N0 >= 64 ? 64 : 32);
+      constexpr int n = BN - N0 >= 256 ? 256 : BN - N0 >= 128 ? 128 : BN - N0 >= 64 ? 64 : 32;
       wgmma_m64k<n>(d + N0 / 2, desc_a, wgmma_desc_sw128(b_addr + N0 * kStageKBytes));
       issue_n<N0 + n>(d, desc_a, b_addr);
     }
@@ -338,6 +338,9 @@ struct WgmmaTile {
   __device__ __forceinline__ static void store_rows(const u8* staged, const bool* rows_valid, int valid_cols,
                                                     Store store) {
     constexpr int kChunksPerRow = BN / kNB * kElemBytes / 16, kPitch = stage_pitch<kNB>();
+    // Not unrolled: unrolled, the compiler hoists every iteration's addresses out of the task
+    // loop, and those registers are the ones a 128 x 256 tile's accumulators need.
+#pragma unroll 1
     for (int idx = G::rank(); idx < BM * kChunksPerRow; idx += G::kSize) {
       const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
       if (!rows_valid[row] || chunk * kVecElems >= valid_cols) continue;

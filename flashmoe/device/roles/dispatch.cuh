@@ -52,7 +52,7 @@ struct DispatchSmem {
 
 __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   TraceScope scope;
-  DispatchSmem& sm = *reinterpret_cast<DispatchSmem*>(c.smem);
+  DispatchSmem& sm = *reinterpret_cast<DispatchSmem*>(c.smem());
   const int E = p.num_experts, k = p.top_k;
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);

@@ -32,7 +32,7 @@ static_assert(Gemm0::kPipeBytes == Gemm1::kPipeBytes, "both GEMMs share one pipe
 // stops with a record the host turns into an error instead (no trap: that would take torch's
 // CUDA context down with it). Uniform over the block.
 __device__ bool pipe_aligned(const Params& p, const Ctx& c) {
-  const u32 address = smem_addr(c.smem);
+  const u32 address = smem_addr(c.smem());
   if (address % Gemm0::kPipeAlign == 0) return true;
   if (threadIdx.x == 0)
     record_error(p, c.local, abort_tag(c), kErrMisaligned, WaitSite{kTaskRoute, kWaitNone, 0}, Gemm0::kPipeAlign,
@@ -74,7 +74,7 @@ static_assert(sizeof(TileTables) <= ((kBlockM + kBlockN) * 8 + 16 + 24 + kBlockM
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
 __device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {
-  return reinterpret_cast<TileTables*>(c.smem + Gemm0::kPipeBytes)[slot];
+  return reinterpret_cast<TileTables*>(c.smem() + Gemm0::kPipeBytes)[slot];
 }
 
 // Local expert e of `rank` as an index into the weight tensors (which start at weights_first_expert).
@@ -150,7 +150,7 @@ __device__ __forceinline__ void store_tile(const u8* staged, const bool* rows_va
 template <class G, class E>
 __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
-  u8* staged = E::staging(c.smem);
+  u8* staged = E::staging(c.smem());
   switch (p.activation) {
     case 0: stage_tile<kNumB>(g, staged, GatedActivation<0>{}); break;
     case 1: stage_tile<kNumB>(g, staged, GatedActivation<1>{}); break;
@@ -166,7 +166,7 @@ __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, Tile
 template <class G, class E>
 __device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
-  u8* staged = E::staging(c.smem);
+  u8* staged = E::staging(c.smem());
   stage_tile<1>(g, staged, [](const float* v) { return v[0]; });
   remote_tile_begin<G>(p, c);
   G::sync();
@@ -198,7 +198,7 @@ __device__ __forceinline__ bool load_job(const Params& p, const Ctx& c, const Ti
                                          u32& fill) {
   const u32 k_bytes = (u32)job.k * kElemBytes;
   const int ktiles = Gemm0::ktiles_of(k_bytes);
-  const bool ok = Gemm0::produce(c.smem, tt.a, tt.b, k_bytes, p.router_weight, tt.wt.map, tt.wt.row0, tt.wt.expert,
+  const bool ok = Gemm0::produce(c.smem(), tt.a, tt.b, k_bytes, p.router_weight, tt.wt.map, tt.wt.row0, tt.wt.expert,
                                  job.gemm == 0 ? kNumB : 1, ktiles, fill, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
   fill += ktiles;
   return ok;
@@ -211,7 +211,7 @@ __device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileT
   TraceScope scope;
   Gemm0 g;
   const int ktiles = Gemm0::ktiles_of((u32)job.k * kElemBytes);
-  const bool ok = g.consume(c.smem, ktiles, used, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
+  const bool ok = g.consume(c.smem(), ktiles, used, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
   used += ktiles;
   // Also the barrier before the staging tile is rewritten: every consumer has stored the last one.
   if (Consumers::any(!ok)) return false;
@@ -230,7 +230,7 @@ __device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileT
 __device__ void run_gemm0(const Params& p, const Ctx& c, TileTables& tt, int K, int valid_cols) {
   __syncthreads();
   Gemm0 g;
-  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
+  g.mainloop(c.smem(), tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
   finish_gemm0<Block>(p, c, tt, g, valid_cols);
 }
 
@@ -238,7 +238,7 @@ __device__ void run_gemm0(const Params& p, const Ctx& c, TileTables& tt, int K, 
 __device__ void run_gemm1(const Params& p, const Ctx& c, TileTables& tt, int K, int valid_cols) {
   __syncthreads();
   Gemm1 g;
-  g.mainloop(c.smem, tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
+  g.mainloop(c.smem(), tt.a, tt.b, (u32)K * kElemBytes, p.router_weight);
   finish_gemm1<Block>(p, c, tt, g, valid_cols);
 }
 

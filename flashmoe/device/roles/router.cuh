@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_logit(const Params& p, const Ctx& c, int t
 // logits[t][e] of chunk `chunk`'s tokens for router rows [e0, e0 + 128) (E, then the shared-expert
 // gate's row; rows past those are zeros and not stored).
 __device__ void router_logits(const Params& p, const Ctx& c, int chunk, int e0) {
-  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem);
+  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem());
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
   const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
@@ -191,7 +191,7 @@ __device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int
   const int nseg = ceil_div(p.hidden, kRouterSegment);
   const int per_segment = (ntok + ne) * kSegmentPitch + pairs;   // floats: x, W_router, chain sums
   const int step = max(1, min(nseg, static_cast<int>(p.smem_sched_offset / 4) / per_segment));
-  float* xs = reinterpret_cast<float*>(c.smem);   // [ntok][segments][kSegmentPitch]
+  float* xs = reinterpret_cast<float*>(c.smem());   // [ntok][segments][kSegmentPitch]
   float* ws = xs + ntok * step * kSegmentPitch;   // [ne][segments][kSegmentPitch]
   float* sums = ws + ne * step * kSegmentPitch;   // [pairs][segments]
   float total = 0.0f;
@@ -412,7 +412,7 @@ __device__ void store_chunk_counts(const Params& p, const Ctx& c, int chunk, con
 // logits_done the rank has computed its logits already (spread_logits, then a rank barrier).
 __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logits_done) {
   TraceScope scope;
-  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem);
+  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem());
   // Each thread zeroes the counts it stored for the last chunk (store_chunk_counts); router_logits
   // stays clear of them.
   for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) sm.counts[i] = 0;
@@ -440,7 +440,7 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logit
 // logits; the ids and weights of LocalRank::topk_ids / topk_weights checked, merged, counted.
 __device__ void given_chunk(const Params& p, const Ctx& c, int chunk) {
   TraceScope scope;
-  i32* counts = reinterpret_cast<RouterSmem*>(c.smem)->counts;
+  i32* counts = reinterpret_cast<RouterSmem*>(c.smem())->counts;
   i32* ids = region<i32>(p, c.slice, kTopkIds);
   float* weights = region<float>(p, c.slice, kTopkWeights);
   for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) counts[i] = 0;

@@ -38,7 +38,7 @@ struct TaskMap {
   i32* tok_off;    // [W + 1]    prefix of the sources' token counts (global token index)
 
   __device__ __forceinline__ TaskMap(const Params& p, const Ctx& c) {
-    i32* base = reinterpret_cast<i32*>(c.smem + p.smem_sched_offset);
+    i32* base = reinterpret_cast<i32*>(c.smem() + p.smem_sched_offset);
     const int El = p.experts_per_rank;
     h = reinterpret_cast<TaskMapHeader*>(base);
     rows = base + 16;

@@ -61,9 +61,11 @@ __device__ __forceinline__ bool group_wait(u64* bar, u32 parity, const Params& p
 static_assert(sizeof(SelectSmem) <= sizeof(TileTables), "a selection runs in a free table slot");
 
 // With two consumer warpgroups the block runs at 168 registers a thread (65536 / 384); the
-// producer needs far fewer than the consumers, whose 64 accumulators and epilogue live beside the
-// loop's state, so for the task loop the producer gives registers to the consumers (setmaxnreg)
-// and takes them back after it, when the whole block runs the combine.
+// producer needs far fewer than the consumers, whose accumulators (64, or 128 for a 128 x 256
+// tile) and epilogue live beside the loop's state, so for the task loop the producer gives
+// registers to the consumers (setmaxnreg) and takes them back after it, when the whole block runs
+// the combine. The wide tile fits in 192 because nothing else stays live through the loop: the
+// block's Ctx is in shared memory (common/heap.cuh block_ctx) and the store loop is not unrolled.
 struct RegisterBudget {
   static constexpr u32 kBlock = 168, kProducer = 120, kConsumers = 192;
   static constexpr bool kOn = kThreads == 384;
@@ -77,7 +79,7 @@ struct RegisterBudget {
 // The producer warpgroup: job n goes to table slot n % 2. False: a wait failed (recorded).
 __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
   using G = Producers;
-  auto& bar = Gemm0::barriers(c.smem);
+  auto& bar = Gemm0::barriers(c.smem());
   TaskMap tm(p, c);
   map_shared_part<G>(p, c, tm);
   u32 fill = 0;
@@ -110,7 +112,7 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
 
 // The consumer warpgroups. False (in every consumer): a wait failed (recorded).
 __device__ bool consume_tasks(const Params& p, const Ctx& c) {
-  auto& bar = Gemm0::barriers(c.smem);
+  auto& bar = Gemm0::barriers(c.smem());
   u32 used = 0;
   for (u32 n = 0;; ++n) {
     const u32 slot = n & 1;
@@ -127,7 +129,7 @@ __device__ bool consume_tasks(const Params& p, const Ctx& c) {
 }
 
 __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
-  Gemm0::init_barriers(c.smem);
+  Gemm0::init_barriers(c.smem());
   __syncthreads();
   bool ok;
   if (threadIdx.x < Gemm0::kProducerThreads) {
@@ -140,7 +142,7 @@ __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) 
     RegisterBudget::consumers_done();
   }
   const bool failed = __syncthreads_or(!ok);
-  Gemm0::inval_barriers(c.smem);
+  Gemm0::inval_barriers(c.smem());
   if (failed) return false;
   finish_tasks(p, c);
   return true;
@@ -155,7 +157,7 @@ __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) 
   for (;;) {
     TileJob job;
     if (!next_job<Block>(p, c, tm, claim_task<Block>(p, c, scratch + 1), scratch, tt,
-                         *reinterpret_cast<SelectSmem*>(c.smem), job))
+                         *reinterpret_cast<SelectSmem*>(c.smem()), job))
       return false;
     if (job.gemm == kJobEnd) break;
     if (job.gemm >= 0) run_job(p, c, job);
