@@ -13,7 +13,8 @@ tolerance exactly when every row is correct. Reported: time, time(W) / time(W=1)
 (flashmoe's target: W=8 within 1.15x of W=1) and the speed-up over bulk-synchronous at each W.
 ``--routing skewed`` favours the first E / 8 experts (``flashmoe.checks.routing_shift``), all on
 the first ranks: the busiest rank's share of the expert rows over the mean (``rank_load``) is
-printed beside the time, which shows what a rank's fixed share of the blocks costs under skew.
+printed beside the time, which shows what skew still costs when the hosted ranks share their
+tasks (every block claims every rank's, its own first).
 Writes ``bench/results/ep_<device>_<date>.{csv,json,png}``.
 """
 

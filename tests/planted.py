@@ -12,8 +12,8 @@ PLANTED = {
     # Every block publishes its dispatched rows (and its results) before it counts itself done;
     # without the fence, the rows of all but the last block stay unseen when the last one signals.
     "dispatch-fence": ("flashmoe/device/common/wait.cuh",
-                       "  if (threadIdx.x == 0) {\n    fence_world(p);\n    u32* counter",
-                       "  if (threadIdx.x == 0) {\n    u32* counter"),
+                       "  if (lane == 0) {\n    fence_world(p);\n    u32* counter",
+                       "  if (lane == 0) {\n    u32* counter"),
     # Ranks in separate launches (other GPUs) see each other's writes only through system scope;
     # gpu scope there leaves them in the writer's GPU.
     "world-scope": ("flashmoe/device/common/transport.cuh",

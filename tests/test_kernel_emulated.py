@@ -180,6 +180,22 @@ def test_decode_and_prefill_tiles_share_one_heap():
         assert backend._last.spec.block_m == expected
 
 
+def test_blocks_of_an_idle_rank_take_a_busy_ranks_tiles():
+    """Work sharing (mma_sync): every token picks the same k experts (rank 0's), so rank 1 has no
+    routed tile of its own; its blocks claim rank 0's, whose results are still right."""
+    config = cfg(num_experts=4, top_k=2)
+    backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S,
+                            error_check="sync", spec=spec_for(config), trace_capacity=256)
+    result = run_case(backend, Case("share", config, world=2, tokens=300, routing="single"), torch.device("cpu"))
+    assert result.passed, result.detail
+    records = backend.last_trace().records
+    from flashmoe.host.abi import TaskKind
+    gemm = [i for i, k in enumerate(records["kind"]) if TaskKind(k).name in ("GEMM0", "GEMM1")]
+    own = backend.plan.blocks_per_rank
+    helped = [i for i in gemm if records["rank"][i] != records["block"][i] // own]
+    assert helped and all(records["rank"][i] == 0 for i in helped), "rank 1's blocks took none of rank 0's tiles"
+
+
 def test_trace_records_every_phase():
     from flashmoe.host.abi import TaskKind
     config = cfg(num_experts=4, num_shared_experts=1)

@@ -89,6 +89,23 @@ def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed, tile):
     assert result.passed, result.detail
 
 
+@pytest.mark.parametrize("tile", [PREFILL, WIDE], ids=["prefill", "wide"])
+def test_blocks_of_an_idle_rank_take_a_busy_ranks_tiles(tile):
+    """Work sharing: every token picks the same k experts (rank 0's), so rank 1 has no routed tile
+    of its own; its blocks claim rank 0's, whose results are still right and complete."""
+    config = cfg(num_experts=4, top_k=2)
+    case = Case("share", config, world=2, tokens=300, routing="single")
+    backend = backend_for(config, 2, tile, trace_capacity=256)
+    result = run_case(backend, case, torch.device("cpu"))
+    assert result.passed, result.detail
+    records = backend.last_trace().records
+    kinds = [TaskKind(k).name for k in records["kind"]]
+    gemm = [i for i, kind in enumerate(kinds) if kind in ("GEMM0", "GEMM1")]
+    own = backend.plan.blocks_per_rank
+    helped = [i for i in gemm if records["rank"][i] != records["block"][i] // own]
+    assert helped and all(records["rank"][i] == 0 for i in helped), "rank 1's blocks took none of rank 0's tiles"
+
+
 def test_tiles_by_shape_share_one_heap():
     """The decode, prefill and wide kernels over one heap: each forward runs the tile
     plan.choose_tile picks for its size (2 blocks a rank: wide from 8 wide tiles a rank), launches

@@ -76,7 +76,7 @@ NUM_SYNC_COUNTERS = 5        # barrier, claim, dispatched, finished, exited
 TRACE_RECORD_BYTES = 32
 PUT_STAGE_TILES = 256        # P: GEMM1 staging tiles per rank (NVSHMEM transport), one per block
 SCRATCH_BYTES = 64           # a block's scratch words (device/common/heap.cuh kScratchBytes)
-CTX_BYTES = 64               # then its Ctx, kept in shared memory (kCtxBytes, block_ctx())
+CTX_BYTES = 64               # a Ctx in shared memory: the block's own, then its task loop's (kCtxBytes)
 WIDE_MIN_ROUNDS = 4          # choose_tile: wide tiles once each block gets this many of them
 
 
@@ -315,11 +315,11 @@ GEMM_JOB_BYTES = 24           # TileTables::job: GEMM, K, valid columns, row til
 
 
 def gemm_tables_bytes(spec: KernelSpec) -> int:
-    """Row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables), per slot: A and
-    B row pointers, the B tile as a tensor-map box (16 bytes), the job, output offsets (u64), output
-    ranks (i32) and row-valid flags. The wgmma engine keeps two slots (one being prepared while the
-    other's tile runs, device/roles/tasks.cuh), mma_sync one."""
-    slot = _align((spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + GEMM_JOB_BYTES
+    """Row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables), per slot: the
+    job's rank context, A and B row pointers, the B tile as a tensor-map box (16 bytes), the job,
+    output offsets (u64), output ranks (i32) and row-valid flags. The wgmma engine keeps two slots
+    (one being prepared while the other's tile runs, device/roles/tasks.cuh), mma_sync one."""
+    slot = _align(CTX_BYTES + (spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + GEMM_JOB_BYTES
                   + spec.block_m * (8 + 4 + 1), 16)
     return slot * (2 if spec.gemm == "wgmma" else 1)
 
@@ -339,7 +339,7 @@ def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
 
 def smem_layout(config: MoEConfig, spec: KernelSpec, world: int) -> tuple[int, int, int]:
     """(task map offset, scratch offset, total bytes) of a block's dynamic shared memory:
-    [GEMM pipeline + row tables | route/dispatch scratch] [task map] [scratch words] [Ctx].
+    [GEMM pipeline + row tables | route/dispatch scratch] [task map] [scratch words] [2 Ctx].
     The pipeline starts at the dynamic shared memory base, which the kernel declares 1024-byte
     aligned, and its stages are (BM + BN) x 128 bytes: every A and B tile starts on a 1024-byte
     boundary, the start of the 128-byte swizzle pattern (wgmma descriptors, TMA)."""
@@ -347,7 +347,7 @@ def smem_layout(config: MoEConfig, spec: KernelSpec, world: int) -> tuple[int, i
                        phase_smem_bytes(config, spec, world)), 128)
     sched = union
     scratch = sched + scheduler_smem_bytes(config, world)
-    return sched, scratch, scratch + SCRATCH_BYTES + CTX_BYTES
+    return sched, scratch, scratch + SCRATCH_BYTES + 2 * CTX_BYTES
 
 
 def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: int = 1024,

@@ -21,25 +21,37 @@ struct Ctx {
 };
 
 // The block's shared-memory tail (flashmoe/host/plan.py smem_layout(): SCRATCH_BYTES, CTX_BYTES):
-// scratch words, then the kernel's Ctx.
+// scratch words, the block's own Ctx, then the Ctx of the rank its task loop works for
+// (device/roles/tasks.cuh task_ctx()).
 constexpr int kScratchBytes = 64;
 constexpr int kCtxBytes = 64;
 static_assert(sizeof(Ctx) <= kCtxBytes, "the Ctx fits its shared-memory area");
 
-__device__ __forceinline__ Ctx make_ctx(const Params& p) {
+// The context of hosted rank `local` in launch `epoch`, for a block with index `block` among the
+// rank's blocks.
+__device__ __forceinline__ Ctx make_ctx(const Params& p, int local, int block, u32 epoch) {
   Ctx c;
-  c.local = blockIdx.x / p.blocks_per_rank;
+  c.local = local;
   c.rank = p.first_local_rank + c.local;
-  c.block = blockIdx.x % p.blocks_per_rank;
+  c.block = block;
   c.num_tokens = p.local[c.local].num_tokens;
   c.slice = p.heap + (u64)c.local * p.rank_heap_bytes;
-  // The heap word counts finished launches; this launch's epoch is one more, so it is never the
-  // 0 that fresh (zeroed) flags hold. The previous launch on this stream has completed.
-  c.epoch = *reinterpret_cast<const volatile u32*>(c.slice + p.region_offset[kEpoch]) + 1;
+  c.epoch = epoch;
   c.bank = c.epoch & 1;
   c.x = static_cast<const elem_t*>(p.local[c.local].x);
   c.out = static_cast<elem_t*>(p.local[c.local].out);
   return c;
+}
+
+// This block's own: it serves rank blockIdx.x / blocks_per_rank. The rank's heap word counts
+// finished launches; this launch's epoch is one more, so it is never the 0 that fresh (zeroed)
+// flags hold. The previous launch on this stream has completed. (Every rank of a heap counts the
+// same launches, so the ranks of one launch share an epoch.)
+__device__ __forceinline__ Ctx make_ctx(const Params& p) {
+  const int local = blockIdx.x / p.blocks_per_rank;
+  const u8* slice = p.heap + (u64)local * p.rank_heap_bytes;
+  const u32 epoch = *reinterpret_cast<const volatile u32*>(slice + p.region_offset[kEpoch]) + 1;
+  return make_ctx(p, local, blockIdx.x % p.blocks_per_rank, epoch);
 }
 
 // The kernel keeps its Ctx in shared memory rather than in registers: held in registers it would

@@ -125,26 +125,30 @@ __device__ __forceinline__ bool block_wait(const Params& p, const Ctx& c, const 
   return *scratch != 0;
 }
 
-// Warp 0 of every block of the rank, after a block barrier: publishes the block's writes and
-// counts the block in at sync counter `which`; the rank's last block then sends `value` to slot
-// c.rank of flag region `flags` on every rank (unless `hold`, a test's stalled rank), one lane per
-// destination, so the destinations' fences and flag stores run side by side, not in series.
-__device__ void count_and_signal(const Params& p, const Ctx& c, u32 which, RegionId flags, u32 value, bool hold) {
-  if (threadIdx.x >= 32) return;
+// The first warp of group G (the whole block by default), after the group's barrier: publishes the
+// group's writes and counts them in at rank c.rank's sync counter `which`; the last of `arrivals`
+// (default: one per block of the rank) then sends `value` to slot c.rank of flag region `flags`
+// on every rank (unless `hold`, a test's stalled rank), one lane per destination, so the
+// destinations' fences and flag stores run side by side, not in series.
+template <class G = Block>
+__device__ void count_and_signal(const Params& p, const Ctx& c, u32 which, RegionId flags, u32 value, bool hold,
+                                 u32 arrivals = 0) {
+  const int lane = G::rank();
+  if (lane >= 32) return;
   u32 last = 0;
-  if (threadIdx.x == 0) {
+  if (lane == 0) {
     fence_world(p);
     u32* counter = region<u32>(p, c.slice, kSyncCounters, c.bank) + which;
-    last = atomic_add_relaxed_gpu(counter, 1) == static_cast<u32>(p.blocks_per_rank - 1);
+    last = atomic_add_relaxed_gpu(counter, 1) == (arrivals ? arrivals : static_cast<u32>(p.blocks_per_rank)) - 1;
     if (last) {
-      fence_world(p);        // every block's writes, seen through the counter
+      fence_world(p);        // every arrival's writes, seen through the counter
       remote_complete(p);    // and every put of theirs has left its source
     }
   }
-  __syncwarp();            // what thread 0 saw is ordered before the other lanes' fences
+  __syncwarp();            // what lane 0 saw is ordered before the other lanes' fences
   if (!__shfl_sync(0xffffffffu, last, 0) || hold) return;
   const u64 off = region_off(p, flags) + (u64)c.rank * 4;
-  for (int dst = threadIdx.x; dst < p.world; dst += 32) remote_signal(p, dst, off, value);
+  for (int dst = lane; dst < p.world; dst += 32) remote_signal(p, dst, off, value);
 }
 
 // Barrier over the blocks of one rank (all co-resident: cooperative launch). `generation` counts

@@ -51,8 +51,10 @@ struct WeightTile {
 // What a prepared tile runs: which GEMM over which K, how many output columns are real, and (for
 // GEMM0) the row tile whose done-counter it bumps.
 constexpr i32 kJobEnd = 2;
+constexpr i32 kJobRankDone = 3;
 struct TileJob {
-  i32 gemm;        // 0 or 1; kJobEnd: no task is left; -1: no tile (a capacity selection ran)
+  i32 gemm;        // 0 or 1; kJobEnd: no task is left; kJobRankDone: none of the job's rank (its
+                   // results are stored; device/roles/tasks.cuh); -1: no tile (a selection ran)
   i32 k;           // K elements
   i32 valid_cols;  // output columns this tile writes
   i32 row_tile;    // tile_done index (GEMM0)
@@ -62,6 +64,7 @@ struct TileJob {
 // Per-tile row tables, after the pipeline (flashmoe/host/plan.py gemm_tables_bytes()); the wgmma
 // task loop keeps two (tasks.cuh), the producer writing one while the consumers read the other.
 struct TileTables {
+  Ctx ctx;                  // the rank the job works for (wgmma: written with the job)
   const u8* a[kBlockM];     // A row starts (nullptr: zeros)
   const u8* b[kBlockN];     // B row starts (nullptr: zeros)
   WeightTile wt;            // the same B rows as a tensor-map box
@@ -70,7 +73,7 @@ struct TileTables {
   i32 out_rank[kBlockM];
   bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
 };
-static_assert(sizeof(TileTables) <= ((kBlockM + kBlockN) * 8 + 16 + 24 + kBlockM * 13 + 15) / 16 * 16,
+static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 16 + 24 + kBlockM * 13 + 15) / 16 * 16,
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
 __device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {

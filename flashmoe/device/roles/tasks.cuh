@@ -1,15 +1,26 @@
-// The expert phase of a block: claim tasks until none are left, then report the block finished;
-// the rank's last block to finish tells every rank its results are written.
+// The expert phase of a block: claim tasks until none are left, for its own rank and then for the
+// other ranks the launch hosts; a rank's results are written when every block has passed it, and
+// the last to pass tells every rank so.
+//
+// Work sharing. Virtual ranks (several hosted by one launch) have fixed blocks, and under skewed
+// routing one rank's blocks would work on while the others' idle. So a block that has claimed the
+// last task of its own rank goes on to claim the next hosted rank's, and so on around them all:
+// each rank's tasks are claimed by every block of the launch, its own first. A rank's kFinished
+// counter expects one arrival per block of the launch (finish_arrivals()); the last sends the
+// done signals. The NVSHMEM transport keeps to its own rank (its GEMM1 puts stage through the
+// rank's per-block slots), as does a launch hosting one rank.
 //
 // With the wgmma engine the block runs it as two thread groups at once (device/common/group.cuh).
-// The producer warpgroup claims a task, waits for what it needs, writes its row tables and job
-// into one of two table slots, tells the consumers (the slot's "ready" mbarrier) and loads the
-// tile's stages; then it claims the next task while the consumer warpgroups still multiply and
-// store the current tile, and fills the stages they free. The consumers take the jobs in order,
-// multiply, store, and hand the slot back ("free"). The pipeline never drains between tiles and
-// its barriers are set up once. Capacity selections run on the producer warpgroup alone, in the
-// free slot's memory, while the consumers work on. With mma_sync the whole block does everything,
-// one task after another.
+// The producer warpgroup claims a task, waits for what it needs, writes its row tables, job and
+// rank context into one of two table slots, tells the consumers (the slot's "ready" mbarrier) and
+// loads the tile's stages; then it claims the next task while the consumer warpgroups still
+// multiply and store the current tile, and fills the stages they free. When a rank has no task
+// left for it, it publishes a kJobRankDone job instead, on which the consumers, having stored the
+// rank's tiles, count the block in for that rank. The consumers take the jobs in order, multiply,
+// store, and hand the slot back ("free"). The pipeline never drains between tiles and its
+// barriers are set up once. Capacity selections run on the producer warpgroup alone, in the free
+// slot's memory, while the consumers work on. With mma_sync the whole block does everything, one
+// task after another.
 #pragma once
 
 #include "flashmoe/device/roles/capacity.cuh"
@@ -41,9 +52,37 @@ __device__ bool next_job(const Params& p, const Ctx& c, TaskMap& tm, u32 task, v
   return true;
 }
 
-// Finished (after a block barrier): the rank's last block tells every rank its results are written.
-__device__ void finish_tasks(const Params& p, const Ctx& c) {
-  count_and_signal(p, c, kFinished, kDoneFlags, c.epoch, false);
+// The hosted ranks a block claims tasks of (work sharing above), and so the arrivals each rank's
+// kFinished counter expects.
+__device__ __forceinline__ int ranks_to_visit(const Params& p) {
+  return FLASHMOE_TRANSPORT_NVSHMEM ? 1 : p.num_local_ranks;
+}
+__device__ __forceinline__ u32 finish_arrivals(const Params& p) {
+  return static_cast<u32>(ranks_to_visit(p) * p.blocks_per_rank);
+}
+
+// The context the block's task loop works for (with wgmma, the producer's), in shared memory after
+// the block's own (common/heap.cuh block_ctx()).
+__device__ __forceinline__ Ctx& task_ctx(const Params& p) {
+  return *reinterpret_cast<Ctx*>(dynamic_smem() + p.smem_scratch_offset + kScratchBytes + kCtxBytes);
+}
+
+// Group G makes the i-th rank it visits (its own first, then the next hosted ones, wrapping) the
+// task loop's; it keeps the block's index and the launch's epoch.
+template <class G>
+__device__ __forceinline__ const Ctx& visit_rank(const Params& p, const Ctx& c, int i) {
+  G::sync();   // the last rank's context is no longer read
+  if (G::rank() == 0) task_ctx(p) = make_ctx(p, (c.local + i) % p.num_local_ranks, c.block, c.epoch);
+  G::sync();
+  return task_ctx(p);
+}
+
+// Group G (its writes published by its barrier first) counts the block in for rank c: the last
+// arrival tells every rank its results are written.
+template <class G>
+__device__ void finish_rank(const Params& p, const Ctx& c) {
+  G::sync();
+  count_and_signal<G>(p, c, kFinished, kDoneFlags, c.epoch, false, finish_arrivals(p));
 }
 
 #if FLASHMOE_GEMM_WGMMA
@@ -81,7 +120,10 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
   using G = Producers;
   auto& bar = Gemm0::barriers(c.smem());
   TaskMap tm(p, c);
-  map_shared_part<G>(p, c, tm);
+  const int visits = ranks_to_visit(p);
+  int visit = 0;
+  const Ctx* cr = &visit_rank<G>(p, c, visit);
+  map_shared_part<G>(p, *cr, tm);
   u32 fill = 0;
   bool ok = true;
   for (u32 n = 0; ok;) {
@@ -92,18 +134,31 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
                                  (n >> 1) - 1))
       return false;
     TileJob job;
-    ok = next_job<G>(p, c, tm, claim_task<G>(p, c, scratch + 1), scratch, tt,
-                     *reinterpret_cast<SelectSmem*>(&tt), job);
-    if (ok && job.gemm < 0) continue;   // a capacity selection: the slot is still free
-    if (!ok) job.gemm = kJobEnd;        // the consumers stop too
+    if (visit == visits) {
+      job.gemm = kJobEnd;               // every hosted rank passed
+    } else {
+      ok = next_job<G>(p, *cr, tm, claim_task<G>(p, *cr, scratch + 1), scratch, tt,
+                       *reinterpret_cast<SelectSmem*>(&tt), job);
+      if (ok && job.gemm < 0) continue; // a capacity selection: the slot is still free
+      if (!ok) job.gemm = kJobEnd;      // the consumers stop too
+      else if (job.gemm == kJobEnd) job.gemm = kJobRankDone;
+    }
     G::sync();                          // the tables are written
     if (G::rank() == 0) {
       tt.job = job;
+      tt.ctx = *cr;
       mbar_arrive(&bar.ready[slot]);
     }
     ++n;
     if (job.gemm == kJobEnd) break;
-    ok = load_job(p, c, tt, job, fill);
+    if (job.gemm == kJobRankDone) {
+      if (++visit < visits) {
+        cr = &visit_rank<G>(p, c, visit);
+        map_shared_part<G>(p, *cr, tm);
+      }
+      continue;
+    }
+    ok = load_job(p, *cr, tt, job, fill);
   }
   cp_async_commit();   // nothing of this block's may still be landing when it leaves
   cp_async_wait<0>();
@@ -122,7 +177,8 @@ __device__ bool consume_tasks(const Params& p, const Ctx& c) {
       return false;
     const TileJob job = tt.job;
     if (job.gemm == kJobEnd) return true;
-    if (!compute_job(p, c, tt, job, used)) return false;
+    if (job.gemm == kJobRankDone) finish_rank<Consumers>(p, tt.ctx);   // every consumer stored its tiles
+    else if (!compute_job(p, tt.ctx, tt, job, used)) return false;
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(&bar.free[slot]);
   }
@@ -143,27 +199,27 @@ __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) 
   }
   const bool failed = __syncthreads_or(!ok);
   Gemm0::inval_barriers(c.smem());
-  if (failed) return false;
-  finish_tasks(p, c);
-  return true;
+  return !failed;
 }
 
 #else
 
 __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
   TaskMap tm(p, c);
-  map_shared_part<Block>(p, c, tm);
   TileTables& tt = tile_tables(c);
-  for (;;) {
-    TileJob job;
-    if (!next_job<Block>(p, c, tm, claim_task<Block>(p, c, scratch + 1), scratch, tt,
-                         *reinterpret_cast<SelectSmem*>(c.smem()), job))
-      return false;
-    if (job.gemm == kJobEnd) break;
-    if (job.gemm >= 0) run_job(p, c, job);
+  for (int visit = 0; visit < ranks_to_visit(p); ++visit) {
+    const Ctx& cr = visit_rank<Block>(p, c, visit);
+    map_shared_part<Block>(p, cr, tm);
+    for (;;) {
+      TileJob job;
+      if (!next_job<Block>(p, cr, tm, claim_task<Block>(p, cr, scratch + 1), scratch, tt,
+                           *reinterpret_cast<SelectSmem*>(c.smem()), job))
+        return false;
+      if (job.gemm == kJobEnd) break;
+      if (job.gemm >= 0) run_job(p, cr, job);
+    }
+    finish_rank<Block>(p, cr);
   }
-  __syncthreads();
-  finish_tasks(p, c);
   return true;
 }
 
