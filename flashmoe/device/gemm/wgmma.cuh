@@ -338,9 +338,10 @@ struct WgmmaTile {
   __device__ __forceinline__ static void store_rows(const u8* staged, const bool* rows_valid, int valid_cols,
                                                     Store store) {
     constexpr int kChunksPerRow = BN / kNB * kElemBytes / 16, kPitch = stage_pitch<kNB>();
-    // Not unrolled: unrolled, the compiler hoists every iteration's addresses out of the task
-    // loop, and those registers are the ones a 128 x 256 tile's accumulators need.
-#pragma unroll 1
+    // Not unrolled for the 128 x 256 tile: unrolled, the compiler hoists every iteration's
+    // addresses out of the task loop, and those registers are the ones its accumulators need.
+    constexpr int kUnroll = BN > 128 ? 1 : 8;
+#pragma unroll (kUnroll)
     for (int idx = G::rank(); idx < BM * kChunksPerRow; idx += G::kSize) {
       const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
       if (!rows_valid[row] || chunk * kVecElems >= valid_cols) continue;

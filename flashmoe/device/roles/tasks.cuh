@@ -104,7 +104,7 @@ static_assert(sizeof(SelectSmem) <= sizeof(TileTables), "a selection runs in a f
 // tile) and epilogue live beside the loop's state, so for the task loop the producer gives
 // registers to the consumers (setmaxnreg) and takes them back after it, when the whole block runs
 // the combine. The wide tile fits in 192 because nothing else stays live through the loop: the
-// block's Ctx is in shared memory (common/heap.cuh block_ctx) and the store loop is not unrolled.
+// block's Ctx is in shared memory (common/heap.cuh block_ctx) and its store loop is not unrolled.
 struct RegisterBudget {
   static constexpr u32 kBlock = 168, kProducer = 120, kConsumers = 192;
   static constexpr bool kOn = kThreads == 384;
