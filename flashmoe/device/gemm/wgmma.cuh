@@ -340,7 +340,7 @@ struct WgmmaTile {
     constexpr int kChunksPerRow = BN / kNB * kElemBytes / 16, kPitch = stage_pitch<kNB>();
     // Not unrolled for the 128 x 256 tile: unrolled, the compiler hoists every iteration's
     // addresses out of the task loop, and those registers are the ones its accumulators need.
-    constexpr int kUnroll = BN > 128 ? 1 : 8;
+    constexpr int kUnroll = BN > 128 ? 1 : (BM * kChunksPerRow + G::kSize - 1) / G::kSize;
 #pragma unroll (kUnroll)
     for (int idx = G::rank(); idx < BM * kChunksPerRow; idx += G::kSize) {
       const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
