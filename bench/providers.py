@@ -86,19 +86,17 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
 
 
 def narrow_specs(config: MoEConfig, device) -> list:
-    """The kernel's prefill and decode specs for ``device`` without the wide tile."""
+    """The kernel's prefill and decode specs for ``device``: its tiles without the wide one."""
     from flashmoe.host.backend import _device_info
-    from flashmoe.host.spec import DECODE_BLOCK_M, PREFILL_BLOCK_M, select_spec
+    from flashmoe.host.spec import select_specs
     info = _device_info(torch.device(device))
-    return [select_spec(config.dtype, config.gated, info.arch, info.max_smem_per_block, bm)
-            for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+    return select_specs(config.dtype, config.gated, info.arch, info.max_smem_per_block)
 
 
 def kernel_tile(layer: FlashMoELayer) -> str | None:
     """The GEMM tile of ``layer``'s last kernel launch, as "BMxBN" (None: no kernel launch)."""
-    kernel = layer._kernel
-    last = getattr(kernel, "_last", None)
-    return f"{last.spec.block_m}x{last.spec.block_n}" if last is not None else None
+    tile = layer._kernel.last_tile() if layer._kernel is not None else None
+    return "{}x{}".format(*tile) if tile else None
 
 
 def torch_loop(config: MoEConfig, weights: MoEWeights) -> Provider:

@@ -174,8 +174,7 @@ def run_case(backend, case: Case, device, time_it: bool = False) -> CaseResult:
         return CaseResult(case.describe(), False, detail=f"{type(exc).__name__}: {exc}",
                           extra={"records": getattr(exc, "records", [])})
     result = judge(backend, case.describe(), x, weights, out, routing)
-    spec = backend.variant_for(x.shape[0]).spec
-    result.extra["tile"] = f"{spec.block_m}x{spec.block_n}"     # which of the backend's kernels ran
+    result.extra["tile"] = "{}x{}".format(*backend.last_tile())     # which of the backend's kernels ran
     if time_it and x.is_cuda:
         result.ms = time_forward(backend, x, weights, out)
     return result

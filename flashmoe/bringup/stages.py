@@ -22,7 +22,7 @@ import torch
 from .. import checks, selftest
 from ..checks import Case
 from ..host.plan import DeviceInfo
-from ..host.spec import WIDE_BLOCK_N, KernelSpec, arch_for_capability, select_spec, wgmma_spec
+from ..host.spec import WIDE_BLOCK_N, KernelSpec, arch_for_capability, select_spec, select_specs, wgmma_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,8 +164,8 @@ def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSp
     from .probes import probe_spec
     engines = ("mma_sync", "wgmma") if arch == "sm_90a" else ("mma_sync",)
     layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
-    kernels = [select_spec(dtype, gated, arch, smem, bm, gemm=gemm) for gemm in engines
-               for dtype, gated in layouts for bm in (128, 64)]
+    kernels = [s for gemm in engines for dtype, gated in layouts
+               for s in select_specs(dtype, gated, arch, smem, gemm)]
     if arch == "sm_90a":      # the wide tile (2-byte dtypes)
         kernels += [select_spec(dtype, gated, arch, smem, 128, block_n=WIDE_BLOCK_N)
                     for dtype, gated in layouts if dtype != "float32"]

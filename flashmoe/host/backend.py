@@ -45,8 +45,8 @@ from . import abi
 from .heap import LocalHeap
 from .launch import check_control
 from .plan import DeviceInfo, Plan, choose_tile, kernel_support, make_plan, smem_layout, trace_layout
-from .spec import (BLOCK_N, DECODE_BLOCK_M, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec,
-                   arch_for_capability, select_spec, wgmma_spec)
+from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
+                   select_spec, select_specs, wgmma_spec)
 
 MIN_PLAN_TOKENS = 64
 
@@ -174,8 +174,7 @@ class KernelBackend:
         if spec is None:
             info = self.device_info
             try:
-                specs = [select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, bm,
-                                     gemm=gemm) for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
+                specs = select_specs(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, gemm)
             except ValueError as e:
                 raise KernelUnavailable(str(e)) from e
             specs += self._wide_spec(specs[0], transport)
@@ -187,7 +186,7 @@ class KernelBackend:
             raise ValueError(f"the NVSHMEM transport runs tiles of at most {BLOCK_N} columns (its build of a wider "
                              f"tile spills registers)")
         # Widest first: the heap and the defaults are the first variant's.
-        self.variants = {v.tile: v for v in sorted(map(Variant, specs), key=lambda v: (-v.tile[0], -v.tile[1]))}
+        self.variants = {v.tile: v for v in sorted(map(Variant, specs), key=lambda v: v.tile, reverse=True)}
         if len(self.variants) != len(specs):
             raise ValueError("the backend's specs must differ in their tile (one kernel per block_m x block_n)")
         self.spec = next(iter(self.variants.values())).spec
@@ -261,6 +260,10 @@ class KernelBackend:
             v.kernel.check_grid(v.plan.grid, self.device_info.sm_count)
             if self._runtime is not None:
                 self._runtime.register_kernel(v.kernel.module)
+
+    def last_tile(self) -> tuple[int, int] | None:
+        """(block_m, block_n) of the kernel the last forward ran (None before the first)."""
+        return self._last.tile if self._last is not None else None
 
     def variant_for(self, total_tokens: int) -> Variant:
         """The kernel a forward of ``total_tokens`` (all ranks) runs: plan.choose_tile's tile, or

@@ -204,3 +204,10 @@ def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
             return spec
     raise ValueError(f"no {dtype} spec with a {block_m} x {block_n} tile fits {max_smem_per_block} B of "
                      f"shared memory per block on {arch}")
+
+
+def select_specs(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
+                 gemm: str | None = None) -> list[KernelSpec]:
+    """The prefill and the decode spec of a device (``select_spec`` at both tile heights)."""
+    return [select_spec(dtype, gated, arch, max_smem_per_block, bm, gemm=gemm)
+            for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
