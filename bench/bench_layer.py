@@ -30,8 +30,8 @@ from bench.measure import measure, speedups
 from flashmoe import FlashMoELayer, reference
 
 PROVIDERS = ("flashmoe", "torch_loop", "hf_grouped_mm")
-# On request: flashmoe without its wide 128 x 256 tile, to measure what that tile gains.
-EXTRA_PROVIDERS = ("flashmoe_128x128",)
+# On request: kernel variants, to measure what a choice gains (providers.KERNEL_VARIANTS).
+EXTRA_PROVIDERS = providers.KERNEL_VARIANTS
 BASELINES = ("torch_loop", "hf_grouped_mm")
 COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tokens", "provider", "tile",
            "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
@@ -45,7 +45,7 @@ TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provi
          ("max_abs_err", "err", ".2e"), ("tol", "tol", ".2e"), ("route_agree", "route", ".4f"),
          ("speedup_vs_torch_loop", "x loop", ".3g"), ("speedup_vs_hf_grouped_mm", "x hf", ".3g"),
          ("status", "status", "")]
-WIDTHS = {"config": 16, "provider": 16, "tokens": 6, "tile": 7}
+WIDTHS = {"config": 16, "provider": 20, "tokens": 6, "tile": 7}
 
 
 def parse_args(argv=None):
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help=f"default {list(layers.TOKENS)} ({list(layers.DRY_RUN_TOKENS)} with --dry-run)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + EXTRA_PROVIDERS,
-                   help=f"default {' '.join(PROVIDERS)}; flashmoe_128x128 is flashmoe without the wide tile")
+                   help=f"default {' '.join(PROVIDERS)}; flashmoe_128x128 is flashmoe without the wide tile, "
+                        "flashmoe_cooperative also without ping-pong consumers")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 30; 2 dry)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 1 dry)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -79,8 +80,8 @@ def build_providers(names, source: FlashMoELayer, family: str, dry_run: bool):
     made = {}
     for name in names:
         try:
-            if name in ("flashmoe", "flashmoe_128x128"):
-                made[name] = providers.flashmoe(source, dry_run=dry_run, narrow=name == "flashmoe_128x128")
+            if name == "flashmoe" or name in providers.KERNEL_VARIANTS:
+                made[name] = providers.flashmoe(source, dry_run=dry_run, variant=name)
             elif name == "torch_loop":
                 made[name] = providers.torch_loop(config, weights)
             else:

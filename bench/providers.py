@@ -7,7 +7,7 @@ succeeds or raises ``Unavailable`` with the reason the row will print.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -45,19 +45,24 @@ def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
     return dst
 
 
+# Kernel variants a run may add beside "flashmoe", so that one run measures what a choice gains:
+# without the wide 128 x 256 tile; and without it, the 128 x 128 tile's consumer warpgroups
+# cooperative (each a slab of every tile) instead of ping-pong (each whole tiles, in turn).
+KERNEL_VARIANTS = ("flashmoe_128x128", "flashmoe_cooperative")
+
+
 def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int | None = None,
-             dry_run: bool = False, narrow: bool = False) -> Provider:
-    """The flashmoe layer on ``source``'s weights. On a GPU the kernel backend is forced (a
-    silent fallback to the reference must never be timed as flashmoe); a dry run uses the
-    reference backend. ``narrow``: without the wide 128 x 256 tile (provider "flashmoe_128x128"),
-    so that one run measures what the wide tile gains."""
+             dry_run: bool = False, variant: str = "flashmoe") -> Provider:
+    """The flashmoe layer on ``source``'s weights, as provider ``variant`` ("flashmoe" or one of
+    KERNEL_VARIANTS). On a GPU the kernel backend is forced (a silent fallback to the reference
+    must never be timed as flashmoe); a dry run uses the reference backend."""
     config = source.config
     device = source.router_weight.device
     if not dry_run:
         reason = backend_select.kernel_unavailable_reason(config, device, virtual_world)
         if reason:
             raise Unavailable(f"flashmoe kernel: {reason}")
-    options = {"spec": narrow_specs(config, device)} if narrow and not dry_run else None
+    options = {"spec": variant_specs(variant, config, device)} if variant != "flashmoe" and not dry_run else None
     if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
         layer = source
     else:
@@ -82,15 +87,21 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
         if x2d.device.type == "cuda":
             torch.cuda.synchronize(x2d.device)
 
-    return Provider("flashmoe_128x128" if narrow else "flashmoe", layer, checked, finish)
+    return Provider(variant, layer, checked, finish)
 
 
-def narrow_specs(config: MoEConfig, device) -> list:
-    """The kernel's prefill and decode specs for ``device``: its tiles without the wide one."""
+def variant_specs(variant: str, config: MoEConfig, device) -> list:
+    """The specs of kernel variant ``variant`` on ``device``: its prefill and decode tiles without
+    the wide one, and for "flashmoe_cooperative" with every wgmma tile cooperative."""
     from flashmoe.host.backend import _device_info
     from flashmoe.host.spec import select_specs
+    if variant not in KERNEL_VARIANTS:
+        raise ValueError(f"variant={variant!r}: allowed are {', '.join(KERNEL_VARIANTS)}")
     info = _device_info(torch.device(device))
-    return select_specs(config.dtype, config.gated, info.arch, info.max_smem_per_block)
+    specs = select_specs(config.dtype, config.gated, info.arch, info.max_smem_per_block)
+    if variant == "flashmoe_cooperative":
+        specs = [replace(s, schedule="cooperative") for s in specs]
+    return specs
 
 
 def kernel_tile(layer: FlashMoELayer) -> str | None:

@@ -146,9 +146,10 @@ def random_cases(n: int, seed: int) -> list[Case]:
     return cases
 
 
-def _backend_factory(device, emulate: bool, timeout_s: float, gemm: str | None = None):
+def _backend_factory(device, emulate: bool, timeout_s: float, gemm: str | None = None, specs=None):
     """make(config, world, timeout_s=..., error_check='sync'): the KernelBackend for them, the last
-    one reused (one heap at a time: the big cases need the memory). ``gemm`` forces an engine."""
+    one reused (one heap at a time: the big cases need the memory). ``gemm`` forces an engine,
+    ``specs(config)`` the kernel specs."""
     from .host.backend import KernelBackend
     cache = {}
 
@@ -157,7 +158,8 @@ def _backend_factory(device, emulate: bool, timeout_s: float, gemm: str | None =
         if key not in cache:
             cache.clear()
             cache[key] = KernelBackend(config, device, virtual_world=world, emulate=emulate,
-                                       timeout_s=timeout_s, error_check=error_check, gemm=gemm)
+                                       timeout_s=timeout_s, error_check=error_check, gemm=gemm,
+                                       spec=specs(config) if specs else None)
         return cache[key]
     return make
 

@@ -316,8 +316,8 @@ def phase_table(trace: Trace) -> dict:
     - ``unrecorded_share``: the time each block spent in no record (waiting for a flag, a tile
       counter or the next job, or finished while others work), summed over blocks, of the whole.
       Records of one block that overlap (the wgmma producer's selections run while its consumers
-      multiply) count once here, so phase shares may add up to a little more than
-      ``1 - unrecorded_share``.
+      multiply; a ping-pong team's epilogue while the other team's mainloop runs) count once
+      here, so phase shares may add up to more than ``1 - unrecorded_share``.
     - ``span_ns``, ``blocks``; ``truncated_blocks`` > 0 means records are missing (raise the
       trace capacity) and the figures undercount.
     """

@@ -27,8 +27,14 @@ PLANTED = {
     # The wgmma consumers release a tile's last stage once its wgmmas are done; without it the
     # producer can never refill that stage (a bounded wait must report it).
     "stage-release": ("flashmoe/device/gemm/wgmma.cuh",
-                      "    if (ktiles > 0 && (ct & 31) == 0) mbar_arrive(&bar.empty[(used + ktiles - 1) % kStages]);\n",
+                      "    if (ktiles > 0 && (ct & 31) == 0) mbar_arrive(&bar.empty[(stage0 + ktiles - 1) % kStages]);\n",
                       ""),
+    # A ping-pong team starts on its tile's stages only once the other team has waited for the
+    # tile's before it (gemm/wgmma.cuh turns); without, it may wait on a stage whose earlier fill
+    # has not landed yet, a phase the parity cannot tell from its own.
+    "pingpong-turn": ("flashmoe/device/gemm/wgmma.cuh",
+                      "    if (!kPingPong || n == 0) return true;\n",
+                      "    return true;\n"),
     # A flag to an NVSHMEM peer must be delivered after the data put before it.
     "nvshmem-fence": ("flashmoe/device/common/transport_nvshmem.cuh",
                       "    fence_acq_rel_sys();   // this thread's and (by cumulativity) the block's P2P stores\n"

@@ -127,3 +127,22 @@ def test_roofline_is_the_longer_of_compute_and_memory():
         assert r["compute_ms"] == pytest.approx(metrics.flops(config, tokens) / 800e12 * 1e3)
         assert r["memory_ms"] == pytest.approx(nbytes / 4000e9 * 1e3)
         assert r["roofline_ms"] == max(r["compute_ms"], r["memory_ms"]) and r["bound"] == bound
+
+
+def test_kernel_variants_differ_from_the_default_in_one_choice_each(monkeypatch):
+    """flashmoe_128x128: the device's tiles without the wide one (the 128 x 128 one ping-pong on
+    Hopper); flashmoe_cooperative: the same tiles, every consumer schedule cooperative."""
+    from bench import providers
+    from flashmoe.config import MoEConfig
+    from flashmoe.host import backend
+    from flashmoe.host.plan import DeviceInfo
+    monkeypatch.setattr(backend, "_device_info", lambda device: DeviceInfo.for_arch("sm_90a"))
+    config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)
+    narrow = providers.variant_specs("flashmoe_128x128", config, "cpu")
+    cooperative = providers.variant_specs("flashmoe_cooperative", config, "cpu")
+    assert [(s.block_m, s.block_n, s.schedule) for s in narrow] == [(128, 128, "pingpong"), (64, 128, "cooperative")]
+    assert [(s.block_m, s.block_n, s.schedule) for s in cooperative] == [(128, 128, "cooperative"),
+                                                                         (64, 128, "cooperative")]
+    assert [s.stages for s in narrow] == [s.stages for s in cooperative]
+    with pytest.raises(ValueError, match="allowed are"):
+        providers.variant_specs("flashmoe", config, "cpu")

@@ -93,6 +93,9 @@ def test_pipeline_and_alignment_records_read_as_sentences():
     empty = _record(code=abi.ErrorCode.ABORTED, what=abi.WaitKind.PIPE_EMPTY, role=abi.TaskKind.GEMM1, index=1,
                     observed=9)
     assert "release stage 1 for k-tile 9" in launch.describe_record(empty)
+    turn = _record(code=abi.ErrorCode.TIMEOUT, what=abi.WaitKind.MATH_TURN, role=abi.TaskKind.GEMM0, index=1,
+                   expected=4)
+    assert "turn 4 of its GEMM consumer team 1" in launch.describe_record(turn)
     skew = _record(code=abi.ErrorCode.MISALIGNED, expected=1024, observed=0x410)
     assert "0x410" in launch.describe_record(skew) and "1024-byte boundary" in launch.describe_record(skew)
 

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow,
 
 NVSHMEM_SPECS = [KernelSpec(arch="sm_90a", transport="nvshmem"),
                  KernelSpec(arch="sm_80", stages=3, transport="nvshmem"),
-                 dataclasses.replace(wgmma_spec("bfloat16", True), transport="nvshmem")]
+                 dataclasses.replace(wgmma_spec("bfloat16", True, schedule="cooperative"), transport="nvshmem")]
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,9 @@ def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):
     assert next(iter(backend.variants)) == max(tiles) and backend.row_tile == 64
     for v in backend.variants.values():
         assert make_plan(config, v.spec, max_tokens=4096).smem_bytes <= backend.device_info.max_smem_per_block
+    # Ping-pong consumers for the 128 x 128 wgmma tile, except under NVSHMEM (one put tile a block).
+    pingpong = {t for t, v in backend.variants.items() if v.spec.schedule == "pingpong"}
+    assert pingpong == ({(128, 128)} if arch == "sm_90a" and transport == "peer" else set())
 
 
 def test_nvshmem_runs_narrow_tiles_only():
@@ -97,6 +100,23 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="64-row slabs"):
         KernelSpec(gemm="wgmma", threads=128)          # no consumer
     KernelSpec(gemm="wgmma", threads=256)              # one consumer, two m64 slabs
+    with pytest.raises(ValueError, match="schedule='nope'"):
+        KernelSpec(gemm="wgmma", threads=384, schedule="nope")
+    with pytest.raises(ValueError, match="two wgmma consumer warpgroups"):
+        KernelSpec(schedule="pingpong")                # mma_sync
+    with pytest.raises(ValueError, match="two wgmma consumer warpgroups"):
+        KernelSpec(gemm="wgmma", threads=256, schedule="pingpong")
+    with pytest.raises(ValueError, match="runs 'cooperative'"):
+        KernelSpec(gemm="wgmma", threads=384, block_n=256, schedule="pingpong")
+    with pytest.raises(ValueError, match="needs transport='peer'"):
+        KernelSpec(gemm="wgmma", threads=384, schedule="pingpong", transport="nvshmem")
+    # A ping-pong warpgroup takes whole tiles: a 64-row one, too (each its own m64 slab).
+    KernelSpec(gemm="wgmma", threads=384, block_m=64, schedule="pingpong")
+    # Same staging either way: one 64-row slab a consumer warpgroup at a time.
+    coop, pingpong = wgmma_spec("bfloat16", True, 5, schedule="cooperative"), wgmma_spec("bfloat16", True, 5)
+    assert pingpong.schedule == "pingpong" and pingpong.gemm_smem_bytes() == coop.gemm_smem_bytes()
+    assert wgmma_spec("bfloat16", True, 3, 128, 256).schedule == wgmma_spec("bfloat16", True, 3, 64).schedule == \
+        "cooperative"
 
 
 # ---------------------------------------------------------------- layout models
@@ -316,8 +336,10 @@ def test_wgmma_kernel_sass(kernel):
     counts = cubin.opcode_counts(text)
     shapes = set(re.findall(r"HGMMA\.[0-9x]+\.F32(?:\.[A-Z0-9]+)?", text))
     assert shapes == {HGMMA_SHAPE[kernel.spec.dtype].format(n=kernel.spec.block_n)}, shapes
-    # One inlined main loop serves both GEMMs: 4 k-steps of one m64nBN instruction per stage.
-    assert counts["HGMMA"] == 4
+    # One inlined main loop serves both GEMMs: 4 k-steps of one m64nBN instruction per stage and
+    # m64 slab (a ping-pong warpgroup holds both slabs of the 128-row tile).
+    slabs = 2 if kernel.spec.schedule == "pingpong" else 1
+    assert counts["HGMMA"] == 4 * slabs
     assert counts["HMMA"] == 0 and counts["STL"] == counts["LDL"] == 0
     assert "UTMALDG.4D" in text                      # B tiles by TMA
     assert "LDGSTSBAR" in text                       # cp.async.mbarrier.arrive (A rows)

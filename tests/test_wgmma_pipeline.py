@@ -30,6 +30,11 @@ DECODE = dict(block_m=64, threads=256, stages=2)
 # The wide prefill tile: 128 x 256, a gated GEMM0 tile 128 intermediate columns, 128 accumulators
 # a consumer thread (m64n256 wgmma).
 WIDE = dict(block_m=128, block_n=256, threads=384, stages=2)
+# The prefill tile in ping-pong: each consumer warpgroup takes whole tiles (two m64 slabs, 128
+# accumulators a thread) in turn, the other's epilogue running beside its mainloop.
+PINGPONG = dict(block_m=128, threads=384, stages=2, schedule="pingpong")
+PINGPONG_DECODE = dict(block_m=64, threads=384, stages=2, schedule="pingpong")   # one slab each
+TILES = {"prefill": PREFILL, "wide": WIDE, "pingpong": PINGPONG}
 
 
 def cfg(**kw) -> MoEConfig:
@@ -69,6 +74,22 @@ CASES = [
           world=4, tokens=203, routing="single"), WIDE),
     (Case("wide-one-token-W2", cfg(), world=2, tokens=1), WIDE),
     (Case("wide-no-tokens", cfg(), tokens=0), WIDE),
+    # Ping-pong: both teams' turns across tiles of both GEMMs, selections and rank-done jobs;
+    # odd and even job counts (the end reaches either team first); every epilogue path.
+    (Case("pingpong-many-tiles", cfg(), tokens=300), PINGPONG),
+    (Case("pingpong-gelu-plain-H320-I288-W2", cfg(hidden_size=320, intermediate_size=288, gated=False,
+                                                  activation="gelu"), world=2, tokens=260), PINGPONG),
+    (Case("pingpong-capacity-shared-W2", cfg(capacity_factor=0.75, num_shared_experts=1), world=2, tokens=170,
+          routing="skewed"), PINGPONG),
+    (Case("pingpong-fp32-plain-relu-W2", cfg(dtype="float32", gated=False, activation="relu"), world=2,
+          tokens=150), PINGPONG),
+    (Case("pingpong-fp16-gelu-tanh-shared-gate", cfg(dtype="float16", activation="gelu_tanh", num_shared_experts=1,
+                                                     shared_expert_gate=True), tokens=140), PINGPONG),
+    (Case("pingpong-W4-single-expert", cfg(num_experts=8), world=4, tokens=200, routing="single"), PINGPONG),
+    (Case("pingpong-one-token-W2", cfg(), world=2, tokens=1), PINGPONG),
+    (Case("pingpong-no-tokens", cfg(), tokens=0), PINGPONG),
+    (Case("pingpong-decode-tile-capacity-W2", cfg(num_experts=8, capacity_factor=0.5), world=2, tokens=90,
+          routing="skewed"), PINGPONG_DECODE),
 ]
 
 
@@ -79,7 +100,7 @@ def test_persistent_loop_matches_reference(case, tile):
 
 
 @pytest.mark.parametrize("weak_seed", [1, 2])
-@pytest.mark.parametrize("tile", [PREFILL, WIDE], ids=["prefill", "wide"])
+@pytest.mark.parametrize("tile", TILES.values(), ids=TILES.keys())
 def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed, tile):
     """Table slots, tile counters and selections published by one warpgroup and read by another or
     by other blocks, with stores that reach them late and out of order."""
@@ -89,7 +110,7 @@ def test_persistent_loop_under_weak_memory(monkeypatch, weak_seed, tile):
     assert result.passed, result.detail
 
 
-@pytest.mark.parametrize("tile", [PREFILL, WIDE], ids=["prefill", "wide"])
+@pytest.mark.parametrize("tile", TILES.values(), ids=TILES.keys())
 def test_blocks_of_an_idle_rank_take_a_busy_ranks_tiles(tile):
     """Work sharing: every token picks the same k experts (rank 0's), so rank 1 has no routed tile
     of its own; its blocks claim rank 0's, whose results are still right and complete."""
@@ -107,12 +128,12 @@ def test_blocks_of_an_idle_rank_take_a_busy_ranks_tiles(tile):
 
 
 def test_tiles_by_shape_share_one_heap():
-    """The decode, prefill and wide kernels over one heap: each forward runs the tile
-    plan.choose_tile picks for its size (2 blocks a rank: wide from 8 wide tiles a rank), launches
-    alternate between all three, and every result matches the reference."""
+    """The decode, prefill (ping-pong, as shipped) and wide kernels over one heap: each forward
+    runs the tile plan.choose_tile picks for its size (2 blocks a rank: wide from 8 wide tiles a
+    rank), launches alternate between all three, and every result matches the reference."""
     config = cfg()
     specs = [KernelSpec(arch="sm_90a", dtype=config.dtype, gated=config.gated, gemm="wgmma", **t)
-             for t in (DECODE, PREFILL, WIDE)]
+             for t in (DECODE, PINGPONG, WIDE)]
     backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S,
                             error_check="sync", spec=specs)
     assert list(backend.variants) == [(128, 256), (128, 128), (64, 128)] and backend.plan.row_tile == 64
@@ -126,32 +147,35 @@ def test_tiles_by_shape_share_one_heap():
         assert backend._last.tile == tile and result.extra["tile"] == "{}x{}".format(*tile)
 
 
-def test_fiber_order_changes_no_bit(monkeypatch):
+@pytest.mark.parametrize("tile", [PREFILL, PINGPONG], ids=["prefill", "pingpong"])
+def test_fiber_order_changes_no_bit(monkeypatch, tile):
     """Producer and consumers interleaved differently (which block claims which tile, how far the
-    producer runs ahead) must not change a single bit of the output."""
+    producer runs ahead, which team takes which tile) must not change a single bit of the output."""
     case = Case("order", cfg(capacity_factor=0.75), world=2, tokens=170, routing="skewed")
     x, weights = make_inputs(case, torch.device("cpu"))
-    first = backend_for(case.config, 2, PREFILL).forward(x, weights).clone()
+    first = backend_for(case.config, 2, tile).forward(x, weights).clone()
     monkeypatch.setenv(emulator.SEED_ENV, "5")
-    assert torch.equal(backend_for(case.config, 2, PREFILL).forward(x, weights), first)
+    assert torch.equal(backend_for(case.config, 2, tile).forward(x, weights), first)
 
 
-def test_stalled_rank_is_named_and_the_next_forward_is_right():
+@pytest.mark.parametrize("tile", [PREFILL, PINGPONG], ids=["prefill", "pingpong"])
+def test_stalled_rank_is_named_and_the_next_forward_is_right(tile):
     """The producer waits for the stalled rank's rows while the consumers wait for its next job:
     the error names the rank, every block leaves, and the next launch is correct."""
     def make_backend(config, world, timeout_s):
-        return backend_for(config, world, PREFILL, timeout_s=timeout_s)
+        return backend_for(config, world, tile, timeout_s=timeout_s)
 
     ok, detail = check_fault(make_backend, Case("fault", cfg(num_experts=8), world=2, tokens=90),
                              torch.device("cpu"), stalled_rank=1)
     assert ok, detail
 
 
-def test_trace_has_one_record_per_tile_and_selection():
-    """GEMM records come from the consumers, selection records from the producer: every tile and
-    selection is recorded once."""
+@pytest.mark.parametrize("tile", [PREFILL, PINGPONG], ids=["prefill", "pingpong"])
+def test_trace_has_one_record_per_tile_and_selection(tile):
+    """GEMM records come from the consumers (ping-pong: both teams at once), selection records
+    from the producer: every tile and selection is recorded once."""
     config = cfg(capacity_factor=0.75, num_shared_experts=1)
-    backend = backend_for(config, 2, PREFILL, trace_capacity=256)
+    backend = backend_for(config, 2, tile, trace_capacity=256)
     x, weights = make_inputs(Case("trace", config, world=2, tokens=170, routing="skewed"), torch.device("cpu"))
     backend.forward(x, weights)
     records = backend.last_trace().records
@@ -162,6 +186,25 @@ def test_trace_has_one_record_per_tile_and_selection():
             zip(records["rank"], kinds, records["task"], records["extra"]) if kind in ("GEMM0", "GEMM1", "SELECT")]
     assert len(keys) == len(set(keys)), "a task recorded twice (or a record overwritten)"
     assert sum(kind == "SELECT" for kind in kinds) == config.num_experts, "one per local expert of each rank"
+
+
+def test_a_ping_pong_team_that_skips_its_turn_is_caught(tmp_path, monkeypatch):
+    """Without its turn a ping-pong team may wait on a stage whose last fill (the other team's
+    tile's, its TMA load in flight) has not landed: the parity would pass it for its own. Tiles as
+    long as the ring (2 k-tiles, 2 stages) open that window and the weak world lands TMA loads
+    late; the emulator's phase check stops the launch. With the turns the same run is right."""
+    monkeypatch.setenv(emulator.WEAK_ENV, "1")
+    config = cfg(hidden_size=128, intermediate_size=128)
+    case = Case("turns", config, world=2, tokens=260)
+    result = run_case(backend_for(config, 2, PINGPONG), case, torch.device("cpu"))
+    assert result.passed, result.detail
+    root = planted_tree(tmp_path, "pingpong-turn")
+    backend = backend_for(config, 2, PINGPONG)
+    for v in backend.variants.values():
+        v.kernel = emulator.EmulatedKernel(v.spec, include_root=root)
+    x, weights = make_inputs(case, torch.device("cpu"))
+    with pytest.raises(emulator.EmulationError, match="mbarrier wait for phase 1 while phase 0 is still in progress"):
+        backend.forward(x, weights)
 
 
 def test_a_stage_never_released_is_an_error_not_a_hang(tmp_path):

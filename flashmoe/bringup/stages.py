@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -166,10 +166,17 @@ def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSp
     layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
     kernels = [s for gemm in engines for dtype, gated in layouts
                for s in select_specs(dtype, gated, arch, smem, gemm)]
-    if arch == "sm_90a":      # the wide tile (2-byte dtypes)
+    if arch == "sm_90a":      # the wide tile (2-byte dtypes); the 128 x 128 one cooperative
         kernels += [select_spec(dtype, gated, arch, smem, 128, block_n=WIDE_BLOCK_N)
                     for dtype, gated in layouts if dtype != "float32"]
+        kernels.append(cooperative(select_spec("bfloat16", True, arch, smem, 128)))
     return kernels, [probe_spec(s) for s in gpu_probe_specs(arch, smem)]
+
+
+def cooperative(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with its wgmma consumers cooperative: the 128 x 128 tile ships ping-pong, and a
+    case that fails one way and passes the other points at the schedule."""
+    return replace(spec, schedule="cooperative")
 
 
 def build(st: Stage) -> None:
@@ -205,7 +212,8 @@ def gpu_probe_specs(arch: str, smem: int | None = None) -> list[KernelSpec]:
     if arch == "sm_90a":
         specs = [select_spec(d, True, arch, smem, 128) for d in ("bfloat16", "float16", "float32")] + \
                 [select_spec("bfloat16", True, arch, smem, 64),
-                 select_spec("bfloat16", True, arch, smem, 128, block_n=WIDE_BLOCK_N)] + specs
+                 select_spec("bfloat16", True, arch, smem, 128, block_n=WIDE_BLOCK_N),
+                 cooperative(select_spec("bfloat16", True, arch, smem, 128))] + specs
     return specs
 
 
@@ -219,7 +227,8 @@ def probes(st: Stage) -> str:
     specs = emulated_probe_specs() if st.emulate else gpu_probe_specs(st.arch, st.smem)
     ks = (136, 72) if st.emulate else (512, 200)          # whole stages, and a K tail
     for i, spec in enumerate(specs):
-        label = f"{spec.gemm} {spec.dtype} {spec.block_m}x{spec.block_n}"
+        label = f"{spec.gemm} {spec.dtype} {spec.block_m}x{spec.block_n}" + \
+            (f" {spec.schedule}" if spec.gemm == "wgmma" else "")
         made = {}
 
         def load(spec=spec):
@@ -287,8 +296,9 @@ def engine_cases(st: Stage) -> list[Case]:
     return cases
 
 
-def run_cases(st: Stage, cases: list[Case], gemm: str | None = None) -> None:
-    make = selftest._backend_factory(st.device, st.emulate, timeout_s=0.05 if st.emulate else 5.0, gemm=gemm)
+def run_cases(st: Stage, cases: list[Case], gemm: str | None = None, specs=None) -> None:
+    make = selftest._backend_factory(st.device, st.emulate, timeout_s=0.05 if st.emulate else 5.0, gemm=gemm,
+                                     specs=specs)
     for case in cases:
         st.case(case.name, lambda c=case: checks.run_case(make(c.config, c.world), c, st.device,
                                                           time_it=not st.emulate))
@@ -303,6 +313,15 @@ def kernel_wgmma(st: Stage) -> str:
     if st.arch != "sm_90a":
         return f"the wgmma engine needs a Hopper GPU (sm_90a); this one is {st.arch}"
     run_cases(st, engine_cases(st), gemm="wgmma")
+
+    def cooperative_specs(config):
+        base = ([wgmma_spec(config.dtype, config.gated, stages=3)] if st.emulate
+                else select_specs(config.dtype, config.gated, st.arch, st.smem, "wgmma"))
+        return [cooperative(s) for s in base]
+    tokens = (37,) if st.emulate else (1000, 4096)
+    small = dict(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2) if st.emulate else {}
+    run_cases(st, [Case(f"bf16-swiglu-cooperative-t{t}", _cfg(small), tokens=t) for t in tokens],
+              specs=cooperative_specs)
     return ""
 
 

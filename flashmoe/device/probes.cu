@@ -73,11 +73,25 @@ __device__ void probe_tile(const ProbeArgs& a) {
   g.mainloop(c.smem(), a_rows, b_rows, (u32)a.k * kElemBytes, a.a);
 #endif
   const int act = a.act;
-  g.stage_output(c.smem(), [act](const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; });
-  __syncthreads();
-  T::store_rows(c.smem(), valid, a.valid_cols, [&](int row, int byte, uint4 v) {
+  auto f = [act](const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; };
+  auto store = [&](int row, int byte, uint4 v) {
     st_v4(static_cast<u8*>(a.out) + ((u64)row * kOpRows) * kElemBytes + byte, v);
-  });
+  };
+#if FLASHMOE_GEMM_WGMMA
+  // In passes, as the kernel's epilogue (expert_gemm.cuh), staged in the drained stages: only the
+  // first team holds the tile.
+#pragma unroll
+  for (int pass = 0; pass < T::kPasses; ++pass) {
+    if (T::team() == 0) g.stage_output(c.smem(), pass, f);
+    __syncthreads();
+    T::store_rows(c.smem(), pass, valid, a.valid_cols, store);
+    __syncthreads();
+  }
+#else
+  g.stage_output(c.smem(), f);
+  __syncthreads();
+  T::store_rows(c.smem(), valid, a.valid_cols, store);
+#endif
 }
 
 }  // namespace flashmoe
@@ -126,7 +140,7 @@ flashmoe_probe_tma_box(const __grid_constant__ ProbeArgs a) {
     mbar_arrive_expect_tx(bar, static_cast<u32>(a.k));
     tma_load_4d(c.smem(), &a.b_map, bar, a.coord[0], a.coord[1], a.coord[2], a.coord[3]);
   }
-  const bool ok = pipe_wait(bar, 0, p, c, WaitSite{kTaskGemm0, kWaitPipeFull, 0}, 0, 0);
+  const bool ok = pipe_wait(bar, 0, p, c, WaitSite{kTaskGemm0, kWaitPipeFull, 0}, 0);
   if (ok) {
     // Undo the 128-byte swizzle: chunk j of row r sits at chunk j ^ (r % 8).
     for (u32 i = threadIdx.x; i < box_bytes / 16; i += kThreads) {

@@ -51,6 +51,7 @@ class WaitKind(enum.IntEnum):
     PIPE_EMPTY = 8
     JOB_READY = 9
     JOB_FREE = 10
+    MATH_TURN = 11
 
 
 class ErrorCode(enum.IntEnum):

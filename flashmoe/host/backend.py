@@ -177,6 +177,8 @@ class KernelBackend:
                 specs = select_specs(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, gemm)
             except ValueError as e:
                 raise KernelUnavailable(str(e)) from e
+            if transport == "nvshmem":   # it stages GEMM1 puts in one tile per block: one team
+                specs = [replace(s, schedule="cooperative") for s in specs]
             specs += self._wide_spec(specs[0], transport)
         else:
             specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]

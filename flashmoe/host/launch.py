@@ -36,6 +36,8 @@ _PIPE_NAMES = {
     abi.WaitKind.PIPE_EMPTY: "its GEMM consumers to release stage {index} for k-tile {observed}",
     abi.WaitKind.JOB_READY: "its GEMM producer to post job {expected} of table slot {index}",
     abi.WaitKind.JOB_FREE: "its GEMM consumers to finish job {expected} of table slot {index}",
+    abi.WaitKind.MATH_TURN: "turn {expected} of its GEMM consumer team {index} (the other team's mainloop to pass "
+                            "its last stage)",
 }
 
 

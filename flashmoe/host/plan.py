@@ -311,7 +311,7 @@ def scheduler_smem_bytes(config: MoEConfig, world: int) -> int:
 
 
 GEMM_WEIGHT_TILE_BYTES = 16   # TileTables::wt: tensor map pointer, first row, expert (TMA B tile)
-GEMM_JOB_BYTES = 24           # TileTables::job: GEMM, K, valid columns, row tile, two trace words
+GEMM_JOB_BYTES = 28           # TileTables::job: GEMM, K, valid columns, row tile, two trace words, first stage
 
 
 def gemm_tables_bytes(spec: KernelSpec) -> int:

@@ -3,7 +3,8 @@
 A spec is the compile-cache key (together with the device sources' hash, the NVRTC version and
 the options; see ``compile.py``). Only what changes the generated code belongs here: the dtype,
 gated or plain experts (one or two B operands per GEMM0 tile), the tile shape and pipeline depth,
-the block size, the GEMM engine, the transport, tracing, and whether the kernel routes or reads the
+the block size, the GEMM engine and its consumers' schedule, the transport, tracing, and whether
+the kernel routes or reads the
 caller's routing (``flashmoe.experts_forward``: that kernel has no router at all). Shapes (H, I, E, k, tokens), the
 activation, routing options and capacity are run-time values in ``Params``, so a new batch size or
 model width never recompiles.
@@ -21,6 +22,12 @@ ARCHS = ("sm_80", "sm_90a")   # the shipped cubin targets; any sm_XX >= 80 compi
 DTYPE_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 GEMM_ENGINES = ("mma_sync", "wgmma")
 TRANSPORTS = ("peer", "nvshmem")
+# How the wgmma consumer warpgroups share the tiles (device/gemm/wgmma.cuh): cooperative, each
+# takes a slab of every tile's rows; pingpong, each takes whole tiles in turn, so one's epilogue
+# runs while the other's mainloop keeps the tensor cores busy. A ping-pong warpgroup holds the
+# whole tile's accumulators: at most 128 a thread, a 128 x 128 tile.
+SCHEDULES = ("cooperative", "pingpong")
+PINGPONG_MAX_TILE = 128 * 128
 ROUTINGS = ("router", "given")
 
 # Bytes of K one pipeline stage holds per row: 64 bf16/fp16 or 32 fp32 elements. One 128-byte
@@ -55,6 +62,7 @@ class KernelSpec:
     stages: int = 4               # cp.async / TMA pipeline depth
     threads: int = 256            # threads per block
     gemm: str = "mma_sync"        # mma_sync (sm_80+) or wgmma (sm_90a)
+    schedule: str = "cooperative" # wgmma consumers: cooperative or pingpong (SCHEDULES)
     transport: str = "peer"       # peer pointers (NVLink, same GPU) or the NVSHMEM device API
     trace: bool = False           # record per-task timestamps into the trace buffer
     routing: str = "router"       # router: the kernel routes; given: LocalRank::topk_ids / topk_weights
@@ -72,6 +80,8 @@ class KernelSpec:
             raise ValueError(f"transport={self.transport!r}: allowed are {', '.join(TRANSPORTS)}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing={self.routing!r}: allowed are {', '.join(ROUTINGS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: allowed are {', '.join(SCHEDULES)}")
         if self.block_m % 16 or not 16 <= self.block_m <= 256:
             raise ValueError(f"block_m={self.block_m}: must be a multiple of 16 in [16, 256]")
         if self.block_n % 32 or not 32 <= self.block_n <= 256:
@@ -88,10 +98,21 @@ class KernelSpec:
             raise ValueError(f"stages={self.stages}: the {self.block_m} x {self.block_n} {self.dtype} epilogue "
                              f"tile ({self.staging_bytes()} B) needs more shared memory than the pipeline "
                              f"({self.gemm_smem_bytes()} B); use more stages")
+        if self.schedule == "pingpong":
+            if self.gemm != "wgmma" or self.threads != 384:
+                raise ValueError("schedule='pingpong' takes turns between two wgmma consumer warpgroups: "
+                                 f"gemm='wgmma' and threads=384 (not {self.gemm!r}, {self.threads})")
+            if self.block_m * self.block_n > PINGPONG_MAX_TILE:
+                raise ValueError(f"schedule='pingpong': a warpgroup holds a whole tile's accumulators, at most "
+                                 f"128 x 128; the {self.block_m} x {self.block_n} tile runs 'cooperative'")
+            if self.transport == "nvshmem":
+                raise ValueError("schedule='pingpong' needs transport='peer': the NVSHMEM transport stages "
+                                 "GEMM1 puts in one tile per block; use schedule='cooperative'")
         if self.gemm == "wgmma":
             consumers = self.threads // 128 - 1    # warpgroup 0 produces, the others run wgmma
-            if consumers < 1 or self.block_m % (64 * consumers):
-                raise ValueError(f"gemm='wgmma' with threads={self.threads}: {consumers} consumer warpgroups "
+            slabs = 1 if self.schedule == "pingpong" else consumers   # warpgroups sharing a tile
+            if consumers < 1 or self.block_m % (64 * slabs):
+                raise ValueError(f"gemm='wgmma' with threads={self.threads}: {slabs} consumer warpgroups "
                                  f"must split block_m={self.block_m} into whole 64-row slabs")
 
     @property
@@ -115,9 +136,11 @@ class KernelSpec:
         return 1024 if self.gemm == "wgmma" else 16
 
     def staging_bytes(self) -> int:
-        """The epilogue's output tile: BM rows of the widest output (GEMM1's BN columns), padded by
-        16 bytes against bank conflicts."""
-        return self.block_m * (self.block_n * self.element_bytes + 16)
+        """The epilogue's output tile, rows of the widest output (GEMM1's BN columns) padded by 16
+        bytes against bank conflicts: mma_sync stages all BM rows; wgmma one 64-row slab per
+        consumer warpgroup at a time (a ping-pong warpgroup's 128 rows in two passes)."""
+        rows = 64 * (self.threads // 128 - 1) if self.gemm == "wgmma" else self.block_m
+        return rows * (self.block_n * self.element_bytes + 16)
 
     def gemm_smem_bytes(self) -> int:
         """Shared memory of the GEMM pipeline: every stage holds a BM x BK A tile and a BN x BK B tile
@@ -136,6 +159,7 @@ class KernelSpec:
             "FLASHMOE_STAGES": self.stages,
             "FLASHMOE_THREADS": self.threads,
             "FLASHMOE_GEMM_WGMMA": int(self.gemm == "wgmma"),
+            "FLASHMOE_PINGPONG": int(self.schedule == "pingpong"),
             "FLASHMOE_TRANSPORT_NVSHMEM": int(self.transport == "nvshmem"),
             "FLASHMOE_TRACE": int(self.trace),
             "FLASHMOE_ROUTING_GIVEN": int(self.routing == "given"),
@@ -165,10 +189,15 @@ def shipped_specs() -> list[KernelSpec]:
     return specs
 
 
-def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N) -> KernelSpec:
-    """The Hopper spec: a producer warpgroup and one consumer warpgroup per 64 rows of the tile."""
+def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N,
+               schedule: str | None = None) -> KernelSpec:
+    """The Hopper spec: a producer warpgroup and one consumer warpgroup per 64 rows of the tile;
+    by default (``schedule=None``) the two of the 128 x 128 prefill tile in ping-pong, else
+    cooperative (the wide tile's accumulators do not fit one warpgroup; the decode tile has one)."""
+    if schedule is None:
+        schedule = "pingpong" if (block_m, block_n) == (PREFILL_BLOCK_M, BLOCK_N) else "cooperative"
     return KernelSpec(arch="sm_90a", dtype=dtype, gated=gated, stages=stages, block_m=block_m, block_n=block_n,
-                      threads=128 * (1 + block_m // 64), gemm="wgmma")
+                      threads=128 * (1 + block_m // 64), gemm="wgmma", schedule=schedule)
 
 
 def arch_for_capability(major: int, minor: int) -> str:

@@ -1,7 +1,7 @@
 // Thread groups of a block: the threads that run a piece of block-level code together. The
-// mma_sync engine's task loop runs on the whole block; the wgmma engine's runs as two groups at
-// once (its producer warpgroup claims and prepares tasks and loads their tiles, its consumer
-// warpgroups multiply and store them, device/roles/tasks.cuh), each synchronised by its own named
+// mma_sync engine's task loop runs on the whole block; the wgmma engine's runs as a producer
+// warpgroup, which claims and prepares tasks and loads their tiles, and one or two consumer teams,
+// which multiply and store them (device/roles/tasks.cuh), each synchronised by its own named
 // barrier. Code a group runs takes it as a template argument: rank() and kSize stride its loops,
 // sync() and any() are its barriers.
 #pragma once
@@ -30,7 +30,24 @@ struct ThreadRange {
   __device__ __forceinline__ static bool any(bool v) { return named_barrier_or(kId, kCount, v); }
 };
 using Producers = ThreadRange<0, 128, 2>;                // warpgroup 0
-using Consumers = ThreadRange<128, kThreads - 128, 1>;   // the wgmma warpgroups
+
+// The consumer warpgroup of the calling thread (1 or 2), with named barrier 2 + its index.
+struct ConsumerWarpgroup {
+  static constexpr int kSize = 128;
+  __device__ __forceinline__ static int rank() { return static_cast<int>(threadIdx.x & 127); }
+  __device__ __forceinline__ static u32 id() { return 2 + (threadIdx.x >> 7); }
+  __device__ __forceinline__ static void sync() { named_barrier_sync(id(), kSize); }
+  __device__ __forceinline__ static bool any(bool v) { return named_barrier_or(id(), kSize, v); }
+};
+
+// A team: the consumer threads that run one tile together. Cooperative, every consumer
+// warpgroup (each takes a slab of the tile's rows); ping-pong, one warpgroup (each takes whole
+// tiles, in turn: gemm/wgmma.cuh).
+#if FLASHMOE_PINGPONG
+using Team = ConsumerWarpgroup;
+#else
+using Team = ThreadRange<128, kThreads - 128, 1>;
+#endif
 #endif
 
 }  // namespace flashmoe

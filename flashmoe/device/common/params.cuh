@@ -37,11 +37,12 @@ enum TaskKind : u32 {
 
 // What a bounded wait waited for (ErrorRecord::what). The pipeline waits are the GEMM engine's
 // mbarriers: a stage's data to land (full) or its consumers to release it (empty); the job waits
-// are the wgmma task loop's (device/roles/tasks.cuh): a job posted (ready), a table slot free.
+// are the wgmma task loop's (device/roles/tasks.cuh): a job posted (ready), a table slot free;
+// a ping-pong team waits for its turn at the stage ring (gemm/wgmma.cuh).
 enum WaitKind : u32 {
   kWaitNone = 0, kWaitBarrier = 1, kWaitCountFlag = 2, kWaitDataFlag = 3, kWaitDoneFlag = 4,
   kWaitTileDone = 5, kWaitSelectDone = 6, kWaitPipeFull = 7, kWaitPipeEmpty = 8, kWaitJobReady = 9,
-  kWaitJobFree = 10
+  kWaitJobFree = 10, kWaitMathTurn = 11
 };
 
 // kErrMisaligned: the dynamic shared memory does not start on the boundary the GEMM engine's

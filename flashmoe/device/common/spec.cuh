@@ -19,6 +19,9 @@
 #ifndef FLASHMOE_TRANSPORT_NVSHMEM
 #define FLASHMOE_TRANSPORT_NVSHMEM 0
 #endif
+#ifndef FLASHMOE_PINGPONG
+#define FLASHMOE_PINGPONG 0
+#endif
 #ifndef FLASHMOE_TRACE
 #define FLASHMOE_TRACE 0
 #endif
@@ -37,6 +40,8 @@ constexpr bool kGated = FLASHMOE_GATED != 0;
 constexpr int kNumB = kGated ? 2 : 1;           // B operands sharing one A tile
 constexpr int kGemm0Cols = kBlockN / kNumB;     // intermediate columns per GEMM0 tile
 constexpr bool kTrace = FLASHMOE_TRACE != 0;
+// wgmma: each consumer warpgroup runs whole tiles, taking turns (gemm/wgmma.cuh); else they split each tile.
+constexpr bool kPingPong = FLASHMOE_PINGPONG != 0;
 constexpr bool kRoutingGiven = FLASHMOE_ROUTING_GIVEN != 0;   // no router: the caller's ids and weights
 constexpr int kStageKBytes = 128;               // K bytes per stage and row: one swizzle atom
 static_assert(kThreads % 128 == 0, "blocks are whole warpgroups");

@@ -30,6 +30,8 @@ namespace flashmoe::emu {
 namespace detail {
 
 void drain_launch(Launch& l) {
+  for (auto it = G->landings.begin(); it != G->landings.end();)
+    it = it->second.launch == &l ? G->landings.erase(it) : std::next(it);
   for (BlockState& b : l.blocks) {
     for (const auto& [a, v] : b.stores.items) l.gpu.put(a, v);
     b.stores.clear();
@@ -74,6 +76,11 @@ void make_visible(Arrivals& a, bool all, u64 now) {
 // instructions of one thread): most wait for a fence, so a missing one leaves them unseen for
 // a long time.
 void background(World& w) {
+  while (!w.landings.empty() && w.landings.begin()->first <= w.clock) {
+    const std::function<void()> land = std::move(w.landings.begin()->second.land);
+    w.landings.erase(w.landings.begin());
+    land();
+  }
   while (!w.in_flight.empty() && w.in_flight.begin()->first <= w.clock) {
     const PutOp op = w.in_flight.begin()->second;
     w.in_flight.erase(w.in_flight.begin());
@@ -239,5 +246,15 @@ void shmem_quiet() {
 }
 
 void shmem_consistency() { make_visible(G->arrivals[G->running->launch->pe], true, G->clock); }
+
+void land_later(std::function<void()> land) {
+  detail::World& w = *detail::G;
+  if (!w.weak) {
+    land();
+    return;
+  }
+  const u64 at = w.clock + detail::xorshift(w.bg) % (detail::kAsyncLatencyNs + 1);
+  w.landings.emplace(at, detail::AsyncLanding{w.running->launch, std::move(land)});   // equal times: issue order
+}
 
 }  // namespace flashmoe::emu

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 
 #include "flashmoe/device/common/params.cuh"
@@ -81,6 +82,11 @@ void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]);
 void cp_async_issue(void* dst, const void* src);
 void cp_async_commit_group();
 void cp_async_wait_groups(int n);
+// An asynchronous copy lands (a TMA load: its bytes and its mbarrier's transaction count): now,
+// or in a weak world at a random virtual time up to kAsyncLatencyNs later, as a copy engine lands
+// it while the threads run on. The copy's launch ending first drops it (a failed launch may leave
+// one in flight).
+void land_later(std::function<void()> land);
 // Shared-window address of p (its byte offset in this block's dynamic shared memory plus the
 // skew); fatal unless [p, p + bytes) lies inside it. smem_at is the inverse (for what addresses
 // shared memory by window address: wgmma descriptors, TMA destinations).

@@ -9,12 +9,15 @@
 // - mbarrier: its 8 bytes hold pending count, expected count, phase, tx-count and a valid bit;
 //   every operation checks the object is valid (init of a valid one, or use after inval, is an
 //   error), a phase completes when pending and tx-count both reach 0; try_wait on an incomplete
-//   phase suspends the thread for 1 virtual us, as the hardware suspends it.
+//   phase suspends the thread for 1 virtual us, as the hardware suspends it. Completed phases are
+//   counted, and every wait of the engine is checked to ask for the phase in progress or the last
+//   completed one (mbar_check_phase): the only ones its parity answers right.
 // - cp.async.mbarrier.arrive.noinc lands the thread's outstanding cp.async copies (simt.h defers
 //   them to the latest moment the hardware allows) and arrives.
 // - cp.async.bulk.tensor reads an emulator tensor map (make_emu_tensor_map(); the host encodes the
 //   same format with flashmoe/host/tensormap.py emulated_map()), zero-fills out-of-bounds elements,
-//   swizzles 128-byte rows and completes its bytes on the mbarrier.
+//   swizzles 128-byte rows and completes its bytes on the mbarrier: at once, or in a weak world at
+//   a random later time (simt.h land_later), so a stage's phase may complete well after its issue.
 // - wgmma.mma_async is deferred: each thread queues its operations and runs them at the
 //   wgmma.wait_group that retires their group, reading shared memory then. A stage refilled
 //   before the wgmma reading it was waited for therefore gives wrong results, as on the GPU.
@@ -27,6 +30,7 @@
 #pragma once
 
 #include <map>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -42,6 +46,13 @@ struct Mbarrier {
 };
 static_assert(sizeof(Mbarrier) == 8, "an mbarrier object is 8 bytes");
 
+// How many phases each mbarrier (by address) has completed: the hardware keeps only the parity,
+// which is what lets mbar_check_phase see a wait the parity would answer wrongly.
+inline std::unordered_map<const void*, u64>& mbarrier_phases() {
+  static std::unordered_map<const void*, u64> phases;   // one OS thread runs every fiber
+  return phases;
+}
+
 inline Mbarrier* mbarrier(u64* bar, const char* what, bool must_be_valid = true) {
   smem_offset(bar, 8, what);
   check_aligned(bar, 8, what);
@@ -55,6 +66,7 @@ inline void mbarrier_progress(Mbarrier* m, const char* what) {
   if (m->pending == 0 && m->tx == 0) {
     m->phase ^= 1;
     m->pending = m->expected;
+    ++mbarrier_phases()[m];
   }
 }
 
@@ -63,12 +75,6 @@ inline void mbarrier_arrive(u64* bar, const char* what) {
   if (m->pending == 0) fatal("%s: more arrivals than the mbarrier's expected count", what);
   m->pending -= 1;
   mbarrier_progress(m, what);
-}
-
-inline void mbarrier_complete_tx(u64* bar, u32 bytes) {
-  Mbarrier* m = mbarrier(bar, "complete_tx");
-  m->tx -= static_cast<i64>(bytes);
-  mbarrier_progress(m, "complete_tx");
 }
 
 // The emulator's tensor map: what cuTensorMapEncodeTiled is given (rank 4, 128-byte swizzle,
@@ -155,8 +161,12 @@ inline void mbar_init(u64* bar, u32 count) {
   if (m->valid) emu::fatal("mbarrier.init of a valid mbarrier (invalidate it first)");
   if (count < 1 || count >= (1u << 20)) emu::fatal("mbarrier.init count %u out of range", count);
   *m = emu::Mbarrier{count, count, 0, 1, 0};
+  emu::mbarrier_phases()[bar] = 0;
 }
-inline void mbar_inval(u64* bar) { emu::mbarrier(bar, "mbarrier.inval")->valid = 0; }
+inline void mbar_inval(u64* bar) {
+  emu::mbarrier(bar, "mbarrier.inval")->valid = 0;
+  emu::mbarrier_phases().erase(bar);
+}
 inline void fence_mbar_init() { emu::yield(); }
 inline void mbar_arrive(u64* bar) { emu::mbarrier_arrive(bar, "mbarrier.arrive"); }
 inline void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
@@ -169,6 +179,20 @@ inline void cp_async_mbar_arrive_noinc(u64* bar) {
   emu::cp_async_wait_groups(0);
   emu::mbarrier_arrive(bar, "cp.async.mbarrier.arrive.noinc");
 }
+// A wait for phase `phase` (counted from 0) is sound only while that phase is the one in progress
+// or the last completed: earlier, try_wait.parity would take the phase before it for it; later,
+// it would wait for the phase after. Every wait of the wgmma engine checks (wgmma.cuh pipe_wait).
+inline void mbar_check_phase(u64* bar, u32 phase) {
+  emu::mbarrier(bar, "mbarrier wait");
+  const u64 done = emu::mbarrier_phases()[bar];
+  if (done < phase)
+    emu::fatal("mbarrier wait for phase %u while phase %llu is still in progress: its parity would pass it for "
+               "an earlier phase", phase, (unsigned long long)done);
+  if (done > phase + 1ull)
+    emu::fatal("mbarrier wait for phase %u after phase %llu completed too: its parity would wait for a later "
+               "phase", phase, (unsigned long long)(done - 1));
+}
+
 // Like the hardware's, a try_wait that finds the phase incomplete suspends the thread for a
 // while (1 us of virtual time) before it returns false, so a bounded wait built on it advances
 // time. A wait that could never complete is the kernel's own bounded wait's to report.
@@ -204,6 +228,8 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
   const u32 rows = static_cast<u32>(box[1] * box[2] * box[3]);
   const u32 base = emu::smem_offset(dst, rows * row_bytes, "tma_load_4d destination");
   if (base % 1024) emu::fatal("tma_load_4d: destination offset %u is not 1024-byte aligned (128B swizzle)", base);
+  // The box as it will sit in shared memory (swizzled), read now: the weights do not change.
+  std::vector<u8> bytes(rows * row_bytes);
   const int c[4] = {c0, c1, c2, c3};
   u32 r = 0;
   for (u64 i3 = 0; i3 < box[3]; ++i3)
@@ -214,14 +240,23 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
                             c[3] + static_cast<i64>(i3)};
           bool inside = true;
           for (int d = 0; d < 4; ++d) inside = inside && g[d] >= 0 && static_cast<u64>(g[d]) < dims[d];
-          const u32 linear = base + r * row_bytes + byte;
-          u8* out = emu::smem_at(linear ^ ((linear & 0x380) >> 3), eb, "tma_load_4d destination");
+          const u32 linear = r * row_bytes + byte;   // from the 1024-aligned base: the same swizzle
+          u8* out = bytes.data() + (linear ^ ((linear & 0x380) >> 3));
           if (inside)
             std::memcpy(out, src + g[0] * eb + g[1] * strides[0] + g[2] * strides[1] + g[3] * strides[2], eb);
           else
             std::memset(out, 0, eb);
         }
-  emu::mbarrier_complete_tx(bar, rows * row_bytes);
+  u8* dst_bytes = emu::smem_at(base, rows * row_bytes, "tma_load_4d destination");
+  emu::Mbarrier* done = emu::mbarrier(bar, "cp.async.bulk.tensor");
+  emu::land_later([dst_bytes, bytes = std::move(bytes), done] {
+    // A barrier invalidated meanwhile: the launch failed and left (the kernel's other paths
+    // wait for every stage before they invalidate).
+    if (!done->valid) return;
+    std::memcpy(dst_bytes, bytes.data(), bytes.size());
+    done->tx -= static_cast<i64>(bytes.size());
+    emu::mbarrier_progress(done, "complete_tx");
+  });
 }
 
 // ---- wgmma -----------------------------------------------------------------------------------

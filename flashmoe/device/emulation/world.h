@@ -180,6 +180,12 @@ struct PutOp {
 };
 
 constexpr u64 kPutLatencyNs = 20000, kVisibleLatencyNs = 20000;
+constexpr u64 kAsyncLatencyNs = 4000;   // a TMA load in flight (emu::land_later), weak worlds
+
+struct AsyncLanding {
+  Launch* launch;
+  std::function<void()> land;
+};
 
 // Words a NIC wrote into a PE's memory, not yet visible to its loads: the newest value of each
 // word and when it becomes visible (a heap of those times finds the due ones; stale heap entries
@@ -209,6 +215,7 @@ struct World {
   // pair the latest delivery time issued and the one a fence holds later puts behind; arrivals.
   std::vector<std::pair<uintptr_t, u64>> pes;
   std::multimap<u64, PutOp> in_flight;
+  std::multimap<u64, AsyncLanding> landings;   // TMA loads in flight by landing time
   std::vector<u64> latest, fenced;   // [from * pes + to]
   std::vector<Arrivals> arrivals;
 };
@@ -230,7 +237,7 @@ inline BlockState& my_block() {
 }
 
 // memory.cpp: what moves buffered stores and puts along (runtime.cpp's scheduler calls them).
-void drain_launch(Launch& l);   // a launch's end publishes every store it made
+void drain_launch(Launch& l);   // a launch's end publishes every store it made, drops its copies in flight
 void background(World& w);      // before every dispatch
 void settle_all(World& w);      // nothing left to run: every put delivered and visible
 

@@ -59,10 +59,12 @@ struct TileJob {
   i32 valid_cols;  // output columns this tile writes
   i32 row_tile;    // tile_done index (GEMM0)
   u32 trace_task, trace_extra;
+  u32 stage0;      // wgmma: the stages the ring went through before this tile's (its first stage)
 };
 
 // Per-tile row tables, after the pipeline (flashmoe/host/plan.py gemm_tables_bytes()); the wgmma
-// task loop keeps two (tasks.cuh), the producer writing one while the consumers read the other.
+// task loop keeps two (tasks.cuh), the producer writing one while a consumer team reads the other
+// (ping-pong: each team reads its own).
 struct TileTables {
   Ctx ctx;                  // the rank the job works for (wgmma: written with the job)
   const u8* a[kBlockM];     // A row starts (nullptr: zeros)
@@ -73,7 +75,7 @@ struct TileTables {
   i32 out_rank[kBlockM];
   bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
 };
-static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 16 + 24 + kBlockM * 13 + 15) / 16 * 16,
+static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 16 + 28 + kBlockM * 13 + 15) / 16 * 16,
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
 __device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {
@@ -125,21 +127,28 @@ struct GatedActivation {
   }
 };
 
-// stage_output / store_rows of engine E for an epilogue of kNB operands, stored by thread group
-// G: the wgmma engine serves both GEMMs with one object and takes kNB explicitly; mma_sync has one
-// type per GEMM and stores with the whole block.
-template <int kNB, class E, class F>
-__device__ __forceinline__ void stage_tile(const E& g, u8* out, F f) {
+// stage_output / store_rows of engine E for pass `pass` of an epilogue of kNB operands, stored by
+// thread group G: the wgmma engine serves both GEMMs with one object and takes kNB explicitly,
+// and stages a tile in kPasses passes (a warpgroup's m64 slabs, one at a time); mma_sync has one
+// type per GEMM, stages the whole tile at once and stores with the whole block.
 #if FLASHMOE_GEMM_WGMMA
-  g.template stage_output<kNB>(out, f);
+constexpr int kEpiloguePasses = Gemm0::kPasses;
+#else
+constexpr int kEpiloguePasses = 1;
+#endif
+template <int kNB, class E, class F>
+__device__ __forceinline__ void stage_tile(const E& g, u8* out, int pass, F f) {
+#if FLASHMOE_GEMM_WGMMA
+  g.template stage_output<kNB>(out, pass, f);
 #else
   g.stage_output(out, f);
 #endif
 }
 template <int kNB, class E, class G, class Store>
-__device__ __forceinline__ void store_tile(const u8* staged, const bool* rows_valid, int valid_cols, Store store) {
+__device__ __forceinline__ void store_tile(const u8* staged, int pass, const bool* rows_valid, int valid_cols,
+                                           Store store) {
 #if FLASHMOE_GEMM_WGMMA
-  E::template store_rows<kNB, G>(staged, rows_valid, valid_cols, store);
+  E::template store_rows<kNB, G>(staged, pass, rows_valid, valid_cols, store);
 #else
   static_assert(G::kSize == kThreads, "the mma_sync engine stores with the whole block");
   E::store_rows(staged, rows_valid, valid_cols, store);
@@ -154,15 +163,19 @@ template <class G, class E>
 __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
   u8* staged = E::staging(c.smem());
-  switch (p.activation) {
-    case 0: stage_tile<kNumB>(g, staged, GatedActivation<0>{}); break;
-    case 1: stage_tile<kNumB>(g, staged, GatedActivation<1>{}); break;
-    case 2: stage_tile<kNumB>(g, staged, GatedActivation<2>{}); break;
-    default: stage_tile<kNumB>(g, staged, GatedActivation<3>{}); break;
+#pragma unroll
+  for (int pass = 0; pass < kEpiloguePasses; ++pass) {
+    if (pass > 0) G::sync();   // the last pass is stored: its staging rows may be rewritten
+    switch (p.activation) {
+      case 0: stage_tile<kNumB>(g, staged, pass, GatedActivation<0>{}); break;
+      case 1: stage_tile<kNumB>(g, staged, pass, GatedActivation<1>{}); break;
+      case 2: stage_tile<kNumB>(g, staged, pass, GatedActivation<2>{}); break;
+      default: stage_tile<kNumB>(g, staged, pass, GatedActivation<3>{}); break;
+    }
+    G::sync();
+    store_tile<kNumB, E, G>(staged, pass, tt.valid, valid_cols,
+                            [&](int row, int byte, uint4 v) { st_v4(c.slice + tt.out_off[row] + byte, v); });
   }
-  G::sync();
-  store_tile<kNumB, E, G>(staged, tt.valid, valid_cols,
-                          [&](int row, int byte, uint4 v) { st_v4(c.slice + tt.out_off[row] + byte, v); });
 }
 
 // GEMM1's epilogue: each row into its owner's slice.
@@ -170,12 +183,16 @@ template <class G, class E>
 __device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
   u8* staged = E::staging(c.smem());
-  stage_tile<1>(g, staged, [](const float* v) { return v[0]; });
   remote_tile_begin<G>(p, c);
-  G::sync();
-  store_tile<1, E, G>(staged, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
-    remote_tile_store(p, c, tt.out_rank[row], tt.out_off[row], row, byte, v);
-  });
+#pragma unroll
+  for (int pass = 0; pass < kEpiloguePasses; ++pass) {
+    if (pass > 0) G::sync();   // the last pass is stored: its staging rows may be rewritten
+    stage_tile<1>(g, staged, pass, [](const float* v) { return v[0]; });
+    G::sync();
+    store_tile<1, E, G>(staged, pass, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
+      remote_tile_store(p, c, tt.out_rank[row], tt.out_off[row], row, byte, v);
+    });
+  }
   remote_tile_end<G>(p, c, tt.out_rank, tt.out_off, tt.valid, (u32)min(valid_cols, kBlockN) * kElemBytes);
 }
 
@@ -191,9 +208,9 @@ __device__ __forceinline__ void publish_rows(const Params& p, const Ctx& c, int 
 
 #if FLASHMOE_GEMM_WGMMA
 // The wgmma engine runs a tile in two halves at once (device/roles/tasks.cuh): the producer
-// warpgroup loads its stages, the consumers multiply them and store the result. Both GEMMs go
-// through one inlined copy of each half (NB only changes the B boxes and the epilogue): two
-// copies, one per GEMM, would each pin a contiguous 64-register accumulator block.
+// warpgroup loads its stages, a consumer team multiplies them and stores the result. Both GEMMs
+// go through one inlined copy of each half (NB only changes the B boxes and the epilogue): two
+// copies, one per GEMM, would each pin a contiguous accumulator block.
 
 // The producer's half: the tile's stages after the `fill` the pipeline has had. False: a wait for
 // a free stage failed (recorded).
@@ -207,25 +224,25 @@ __device__ __forceinline__ bool load_job(const Params& p, const Ctx& c, const Ti
   return ok;
 }
 
-// The consumers' half: multiply the stages after the `used` ones, store the tile, publish a GEMM0
-// tile's rows. False (in every consumer): a wait for a stage failed (recorded); nothing was stored.
+// A consumer team's half of job n: (ping-pong: its turn,) multiply the tile's stages, store the
+// tile, publish a GEMM0 tile's rows. False (in every thread of the team): a wait failed
+// (recorded); nothing was stored. The trace record starts once the team's turn has come.
 __device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileTables& tt, const TileJob& job,
-                                            u32& used) {
+                                            u32 n) {
+  const u32 role = job.gemm ? kTaskGemm1 : kTaskGemm0;
+  const bool turn = Gemm0::wait_turn(c.smem(), n, p, c, role);
   TraceScope scope;
   Gemm0 g;
-  const int ktiles = Gemm0::ktiles_of((u32)job.k * kElemBytes);
-  const bool ok = g.consume(c.smem(), ktiles, used, p, c, job.gemm ? kTaskGemm1 : kTaskGemm0);
-  used += ktiles;
-  // Also the barrier before the staging tile is rewritten: every consumer has stored the last one.
-  if (Consumers::any(!ok)) return false;
+  const bool ok = g.consume(c.smem(), Gemm0::ktiles_of((u32)job.k * kElemBytes), job.stage0, p, c, role, turn);
+  // Also the barrier before the staging area is rewritten: the team has stored the last tile.
+  if (Team::any(!ok)) return false;
   if (job.gemm == 0) {
-    finish_gemm0<Consumers>(p, c, tt, g, job.valid_cols);
-    publish_rows<Consumers>(p, c, job.row_tile);
+    finish_gemm0<Team>(p, c, tt, g, job.valid_cols);
+    publish_rows<Team>(p, c, job.row_tile);
   } else {
-    finish_gemm1<Consumers>(p, c, tt, g, job.valid_cols);
+    finish_gemm1<Team>(p, c, tt, g, job.valid_cols);
   }
-  if (Consumers::rank() == 0)
-    trace_record(p, c, scope, job.gemm ? kTaskGemm1 : kTaskGemm0, job.trace_task, job.trace_extra);
+  if (Team::rank() == 0) trace_record(p, c, scope, role, job.trace_task, job.trace_extra);
   return true;
 }
 #else

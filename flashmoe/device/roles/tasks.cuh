@@ -6,21 +6,23 @@
 // routing one rank's blocks would work on while the others' idle. So a block that has claimed the
 // last task of its own rank goes on to claim the next hosted rank's, and so on around them all:
 // each rank's tasks are claimed by every block of the launch, its own first. A rank's kFinished
-// counter expects one arrival per block of the launch (finish_arrivals()); the last sends the
-// done signals. The NVSHMEM transport keeps to its own rank (its GEMM1 puts stage through the
-// rank's per-block slots), as does a launch hosting one rank.
+// counter expects one arrival per block and consumer team of the launch (finish_arrivals()); the
+// last sends the done signals. The NVSHMEM transport keeps to its own rank (its GEMM1 puts stage
+// through the rank's per-block slots), as does a launch hosting one rank.
 //
-// With the wgmma engine the block runs it as two thread groups at once (device/common/group.cuh).
+// With the wgmma engine the block runs it as thread groups at once (device/common/group.cuh).
 // The producer warpgroup claims a task, waits for what it needs, writes its row tables, job and
 // rank context into one of two table slots, tells the consumers (the slot's "ready" mbarrier) and
-// loads the tile's stages; then it claims the next task while the consumer warpgroups still
-// multiply and store the current tile, and fills the stages they free. When a rank has no task
-// left for it, it publishes a kJobRankDone job instead, on which the consumers, having stored the
-// rank's tiles, count the block in for that rank. The consumers take the jobs in order, multiply,
-// store, and hand the slot back ("free"). The pipeline never drains between tiles and its
-// barriers are set up once. Capacity selections run on the producer warpgroup alone, in the free
-// slot's memory, while the consumers work on. With mma_sync the whole block does everything, one
-// task after another.
+// loads the tile's stages; then it claims the next task while the consumers still multiply and
+// store the current tile, and fills the stages they free. When a rank has no task left for it,
+// it publishes a kJobRankDone job instead, on which each consumer team, having stored its tiles
+// of that rank, counts itself in for the rank. The consumer teams take the jobs in order (one
+// cooperative team all of them; two ping-pong teams every other one, each its own slot, in turn
+// at the stage ring: gemm/wgmma.cuh), multiply, store, and hand the slot back ("free"); a rank's
+// done and the end go to every team. The pipeline never drains between tiles and its barriers
+// are set up once. Capacity selections run on the producer warpgroup alone, in the free slot's
+// memory, while the consumers work on. With mma_sync the whole block does everything, one task
+// after another.
 #pragma once
 
 #include "flashmoe/device/roles/capacity.cuh"
@@ -53,12 +55,17 @@ __device__ bool next_job(const Params& p, const Ctx& c, TaskMap& tm, u32 task, v
 }
 
 // The hosted ranks a block claims tasks of (work sharing above), and so the arrivals each rank's
-// kFinished counter expects.
+// kFinished counter expects: one per rank visit of each consumer team of each block.
+#if FLASHMOE_GEMM_WGMMA
+constexpr int kTeamsPerBlock = Gemm0::kTeams;
+#else
+constexpr int kTeamsPerBlock = 1;
+#endif
 __device__ __forceinline__ int ranks_to_visit(const Params& p) {
   return FLASHMOE_TRANSPORT_NVSHMEM ? 1 : p.num_local_ranks;
 }
 __device__ __forceinline__ u32 finish_arrivals(const Params& p) {
-  return static_cast<u32>(ranks_to_visit(p) * p.blocks_per_rank);
+  return static_cast<u32>(ranks_to_visit(p) * p.blocks_per_rank * kTeamsPerBlock);
 }
 
 // The context the block's task loop works for (with wgmma, the producer's), in shared memory after
@@ -77,7 +84,7 @@ __device__ __forceinline__ const Ctx& visit_rank(const Params& p, const Ctx& c, 
   return task_ctx(p);
 }
 
-// Group G (its writes published by its barrier first) counts the block in for rank c: the last
+// Group G (its writes published by its barrier first) counts itself in for rank c: the last
 // arrival tells every rank its results are written.
 template <class G>
 __device__ void finish_rank(const Params& p, const Ctx& c) {
@@ -87,13 +94,12 @@ __device__ void finish_rank(const Params& p, const Ctx& c) {
 
 #if FLASHMOE_GEMM_WGMMA
 
-// Group G's first thread waits for the phase of `bar` with this parity; the group agrees on the
-// outcome. False: the wait failed (recorded).
+// Group G's first thread waits for `bar` to complete phase `phase` (gemm/wgmma.cuh pipe_wait);
+// the group agrees on the outcome. False: the wait failed (recorded).
 template <class G>
-__device__ __forceinline__ bool group_wait(u64* bar, u32 parity, const Params& p, const Ctx& c, WaitSite site,
-                                           u32 phase) {
+__device__ __forceinline__ bool group_wait(u64* bar, const Params& p, const Ctx& c, WaitSite site, u32 phase) {
   bool ok = true;
-  if (G::rank() == 0) ok = pipe_wait(bar, parity, p, c, site, phase, 0);
+  if (G::rank() == 0) ok = pipe_wait(bar, phase, p, c, site, 0);
   return !G::any(!ok);
 }
 
@@ -115,7 +121,8 @@ struct RegisterBudget {
   __device__ __forceinline__ static void consumers_done() { if constexpr (kOn) setmaxnreg_dec<kBlock>(); }
 };
 
-// The producer warpgroup: job n goes to table slot n % 2. False: a wait failed (recorded).
+// The producer warpgroup: job n goes to table slot n % 2 (ping-pong: to team n % 2, whose slot it
+// is). False: a wait failed (recorded).
 __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
   using G = Producers;
   auto& bar = Gemm0::barriers(c.smem());
@@ -124,15 +131,25 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
   int visit = 0;
   const Ctx* cr = &visit_rank<G>(p, c, visit);
   map_shared_part<G>(p, *cr, tm);
-  u32 fill = 0;
+  u32 fill = 0, n = 0;
+  // Job n's slot is free once job n - 2 is done with it.
+  auto slot_free = [&] {
+    return n < 2 || group_wait<G>(&bar.free[n & 1], p, c, WaitSite{kTaskWait, kWaitJobFree, n & 1}, (n >> 1) - 1);
+  };
+  // Posts job n, its tables written and G synchronised, for the rank it works for.
+  auto post = [&](const TileJob& job) {
+    if (G::rank() == 0) {
+      TileTables& tt = tile_tables(c, n & 1);
+      tt.job = job;
+      tt.ctx = *cr;
+      mbar_arrive(&bar.ready[n & 1]);
+    }
+    ++n;
+  };
   bool ok = true;
-  for (u32 n = 0; ok;) {
-    const u32 slot = n & 1;
-    TileTables& tt = tile_tables(c, slot);
-    // The slot's last job (n - 2) is done with its tables.
-    if (n >= 2 && !group_wait<G>(&bar.free[slot], ((n >> 1) + 1) & 1, p, c, WaitSite{kTaskWait, kWaitJobFree, slot},
-                                 (n >> 1) - 1))
-      return false;
+  while (ok) {
+    TileTables& tt = tile_tables(c, n & 1);
+    if (!slot_free()) return false;
     TileJob job;
     if (visit == visits) {
       job.gemm = kJobEnd;               // every hosted rank passed
@@ -143,15 +160,15 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
       if (!ok) job.gemm = kJobEnd;      // the consumers stop too
       else if (job.gemm == kJobEnd) job.gemm = kJobRankDone;
     }
+    job.stage0 = fill;
     G::sync();                          // the tables are written
-    if (G::rank() == 0) {
-      tt.job = job;
-      tt.ctx = *cr;
-      mbar_arrive(&bar.ready[slot]);
-    }
-    ++n;
-    if (job.gemm == kJobEnd) break;
-    if (job.gemm == kJobRankDone) {
+    post(job);
+    if (job.gemm == kJobEnd || job.gemm == kJobRankDone) {
+      for (int team = 1; team < Gemm0::kTeams; ++team) {   // every team takes these
+        if (!slot_free()) return false;
+        post(job);
+      }
+      if (job.gemm == kJobEnd) break;
       if (++visit < visits) {
         cr = &visit_rank<G>(p, c, visit);
         map_shared_part<G>(p, *cr, tm);
@@ -165,20 +182,28 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
   return ok;
 }
 
-// The consumer warpgroups. False (in every consumer): a wait failed (recorded).
+// A consumer team: jobs team, team + kTeams, ... False (in every thread of the team): a wait
+// failed (recorded).
 __device__ bool consume_tasks(const Params& p, const Ctx& c) {
   auto& bar = Gemm0::barriers(c.smem());
-  u32 used = 0;
-  for (u32 n = 0;; ++n) {
+  for (u32 n = Gemm0::team();; n += Gemm0::kTeams) {
     const u32 slot = n & 1;
     TileTables& tt = tile_tables(c, slot);
-    if (!group_wait<Consumers>(&bar.ready[slot], (n >> 1) & 1, p, c, WaitSite{kTaskWait, kWaitJobReady, slot},
-                               n >> 1))
+    if (!group_wait<Team>(&bar.ready[slot], p, c, WaitSite{kTaskWait, kWaitJobReady, slot}, n >> 1))
       return false;
     const TileJob job = tt.job;
-    if (job.gemm == kJobEnd) return true;
-    if (job.gemm == kJobRankDone) finish_rank<Consumers>(p, tt.ctx);   // every consumer stored its tiles
-    else if (!compute_job(p, tt.ctx, tt, job, used)) return false;
+    if (job.gemm == kJobEnd || job.gemm == kJobRankDone) {
+      // No stages, but a turn all the same: a team that passed turns without waiting for them
+      // could run the other's turn barrier two phases ahead of it.
+      const bool turn = Gemm0::wait_turn(c.smem(), n, p, c, kTaskWait);
+      __syncwarp();
+      Gemm0::pass_turn(c.smem());
+      if (Team::any(!turn)) return false;
+      if (job.gemm == kJobEnd) return true;
+      finish_rank<Team>(p, tt.ctx);     // the team stored its tiles of that rank
+    } else if (!compute_job(p, tt.ctx, tt, job, n)) {
+      return false;
+    }
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(&bar.free[slot]);
   }
@@ -186,20 +211,25 @@ __device__ bool consume_tasks(const Params& p, const Ctx& c) {
 
 __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
   Gemm0::init_barriers(c.smem());
+  // A failure is noted in shared memory, not carried in a register: a value live across the
+  // register budget's changes is kept on the stack.
+  volatile u32& failed = Gemm0::barriers(c.smem()).failed;
+  if (threadIdx.x == 0) failed = 0;
   __syncthreads();
-  bool ok;
   if (threadIdx.x < Gemm0::kProducerThreads) {
     RegisterBudget::producer();
-    ok = produce_tasks(p, c, scratch);
+    if (!produce_tasks(p, c, scratch)) failed = 1;
     RegisterBudget::producer_done();
   } else {
     RegisterBudget::consumers();
-    ok = consume_tasks(p, c);
+    if (!consume_tasks(p, c)) failed = 1;
     RegisterBudget::consumers_done();
   }
-  const bool failed = __syncthreads_or(!ok);
+  // A thread that failed reads its own note; no thread reads after the barrier, so the memory
+  // is free for what comes next.
+  const bool ok = !__syncthreads_or(failed != 0);
   Gemm0::inval_barriers(c.smem());
-  return !failed;
+  return ok;
 }
 
 #else
