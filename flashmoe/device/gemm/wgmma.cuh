@@ -87,7 +87,6 @@ struct WgmmaTile {
   static constexpr int kBNop = BN / NB;                    // columns of C per B operand
   static constexpr int kProducerThreads = 128;
   static constexpr int kConsumerWGs = kThreads / 128 - 1;
-  static constexpr int kConsumerThreads = kConsumerWGs * 128;
   static constexpr int kTeams = kPingPong && kConsumerWGs > 1 ? kConsumerWGs : 1;
   static constexpr int kTeamWGs = kConsumerWGs / kTeams;
   static constexpr int kTeamWarps = kTeamWGs * 4;          // arrivals of a team on a barrier
@@ -284,7 +283,7 @@ struct WgmmaTile {
   __device__ __forceinline__ bool consume(u8* pipe, int ktiles, u32 stage0, const Params& p, const Ctx& c,
                                           u32 role, bool ok = true) {
     Barriers& bar = barriers(pipe);
-    const int ct = threadIdx.x - kProducerThreads;   // 0 .. kConsumerThreads - 1
+    const int ct = threadIdx.x - kProducerThreads;   // this thread among the consumers
     const int wg = team_wg();
     const u32 pipe_addr = smem_addr(pipe);
 #pragma unroll
