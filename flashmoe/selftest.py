@@ -19,6 +19,7 @@ Without a GPU it runs a small grid on the CPU emulator instead (the same kernel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fnmatch
 import json
@@ -181,6 +182,11 @@ def build_report(device) -> list[dict]:
     return rows
 
 
+# The cases `--sanitize` runs under each tool: a W = 2 case with uneven tokens per rank and a W = 4
+# one with capacity (the bring-up kit's sanitizer stage runs the smallest W = 2 case).
+SANITIZED_CASES = ("W2-tpr37", "capacity0.5-W4")
+
+
 def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), limit_s: float | None = None) -> list[dict]:
     """Run the named cases under compute-sanitizer, each tool in its own process, killed (with
     its children) after ``limit_s`` seconds."""
@@ -240,18 +246,27 @@ def sanitizer_findings(output: str, limit: int = 8, context: int = 4) -> list[di
     return list(found.values())
 
 
-def run_bounded(cmd: list[str], limit_s: float | None, **kwargs) -> tuple[int | None, str]:
+def run_bounded(cmd: list[str], limit_s: float | None, log: Path | None = None,
+                **kwargs) -> tuple[int | None, str]:
     """(exit code, stdout + stderr) of ``cmd``; exit code None when it ran past ``limit_s`` and
-    was killed with every process it started (its own process group)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kwargs)
-    try:
-        output, _ = proc.communicate(timeout=limit_s)
-        return proc.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        return None, output
+    was killed with every process it started (its own process group). With ``log``, the output is
+    appended to that file as it comes (what a kill from outside leaves) and read back from it."""
+    with open(log, "ab") if log else contextlib.nullcontext() as sink:
+        start = sink.tell() if sink else 0
+        proc = subprocess.Popen(cmd, stdout=sink or subprocess.PIPE, stderr=subprocess.STDOUT, text=sink is None,
+                                start_new_session=True, **kwargs)
+        try:
+            output, _ = proc.communicate(timeout=limit_s)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            code = None
+    if log:
+        with open(log, "rb") as f:
+            f.seek(start)
+            output = f.read().decode(errors="replace")
+    return code, output
 
 
 def soak(make, device, n: int, seed: int) -> dict:
@@ -352,7 +367,7 @@ def main(argv=None) -> int:
         print(f"  soak: {report['extras']['soak']}")
         extras_ok &= report["extras"]["soak"]["passed"]
     if args.sanitize and gpu:
-        report["extras"]["sanitize"] = sanitize(["W2-tpr37", "capacity0.5-W4"])
+        report["extras"]["sanitize"] = sanitize(list(SANITIZED_CASES))
         for row in report["extras"]["sanitize"]:
             print(f"  {'PASS' if row['passed'] else 'FAIL'} sanitize {row['tool']} {row.get('case', '')}: {row['detail']}")
         extras_ok &= all(r["passed"] for r in report["extras"]["sanitize"])

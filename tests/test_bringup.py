@@ -1,7 +1,7 @@
 """The bring-up kit (python -m flashmoe.bringup) on the CPU: every stage the emulator can run
 passes and the others say why they were skipped; a kit killed mid-run leaves the stages it
-finished; a stage past its limit is killed and recorded; the budget is honoured; the probes
-compile for both archs without spills."""
+finished; a stage past its limit is killed and recorded; the budget is honoured; the longer
+checks run as emulated and dry runs; the probes compile for both archs without spills."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flashmoe.bringup import runner
-from flashmoe.bringup.stages import STAGES
+from flashmoe.bringup.stages import BENCHMARKS, GROUPS, STAGES
 from flashmoe.host import emulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,11 +40,10 @@ def test_emulated_kit_runs_every_stage_it_can_and_says_why_not_for_the_rest(tmp_
     lines = records(tmp_path)
     assert lines[0]["type"] == "start" and lines[-1]["type"] == "summary"
     stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
-    assert list(stages) == list(STAGES)
-    for name in ("environment", "probes", "kernel_mma_sync", "kernel_wgmma", "ranks", "robustness"):
+    assert list(stages) == GROUPS["kit"]
+    for name in ("environment", "probes", "kernel_mma_sync", "kernel_wgmma", "ranks", "robustness", "bench"):
         assert stages[name]["status"] == "passed" and stages[name]["passed"] > 0, stages[name]
     assert stages["sanitizer"]["status"] == "skipped" and "GPU" in stages["sanitizer"]["reason"]
-    assert stages["bench"]["status"] == "skipped" and "GPU" in stages["bench"]["reason"]
     cases = [r for r in lines if r["type"] == "case"]
     assert all(r["passed"] is not False for r in cases)
     probes = {r["case"] for r in cases if r["stage"] == "probes"}
@@ -89,8 +88,45 @@ def test_stages_the_budget_cannot_hold_are_skipped_with_the_reason(tmp_path):
     assert runner.main(["--emulate", "--out", str(tmp_path), "--budget-s", "5"]) == 0
     lines = records(tmp_path)
     skipped = [r for r in lines if r["type"] == "stage"]
-    assert len(skipped) == len(STAGES) and all(r["status"] == "skipped" and "budget" in r["reason"] for r in skipped)
+    assert len(skipped) == len(GROUPS["kit"]) and all(r["status"] == "skipped" and "budget" in r["reason"] for r in skipped)
     assert lines[-1]["type"] == "summary"
+
+
+@needs_emulator
+def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu(tmp_path):
+    proc = subprocess.run(kit(tmp_path, "--stages", "soak,trace,gpu_tests,sanitize_large", "--budget-s", "200"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = records(tmp_path)
+    stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
+    assert list(stages) == ["soak", "trace", "gpu_tests", "sanitize_large"]
+    cases = {r["stage"]: r for r in lines if r["type"] == "case"}
+    assert cases["soak"]["passed"] and "'failed': 0" in cases["soak"]["detail"], cases["soak"]
+    # The trace stage ran bench_layer.py dry: its rows came back with the case, its output in its log.
+    assert cases["trace"]["passed"] and {r["config"] for r in cases["trace"]["rows"]} == {"qwen3-30b-a3b",
+                                                                                         "mixtral-8x7b"}
+    assert "dry" in (tmp_path / "trace.log").read_text().lower()
+    for name in ("gpu_tests", "sanitize_large"):
+        assert stages[name]["status"] == "skipped" and "GPU" in stages[name]["reason"], stages[name]
+
+
+def test_the_groups_cover_every_stage_and_each_benchmark_line_parses():
+    assert GROUPS["kit"] + GROUPS["longer"] == list(STAGES)
+    from bench import bench_layer, sweep_ep
+    for name, (script, *args) in BENCHMARKS.items():
+        assert name in STAGES
+        module = {"bench/bench_layer.py": bench_layer, "bench/sweep_ep.py": sweep_ep}[script]
+        module.parse_args(args)       # an option or a choice the script does not know exits
+
+
+def test_a_command_killed_at_its_limit_leaves_its_output_in_its_log(tmp_path):
+    from flashmoe.selftest import run_bounded
+    log = tmp_path / "stage.log"
+    log.write_text("an earlier run\n")
+    code, output = run_bounded([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                               2.0, log=log)
+    assert code is None and output == "started\n"
+    assert log.read_text() == "an earlier run\nstarted\n"
 
 
 def test_unknown_stages_are_refused(tmp_path):

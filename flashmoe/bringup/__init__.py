@@ -4,7 +4,10 @@ One short run on a new GPU that tells which component of the kernel works: stage
 (``stages.STAGES``: environment, component probes, the whole kernel with each GEMM engine, virtual
 ranks and routing options, compute-sanitizer, determinism / faults / CUDA graphs, a few benchmark
 rows), each in its own time-limited process (``runner.py``), every case written to
-``DIR/bringup.jsonl`` as it ends, failures with their diagnosis (``flashmoe.diagnose``). With
-``--emulate`` the same stages run on the CPU emulator where they can and say why not where they
-cannot. ``docs/gpu-session.md`` has the command line for a fresh GPU machine.
+``DIR/bringup.jsonl`` as it ends, failures with their diagnosis (``flashmoe.diagnose``).
+``--stages longer`` runs, the same way, what the hardware validation needs once the kit runs
+clean: the soak, the GPU tests, the benchmark grid, a kernel trace, the tile and virtual-rank
+sweeps, the sanitizers on larger cases. With ``--emulate`` the stages run on the CPU emulator
+where they can (the benchmarks as dry runs) and say why not where they cannot.
+``docs/gpu-session.md`` has the command lines for a fresh GPU machine.
 """

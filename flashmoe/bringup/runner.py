@@ -6,7 +6,8 @@ that takes its CUDA context down, or a hang, costs that stage only. Its output g
 a stage process dies or runs past its limit (it is killed with everything it started), the runner
 writes the stage's line itself, with the end of its log. A stage starts only while the budget
 has at least ``MIN_STAGE_S`` left; one that does not start is recorded as skipped with the
-reason. The last line is a summary. Exit status 0 when no stage failed.
+reason. ``--stages`` takes stage names and the groups of ``stages.GROUPS`` (the kit, the default;
+the longer checks). The last line is a summary. Exit status 0 when no stage failed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .stages import STAGES, append
+from .stages import GROUPS, STAGES, append
 
 MIN_STAGE_S = 20
 LOG_TAIL = 3000
@@ -81,7 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds for all stages")
     ap.add_argument("--emulate", action="store_true", help="the CPU emulator instead of a GPU")
     ap.add_argument("--quick", action="store_true", help="fewer cases per stage")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
+    ap.add_argument("--stages", default="kit",
+                    help=f"comma-separated stages or groups: kit ({','.join(GROUPS['kit'])}, the default), "
+                         f"longer ({','.join(GROUPS['longer'])})")
     ap.add_argument("--run-stage", help=argparse.SUPPRESS)      # the stage processes
     ap.add_argument("--limit-s", type=float, default=60.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -90,10 +93,10 @@ def main(argv=None) -> int:
         from .stages import run_stage
         return run_stage(args.run_stage, args.out, args.emulate, args.quick, args.limit_s)
 
-    names = [n for n in args.stages.split(",") if n]
+    names = [s for n in args.stages.split(",") if n for s in GROUPS.get(n, [n])]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        ap.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+        ap.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)} or the groups {', '.join(GROUPS)}")
     jsonl = args.out / "bringup.jsonl"
     t_start = time.monotonic()
     from ..environment import commit, smi_query

@@ -32,13 +32,17 @@ class Stage:
     """What a stage's cases share: where to write, the device, how much time is left."""
 
     name: str
-    jsonl: Path
+    out: Path                       # where bringup.jsonl, bringup.log and the stages' own files go
     device: torch.device
     emulate: bool
     quick: bool
     deadline: float                 # time.monotonic() by which the stage must have ended
     counts: dict = field(default_factory=lambda: {"passed": 0, "failed": 0, "skipped": 0})
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def jsonl(self) -> Path:
+        return self.out / "bringup.jsonl"
 
     def write(self, record: dict) -> None:
         append(self.jsonl, record)
@@ -354,14 +358,20 @@ SANITIZED_CASE = "W2-tpr1"     # the smallest W = 2 case of the selftest grid
 
 
 def sanitizer(st: Stage) -> str:
+    return sanitize(st, [SANITIZED_CASE])
+
+
+def sanitize(st: Stage, cases: list[str]) -> str:
+    """memcheck, racecheck and synccheck on each of ``cases``, each run in its own process, killed
+    at its share of the stage's time."""
     if st.emulate:
         return "compute-sanitizer needs a GPU"
-    tools = ("memcheck", "racecheck", "synccheck")
-    for i, tool in enumerate(tools):
-        def run(tool=tool, share=st.left() / (len(tools) - i)):
-            row = selftest.sanitize([SANITIZED_CASE], tools=(tool,), limit_s=max(10.0, share - 3))[0]
+    runs = [(tool, case) for tool in ("memcheck", "racecheck", "synccheck") for case in cases]
+    for i, (tool, case) in enumerate(runs):
+        def run(tool=tool, case=case, share=st.left() / (len(runs) - i)):
+            row = selftest.sanitize([case], tools=(tool,), limit_s=max(10.0, share - 3))[0]
             return {**row, "passed": row["passed"]}
-        st.case(f"{tool} {SANITIZED_CASE}", run, min_s=15)
+        st.case(f"{tool} {case}", run, min_s=15)
     return ""
 
 
@@ -395,30 +405,78 @@ def _pair(result: tuple[bool, str]) -> dict:
     return {"passed": result[0], "detail": result[1]}
 
 
-# ---------------------------------------------------------------- 7: a few benchmark rows
+# ---------------------------------------------------------------- commands: the benchmarks, the soak, the GPU tests
 
-BENCH = ["--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096", "--repeats", "10", "--warmup", "3"]
-
-
-def bench(st: Stage, out: Path) -> str:
-    if st.emulate:
-        return "timings need a GPU"
-    script = REPO / "bench" / "bench_layer.py"
-    if not script.is_file():
-        return f"{script} is not here (the benchmarks live in a checkout, not in the installed package)"
+def run_command(st: Stage, args: list[str], summary: str = "") -> None:
+    """``python ARGS`` from the checkout as the stage's case: its output goes to DIR/<stage>.log as
+    it comes (a kill keeps it), it is killed with what it started 5 s before the stage's time is
+    up, and it passes when it exits 0. The case's detail is the last output line (the last one
+    holding ``summary`` when given); the rows of the benchmark results it wrote come along."""
+    log = st.out / f"{st.name}.log"
 
     def run():
-        code, output = selftest.run_bounded([sys.executable, str(script), *BENCH, "--out-dir", str(out)],
-                                            max(10.0, st.left() - 5), cwd=REPO)
-        print(output[-6000:], flush=True)
-        rows = []
-        for path in sorted(out.glob("layer_*.json")):
-            rows += [{k: r.get(k) for k in ("config", "tokens", "provider", "status", "median_ms", "pct_matmul",
-                                             "pct_copy", "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm",
-                                             "correct")} for r in json.loads(path.read_text()).get("rows", [])]
-        return {"passed": code == 0, "exit_code": code, "rows": rows,
-                "detail": "killed at the stage's time limit" if code is None else f"exit {code}"}
-    st.case("bench_layer " + " ".join(BENCH), run, min_s=30)
+        since = time.time()
+        code, output = selftest.run_bounded([sys.executable, *args], max(10.0, st.left() - 5), log=log, cwd=REPO)
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip() and summary in ln]
+        detail = "killed at the stage's time limit" if code is None else f"exit {code}"
+        return {"passed": code == 0, "exit_code": code, "log": log.name, "rows": _bench_rows(st.out, since),
+                "detail": f"{detail}: {lines[-1] if lines else 'no output'}", "output_tail": output[-1500:]}
+    shown = [str(Path(a).relative_to(REPO)) if a.startswith(str(REPO)) else "DIR" if a == str(st.out) else a
+             for a in args]
+    st.case("python " + " ".join(shown), run, min_s=30)
+
+
+def _bench_rows(out: Path, since: float) -> list[dict]:
+    """The main fields of every row of the benchmark results written to ``out`` after ``since``."""
+    keys = ("config", "tokens", "world", "provider", "tile", "status", "median_ms", "pct_matmul", "pct_copy",
+            "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm", "correct")
+    rows = []
+    for path in sorted([*out.glob("layer_*.json"), *out.glob("ep_*.json")]):
+        if path.stat().st_mtime >= since and not path.name.endswith(".trace.json"):
+            rows += [{k: r[k] for k in keys if k in r} for r in json.loads(path.read_text()).get("rows", [])]
+    return rows
+
+
+# Each benchmark stage's command line (bench/README.md has what each prints). On a CPU they run
+# as dry runs: the reference instead of the kernel, the plumbing checked, nothing measured.
+TIMED = ["--repeats", "10", "--warmup", "3"]
+BENCHMARKS = {
+    "bench": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096", *TIMED],
+    "bench_grid": ["bench/bench_layer.py", *TIMED],
+    "trace": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096",
+              "--providers", "flashmoe", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
+    "tiles": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "deepseek-v2-lite", "flashmoe-paper",
+              "--tokens", "2048", "16384", "--providers", "flashmoe", "flashmoe_128x128", "flashmoe_cooperative",
+              *TIMED],
+    "sweep_ep": ["bench/sweep_ep.py", *TIMED],
+    "sweep_skewed": ["bench/sweep_ep.py", "--configs", "qwen3-30b-a3b", "--tokens", "4096", "--worlds", "1", "8",
+                     "--routing", "skewed", "--providers", "flashmoe", *TIMED],
+}
+
+
+def benchmark(st: Stage) -> str:
+    script, *args = BENCHMARKS[st.name]
+    if not (REPO / script).is_file():
+        return f"{REPO / script} is not here (the benchmarks live in a checkout, not in the installed package)"
+    run_command(st, [str(REPO / script), *args, "--out-dir", str(st.out)] + (["--dry-run"] if st.emulate else []))
+    return ""
+
+
+def soak(st: Stage) -> str:
+    forwards = "2" if st.emulate else "10000"
+    run_command(st, ["-m", "flashmoe.selftest", "--only", "none", "--no-extras", "--soak", forwards,
+                     "--out", str(st.out)] + (["--emulate"] if st.emulate else []), summary="soak:")
+    return ""
+
+
+def sanitize_large(st: Stage) -> str:
+    return sanitize(st, list(selftest.SANITIZED_CASES))
+
+
+def gpu_tests(st: Stage) -> str:
+    if st.emulate:
+        return "the tests marked gpu need a GPU"
+    run_command(st, ["-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", str(REPO / "tests")])
     return ""
 
 
@@ -432,18 +490,29 @@ STAGES = {
     "ranks": (ranks, 150, "W = 2..8 virtual ranks, 0/1/uneven tokens, capacity, DeepSeek and Qwen2 routing"),
     "sanitizer": (sanitizer, 180, "compute-sanitizer memcheck, racecheck, synccheck on the smallest W = 2 case"),
     "robustness": (robustness, 150, "determinism, a stalled rank, error_check='none', CUDA-graph replay"),
-    "bench": (bench, 300, "a few bench/bench_layer.py rows"),
+    "bench": (benchmark, 300, "a few bench/bench_layer.py rows"),
+    # The longer checks, in the order the hardware validation needs them.
+    "soak": (soak, 150, "10000 forwards of changing sizes and routings: errors and memory growth"),
+    "gpu_tests": (gpu_tests, 240, "pytest -m gpu, two NVSHMEM processes on one GPU among them"),
+    "bench_grid": (benchmark, 300, "bench/bench_layer.py: every layer, 128 to 32768 tokens"),
+    "trace": (benchmark, 120, "the kernel's trace: where the time goes on two layers"),
+    "tiles": (benchmark, 180, "the shipped tiles against 128 x 128 ping-pong and cooperative"),
+    "sweep_ep": (benchmark, 180, "bench/sweep_ep.py: W = 1..8 virtual ranks"),
+    "sweep_skewed": (benchmark, 90, "W = 8 against W = 1 under skewed routing (work sharing)"),
+    "sanitize_large": (sanitize_large, 300, "compute-sanitizer on the selftest's larger cases (--sanitize)"),
 }
+# `--stages kit` (the default) is the bring-up kit; `--stages longer` what comes once it runs clean.
+GROUPS = {"kit": list(STAGES)[:8], "longer": list(STAGES)[8:]}
 
 
 def run_stage(name: str, out: Path, emulate: bool, quick: bool, limit_s: float) -> int:
     """The body of a stage process: run stage ``name``, record its cases and its end."""
     device = torch.device("cpu") if emulate else torch.device("cuda", torch.cuda.current_device())
-    st = Stage(name, out / "bringup.jsonl", device, emulate, quick, time.monotonic() + limit_s - 5)
+    st = Stage(name, out, device, emulate, quick, time.monotonic() + limit_s - 5)
     function = STAGES[name][0]
     print(f"== stage {name} ({'emulated' if emulate else device}, {limit_s:.0f} s)", flush=True)
     try:
-        reason = function(st, out) if name == "bench" else function(st)
+        reason = function(st)
     except ContextLost as exc:
         st.counts["failed"] += 1
         reason = str(exc)
