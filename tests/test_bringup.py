@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from flashmoe.bringup import runner
-from flashmoe.bringup.stages import BENCHMARKS, GROUPS, STAGES
+from flashmoe.bringup.commands import BENCHMARKS
+from flashmoe.bringup.stages import GROUPS, STAGES
 from flashmoe.host import emulator
 
 REPO = Path(__file__).resolve().parent.parent
