@@ -9,7 +9,8 @@ run with FLASHMOE_ASSERT_NO_COMPILE=1, load it without compiling. The table show
 registers, spill and stack bytes, static shared memory, the dynamic shared memory a Plan asks for
 on a representative layer (``REPRESENTATIVE_LAYER``) against the arch's per-block limit, the
 tensor-core instructions in the SASS, the compile time and whether it came from the cache.
-The exit code is 1 when a spec fails to compile, spills, or does not fit in shared memory.
+The exit code is 1 when a spec fails to compile, spills, has ptxas report a performance loss
+(serialised wgmma, setmaxnreg ignored), or does not fit in shared memory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import MoEConfig
 from .host import cubin
 from .host.compile import CompiledKernel, compile_spec
 from .host.plan import DeviceInfo, make_plan
+from .host.resources import performance_losses
 from .host.spec import ARCHS, KernelSpec, shipped_specs
 
 # A Qwen3-30B-A3B-sized layer over 8 ranks, one hosted per GPU: dynamic shared memory depends on
@@ -48,6 +50,7 @@ def problems(kernel: CompiledKernel) -> list[str]:
     res, spec = kernel.resources, kernel.spec
     if res.spill_bytes:
         found.append(f"spills {res.spill_store_bytes} B stored / {res.spill_load_bytes} B loaded")
+    found += [f"ptxas: {line}" for line in performance_losses(kernel.log)]
     limit = DeviceInfo.for_arch(spec.arch).max_smem_per_block
     total = res.static_smem_bytes + plan_smem_bytes(spec)
     if total > limit:

@@ -201,7 +201,9 @@ class MoEConfig:
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for a forward over ``num_tokens`` tokens (all ranks together).
 
-        None when dropless. Computed in double precision, as the kernel does, so both agree.
+        None when dropless. In double precision, left to right. With E an integer the rounded
+        quotient never lands on an integer below the exact one, so this is the exact ceiling,
+        which the kernel finds without dividing (scheduler.cuh capacity_of).
         """
         if self.capacity_factor is None:
             return None

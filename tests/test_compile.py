@@ -16,6 +16,7 @@ import pytest
 
 from flashmoe.host import abi, cubin
 from flashmoe.host import compile as C
+from flashmoe.host.resources import performance_losses
 from flashmoe.host.spec import KernelSpec
 
 REAL_ROOT = C.INCLUDE_ROOT
@@ -310,6 +311,18 @@ def test_parse_resources_of_ptxas_and_nvjitlink_logs():
     assert C.parse_resources(PTXAS_LOG, kernel="other") == {}
 
 
+# What ptxas says when a kernel linked with -rdc makes a call (measured, NVRTC/nvJitLink 13.0).
+LOSS_LOG = """ptxas info    : (C7504) Potential Performance Loss: 'setmaxnreg' ignored to maintain compatibility across compilation units.
+ptxas info    : (C7509) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function 'flashmoe_kernel'
+ptxas info    : Function properties for flashmoe_kernel
+"""
+
+
+def test_performance_losses_are_read_from_the_log():
+    assert [line[:7] for line in performance_losses(LOSS_LOG)] == ["(C7504)", "(C7509)"]
+    assert performance_losses(PTXAS_LOG) == [] and performance_losses(LINK_LOG) == []
+
+
 # ---------------------------------------------------------------- NVSHMEM: NVRTC LTO + nvJitLink
 
 def _nvshmem_installed() -> bool:
@@ -344,10 +357,12 @@ def test_build_fails_on_spills_and_oversized_shared_memory(monkeypatch, capsys):
     spec = KernelSpec(arch="sm_80", stages=3)
     bad = C.Resources(registers=255, spill_store_bytes=8, spill_load_bytes=4, stack_bytes=16,
                       static_smem_bytes=160 * 1024, cmem0_bytes=1088)
-    kernel = C.CompiledKernel(spec, b"", "", bad, "0" * 64, 1.0, False)
-    assert [p.split()[0] for p in build.problems(kernel)] == ["spills", "needs"]
+    kernel = C.CompiledKernel(spec, b"", LOSS_LOG, bad, "0" * 64, 1.0, False)
+    found = build.problems(kernel)
+    assert [p.split()[0] for p in found] == ["spills", "ptxas:", "ptxas:", "needs"]
+    assert found[1].startswith("ptxas: (C7504)") and found[2].startswith("ptxas: (C7509)")
     good = dataclasses.replace(bad, spill_store_bytes=0, spill_load_bytes=0, static_smem_bytes=0)
-    assert build.problems(dataclasses.replace(kernel, resources=good)) == []
+    assert build.problems(dataclasses.replace(kernel, resources=good, log=PTXAS_LOG)) == []
 
     monkeypatch.setattr(build, "compile_many",
                         lambda specs, **_: [(kernel, Counter(HMMA=128))] * len(specs))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import random
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -70,6 +74,19 @@ def test_capacity_rounds_up_and_dropless_has_none():
     assert MoEConfig(**BASE, capacity_factor=1.25).capacity(10) == 4
     assert MoEConfig(**BASE, capacity_factor=1).capacity(8) == 2
     assert MoEConfig(**BASE, capacity_factor=1).capacity(0) == 0
+
+
+def test_capacity_is_the_exact_ceiling():
+    """The kernel computes the least c with c * E >= cf * T * k (no division); the double quotient's
+    ceiling must be that number, including where the product is an exact multiple of E."""
+    rng = random.Random(0)
+    for _ in range(20000):
+        E = rng.randint(1, 512)
+        k = rng.randint(1, min(E, 16))
+        cf = rng.choice([rng.uniform(0.01, 4.0), 0.1, 1 / 3, 0.5, 1.0, 1.25, 1.5, 2.0])
+        T = rng.randint(0, 1 << rng.randint(0, 20))
+        config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=E, top_k=k, capacity_factor=cf)
+        assert config.capacity(T) == math.ceil(Fraction(cf * T * k) / E), (cf, T, k, E)
 
 
 def test_config_is_frozen_and_hashable():

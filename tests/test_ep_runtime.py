@@ -52,6 +52,13 @@ def test_env_defaults_only_without_infiniband_and_never_override():
     assert "NVSHMEM_REMOTE_TRANSPORT" not in kept
 
 
+def test_ibgda_is_refused_with_the_fix():
+    for off in ({}, {"NVSHMEM_IB_ENABLE_IBGDA": "0"}, {"NVSHMEM_IB_ENABLE_IBGDA": "false"}):
+        rt.check_remote_transport(off)
+    with pytest.raises(rt.NvshmemUnavailable, match=r"NVSHMEM_IB_ENABLE_IBGDA='1'.*unset NVSHMEM_IB_ENABLE_IBGDA"):
+        rt.check_remote_transport({"NVSHMEM_IB_ENABLE_IBGDA": "1"})
+
+
 def test_parse_size():
     assert rt.parse_size("1073741824") == 1 << 30
     assert rt.parse_size("4G") == 4 << 30 and rt.parse_size("512m") == 512 << 20

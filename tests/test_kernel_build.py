@@ -1,9 +1,10 @@
 """Every shipped KernelSpec compiles flashmoe/device/flashmoe.cu to a cubin that can ship.
 
-For each spec of ``shipped_specs()``: no spills and no stack frame, static + dynamic shared memory
-within the arch's per-block limit (dynamic: the Plan of flashmoe.build's representative layer),
-tensor-core instructions in the SASS (HMMA for mma_sync, HGMMA for wgmma), and the pure-Python ELF
-reader agreeing with the ptxas log. CPU only.
+For each spec of ``shipped_specs()``: no spills, no stack frame and no performance loss ptxas
+reports (serialised wgmma, setmaxnreg ignored), static + dynamic shared memory within the arch's
+per-block limit (dynamic: the Plan of flashmoe.build's representative layer), tensor-core
+instructions in the SASS (HMMA for mma_sync, HGMMA for wgmma), and the pure-Python ELF reader
+agreeing with the ptxas log. CPU only.
 
 The module fixture compiles all specs up front, in one process per core, into a disk cache under
 the session's tmp dir; each test then loads its kernel from that cache. One real compile costs
@@ -21,6 +22,7 @@ from flashmoe.build import compile_many, plan_smem_bytes
 from flashmoe.host import compile as C
 from flashmoe.host import cubin
 from flashmoe.host.plan import DeviceInfo
+from flashmoe.host.resources import performance_losses
 from flashmoe.host.spec import select_spec, shipped_specs
 
 pytestmark = pytest.mark.slow
@@ -62,6 +64,7 @@ def test_no_spills_no_stack(kernel):
                                   f"{res.spill_load_bytes} B spill loads")
     assert res.stack_bytes == 0, f"{res.stack_bytes} B stack frame (local memory)"
     assert res.registers * kernel.spec.threads <= 64 * 1024, "the block exceeds the register file"
+    assert not performance_losses(kernel.log), performance_losses(kernel.log)
 
 
 @by_spec

@@ -1,7 +1,7 @@
 """The real kernel with the NVSHMEM transport (KernelSpec(transport="nvshmem")) compiles with
 NVRTC (-rdc -dlto) and links with nvJitLink against the installed wheel's libnvshmem_device.a,
-for sm_90a and sm_80, with no spills; the linked module carries the state nvshmemx_cumodule_init
-fills. CPU only (about 10 s per spec)."""
+for sm_90a and sm_80, with no spills and no performance loss ptxas reports; the linked module
+carries the state nvshmemx_cumodule_init fills. CPU only (about 10 s per spec)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from flashmoe.host import compile as C
 from flashmoe.host import cubin
+from flashmoe.host.resources import performance_losses
 from flashmoe.host.spec import KernelSpec, wgmma_spec
 
 
@@ -40,6 +41,8 @@ def test_nvshmem_transport_compiles_links_without_spills(spec, cache_dir, monkey
     res = kernel.resources
     assert res.spill_bytes == 0, (f"{res.spill_store_bytes} B spill stores, "
                                   f"{res.spill_load_bytes} B spill loads")
+    # Linked with -rdc, any call in the kernel serialises its wgmmas and setmaxnreg is ignored.
+    assert not performance_losses(kernel.log), performance_losses(kernel.log)
     elf = cubin.kernel_info(kernel.cubin, C.KERNEL_NAME)
     assert elf.entry and elf.registers == res.registers > 0
     assert b"nvshmemi_device_state_d" in kernel.cubin

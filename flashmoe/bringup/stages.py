@@ -21,6 +21,7 @@ import torch
 from .. import checks, selftest
 from ..checks import Case
 from ..host.plan import DeviceInfo
+from ..host.resources import performance_losses
 from ..host.spec import WIDE_BLOCK_N, KernelSpec, arch_for_capability, select_spec, select_specs, wgmma_spec
 from .commands import benchmark, gpu_tests, soak
 
@@ -197,9 +198,9 @@ def _build_row(result) -> dict:
     if isinstance(result, Exception):
         return {"passed": False, "error": f"{type(result).__name__}: {str(result)[:4000]}"}
     kernel, _ = result
-    r = kernel.resources
-    return {"passed": r.spill_bytes == 0, "registers": r.registers, "spill_bytes": r.spill_bytes,
-            "stack_bytes": r.stack_bytes, "static_smem": r.static_smem_bytes,
+    r, losses = kernel.resources, performance_losses(kernel.log)
+    return {"passed": r.spill_bytes == 0 and not losses, "registers": r.registers, "spill_bytes": r.spill_bytes,
+            "stack_bytes": r.stack_bytes, "static_smem": r.static_smem_bytes, "performance_losses": losses,
             "compile_s": round(kernel.compile_seconds, 2), "cached": kernel.from_cache}
 
 

@@ -225,7 +225,12 @@ def compile_options(spec: KernelSpec, extra_defines: dict | None = None) -> list
         options += ["-rdc=true", "-dlto", f"--pre-include={INCLUDE_ROOT / NVSHMEM_PRELUDE}",
                     # NVSHMEM's proxy_device.cuh does `volatile += 1`, deprecated in C++20: dozens
                     # of warnings per compile that would bury the log.
-                    "--diag-suppress=3012"]
+                    "--diag-suppress=3012",
+                    # Its device asserts call __assertfail: a call anywhere in a kernel linked
+                    # with -rdc serialises its wgmmas (ptx.cuh div_full). NVRTC's assert reads
+                    # NDEBUG from the command line only. On the transfer paths they mark device
+                    # transports this build leaves out (IBGDA: runtime.check_remote_transport).
+                    "-DNDEBUG"]
     else:
         options += ["--ptxas-options=-v"]
     options += [f"-I{d}" for d in include_dirs(spec)]

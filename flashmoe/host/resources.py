@@ -63,3 +63,11 @@ def parse_resources(log: str, kernel: str = "flashmoe_kernel") -> dict:
         for spill in ("spill_store_bytes", "spill_load_bytes"):
             found[spill] = sum(f.get(spill, 0) for f in functions.values())
     return found
+
+
+def performance_losses(log: str) -> list[str]:
+    """The compile log's "Potential Performance Loss" reports: ptxas serialising wgmma (a call in
+    the kernel, accumulators touched mid-pipeline) or ignoring setmaxnreg. Each costs speed with no
+    other sign, so a kernel that has one does not ship (flashmoe.build.problems)."""
+    return [line.split("ptxas info    : ", 1)[-1].strip() for line in log.splitlines()
+            if "Potential Performance Loss" in line]

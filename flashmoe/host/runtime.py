@@ -38,6 +38,7 @@ from . import heap as heap_mod
 NO_IB_ENV = {"NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NCCL": "1"}
 ONE_HOST_ENV = {"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
 HEAP_SIZE_ENV = "NVSHMEM_SYMMETRIC_SIZE"
+IBGDA_ENV = "NVSHMEM_IB_ENABLE_IBGDA"
 DEFAULT_HEAP_BYTES = 1 << 30          # NVSHMEM's default symmetric size
 
 INSTALL_NVSHMEM4PY = ("pip install 'nvshmem4py-cu13>=0.4' (or pip install 'flashmoe[nvshmem]'); "
@@ -63,6 +64,18 @@ def nvshmem_env_defaults(hosts: int, infiniband: bool, environ=None) -> dict:
         if hosts == 1:
             wanted.update(ONE_HOST_ENV)
     return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def check_remote_transport(environ=None) -> None:
+    """The kernel is built without NVSHMEM's IBGDA path (nvshmem_prelude.cuh: NVRTC cannot see
+    <infiniband/mlx5dv.h>) and with its device asserts off, so under IBGDA its puts to other
+    nodes would do nothing: refuse it here, where the fix can be named."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(IBGDA_ENV, "")
+    if value.strip().lower() not in ("", "0", "n", "no", "f", "false", "off"):
+        raise NvshmemUnavailable(f"{IBGDA_ENV}={value!r}: flashmoe's kernel is built without NVSHMEM's "
+                                 f"IBGDA transport; unset {IBGDA_ENV} (peers on other nodes then go "
+                                 "through NVSHMEM's proxy thread, NVSHMEM_REMOTE_TRANSPORT=ibrc)")
 
 
 def infiniband_present() -> bool:
@@ -158,6 +171,7 @@ class Runtime:
         hosts = len(set(names))
         for key, value in nvshmem_env_defaults(hosts, infiniband_present()).items():
             os.environ[key] = value
+        check_remote_transport()
         try:
             host_version = core.get_version().libnvshmem_version
         except Exception as e:    # the host library could not be loaded
@@ -187,6 +201,7 @@ class Runtime:
         core, bindings, Device = _import_nvshmem()
         for key, value in nvshmem_env_defaults(1, infiniband_present()).items():
             os.environ[key] = value
+        check_remote_transport()
         check_versions(core.get_version().libnvshmem_version, headers_version())
         index = _device_index(device)
         torch.cuda.set_device(index)

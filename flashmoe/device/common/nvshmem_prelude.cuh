@@ -43,3 +43,7 @@ using cuda::std::true_type;
 #undef NVSHMEM_IBGDA_SUPPORT
 #undef NVSHMEM_IBGDA_SUPPORT_GPUMEM_ONLY
 #undef NVSHMEM_GPUNETIO_SUPPORT
+
+// No calls in the kernel (ptx.cuh div_full says why): 3.8.0 keeps one proxy helper out of line
+// (NVSHMEMI_NOINLINE); its device asserts, which call __assertfail, compile.py turns off (NDEBUG).
+#define NVSHMEMI_NOINLINE __forceinline__

@@ -136,6 +136,14 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const u32 (&a)[4
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// a / b to within 2 ulp over the whole range, inline. The IEEE quotient (a / b, 1.0f / b) branches
+// to a subroutine for operands it cannot finish inline; a call anywhere in a kernel linked with
+// -rdc (the NVSHMEM transport) makes ptxas serialise every wgmma and ignore setmaxnreg.
+__device__ __forceinline__ float div_full(float a, float b) {
+  float q;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(q) : "f"(a), "f"(b));
+  return q;
+}
 // fp32 -> tf32, round to nearest (ties away), as reference.py's _tf32 does.
 __device__ __forceinline__ u32 to_tf32(u32 fp32_bits) {
   u32 r;

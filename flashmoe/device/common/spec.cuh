@@ -77,10 +77,10 @@ __device__ __forceinline__ elem_t from_float(float v) {
 }
 
 // Activation codes of Params::activation (flashmoe/host/abi.py ACTIVATION_CODES), computed in fp32
-// with the accurate library functions, as torch does.
+// with the accurate library functions, as torch does (the division within 2 ulp: div_full).
 __device__ __forceinline__ float activate(float v, int activation) {
   switch (activation) {
-    case 0: return v / (1.0f + expf(-v));                                       // silu
+    case 0: return div_full(v, 1.0f + expf(-v));                                // silu
     case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));          // gelu (erf)
     case 2: {                                                                    // gelu, tanh form
       const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);

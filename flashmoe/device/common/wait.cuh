@@ -32,10 +32,16 @@ __device__ __forceinline__ bool aborted(const Params& p, const Ctx& c) {
 }
 
 // Out of line (it runs once, at the end of a failed launch); takes few scalars so the caller's
-// context stays in registers (the global rank is first_local_rank + local). Anything but
-// kErrAborted stops the launch: every wait then leaves.
-__device__ __noinline__ void record_error(const Params& p, int local, u32 tag, u32 code, WaitSite site, u32 expected,
-                                          u32 observed, u64 waited_ns) {
+// context stays in registers (the global rank is first_local_rank + local). Inlined in an NVSHMEM
+// build: linked with -rdc, a kernel that makes any call has its wgmmas serialised (ptx.cuh
+// div_full). Anything but kErrAborted stops the launch: every wait then leaves.
+#if FLASHMOE_TRANSPORT_NVSHMEM
+__device__ __forceinline__
+#else
+__device__ __noinline__
+#endif
+void record_error(const Params& p, int local, u32 tag, u32 code, WaitSite site, u32 expected, u32 observed,
+                  u64 waited_ns) {
   ErrorRecord* e = &p.control->errors[local];
   if (atomicCAS(&e->code, 0u, code) == 0u) {
     e->rank = p.first_local_rank + local;

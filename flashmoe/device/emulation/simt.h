@@ -415,6 +415,9 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   emu::mma(emu::kOpMmaTf32, d, a, b0, b1);
 }
 
+// div.full.f32 is within 2 ulp of the quotient; the CPU's is exact.
+inline float div_full(float a, float b) { return a / b; }
+
 // cvt.rna.tf32.f32: keep 10 explicit mantissa bits, round to nearest with ties away from zero
 // (adding half an ulp to the magnitude bits does exactly that); NaN and Inf pass unchanged.
 inline u32 to_tf32(u32 fp32_bits) {

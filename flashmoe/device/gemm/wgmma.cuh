@@ -396,7 +396,9 @@ struct WgmmaTile {
     constexpr int kChunks = kStageRows * kChunksPerRow;
     // Not unrolled for tiles of 128 accumulators a thread: unrolled, the compiler hoists every
     // iteration's addresses out of the task loop, and those registers are the ones they need.
-    constexpr int kUnroll = kMTiles * kAcc > 64 ? 1 : (kChunks + G::kSize - 1) / G::kSize;
+    // Nor in an NVSHMEM build, whose consumers keep 168 registers (tasks.cuh RegisterBudget).
+    constexpr bool kRolled = kMTiles * kAcc > 64 || FLASHMOE_TRANSPORT_NVSHMEM;
+    constexpr int kUnroll = kRolled ? 1 : (kChunks + G::kSize - 1) / G::kSize;
 #pragma unroll (kUnroll)
     for (int idx = G::rank(); idx < kChunks; idx += G::kSize) {
       const int srow = idx / kChunksPerRow, chunk = idx % kChunksPerRow;

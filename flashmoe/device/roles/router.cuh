@@ -103,7 +103,7 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& payload) {
 __device__ __forceinline__ void store_logit(const Params& p, const Ctx& c, int t, int e, float v) {
   if (e < p.num_experts) st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.num_experts + e, v);
   else if (e == p.num_experts && p.shared_gate)
-    st_weak(region<float>(p, c.slice, kSharedGate) + t, 1.0f / (1.0f + expf(-v)));
+    st_weak(region<float>(p, c.slice, kSharedGate) + t, div_full(1.0f, 1.0f + expf(-v)));
 }
 
 // logits[t][e] of chunk `chunk`'s tokens for router rows [e0, e0 + 128) (E, then the shared-expert
@@ -303,7 +303,7 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
   }
   auto score = [&](int e) {
     const float l = ld_weak(logits_row + e);
-    return p.scoring == 0 ? expf(l - m) / sum : 1.0f / (1.0f + expf(-l));
+    return p.scoring == 0 ? div_full(expf(l - m), sum) : div_full(1.0f, 1.0f + expf(-l));
   };
   auto selection = [&](int e) { return score(e) + (p.has_bias ? p.selection_bias[e] : 0.0f); };
 
@@ -367,7 +367,7 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
   }
   if (p.norm_topk) {
     const float total = warp_sum(lane < p.top_k ? my_w : 0.0f);
-    my_w = my_w / (total + p.norm_topk_epsilon);
+    my_w = div_full(my_w, total + p.norm_topk_epsilon);
   }
   my_w *= p.routed_scaling_factor;
   record_choice(p, my_id, my_w, ids_out, weights_out, counts, lane);

@@ -68,6 +68,20 @@ struct TaskMap {
 
 // The map is computed and read by the thread group G that claims tasks (device/common/group.cuh).
 
+// Kept rows per expert, as MoEConfig.capacity() states it: x = cf * T * k rounded in double left
+// to right, then the least c with c * E >= x. No division: a double one is a subroutine call
+// (see div_full in ptx.cuh). A float estimate lands within a few of c; the exact double products
+// (c * E < 2^53) correct it. T or more keeps every row (an expert gets one row a token at most):
+// that is T.
+__device__ __forceinline__ i32 capacity_of(double cf, i32 tokens, int k, int E) {
+  const double x = cf * (double)tokens * (double)k;
+  if (!(x < (double)tokens * E)) return tokens;
+  i32 c = static_cast<i32>(div_full(static_cast<float>(x), static_cast<float>(E)));
+  while (c > 0 && (double)(c - 1) * E >= x) --c;
+  while ((double)c * E < x) ++c;
+  return c;
+}
+
 // The part of the map that needs nothing from other ranks.
 template <class G>
 __device__ void map_shared_part(const Params& p, const Ctx& c, TaskMap& tm) {
@@ -100,10 +114,7 @@ __device__ bool map_routed_part(const Params& p, const Ctx& c, TaskMap& tm, vola
       tokens += static_cast<i32>(ld_cg_u32(counts + count_index(p, src, El + 1)));
     }
     tm.tok_off[W] = tokens;
-    // Same double-precision expression as MoEConfig.capacity(): ((cf * T) * k) / E, rounded up.
-    tm.h->capacity = p.capacity_factor > 0.0
-        ? static_cast<i32>(ceil(p.capacity_factor * (double)tokens * (double)p.top_k / (double)p.num_experts))
-        : -1;
+    tm.h->capacity = p.capacity_factor > 0.0 ? capacity_of(p.capacity_factor, tokens, p.top_k, p.num_experts) : -1;
   }
   G::sync();
   for (int e = G::rank(); e < El; e += G::kSize) {

@@ -111,9 +111,10 @@ static_assert(sizeof(SelectSmem) <= sizeof(TileTables), "a selection runs in a f
 // registers to the consumers (setmaxnreg) and takes them back after it, when the whole block runs
 // the combine. The wide tile fits in 192 because nothing else stays live through the loop: the
 // block's Ctx is in shared memory (common/heap.cuh block_ctx) and its store loop is not unrolled.
+// Not in an NVSHMEM build: linked with -rdc, ptxas ignores setmaxnreg, so every warp keeps 168.
 struct RegisterBudget {
   static constexpr u32 kBlock = 168, kProducer = 120, kConsumers = 192;
-  static constexpr bool kOn = kThreads == 384;
+  static constexpr bool kOn = kThreads == 384 && !FLASHMOE_TRANSPORT_NVSHMEM;
   static_assert(!kOn || kProducer * 128 + kConsumers * 256 <= kBlock * 384, "the block's register pool");
   __device__ __forceinline__ static void producer() { if constexpr (kOn) setmaxnreg_dec<kProducer>(); }
   __device__ __forceinline__ static void producer_done() { if constexpr (kOn) setmaxnreg_inc<kBlock>(); }
