@@ -1,7 +1,8 @@
 """The NVSHMEM transport on a GPU against the reference (skipped with the reason without one).
 
 - one process, one PE, W virtual ranks, every write forced through NVSHMEM's device API: the
-  transport's device code, the symmetric heap and module registration, deterministically;
+  transport's device code (mma_sync, and wgmma on Hopper), the symmetric heap and module
+  registration, deterministically;
 - two processes as NVSHMEM PEs on one GPU (limited MPG: P2P + barrier_all, kernels time-slice),
   each one rank of a FlashMoELayer(process_group=...), checked against ep_forward; skipped with the
   platform's own refusal when cross-process IPC / MPG is refused;
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,17 +46,23 @@ def _weights(config):
     return FlashMoELayer(config, device="cuda").weights()
 
 
+@pytest.mark.parametrize("gemm", ["mma_sync", "wgmma"])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_forced_nvshmem_virtual_ranks_match_reference(world):
+def test_forced_nvshmem_virtual_ranks_match_reference(world, gemm):
+    """Both engines' NVSHMEM builds; the wgmma one is what a process-group layer runs on Hopper."""
     if reason := _nvshmem_reason():
         pytest.skip(reason)
     from flashmoe.host.backend import KernelBackend
     from flashmoe.host.runtime import Runtime
-    from flashmoe.host.spec import KernelSpec
+    from flashmoe.host.spec import KernelSpec, wgmma_spec
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if gemm == "wgmma" and not hopper:
+        pytest.skip("wgmma needs a Hopper GPU (sm_90a)")
     config = MoEConfig(hidden_size=256, intermediate_size=128, num_experts=8, top_k=2, dtype="bfloat16")
     runtime = Runtime.single_process(0)
-    spec = KernelSpec(arch="sm_90a" if torch.cuda.get_device_capability() == (9, 0) else "sm_80",
-                      stages=3, transport="nvshmem")
+    spec = (KernelSpec(arch="sm_90a" if hopper else "sm_80", stages=3) if gemm == "mma_sync"
+            else wgmma_spec("bfloat16", True, schedule="cooperative"))
+    spec = dataclasses.replace(spec, transport="nvshmem")
     backend = KernelBackend(config, "cuda:0", virtual_world=world, spec=spec, runtime=runtime,
                             force_nvshmem=True, error_check="sync", blocks_per_rank=4)
     w = _weights(config)
@@ -63,7 +71,7 @@ def test_forced_nvshmem_virtual_ranks_match_reference(world):
         with torch.no_grad():
             out, routing = backend.forward(x, w, return_routing=True)
             ok, err, tol = check(out, x, w, config, routing)
-        assert ok, f"W={world} T={tokens}: max error {err:.3g} above {tol:.3g}"
+        assert ok, f"{gemm} W={world} T={tokens}: max error {err:.3g} above {tol:.3g}"
 
 
 def test_two_processes_on_one_gpu_match_ep_forward(tmp_path):
