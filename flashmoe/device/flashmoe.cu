@@ -32,8 +32,8 @@ __device__ void zero_next_bank(const Params& p, const Ctx& c) {
   for (int i = threadIdx.x; i < p.max_row_tiles; i += kThreads) tile_done[i] = 0;
 }
 
-// Inlined, like everything the kernel runs: a call costs the NVSHMEM build its wgmma overlap
-// (common/ptx.cuh div_full).
+// Forced inline: in the NVSHMEM build the inliner left it out of line once record_error was
+// inlined, and a call costs that build its wgmma overlap (common/ptx.cuh div_full).
 __device__ __forceinline__ void run_rank(const Params& p, const Ctx& c) {
   volatile u32* scratch = reinterpret_cast<volatile u32*>(c.smem() + p.smem_scratch_offset);
   zero_next_bank(p, c);
