@@ -55,7 +55,8 @@ def parse_args(argv=None):
                    help=f"default {list(layers.TOKENS)} ({list(layers.DRY_RUN_TOKENS)} with --dry-run)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + EXTRA_PROVIDERS,
                    help=f"default {' '.join(PROVIDERS)}; flashmoe_128x128 is flashmoe without the wide tile, "
-                        "flashmoe_cooperative also without ping-pong consumers")
+                        "flashmoe_cooperative also without ping-pong consumers, flashmoe_nvshmem that "
+                        "in the NVSHMEM build a process-group layer runs (one PE; needs nvshmem4py)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 30; 2 dry)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 1 dry)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -121,6 +122,24 @@ def run(args, device: torch.device) -> int:
     stem = report.output_stem("layer", meta, args.out_dir)
     rows: list[dict] = []
     show = report.RowPrinter(TABLE, WIDTHS)
+    if "flashmoe_nvshmem" in args.providers and not args.dry_run:
+        size = providers.reserve_nvshmem_heap([layers.layer(n)[0] for n in args.configs], max(args.tokens), device)
+        if size:
+            print(f"flashmoe_nvshmem: NVSHMEM symmetric heap {size} (the largest layer's, plus NVSHMEM's own)")
+    try:
+        _run_configs(args, device, meta, ceilings, stem, rows, show)
+    finally:
+        from flashmoe.host.runtime import active_runtime
+        if (rt := active_runtime()) is not None:    # flashmoe_nvshmem initialised NVSHMEM
+            rt.close()
+    print("\nsummary")
+    report.print_table(rows, TABLE)
+    png = _plot(stem, rows, meta, ceilings)
+    print(f"wrote {stem}.csv, {stem}.json" + (f", {png}" if png else ""))
+    return 0
+
+
+def _run_configs(args, device, meta, ceilings, stem, rows, show) -> None:
     for name in args.configs:
         config, family = layers.layer(name, args.dry_run)
         shape = dict(config=name, hidden=config.hidden_size, intermediate=config.intermediate_size,
@@ -157,14 +176,15 @@ def run(args, device: torch.device) -> int:
             rows += group
             report.write_results(stem, COLUMNS, rows, meta, ceilings)
             del inputs
+        for p in made.values():
+            if not isinstance(p, str):
+                try:
+                    p.close()
+                except Exception as exc:    # the next layer's rows say if it mattered
+                    print(f"{p.name}: closing it failed: {providers.one_line(exc)}")
         del made, source, weights
         if not args.dry_run:       # after each config, so a run cut short still has its plot
             _plot(stem, rows, meta, ceilings)
-    print("\nsummary")
-    report.print_table(rows, TABLE)
-    png = _plot(stem, rows, meta, ceilings)
-    print(f"wrote {stem}.csv, {stem}.json" + (f", {png}" if png else ""))
-    return 0
 
 
 def _plot(stem, rows, meta, ceilings):

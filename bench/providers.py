@@ -7,6 +7,7 @@ succeeds or raises ``Unavailable`` with the reason the row will print.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -36,6 +37,8 @@ class Provider:
     checked: Callable[[torch.Tensor], tuple[torch.Tensor, Routing]]
     # Called after the timed runs: surfaces an error a launch reported asynchronously.
     finish: Callable[[torch.Tensor], None] = lambda x: None
+    # Called after the last row of the layer: gives back what outlives the provider otherwise.
+    close: Callable[[], None] = lambda: None
 
 
 def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
@@ -47,8 +50,11 @@ def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
 
 # Kernel variants a run may add beside "flashmoe", so that one run measures what a choice gains:
 # without the wide 128 x 256 tile; and without it, the 128 x 128 tile's consumer warpgroups
-# cooperative (each a slab of every tile) instead of ping-pong (each whole tiles, in turn).
-KERNEL_VARIANTS = ("flashmoe_128x128", "flashmoe_cooperative")
+# cooperative (each a slab of every tile) instead of ping-pong (each whole tiles, in turn); and
+# those cooperative tiles in the NVSHMEM build a process-group layer runs, on one PE (its writes
+# to itself go through pointers as they do to NVLink peers): against flashmoe_cooperative, what
+# that build costs on the same tiles and schedule.
+KERNEL_VARIANTS = ("flashmoe_128x128", "flashmoe_cooperative", "flashmoe_nvshmem")
 
 
 def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int | None = None,
@@ -62,6 +68,12 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
         reason = backend_select.kernel_unavailable_reason(config, device, virtual_world)
         if reason:
             raise Unavailable(f"flashmoe kernel: {reason}")
+        if variant == "flashmoe_nvshmem":
+            from flashmoe.host import runtime
+            try:
+                runtime._import_nvshmem()
+            except runtime.NvshmemUnavailable as exc:
+                raise Unavailable(one_line(exc)) from exc
     options = {"spec": variant_specs(variant, config, device)} if variant != "flashmoe" and not dry_run else None
     if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
         layer = source
@@ -87,21 +99,45 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
         if x2d.device.type == "cuda":
             torch.cuda.synchronize(x2d.device)
 
-    return Provider(variant, layer, checked, finish)
+    def close():
+        # The NVSHMEM heap is a fixed reservation, and its allocations are not freed with the layer.
+        if variant == "flashmoe_nvshmem" and layer._kernel is not None:
+            layer._kernel.close()
+
+    return Provider(variant, layer, checked, finish, close)
 
 
 def variant_specs(variant: str, config: MoEConfig, device) -> list:
     """The specs of kernel variant ``variant`` on ``device``: its prefill and decode tiles without
-    the wide one, and for "flashmoe_cooperative" with every wgmma tile cooperative."""
+    the wide one, for "flashmoe_cooperative" with every wgmma tile cooperative, and for
+    "flashmoe_nvshmem" also built with the NVSHMEM transport."""
     from flashmoe.host.backend import _device_info
     from flashmoe.host.spec import select_specs
     if variant not in KERNEL_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed are {', '.join(KERNEL_VARIANTS)}")
     info = _device_info(torch.device(device))
     specs = select_specs(config.dtype, config.gated, info.arch, info.max_smem_per_block)
-    if variant == "flashmoe_cooperative":
+    if variant in ("flashmoe_cooperative", "flashmoe_nvshmem"):
         specs = [replace(s, schedule="cooperative") for s in specs]
+    if variant == "flashmoe_nvshmem":
+        specs = [replace(s, transport="nvshmem") for s in specs]
     return specs
+
+
+def reserve_nvshmem_heap(configs: list[MoEConfig], max_tokens: int, device) -> str | None:
+    """Size NVSHMEM's symmetric heap (fixed when NVSHMEM initialises) for the largest heap a
+    "flashmoe_nvshmem" layer of ``configs`` needs at ``max_tokens``, plus 1 GiB for NVSHMEM's
+    own, unless the user set it. Returns the size set (None: the user's stands)."""
+    from flashmoe.host import runtime
+    from flashmoe.host.backend import _device_info, plan_tokens, variant_plans
+    if runtime.HEAP_SIZE_ENV in os.environ:
+        return None
+    info = _device_info(torch.device(device))
+    need = max(variant_plans(c, variant_specs("flashmoe_nvshmem", c, device), 1, plan_tokens(max_tokens),
+                             info)[0].rank_heap_bytes for c in configs)
+    size = runtime._round_up_size(need + (1 << 30))
+    os.environ[runtime.HEAP_SIZE_ENV] = size
+    return size
 
 
 def kernel_tile(layer: FlashMoELayer) -> str | None:

@@ -8,6 +8,7 @@ time: a dry run measures nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -53,6 +54,17 @@ def test_bench_layer_dry_run(tmp_path, capsys):
     assert {"matmul_tflops", "copy_gbps"} <= set(data["ceilings"])
     assert len(data["rows"]) == len(rows)
     assert "DRY RUN" in capsys.readouterr().out
+
+
+def test_bench_layer_dry_run_of_the_kernel_variants(tmp_path):
+    """Every variant provider goes through the run (building, checking, closing); in a dry run
+    each is the reference backend, so this checks the plumbing, not the variants."""
+    names = ["flashmoe", *bench_layer.EXTRA_PROVIDERS]
+    assert bench_layer.main(["--dry-run", "--tokens", "16", "--configs", "flashmoe-paper", "--providers", *names,
+                             "--out-dir", str(tmp_path)]) == 0
+    rows = _outputs(tmp_path, "layer_dryrun_")["csv"]
+    assert [r["provider"] for r in rows] == names
+    assert all(r["status"] == "ok" and r["correct"] == "True" for r in rows), rows
 
 
 def test_sweep_ep_dry_run(tmp_path):
@@ -140,9 +152,33 @@ def test_kernel_variants_differ_from_the_default_in_one_choice_each(monkeypatch)
     config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)
     narrow = providers.variant_specs("flashmoe_128x128", config, "cpu")
     cooperative = providers.variant_specs("flashmoe_cooperative", config, "cpu")
+    nvshmem = providers.variant_specs("flashmoe_nvshmem", config, "cpu")
     assert [(s.block_m, s.block_n, s.schedule) for s in narrow] == [(128, 128, "pingpong"), (64, 128, "cooperative")]
     assert [(s.block_m, s.block_n, s.schedule) for s in cooperative] == [(128, 128, "cooperative"),
                                                                          (64, 128, "cooperative")]
     assert [s.stages for s in narrow] == [s.stages for s in cooperative]
+    assert {s.transport for s in narrow + cooperative} == {"peer"}
+    assert nvshmem == [dataclasses.replace(s, transport="nvshmem") for s in cooperative]
     with pytest.raises(ValueError, match="allowed are"):
         providers.variant_specs("flashmoe", config, "cpu")
+
+
+def test_nvshmem_heap_is_sized_for_the_largest_layer_unless_the_user_set_it(monkeypatch):
+    """NVSHMEM's symmetric heap is fixed at init, so a flashmoe_nvshmem run sizes it up front:
+    the largest of its layers' heaps at the run's most tokens, plus 1 GiB for NVSHMEM's own."""
+    from bench import layers, providers
+    from flashmoe.host import backend, runtime
+    from flashmoe.host.plan import DeviceInfo
+    monkeypatch.setattr(backend, "_device_info", lambda device: DeviceInfo.for_arch("sm_90a"))
+    monkeypatch.setenv(runtime.HEAP_SIZE_ENV, "")    # so that the test's end restores the user's
+    monkeypatch.delenv(runtime.HEAP_SIZE_ENV)
+    configs = [layers.layer(n)[0] for n in ("qwen3-30b-a3b", "mixtral-8x7b")]
+    size = providers.reserve_nvshmem_heap(configs, 32768, "cpu")
+    assert size == runtime.os.environ[runtime.HEAP_SIZE_ENV]
+    mixtral = providers.variant_specs("flashmoe_nvshmem", configs[1], "cpu")
+    need = backend.variant_plans(configs[1], mixtral, 1, 32768, DeviceInfo.for_arch("sm_90a"))[0].rank_heap_bytes
+    assert need > 2 << 30       # far above NVSHMEM's 1 GiB default
+    assert need + (1 << 30) <= runtime.parse_size(size) < need + (2 << 30)
+    monkeypatch.setenv(runtime.HEAP_SIZE_ENV, "3G")
+    assert providers.reserve_nvshmem_heap(configs, 32768, "cpu") is None
+    assert runtime.os.environ[runtime.HEAP_SIZE_ENV] == "3G"

@@ -109,6 +109,17 @@ def test_repeated_launches_reuse_the_heap():
         assert result.passed, f"launch {i}: {result.detail}"
 
 
+def test_close_gives_the_heap_back_and_a_later_forward_allocates_it_again():
+    config = cfg(num_experts=8)
+    backend = KernelBackend(config, None, virtual_world=2, emulate=True, timeout_s=TIMEOUT_S,
+                            error_check="sync", spec=spec_for(config))
+    for i in range(2):
+        result = run_case(backend, Case(f"open{i}", config, world=2, tokens=45, seed=i), torch.device("cpu"))
+        assert result.passed, f"forward {i}: {result.detail}"
+        backend.close()
+        assert backend.heap is None and backend.plan is None
+
+
 def test_bitwise_deterministic_across_runs_and_world_sizes():
     case = Case("determinism", cfg(num_experts=8), tokens=77, routing="skewed")
     ok, detail = check_determinism(make_backend, case, torch.device("cpu"), worlds=(1, 2))

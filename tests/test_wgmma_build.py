@@ -69,14 +69,16 @@ def test_shipped_and_selected():
 def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):
     """The kernels a backend builds by default for a device: the wide tile where it is built and
     fits, and every one of them fits the device's shared memory with its plan."""
-    from flashmoe.host.backend import KernelBackend
+    from flashmoe.host.backend import KernelBackend, variant_plans
     config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=experts, top_k=8, dtype=dtype)
     backend = KernelBackend.__new__(KernelBackend)      # the spec choice only: no device, no launch
     backend.config, backend.world, backend.trace_capacity = config, 1, 0
     backend.device_info = DeviceInfo.for_arch(arch)
     backend._set_specs(None, transport=transport)
     assert set(backend.variants) == tiles
-    assert next(iter(backend.variants)) == max(tiles) and backend.row_tile == 64
+    assert next(iter(backend.variants)) == max(tiles)
+    plans = variant_plans(config, [v.spec for v in backend.variants.values()], 1, 4096, backend.device_info)
+    assert {p.row_tile for p in plans} == {64}      # one heap layout: row tiles of the smallest tile
     for v in backend.variants.values():
         assert make_plan(config, v.spec, max_tokens=4096).smem_bytes <= backend.device_info.max_smem_per_block
     # Ping-pong consumers for the 128 x 128 wgmma tile, except under NVSHMEM (one put tile a block).

@@ -58,7 +58,7 @@ BENCHMARKS = {
               "--providers", "flashmoe", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
     "tiles": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "deepseek-v2-lite", "flashmoe-paper",
               "--tokens", "2048", "16384", "--providers", "flashmoe", "flashmoe_128x128", "flashmoe_cooperative",
-              *TIMED],
+              "flashmoe_nvshmem", *TIMED],
     "sweep_ep": ["bench/sweep_ep.py", *TIMED],
     "sweep_skewed": ["bench/sweep_ep.py", "--configs", "qwen3-30b-a3b", "--tokens", "4096", "--worlds", "1", "8",
                      "--routing", "skewed", "--providers", "flashmoe", *TIMED],

@@ -423,7 +423,7 @@ STAGES = {
     "gpu_tests": (gpu_tests, 240, "pytest -m gpu, two NVSHMEM processes on one GPU among them"),
     "bench_grid": (benchmark, 300, "bench/bench_layer.py: every layer, 128 to 32768 tokens"),
     "trace": (benchmark, 120, "the kernel's trace: where the time goes on two layers"),
-    "tiles": (benchmark, 180, "the shipped tiles against 128 x 128 ping-pong and cooperative"),
+    "tiles": (benchmark, 240, "the shipped tiles against 128 x 128 ping-pong, cooperative and NVSHMEM-built"),
     "sweep_ep": (benchmark, 180, "bench/sweep_ep.py: W = 1..8 virtual ranks"),
     "sweep_skewed": (benchmark, 90, "W = 8 against W = 1 under skewed routing (work sharing)"),
     "sanitize_large": (sanitize_large, 300, "compute-sanitizer on the selftest's larger cases (--sanitize)"),

@@ -73,6 +73,22 @@ class Variant:
         return self.spec.block_m, self.spec.block_n
 
 
+def plan_tokens(tokens_per_rank: int) -> int:
+    """The tokens per rank a backend plans for: the next power of two, at least MIN_PLAN_TOKENS
+    (growing token counts re-plan, and reallocate the heap, a logarithmic number of times)."""
+    return max(MIN_PLAN_TOKENS, 1 << math.ceil(math.log2(max(tokens_per_rank, 1))))
+
+
+def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,
+                  **placement) -> list[Plan]:
+    """A plan per spec, all with one heap layout: row tiles sized for the smallest tile."""
+    row_tile = min(s.block_m for s in specs)
+    plans = [make_plan(config, s, world=world, max_tokens=max_tokens, device=info, row_tile=row_tile, **placement)
+             for s in specs]
+    assert all(p.regions == plans[0].regions for p in plans)
+    return plans
+
+
 def split_tokens(num_tokens: int, ranks: int) -> list[int]:
     """Tokens per virtual rank: as even as possible, the first ranks take the remainder."""
     base, extra = divmod(num_tokens, ranks)
@@ -192,7 +208,6 @@ class KernelBackend:
         if len(self.variants) != len(specs):
             raise ValueError("the backend's specs must differ in their tile (one kernel per block_m x block_n)")
         self.spec = next(iter(self.variants.values())).spec
-        self.row_tile = min(bm for bm, _ in self.variants)
 
     def _wide_spec(self, prefill: KernelSpec, transport: str) -> list[KernelSpec]:
         """[the 128 x 256 prefill spec], or [] where there is none: wgmma only, pointer transport
@@ -211,22 +226,20 @@ class KernelBackend:
     # -- set-up (cold path) --
 
     def _plans(self, max_tokens: int, **placement) -> None:
-        """A plan per variant, all with one heap layout (row tiles sized for the smallest tile)."""
-        for v in self.variants.values():
-            v.plan = make_plan(self.config, v.spec, world=self.world, max_tokens=max_tokens,
-                               device=self.device_info, row_tile=self.row_tile, **placement)
-        first = next(iter(self.variants.values())).plan
-        assert all(v.plan.regions == first.regions for v in self.variants.values())
-        self.plan = first
+        variants = list(self.variants.values())
+        plans = variant_plans(self.config, [v.spec for v in variants], self.world, max_tokens,
+                              self.device_info, **placement)
+        for v, plan in zip(variants, plans):
+            v.plan = plan
+        self.plan = plans[0]
         if self.trace_capacity:
-            self.trace_buffer = torch.zeros(trace_layout(first.grid, self.trace_capacity)[2],
+            self.trace_buffer = torch.zeros(trace_layout(self.plan.grid, self.trace_capacity)[2],
                                             dtype=torch.uint8, device=self.device)
 
     def _ensure_plan(self, tokens_per_rank: int) -> None:
         if self.plan is not None and tokens_per_rank <= self.plan.max_tokens:
             return
-        capacity = max(MIN_PLAN_TOKENS, 1 << math.ceil(math.log2(max(tokens_per_rank, 1))))
-        self._plans(capacity)
+        self._plans(plan_tokens(tokens_per_rank))
         dev = self.device
         if self._runtime is not None:
             if self._symmetric is not None:
@@ -262,6 +275,14 @@ class KernelBackend:
             v.kernel.check_grid(v.plan.grid, self.device_info.sm_count)
             if self._runtime is not None:
                 self._runtime.register_kernel(v.kernel.module)
+
+    def close(self) -> None:
+        """Give the heap back now (a symmetric one to NVSHMEM, whose heap is a fixed size)
+        instead of when the backend is collected; a later forward allocates it again."""
+        self.synchronize()
+        if self._symmetric is not None:
+            self._symmetric.close()
+        self._symmetric = self.heap = self.peer_bases = self.plan = None
 
     def last_tile(self) -> tuple[int, int] | None:
         """(block_m, block_n) of the kernel the last forward ran (None before the first)."""
