@@ -129,7 +129,8 @@ def reserve_nvshmem_heap(configs: list[MoEConfig], max_tokens: int, device) -> s
     "flashmoe_nvshmem" layer of ``configs`` needs at ``max_tokens``, plus 1 GiB for NVSHMEM's
     own, unless the user set it. Returns the size set (None: the user's stands)."""
     from flashmoe.host import runtime
-    from flashmoe.host.backend import _device_info, plan_tokens, variant_plans
+    from flashmoe.host.backend import _device_info
+    from flashmoe.host.plan import plan_tokens, variant_plans
     if runtime.HEAP_SIZE_ENV in os.environ:
         return None
     info = _device_info(torch.device(device))

@@ -168,7 +168,7 @@ def test_nvshmem_heap_is_sized_for_the_largest_layer_unless_the_user_set_it(monk
     the largest of its layers' heaps at the run's most tokens, plus 1 GiB for NVSHMEM's own."""
     from bench import layers, providers
     from flashmoe.host import backend, runtime
-    from flashmoe.host.plan import DeviceInfo
+    from flashmoe.host.plan import DeviceInfo, variant_plans
     monkeypatch.setattr(backend, "_device_info", lambda device: DeviceInfo.for_arch("sm_90a"))
     monkeypatch.setenv(runtime.HEAP_SIZE_ENV, "")    # so that the test's end restores the user's
     monkeypatch.delenv(runtime.HEAP_SIZE_ENV)
@@ -176,7 +176,7 @@ def test_nvshmem_heap_is_sized_for_the_largest_layer_unless_the_user_set_it(monk
     size = providers.reserve_nvshmem_heap(configs, 32768, "cpu")
     assert size == runtime.os.environ[runtime.HEAP_SIZE_ENV]
     mixtral = providers.variant_specs("flashmoe_nvshmem", configs[1], "cpu")
-    need = backend.variant_plans(configs[1], mixtral, 1, 32768, DeviceInfo.for_arch("sm_90a"))[0].rank_heap_bytes
+    need = variant_plans(configs[1], mixtral, 1, 32768, DeviceInfo.for_arch("sm_90a"))[0].rank_heap_bytes
     assert need > 2 << 30       # far above NVSHMEM's 1 GiB default
     assert need + (1 << 30) <= runtime.parse_size(size) < need + (2 << 30)
     monkeypatch.setenv(runtime.HEAP_SIZE_ENV, "3G")

@@ -69,7 +69,8 @@ def test_shipped_and_selected():
 def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):
     """The kernels a backend builds by default for a device: the wide tile where it is built and
     fits, and every one of them fits the device's shared memory with its plan."""
-    from flashmoe.host.backend import KernelBackend, variant_plans
+    from flashmoe.host.backend import KernelBackend
+    from flashmoe.host.plan import variant_plans
     config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=experts, top_k=8, dtype=dtype)
     backend = KernelBackend.__new__(KernelBackend)      # the spec choice only: no device, no launch
     backend.config, backend.world, backend.trace_capacity = config, 1, 0

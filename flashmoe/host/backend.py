@@ -32,7 +32,6 @@ honours the same modes.
 from __future__ import annotations
 
 import ctypes
-import math
 import warnings
 from dataclasses import dataclass, replace
 
@@ -44,12 +43,10 @@ from ..reference import MoEWeights, Routing
 from . import abi
 from .heap import LocalHeap
 from .launch import check_control
-from .plan import DeviceInfo, Plan, choose_tile, kernel_support, make_plan, smem_layout, trace_layout
+from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, plan_tokens, smem_layout, trace_layout,
+                   variant_plans)
 from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
                    select_spec, select_specs, wgmma_spec)
-
-MIN_PLAN_TOKENS = 64
-
 
 def _device_info(device: torch.device) -> DeviceInfo:
     props = torch.cuda.get_device_properties(device)
@@ -71,22 +68,6 @@ class Variant:
     def tile(self) -> tuple[int, int]:
         """(block_m, block_n): the key of the backend's variants."""
         return self.spec.block_m, self.spec.block_n
-
-
-def plan_tokens(tokens_per_rank: int) -> int:
-    """The tokens per rank a backend plans for: the next power of two, at least MIN_PLAN_TOKENS
-    (growing token counts re-plan, and reallocate the heap, a logarithmic number of times)."""
-    return max(MIN_PLAN_TOKENS, 1 << math.ceil(math.log2(max(tokens_per_rank, 1))))
-
-
-def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,
-                  **placement) -> list[Plan]:
-    """A plan per spec, all with one heap layout: row tiles sized for the smallest tile."""
-    row_tile = min(s.block_m for s in specs)
-    plans = [make_plan(config, s, world=world, max_tokens=max_tokens, device=info, row_tile=row_tile, **placement)
-             for s in specs]
-    assert all(p.regions == plans[0].regions for p in plans)
-    return plans
 
 
 def split_tokens(num_tokens: int, ranks: int) -> list[int]:
@@ -166,7 +147,7 @@ class KernelBackend:
             from .runtime import Runtime
             self._runtime = Runtime.single_process(self.device)
         self.plan = None
-        self._ensure_plan(max(max_tokens or 0, MIN_PLAN_TOKENS))
+        self._ensure_plan(max_tokens or 0)
 
     def _setup_common(self, config, world, timeout_s, error_check, trace_capacity) -> None:
         if error_check not in ("sync", "deferred", "none"):

@@ -78,6 +78,7 @@ PUT_STAGE_TILES = 256        # P: GEMM1 staging tiles per rank (NVSHMEM transpor
 SCRATCH_BYTES = 64           # a block's scratch words (device/common/heap.cuh kScratchBytes)
 CTX_BYTES = 64               # a Ctx in shared memory: the block's own, then its task loop's (kCtxBytes)
 WIDE_MIN_ROUNDS = 4          # choose_tile: wide tiles once each block gets this many of them
+MIN_PLAN_TOKENS = 64         # plan_tokens: the fewest tokens per rank a backend plans for
 
 
 def experts_per_rank(num_experts: int, world: int) -> int:
@@ -394,6 +395,22 @@ def make_plan(config: MoEConfig, spec: KernelSpec, world: int = 1, max_tokens: i
                 regions=regions, rank_heap_bytes=offset, blocks_per_rank=blocks_per_rank,
                 smem_bytes=smem, smem_sched_offset=sched_offset, smem_scratch_offset=scratch_offset,
                 row_tile=row_tile)
+
+
+def plan_tokens(tokens_per_rank: int) -> int:
+    """The tokens per rank a backend plans for: the next power of two, at least MIN_PLAN_TOKENS
+    (growing token counts re-plan, and reallocate the heap, a logarithmic number of times)."""
+    return max(MIN_PLAN_TOKENS, 1 << (max(tokens_per_rank, 1) - 1).bit_length())
+
+
+def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,
+                  **placement) -> list[Plan]:
+    """A plan per spec, all with one heap layout: row tiles sized for the smallest tile."""
+    row_tile = min(s.block_m for s in specs)
+    plans = [make_plan(config, s, world=world, max_tokens=max_tokens, device=info, row_tile=row_tile, **placement)
+             for s in specs]
+    assert all(p.regions == plans[0].regions for p in plans)
+    return plans
 
 
 def routed_tiles(config: MoEConfig, total_tokens: int, world: int, block_m: int, block_n: int) -> int:
