@@ -48,6 +48,7 @@ from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, plan_tokens, s
 from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
                    select_spec, select_specs, wgmma_spec)
 
+
 def _device_info(device: torch.device) -> DeviceInfo:
     props = torch.cuda.get_device_properties(device)
     return DeviceInfo(sm_count=props.multi_processor_count,

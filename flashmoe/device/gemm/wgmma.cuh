@@ -21,9 +21,9 @@
 //     arrive per warp of the team).
 // The pipeline is persistent: its barriers are initialised once for the task loop (or once for a
 // lone tile, mainloop()), and the producer counts the stages it has filled and tells the
-// consumers where each tile starts in the ring (roles/expert_gemm.cuh TileJob::stage0), so it fills the next
-// tile's stages while the consumers finish the current one and its epilogue, which has its own
-// staging area after the barriers.
+// consumers where each tile starts in the ring (roles/expert_gemm.cuh TileJob::stage0), so it
+// fills the next tile's stages while the consumers finish the current one and its epilogue, which
+// has its own staging area after the barriers.
 //
 // Ping-pong turns. The teams take the ring's stages in job order, and a stage's "full" barrier
 // tells its phases apart by parity only: a team that started waiting on its job's stages before
@@ -334,9 +334,10 @@ struct WgmmaTile {
   // A . B^T over k_bytes of K, in the first team's threads. Row tables live in shared memory;
   // the caller synchronised after writing them. b_map: the weight tensor map whose box (K,
   // b_row0 .., op, b_expert) of BN / b_ops rows is B operand op (b_ops: 1 or 2), or nullptr to
-  // read B through b_rows. The pipeline's waits report as task `role` of block context c. Ends with the block synchronised; false (in
-  // every thread) when a wait failed: acc is then garbage and the error is recorded. The caller
-  // has checked that `pipe` starts on a kPipeAlign boundary (pipe_aligned()).
+  // read B through b_rows. The pipeline's waits report as task `role` of block context c. Ends
+  // with the block synchronised; false (in every thread) when a wait failed: acc is then garbage
+  // and the error is recorded. The caller has checked that `pipe` starts on a kPipeAlign
+  // boundary (pipe_aligned()).
   __device__ bool mainloop(u8* pipe, const u8* const* a_rows, const u8* const* b_rows, u32 k_bytes,
                            const void* dummy, const TensorMap* b_map, int b_row0, int b_expert, int b_ops,
                            const Params& p, const Ctx& c, u32 role) {
