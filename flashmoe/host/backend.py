@@ -32,7 +32,6 @@ honours the same modes.
 from __future__ import annotations
 
 import ctypes
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +46,7 @@ from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, plan_tokens, s
                    variant_plans)
 from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
                    select_spec, select_specs, wgmma_spec)
+from .weights import KernelWeights
 
 
 def _device_info(device: torch.device) -> DeviceInfo:
@@ -140,6 +140,7 @@ class KernelBackend:
             sm_count = info.sm_count if blocks_per_rank is None else blocks_per_rank * virtual_world
             self.device_info = replace(info, sm_count=min(sm_count, info.sm_count))
         self._set_specs(spec, gemm=gemm, routing=routing)
+        self._weights = KernelWeights(config, self.device, config.num_experts, routing, emulate)
         # spec.transport == "nvshmem" with virtual ranks: the heap is one NVSHMEM allocation of a
         # single PE (runtime.Runtime.single_process), and force_nvshmem sends every write through
         # NVSHMEM's device API: the NVSHMEM transport tested on one GPU, deterministically.
@@ -159,8 +160,6 @@ class KernelBackend:
         self.timeout_ns = int(timeout_s * 1e9)
         self.error_check = error_check
         self.trace_capacity = trace_capacity
-        self._weights_key = None
-        self._maps = {}             # block_n -> TMA tensor maps of the weight views (wgmma specs)
         self._pending = []          # (event, control copy) of launches not yet checked
         self._free_checks = []      # (event, pinned copy) pairs to reuse
         self._last = None           # the variant of the last launch (its trace)
@@ -280,79 +279,6 @@ class KernelBackend:
         fitting = [t for t in self.variants if t[0] <= bm and t[1] <= bn] or [min(self.variants)]
         return self.variants[max(fitting)]
 
-    def _weight_views(self, w: MoEWeights) -> dict:
-        """Device pointers of the weights, in the layouts the kernel reads. The router gets the
-        shared-expert gate appended as row E (one fp32 matrix); rebuilt only when a weight changes."""
-        cfg = self.config
-        tensors = [w.router_weight, w.gate_up_proj, w.down_proj, w.selection_bias, w.shared_gate_up_proj,
-                   w.shared_down_proj, w.shared_gate_weight]
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
-        if key == self._weights_key:
-            return self._views
-        E, H = self._expected_experts(), cfg.hidden_size
-        dt = cfg.torch_dtype
-
-        def need(t, name, shape, dtype):
-            if t is None:
-                raise ValueError(f"the config needs weight {name} but it is None")
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, the kernel runs on {self.device}")
-            view = t.to(dtype).contiguous()
-            if view.data_ptr() % 16:
-                # Rows move as 16-byte vectors (cp.async, TMA): a view at an odd offset into a
-                # larger tensor is copied once, here, not faulted on in the kernel.
-                warnings.warn(f"flashmoe: {name} does not start on a 16-byte boundary; the kernel uses an "
-                              f"aligned copy of it", stacklevel=4)
-                view = view.clone()
-            return view
-
-        keep = {"gate_up": need(w.gate_up_proj, "gate_up_proj", (E, cfg.up_rows, H), dt),
-                "down": need(w.down_proj, "down_proj", (E, H, cfg.intermediate_size), dt)}
-        if self.spec.routing == "router":
-            router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
-            if cfg.shared_expert_gate:
-                router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H),
-                                                 torch.float32)])
-            keep["router"] = router
-        if cfg.selection_bias:
-            keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.num_experts,), torch.float32)
-        if cfg.num_shared_experts:
-            Is = cfg.shared_intermediate_total
-            keep["shared_gate_up"] = need(w.shared_gate_up_proj, "shared_gate_up_proj",
-                                          ((2 if cfg.gated else 1) * Is, H), dt)
-            keep["shared_down"] = need(w.shared_down_proj, "shared_down_proj", (H, Is), dt)
-        self._views, self._weights_key = keep, key
-        self._maps = {}                # the tensor maps point at the old views
-        return keep
-
-    def _expected_experts(self) -> int:
-        """Experts the expert weights hold: all E here; a process-group rank's E / W
-        (group_backend.GroupBackend)."""
-        return self.config.num_experts
-
-    def _weight_maps(self, views: dict, spec: KernelSpec) -> dict | None:
-        """The weights' TMA tensor maps for a wgmma spec (None for mma_sync); encoded on the host
-        (no GPU work) once per set of weight views and B box (block_n: the prefill and decode tiles
-        share one, the wide tile has its own), in the emulator's own format when emulating."""
-        if spec.gemm != "wgmma":
-            return None
-        if spec.block_n not in self._maps:
-            from . import tensormap
-            encode = tensormap.emulated_weight_tensor_maps if self.emulate else tensormap.weight_tensor_maps
-            ptr = lambda name: views[name].data_ptr() if name in views else 0   # noqa: E731
-            try:
-                maps = encode(spec, self.config, gate_up=ptr("gate_up"), down=ptr("down"),
-                              num_experts=views["gate_up"].shape[0],
-                              shared_gate_up=ptr("shared_gate_up"), shared_down=ptr("shared_down"))
-            except (ValueError, RuntimeError) as e:   # e.g. a weight view that is not 16-byte aligned
-                warnings.warn(f"flashmoe: no TMA tensor maps for the weights ({e}); the wgmma engine "
-                              f"reads them with cp.async instead", stacklevel=3)
-                maps = None
-            self._maps[spec.block_n] = maps
-        return self._maps[spec.block_n]
-
     # -- forward (hot path) --
 
     def forward(self, x2d: torch.Tensor, weights: MoEWeights, return_routing: bool = False,
@@ -371,7 +297,7 @@ class KernelBackend:
         self._check_pending(block=False)
         counts = split_tokens(x2d.shape[0], self.world)
         self._ensure_plan(max(counts))
-        views = self._weight_views(weights)
+        self._weights.views(weights)
         given = None if routing is None else self._given_routing(x2d, *routing)
         out = self._check_out(out, x2d)
         row = self.config.hidden_size * x2d.element_size()
@@ -384,7 +310,7 @@ class KernelBackend:
             local.append(rank)
             start += n
         variant = self.variant_for(x2d.shape[0])
-        self._launch(variant, self._params(variant, views, local, fault_rank))
+        self._launch(variant, self._params(variant, local, fault_rank))
         if not return_routing:
             return out
         return out, self._routing(counts)
@@ -417,8 +343,8 @@ class KernelBackend:
             raise ValueError("out must be a contiguous, 16-byte aligned tensor like x")
         return out
 
-    def _params(self, variant: Variant, views: dict, local, fault_rank, weights_first_expert: int = 0):
-        ptr = lambda name: views[name].data_ptr() if name in views else 0   # noqa: E731
+    def _params(self, variant: Variant, local, fault_rank, weights_first_expert: int = 0):
+        ptr = self._weights.pointer
         return abi.fill_params(
             variant.plan, heap=self.heap.data_ptr(), peer_bases=self.peer_bases.data_ptr(),
             control=self.control.data_ptr(), router_weight=ptr("router"), gate_up=ptr("gate_up"),
@@ -426,7 +352,7 @@ class KernelBackend:
             shared_down=ptr("shared_down"), weights_first_expert=weights_first_expert, local=local,
             timeout_ns=self.timeout_ns,
             fault_kind=abi.FaultKind.STALL if fault_rank is not None else abi.FaultKind.NONE,
-            fault_rank=fault_rank or 0, weight_maps=self._weight_maps(views, variant.spec),
+            fault_rank=fault_rank or 0, weight_maps=self._weights.maps(variant.spec),
             trace=self.trace_buffer.data_ptr() if self.trace_capacity else 0,
             trace_capacity=self.trace_capacity)
 

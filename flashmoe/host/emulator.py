@@ -45,8 +45,9 @@ from .spec import KernelSpec
 CXX_ENV = "FLASHMOE_EMULATOR_CXX"       # compiler override (default g++)
 SEED_ENV = "FLASHMOE_EMULATOR_SEED"     # default schedule of EmulatedKernel launches (0: round robin)
 WEAK_ENV = "FLASHMOE_EMULATOR_WEAK"     # default weak-memory seed of EmulatedKernel launches (0: off)
-# The runtime: fibers, the scheduler and worlds; weak memory and the NVSHMEM proxy.
-RUNTIME_SOURCES = ("flashmoe/device/emulation/runtime.cpp", "flashmoe/device/emulation/memory.cpp")
+# The runtime: fibers, the scheduler and worlds; the thread operations; weak memory and the NVSHMEM proxy.
+RUNTIME_SOURCES = ("flashmoe/device/emulation/runtime.cpp", "flashmoe/device/emulation/threads.cpp",
+                   "flashmoe/device/emulation/memory.cpp")
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden",
              # The device code reinterprets bytes freely (vectors of elements, staged tiles), as
              # CUDA allows; g++ must not assume strict aliasing.

@@ -36,6 +36,7 @@ from .backend import KernelBackend, _device_info, cuda_device_arch, emulated_set
 from .launch import check_control
 from .plan import experts_per_rank, kernel_support
 from .spec import KernelSpec
+from .weights import KernelWeights
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -118,6 +119,9 @@ class GroupBackend(KernelBackend):
                              "heap has one layout, so every rank must build the layer with the same "
                              "max_tokens")
         self._set_specs(spec, transport="nvshmem")
+        # This rank's E / W experts (or all E, of which it reads its own: _local).
+        self._weights = KernelWeights(config, self.device, experts_per_rank(config.num_experts, world), "router",
+                                      self.emulate)
         if runtime is None:
             from .runtime import Runtime
             runtime = group.runtime() if self.emulate else Runtime.from_process_group(group, self.device)
@@ -141,9 +145,6 @@ class GroupBackend(KernelBackend):
                              f"cannot grow on one rank alone): build it with max_tokens>={tokens} on "
                              "every rank")
 
-    def _expected_experts(self) -> int:
-        return experts_per_rank(self.config.num_experts, self.world)
-
     # ---- forward
 
     def forward(self, x2d: torch.Tensor, weights: MoEWeights, return_routing: bool = False,
@@ -154,7 +155,7 @@ class GroupBackend(KernelBackend):
         n = x2d.shape[0]
         self._ensure_plan(n)
         self._settle(block=self.error_check != "none")
-        views = self._weight_views(_local(weights, self.rank, self.world, self.config.num_experts))
+        views = self._weights.views(_local(weights, self.rank, self.world, self.config.num_experts))
         out = self._check_out(out, x2d)
         x_ptr = x2d.data_ptr()
         before = []
@@ -170,8 +171,8 @@ class GroupBackend(KernelBackend):
         # Variants share the heap layout and the protocol, so ranks may run different tiles; each
         # estimates the forward's size from its own tokens (ranks bring similar counts).
         variant = self.variant_for(n * self.world)
-        params = self._params(variant, views, [(x_ptr, out.data_ptr(), n)], fault_rank,
-                              weights_first_expert=self.rank * self._expected_experts())
+        params = self._params(variant, [(x_ptr, out.data_ptr(), n)], fault_rank,
+                              weights_first_expert=self.rank * self._weights.num_experts)
         self._last = variant
         if self.emulate:
             # Every launch is checked at the next settle (with 'none': at synchronize()).

@@ -1,5 +1,6 @@
-// The emulator's internal state, shared by runtime.cpp (fibers, the scheduler, worlds) and
-// memory.cpp (weak memory and the NVSHMEM proxy): a world, its launches, their blocks and fibers.
+// The emulator's internal state, shared by runtime.cpp (fibers, the scheduler, worlds), threads.cpp
+// (barriers, collectives, cp.async) and memory.cpp (weak memory and the NVSHMEM proxy): a world,
+// its launches, their blocks and fibers.
 // Not part of the emulated CUDA surface (that is simt.h).
 #pragma once
 
@@ -235,6 +236,16 @@ inline BlockState& my_block() {
   Fiber* f = G->running;
   return f->launch->blocks[f->view.block.x];
 }
+
+inline void make_ready(Fiber* f) {
+  f->state = State::kReady;
+  G->ready.push_back(f);
+}
+
+// runtime.cpp: back to the scheduler, in state `s`; returns when the scheduler next dispatches f.
+void park(Fiber* f, State s);
+// threads.cpp: the collective's name, for messages.
+const char* op_name(WarpOp op);
 
 // memory.cpp: what moves buffered stores and puts along (runtime.cpp's scheduler calls them).
 void drain_launch(Launch& l);   // a launch's end publishes every store it made, drops its copies in flight
