@@ -308,6 +308,20 @@ def test_misuse_is_reported(mode, message, monkeypatch):
         assert "block 1: threads 0-4,6-63 wait at __syncthreads; threads 5 have exited" in str(info.value)
 
 
+def test_mbarrier_lifecycle_over_reused_shared_memory():
+    """Data in the words of a barrier-to-be is not an mbarrier, whatever its bits: init over it,
+    and data over an invalidated one, are legal."""
+    call("emu_test_mbarrier", ctypes.c_int(0))
+
+
+@pytest.mark.parametrize("mode,message", [
+    (1, "bytes changed since its last mbarrier operation"), (2, "init of a valid mbarrier"),
+    (3, "holds no valid mbarrier")])
+def test_mbarrier_misuse_is_reported(mode, message):
+    with pytest.raises(emulator.EmulationError, match=message):
+        call("emu_test_mbarrier", ctypes.c_int(mode))
+
+
 def test_kernel_launch_checks_the_block_size():
     spec = KernelSpec(dtype="bfloat16", gated=True, block_m=64, block_n=64, stages=3, threads=128)
     kernel = emulator.EmulatedKernel(spec)

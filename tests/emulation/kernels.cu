@@ -4,6 +4,7 @@
 #include "flashmoe/device/common/spec.cuh"
 #include "flashmoe/device/common/wait.cuh"
 #include "flashmoe/device/gemm/mma_sync.cuh"
+#include "flashmoe/device/common/ptx_sm90.cuh"
 
 using namespace flashmoe;
 
@@ -251,6 +252,35 @@ FLASHMOE_EMU_EXPORT int emu_test_misuse(int mode, u8* global, char* err, u64 n) 
         break;
       default:  // a collective over part of a warp
         (void)__shfl_sync(0x0000ffffu, t, 0);
+    }
+  }, err, n);
+}
+
+// An mbarrier's life in shared memory the kernel also uses for data (wgmma.cuh's barrier area
+// holds the router's values before the task loop). One warp; mode 0: the words are written with
+// data whose bits would read as a live barrier, then init, an arrive by every lane, the wait,
+// inval, data again and a second init -- all legal. 1: a plain store into a valid mbarrier, then
+// an arrive. 2: init twice. 3: an arrive after inval.
+FLASHMOE_EMU_EXPORT int emu_test_mbarrier(int mode, char* err, u64 n) {
+  return run(1, 32, 64, 0, [=] {
+    u64* bar = reinterpret_cast<u64*>(emu::dynamic_smem());
+    const int t = threadIdx.x;
+    if (t == 0) *bar = ~0ull;
+    __syncthreads();
+    if (t == 0) mbar_init(bar, 32);
+    if (t == 0 && mode == 2) mbar_init(bar, 32);
+    __syncthreads();
+    if (t == 0 && mode == 1) *bar = 0;
+    if (t == 0 && mode == 3) mbar_inval(bar);
+    __syncthreads();
+    mbar_arrive(bar);
+    while (!mbar_try_wait(bar, 0)) {}
+    __syncthreads();
+    if (t == 0) {
+      mbar_inval(bar);
+      *bar = ~0ull;
+      mbar_init(bar, 1);
+      mbar_inval(bar);
     }
   }, err, n);
 }

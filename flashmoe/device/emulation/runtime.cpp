@@ -222,6 +222,8 @@ void start_launch(World& w, Launch& l) {
     std::memset(base + kRedzone, kPoison, l.smem_bytes);
     std::memset(base + kRedzone + l.smem_bytes, kCanary, kRedzone);
   }
+  static u64 launches = 0;   // one OS thread runs every world
+  const u64 serial = ++launches;
   l.fibers.resize(n);
   l.blocks.resize(l.grid);
   l.warps.resize(n / 32);
@@ -230,7 +232,7 @@ void start_launch(World& w, Launch& l) {
     Fiber& f = l.fibers[i];
     const int b = static_cast<int>(i / l.block);
     f.view = FiberView{{static_cast<u32>(i % l.block), 0, 0}, {static_cast<u32>(b), 0, 0}, block_dim, grid_dim,
-                       l.smem + (u64)b * l.smem_stride + kRedzone, l.smem_bytes, smem_skew};
+                       l.smem + (u64)b * l.smem_stride + kRedzone, l.smem_bytes, smem_skew, serial};
     f.launch = &l;
     char* lo = l.stacks + i * (stack_bytes + page);
     mprotect(lo, page, PROT_NONE);

@@ -57,6 +57,8 @@ struct FiberView {
   u8* smem;          // this block's dynamic shared memory
   u64 smem_bytes;
   u32 smem_skew;     // the shared-window address of smem[0] (FLASHMOE_EMU_SMEM_SKEW; normally 0)
+  u64 launch;        // the fiber's launch, numbered from 1 in the process: what an earlier launch
+                     // left in a shared-memory record is not this one's
 };
 extern FiberView* current;
 // Whether the running world models weak memory (the memory functions below skip the runtime

@@ -6,12 +6,14 @@
 // to the address), the accumulator fragment layout and the epilogue indexing.
 //
 // Emulated semantics:
-// - mbarrier: its 8 bytes hold pending count, expected count, phase, tx-count and a valid bit;
-//   every operation checks the object is valid (init of a valid one, or use after inval, is an
-//   error), a phase completes when pending and tx-count both reach 0; try_wait on an incomplete
-//   phase suspends the thread for 1 virtual us, as the hardware suspends it. Completed phases are
-//   counted, and every wait of the engine is checked to ask for the phase in progress or the last
-//   completed one (mbar_check_phase): the only ones its parity answers right.
+// - mbarrier: its 8 bytes hold pending count, expected count, phase and tx-count; which words hold
+//   a valid one is kept beside the memory (LiveMbarrier). Every operation checks the object is
+//   valid (init of a valid one, or use after inval, is an error) and that no other store changed
+//   its bytes since its last operation. A phase completes when pending and tx-count both reach 0;
+//   try_wait on an incomplete phase suspends the thread for 1 virtual us, as the hardware suspends
+//   it. Completed phases are counted, and every wait of the engine is checked to ask for the phase
+//   in progress or the last completed one (mbar_check_phase): the only ones its parity answers
+//   right.
 // - cp.async.mbarrier.arrive.noinc lands the thread's outstanding cp.async copies (simt.h defers
 //   them to the latest moment the hardware allows) and arrives.
 // - cp.async.bulk.tensor reads an emulator tensor map (make_emu_tensor_map(); the host encodes the
@@ -41,40 +43,66 @@ inline u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
 namespace emu {
 
 struct Mbarrier {
-  u64 pending : 20, expected : 20, phase : 1, valid : 1;
+  u64 pending : 20, expected : 20, phase : 1, : 1;
   i64 tx : 22;
 };
 static_assert(sizeof(Mbarrier) == 8, "an mbarrier object is 8 bytes");
 
-// How many phases each mbarrier (by address) has completed: the hardware keeps only the parity,
-// which is what lets mbar_check_phase see a wait the parity would answer wrongly.
-inline std::unordered_map<const void*, u64>& mbarrier_phases() {
-  static std::unordered_map<const void*, u64> phases;   // one OS thread runs every fiber
-  return phases;
+// Which shared-memory words hold a valid mbarrier (from its init to its inval), kept beside the
+// memory: the other phases of the kernel reuse the barrier area for data, and data is not an
+// mbarrier whatever its bits. With each: its launch (an earlier launch's shared memory is gone),
+// the phases it completed (the hardware keeps the parity only, which is what lets
+// mbar_check_phase see a wait the parity would answer wrongly) and its 8 bytes as its last
+// mbarrier operation left them, so a store into a live mbarrier is reported at its next use.
+struct LiveMbarrier {
+  u64 launch, phases, bytes;
+};
+inline std::unordered_map<const void*, LiveMbarrier>& live_mbarriers() {
+  static std::unordered_map<const void*, LiveMbarrier> live;   // one OS thread runs every fiber
+  return live;
+}
+inline LiveMbarrier* live_mbarrier(const void* bar, u64 launch) {
+  auto it = live_mbarriers().find(bar);
+  return it != live_mbarriers().end() && it->second.launch == launch ? &it->second : nullptr;
 }
 
-inline Mbarrier* mbarrier(u64* bar, const char* what, bool must_be_valid = true) {
+// The valid mbarrier at `bar` of `launch`, untouched since its last mbarrier operation.
+inline Mbarrier* live_object(u64* bar, u64 launch, const char* what) {
+  const LiveMbarrier* live = live_mbarrier(bar, launch);
+  if (!live) fatal("%s on a shared-memory location that holds no valid mbarrier", what);
+  if (*bar != live->bytes)
+    fatal("%s: the mbarrier's bytes changed since its last mbarrier operation (a store into a valid mbarrier)", what);
+  return reinterpret_cast<Mbarrier*>(bar);
+}
+// The same for the calling thread, `bar` also checked to be in its block's shared memory and
+// 8-byte aligned.
+inline Mbarrier* mbarrier(u64* bar, const char* what) {
   smem_offset(bar, 8, what);
   check_aligned(bar, 8, what);
-  Mbarrier* m = reinterpret_cast<Mbarrier*>(bar);
-  if (must_be_valid && !m->valid) fatal("%s on a shared-memory location that holds no valid mbarrier", what);
-  return m;
+  return live_object(bar, current->launch, what);
 }
 
-inline void mbarrier_progress(Mbarrier* m, const char* what) {
+// After a change of the mbarrier's state (checked by mbarrier() just before): completes the phase
+// when its arrivals and transaction bytes are all in, and records the bytes it leaves.
+inline void mbarrier_progress(u64* bar, u64 launch, const char* what) {
+  Mbarrier* m = reinterpret_cast<Mbarrier*>(bar);
+  LiveMbarrier* live = live_mbarrier(bar, launch);
   if (m->tx < 0 && m->pending == 0) fatal("%s: more transaction bytes completed than expected", what);
   if (m->pending == 0 && m->tx == 0) {
     m->phase ^= 1;
     m->pending = m->expected;
-    ++mbarrier_phases()[m];
+    ++live->phases;
   }
+  live->bytes = *bar;
 }
 
-inline void mbarrier_arrive(u64* bar, const char* what) {
+// An arrive, expecting `tx_bytes` more transaction bytes of this phase first (expect_tx).
+inline void mbarrier_arrive(u64* bar, const char* what, u32 tx_bytes = 0) {
   Mbarrier* m = mbarrier(bar, what);
   if (m->pending == 0) fatal("%s: more arrivals than the mbarrier's expected count", what);
+  m->tx += tx_bytes;
   m->pending -= 1;
-  mbarrier_progress(m, what);
+  mbarrier_progress(bar, current->launch, what);
 }
 
 // The emulator's tensor map: what cuTensorMapEncodeTiled is given (rank 4, 128-byte swizzle,
@@ -157,21 +185,22 @@ inline void wgmma_run(const WgmmaOp& op) {
 
 // ---- mbarrier ----------------------------------------------------------------------------------
 inline void mbar_init(u64* bar, u32 count) {
-  emu::Mbarrier* m = emu::mbarrier(bar, "mbarrier.init", false);
-  if (m->valid) emu::fatal("mbarrier.init of a valid mbarrier (invalidate it first)");
+  emu::smem_offset(bar, 8, "mbarrier.init");
+  emu::check_aligned(bar, 8, "mbarrier.init");
+  if (emu::live_mbarrier(bar, emu::current->launch))
+    emu::fatal("mbarrier.init of a valid mbarrier (invalidate it first)");
   if (count < 1 || count >= (1u << 20)) emu::fatal("mbarrier.init count %u out of range", count);
-  *m = emu::Mbarrier{count, count, 0, 1, 0};
-  emu::mbarrier_phases()[bar] = 0;
+  *reinterpret_cast<emu::Mbarrier*>(bar) = emu::Mbarrier{count, count, 0, 0};
+  emu::live_mbarriers()[bar] = emu::LiveMbarrier{emu::current->launch, 0, *bar};
 }
 inline void mbar_inval(u64* bar) {
-  emu::mbarrier(bar, "mbarrier.inval")->valid = 0;
-  emu::mbarrier_phases().erase(bar);
+  emu::mbarrier(bar, "mbarrier.inval");
+  emu::live_mbarriers().erase(bar);
 }
 inline void fence_mbar_init() { emu::yield(); }
 inline void mbar_arrive(u64* bar) { emu::mbarrier_arrive(bar, "mbarrier.arrive"); }
 inline void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
-  emu::mbarrier(bar, "mbarrier.arrive.expect_tx")->tx += bytes;
-  emu::mbarrier_arrive(bar, "mbarrier.arrive.expect_tx");
+  emu::mbarrier_arrive(bar, "mbarrier.arrive.expect_tx", bytes);
 }
 // The arrive follows the completion of every cp.async this thread issued: land them, then arrive.
 inline void cp_async_mbar_arrive_noinc(u64* bar) {
@@ -184,7 +213,7 @@ inline void cp_async_mbar_arrive_noinc(u64* bar) {
 // it would wait for the phase after. Every wait of the wgmma engine checks (wgmma.cuh pipe_wait).
 inline void mbar_check_phase(u64* bar, u32 phase) {
   emu::mbarrier(bar, "mbarrier wait");
-  const u64 done = emu::mbarrier_phases()[bar];
+  const u64 done = emu::live_mbarrier(bar, emu::current->launch)->phases;
   if (done < phase)
     emu::fatal("mbarrier wait for phase %u while phase %llu is still in progress: its parity would pass it for "
                "an earlier phase", phase, (unsigned long long)done);
@@ -248,14 +277,14 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
             std::memset(out, 0, eb);
         }
   u8* dst_bytes = emu::smem_at(base, rows * row_bytes, "tma_load_4d destination");
-  emu::Mbarrier* done = emu::mbarrier(bar, "cp.async.bulk.tensor");
-  emu::land_later([dst_bytes, bytes = std::move(bytes), done] {
+  emu::mbarrier(bar, "cp.async.bulk.tensor");
+  emu::land_later([dst_bytes, bytes = std::move(bytes), bar, launch = emu::current->launch] {
     // A barrier invalidated meanwhile: the launch failed and left (the kernel's other paths
     // wait for every stage before they invalidate).
-    if (!done->valid) return;
+    if (!emu::live_mbarrier(bar, launch)) return;
     std::memcpy(dst_bytes, bytes.data(), bytes.size());
-    done->tx -= static_cast<i64>(bytes.size());
-    emu::mbarrier_progress(done, "complete_tx");
+    emu::live_object(bar, launch, "complete_tx")->tx -= static_cast<i64>(bytes.size());
+    emu::mbarrier_progress(bar, launch, "complete_tx");
   });
 }
 
