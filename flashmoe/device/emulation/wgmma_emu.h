@@ -43,7 +43,7 @@ inline u64 generic_addr(const void* p) { return reinterpret_cast<u64>(p); }
 namespace emu {
 
 struct Mbarrier {
-  u64 pending : 20, expected : 20, phase : 1, : 1;
+  u64 pending : 20, expected : 20, phase : 1;
   i64 tx : 22;
 };
 static_assert(sizeof(Mbarrier) == 8, "an mbarrier object is 8 bytes");
