@@ -95,13 +95,17 @@ def test_stages_the_budget_cannot_hold_are_skipped_with_the_reason(tmp_path):
 
 @needs_emulator
 def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu(tmp_path):
-    proc = subprocess.run(kit(tmp_path, "--stages", "soak,trace,gpu_tests,sanitize_large", "--budget-s", "200"),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(kit(tmp_path, "--stages", "selftest,soak,trace,gpu_tests,sanitize_large", "--budget-s", "300"),
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = records(tmp_path)
     stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
-    assert list(stages) == ["soak", "trace", "gpu_tests", "sanitize_large"]
+    assert list(stages) == ["selftest", "soak", "trace", "gpu_tests", "sanitize_large"]
     cases = {r["stage"]: r for r in lines if r["type"] == "case"}
+    # The selftest's own grid and extras, its JSON beside the JSONL (the soak writes one too).
+    assert cases["selftest"]["passed"] and "cases passed; extras passed" in cases["selftest"]["detail"], cases["selftest"]
+    grids = [json.loads(p.read_text()) for p in tmp_path.glob("selftest-*.json")]
+    assert any(g["cases"] and g["summary"]["failed"] == 0 and g["extras"]["fault"]["passed"] for g in grids), grids
     assert cases["soak"]["passed"] and "'failed': 0" in cases["soak"]["detail"], cases["soak"]
     # The trace stage ran bench_layer.py dry: its rows came back with the case, its output in its log.
     assert cases["trace"]["passed"] and {r["config"] for r in cases["trace"]["rows"]} == {"qwen3-30b-a3b",
@@ -194,3 +198,26 @@ def test_a_named_commit_wins_over_the_checkout(monkeypatch):
     assert environment.commit() == "c0ffee"
     monkeypatch.delenv(environment.COMMIT_ENV)
     assert environment.commit() not in ("c0ffee", "unknown")
+
+
+def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
+    # The environment stage builds these on every core; a stage meeting one it did not build
+    # compiles it alone, on GPU time.
+    from dataclasses import replace
+
+    from flashmoe.bringup.stages import planned_specs
+    from flashmoe.host.spec import WIDE_BLOCK_N, select_spec, select_specs
+    from flashmoe.selftest import gpu_cases
+    smem = 227 * 1024
+    kernels, probes = planned_specs("sm_90a", smem)
+    keys = {s.key() for s in kernels}
+    assert len(keys) == len(kernels) and probes
+    for case in gpu_cases():
+        for spec in select_specs(case.config.dtype, case.config.gated, "sm_90a", smem):
+            assert spec.key() in keys, (case.name, spec)
+    prefill = select_spec("bfloat16", True, "sm_90a", smem, 128)
+    wide = select_spec("bfloat16", True, "sm_90a", smem, 128, block_n=WIDE_BLOCK_N)
+    for spec in (prefill, wide, replace(prefill, routing="given"), replace(prefill, trace=True),
+                 replace(wide, trace=True), select_spec("bfloat16", True, "sm_90a", smem, 128, gemm="mma_sync")):
+        assert spec.key() in keys, spec
+    assert not any(s.arch != "sm_90a" for s in kernels)

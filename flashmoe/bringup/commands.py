@@ -1,5 +1,6 @@
-"""Stages of the bring-up kit that run a command as a user would type it: the benchmarks
-(``bench/``), the soak (``python -m flashmoe.selftest --soak``) and ``pytest -m gpu``. Each command's
+"""Stages of the bring-up kit that run a command as a user would type it: the selftest's grid
+(``python -m flashmoe.selftest``), the soak (``--soak``), ``pytest -m gpu`` and the benchmarks
+(``bench/``). Each command's
 output goes to ``DIR/<stage>.log`` as it comes, and it is bounded by its stage's time."""
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def benchmark(st: Stage) -> str:
     if not (REPO / script).is_file():
         return f"{REPO / script} is not here (the benchmarks live in a checkout, not in the installed package)"
     run_command(st, [str(REPO / script), *args, "--out-dir", str(st.out)] + (["--dry-run"] if st.emulate else []))
+    return ""
+
+
+def selftest_grid(st: Stage) -> str:
+    """The whole selftest as a user runs it: every case of its grid (the large ones too: 16384
+    tokens per rank, Mixtral's width) and its extras, into the selftest JSON the results keep."""
+    run_command(st, ["-m", "flashmoe.selftest", "--out", str(st.out)] + (["--emulate"] if st.emulate else []),
+                summary="cases passed")
     return ""
 
 

@@ -22,8 +22,9 @@ from .. import checks, selftest
 from ..checks import Case
 from ..host.plan import DeviceInfo
 from ..host.resources import performance_losses
-from ..host.spec import WIDE_BLOCK_N, KernelSpec, arch_for_capability, select_spec, select_specs, wgmma_spec
-from .commands import benchmark, gpu_tests, soak
+from ..host.spec import (WIDE_BLOCK_N, KernelSpec, arch_for_capability, device_specs, select_spec, select_specs,
+                         wgmma_spec)
+from .commands import benchmark, gpu_tests, selftest_grid, soak
 
 
 @dataclass
@@ -162,18 +163,18 @@ def environment(st: Stage) -> str:
 
 
 def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSpec]]:
-    """(kernel specs, probe specs) the later stages of a GPU run use, for building them up front:
-    each engine at its tiles for the dtypes and expert kinds the cases use (engine_cases)."""
+    """(kernel specs, probe specs) the later stages of a GPU run use, for building them up front
+    in parallel: what the layer selects on this device (the selftest, ``pytest -m gpu`` and the
+    benchmarks run those), its bf16 gated ones with the trace (the trace stage), and on Hopper the
+    portable engine for the layouts ``engine_cases`` runs and the 128 x 128 tile cooperative."""
     from .probes import probe_spec
-    engines = ("mma_sync", "wgmma") if arch == "sm_90a" else ("mma_sync",)
-    layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
-    kernels = [s for gemm in engines for dtype, gated in layouts
-               for s in select_specs(dtype, gated, arch, smem, gemm)]
-    if arch == "sm_90a":      # the wide tile (2-byte dtypes); the 128 x 128 one cooperative
-        kernels += [select_spec(dtype, gated, arch, smem, 128, block_n=WIDE_BLOCK_N)
-                    for dtype, gated in layouts if dtype != "float32"]
+    kernels = device_specs(arch, smem)
+    kernels += [replace(s, trace=True) for s in kernels if (s.dtype, s.gated, s.routing) == ("bfloat16", True, "router")]
+    if arch == "sm_90a":
+        layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
+        kernels += [s for dtype, gated in layouts for s in select_specs(dtype, gated, arch, smem, "mma_sync")]
         kernels.append(cooperative(select_spec("bfloat16", True, arch, smem, 128)))
-    return kernels, [probe_spec(s) for s in gpu_probe_specs(arch, smem)]
+    return list({s.key(): s for s in kernels}.values()), [probe_spec(s) for s in gpu_probe_specs(arch, smem)]
 
 
 def cooperative(spec: KernelSpec) -> KernelSpec:
@@ -419,6 +420,8 @@ STAGES = {
     "robustness": (robustness, 150, "determinism, a stalled rank, error_check='none', CUDA-graph replay"),
     "bench": (benchmark, 300, "a few bench/bench_layer.py rows"),
     # The longer checks, in the order the hardware validation needs them.
+    "selftest": (selftest_grid, 180, "python -m flashmoe.selftest: the whole case grid with its large cases, "
+                                     "determinism, a stalled rank, the routing-given kernel"),
     "soak": (soak, 150, "10000 forwards of changing sizes and routings: errors and memory growth"),
     "gpu_tests": (gpu_tests, 240, "pytest -m gpu, two NVSHMEM processes on one GPU among them"),
     "bench_grid": (benchmark, 300, "bench/bench_layer.py: every layer, 128 to 32768 tokens"),

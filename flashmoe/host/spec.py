@@ -15,6 +15,7 @@ tile that took a full K loop, so it is not measurable, and it divides the number
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -172,21 +173,27 @@ class KernelSpec:
 
 def shipped_specs() -> list[KernelSpec]:
     """The specs every CPU CI run compiles and checks (resources, spills, SASS): what
-    ``select_spec`` picks on an A100-class GPU (mma_sync) and on Hopper (wgmma), for every dtype,
-    gated and plain, at the prefill and the decode tile, and on Hopper the wide prefill tile where
-    it fits (2-byte dtypes: fp32's epilogue tile would not). Other archs compile on demand.
-    """
+    ``select_spec`` picks on an A100-class GPU (mma_sync) and on Hopper (wgmma). Other archs
+    compile on demand."""
+    return device_specs("sm_80", 163 * 1024) + device_specs("sm_90a", 227 * 1024)
+
+
+def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
+    """What the layer selects on one device (``backend._set_specs``): every dtype, gated and
+    plain, at the prefill and the decode tile, on Hopper the wide prefill tile, and the
+    routing-given kernels (flashmoe.experts_forward) of the commonest layout. A layout or a wide
+    tile whose shared memory the device lacks (fp32's wide epilogue tile, fp32 on a 99 KiB part)
+    is left out, as the layer leaves it out."""
     specs = []
     for dtype in DTYPE_CODES:
         for gated in (True, False):
-            for block_m in (PREFILL_BLOCK_M, DECODE_BLOCK_M):
-                specs.append(select_spec(dtype, gated, "sm_80", 163 * 1024, block_m))
-                specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, block_m))
-            if DTYPE_CODES[dtype] < DTYPE_CODES["float32"]:
-                specs.append(select_spec(dtype, gated, "sm_90a", 227 * 1024, PREFILL_BLOCK_M, block_n=WIDE_BLOCK_N))
-    # The routing-given kernels (flashmoe.experts_forward) of the commonest layout.
-    specs += [replace(s, routing="given") for s in specs if s.dtype == "bfloat16" and s.gated]
-    return specs
+            with contextlib.suppress(ValueError):
+                specs += select_specs(dtype, gated, arch, max_smem_per_block)
+            if arch == "sm_90a":
+                with contextlib.suppress(ValueError):
+                    specs.append(select_spec(dtype, gated, arch, max_smem_per_block, PREFILL_BLOCK_M,
+                                             block_n=WIDE_BLOCK_N))
+    return specs + [replace(s, routing="given") for s in specs if s.dtype == "bfloat16" and s.gated]
 
 
 def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N,
