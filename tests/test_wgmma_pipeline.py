@@ -6,6 +6,9 @@ block runs many tiles and the ring wraps inside tiles and across their boundarie
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 
@@ -186,6 +189,16 @@ def test_trace_has_one_record_per_tile_and_selection(tile):
             zip(records["rank"], kinds, records["task"], records["extra"]) if kind in ("GEMM0", "GEMM1", "SELECT")]
     assert len(keys) == len(set(keys)), "a task recorded twice (or a record overwritten)"
     assert sum(kind == "SELECT" for kind in kinds) == config.num_experts, "one per local expert of each rank"
+    # Each team times its own tiles: a record starts before it ends, and a block's GEMM records
+    # overlap no more at once than it has teams (a start left from a team's last tile would).
+    assert (records["start_ns"] <= records["end_ns"]).all()
+    teams = 2 if tile.get("schedule") == "pingpong" else 1
+    gemm = np.isin(records["kind"], [TaskKind.GEMM0, TaskKind.GEMM1])
+    for block in np.unique(records["block"][gemm]):
+        mine = records[gemm & (records["block"] == block)]
+        # At equal times an end sorts before a start: a tile that ends as the next begins.
+        events = sorted([(int(t), 1) for t in mine["start_ns"]] + [(int(t), -1) for t in mine["end_ns"]])
+        assert max(itertools.accumulate(step for _, step in events)) <= teams, f"block {block}"
 
 
 def test_a_ping_pong_team_that_skips_its_turn_is_caught(tmp_path, monkeypatch):

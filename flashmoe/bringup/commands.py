@@ -1,7 +1,7 @@
 """Stages of the bring-up kit that run a command as a user would type it: the selftest's grid
 (``python -m flashmoe.selftest``), the soak (``--soak``), ``pytest -m gpu`` and the benchmarks
-(``bench/``). Each command's
-output goes to ``DIR/<stage>.log`` as it comes, and it is bounded by its stage's time."""
+(``bench/``). Each command's output goes to ``DIR/<stage>.log`` as it comes, and it is bounded by
+its stage's time."""
 
 from __future__ import annotations
 

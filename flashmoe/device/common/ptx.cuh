@@ -95,6 +95,13 @@ __device__ __forceinline__ u32 sm_id() {
   asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
   return id;
 }
+// blockIdx.x, read where it is used: an address built from it cannot be hoisted out of a loop and
+// kept in registers through it (the trace's record address, through the wgmma consumers' loop).
+__device__ __forceinline__ u32 block_id_here() {
+  u32 id;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
+  return id;
+}
 __device__ __forceinline__ void sleep_ns(u32 ns) { __nanosleep(ns); }
 
 // ---- asynchronous copies into shared memory (sm_80+) ------------------------------------------

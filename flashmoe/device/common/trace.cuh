@@ -18,15 +18,16 @@ __device__ __forceinline__ void trace_begin(const Params& p) {
 
 // Called by one thread of a block when a task ends; two may record at once (the wgmma task loop's
 // producer and consumers, device/roles/tasks.cuh), hence the atomic.
-__device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, const TraceScope& scope,
-                                             u32 kind, u32 task, u32 extra) {
+__device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, u64 start_ns, u32 kind, u32 task,
+                                             u32 extra) {
   if (!kTrace || p.trace == nullptr || p.trace_capacity == 0) return;
+  const u32 block = block_id_here();
   u32* counts = reinterpret_cast<u32*>(p.trace);
-  const u32 n = atomicAdd(counts + blockIdx.x, 1u);
+  const u32 n = atomicAdd(counts + block, 1u);
   if (n >= p.trace_capacity) return;           // keeps counting: the reader reports truncation
   TraceRecord* rec = reinterpret_cast<TraceRecord*>(p.trace + p.trace_records_offset) +
-                     (u64)blockIdx.x * p.trace_capacity + n;
-  rec->start_ns = scope.start;
+                     (u64)block * p.trace_capacity + n;
+  rec->start_ns = start_ns;
   rec->end_ns = globaltimer_ns();
   rec->task = task;
   rec->block = static_cast<u16>(blockIdx.x);
@@ -35,6 +36,11 @@ __device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, cons
   rec->sm = static_cast<u16>(sm_id());
   rec->pad = 0;
   rec->extra = extra;
+}
+
+__device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, const TraceScope& scope, u32 kind,
+                                             u32 task, u32 extra) {
+  trace_record(p, c, scope.start, kind, task, extra);
 }
 
 }  // namespace flashmoe

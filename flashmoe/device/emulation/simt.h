@@ -374,6 +374,7 @@ inline void st_v4(void* p, uint4 v) {
 
 inline u64 globaltimer_ns() { return emu::now_ns(); }
 inline u32 sm_id() { return blockIdx.x; }
+inline u32 block_id_here() { return blockIdx.x; }
 inline void sleep_ns(u32 ns) { emu::sleep_for(ns); }
 
 inline u32 smem_addr(const void* p) { return emu::smem_offset(p, 1, "smem_addr"); }

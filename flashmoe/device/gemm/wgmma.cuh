@@ -127,6 +127,7 @@ struct WgmmaTile {
     u64 free[2];          // one arrive per warp of the team: the slot's job is finished
     u64 turn[2];          // one arrive per warp of the other team: its mainloop passed its waits
     u32 failed;           // the task loop's: a wait of some thread failed (tasks.cuh run_tasks)
+    u64 trace_start[2];   // a traced build's: when each team's tile began (tasks.cuh consume_tasks)
   };
   static_assert(sizeof(Barriers) <= kBarrierBytes, "the barriers fit their area");
 

@@ -226,12 +226,13 @@ __device__ __forceinline__ bool load_job(const Params& p, const Ctx& c, const Ti
 
 // A consumer team's half of job n: (ping-pong: its turn,) multiply the tile's stages, store the
 // tile, publish a GEMM0 tile's rows. False (in every thread of the team): a wait failed
-// (recorded); nothing was stored. The trace record starts once the team's turn has come.
+// (recorded); nothing was stored. The tile's trace record starts once the team's turn has come;
+// the start waits in shared memory and consume_tasks writes the record (tasks.cuh).
 __device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileTables& tt, const TileJob& job,
                                             u32 n) {
   const u32 role = job.gemm ? kTaskGemm1 : kTaskGemm0;
   const bool turn = Gemm0::wait_turn(c.smem(), n, p, c, role);
-  TraceScope scope;
+  if (kTrace && Team::rank() == 0) Gemm0::barriers(c.smem()).trace_start[Gemm0::team()] = globaltimer_ns();
   Gemm0 g;
   const bool ok = g.consume(c.smem(), Gemm0::ktiles_of((u32)job.k * kElemBytes), job.stage0, p, c, role, turn);
   // Also the barrier before the staging area is rewritten: the team has stored the last tile.
@@ -242,7 +243,6 @@ __device__ __forceinline__ bool compute_job(const Params& p, const Ctx& c, TileT
   } else {
     finish_gemm1<Team>(p, c, tt, g, job.valid_cols);
   }
-  if (Team::rank() == 0) trace_record(p, c, scope, role, job.trace_task, job.trace_extra);
   return true;
 }
 #else

@@ -204,6 +204,11 @@ __device__ bool consume_tasks(const Params& p, const Ctx& c) {
       finish_rank<Team>(p, tt.ctx);     // the team stored its tiles of that rank
     } else if (!compute_job(p, tt.ctx, tt, job, n)) {
       return false;
+    } else if (kTrace && Team::rank() == 0) {
+      // From shared memory (the slot is the team's until it frees it), after the tile: a start
+      // time and a task held in registers through the tile spill the wide tile's consumers.
+      trace_record(p, tt.ctx, Gemm0::barriers(c.smem()).trace_start[Gemm0::team()],
+                   tt.job.gemm ? kTaskGemm1 : kTaskGemm0, tt.job.trace_task, tt.job.trace_extra);
     }
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(&bar.free[slot]);
