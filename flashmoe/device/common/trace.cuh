@@ -30,7 +30,7 @@ __device__ __forceinline__ void trace_record(const Params& p, const Ctx& c, u64 
   rec->start_ns = start_ns;
   rec->end_ns = globaltimer_ns();
   rec->task = task;
-  rec->block = static_cast<u16>(blockIdx.x);
+  rec->block = static_cast<u16>(block);
   rec->kind = static_cast<u8>(kind);
   rec->rank = static_cast<u8>(c.rank);
   rec->sm = static_cast<u16>(sm_id());
