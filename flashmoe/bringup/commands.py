@@ -92,5 +92,7 @@ def soak(st: Stage) -> str:
 def gpu_tests(st: Stage) -> str:
     if st.emulate:
         return "the tests marked gpu need a GPU"
-    run_command(st, ["-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", str(REPO / "tests")])
+    # --durations: where the stage's minutes go, for planning the next GPU session.
+    run_command(st, ["-m", "pytest", "-m", "gpu", "-q", "-rs", "--durations=15", "-p", "no:cacheprovider",
+                     str(REPO / "tests")])
     return ""
