@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -134,9 +135,58 @@ def test_a_command_killed_at_its_limit_leaves_its_output_in_its_log(tmp_path):
     assert log.read_text() == "an earlier run\nstarted\n"
 
 
+class FakeStages:
+    """runner.run_stage_process standing in for the stage processes: each stage takes ``seconds``
+    of a fake clock (capped at its limit; none when it skips itself) and ends with the status
+    ``statuses`` gives it."""
+
+    def __init__(self, statuses: dict, seconds: float):
+        self.statuses, self.seconds, self.now, self.ran = statuses, seconds, 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def run(self, name, out, limit_s, emulate, quick):
+        self.ran.append((name, limit_s))
+        status = self.statuses.get(name, "passed" if self.seconds <= limit_s else "timeout")
+        self.now += 0 if status == "skipped" else min(self.seconds, limit_s)
+        record = {"type": "stage", "stage": name, "status": status, "seconds": min(self.seconds, limit_s)}
+        runner.append(out / "bringup.jsonl", record)
+        return record
+
+
+@pytest.mark.parametrize("kit_fails", [False, True])
+def test_then_stages_run_only_after_a_clean_run_and_the_summary_names_what_is_left(tmp_path, monkeypatch,
+                                                                                    kit_fails):
+    # Each stage takes 100 s: probes and ranks fill 200 s of the 270; gpu_tests skips itself (no
+    # GPU) with 70 s, less than its limit, and is not left over; selftest gets 70 of its 180 and is
+    # cut short; soak does not start (no time left).
+    fake = FakeStages({"ranks": "failed", "gpu_tests": "skipped"} if kit_fails else {"gpu_tests": "skipped"},
+                      seconds=100)
+    monkeypatch.setattr(runner, "run_stage_process", fake.run)
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=fake.monotonic, strftime=time.strftime))
+    code = runner.main(["--emulate", "--out", str(tmp_path), "--budget-s", "270", "--stages", "probes,ranks",
+                        "--then", "gpu_tests,selftest,soak,ranks"])
+    lines = records(tmp_path)
+    stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
+    assert lines[0]["then"] == ["gpu_tests", "selftest", "soak"]      # a stage named in both runs once
+    assert list(stages) == ["probes", "ranks", "gpu_tests", "selftest", "soak"]
+    if kit_fails:
+        assert code == 1 and [n for n, _ in fake.ran] == ["probes", "ranks"]
+        for name in ("gpu_tests", "selftest", "soak"):
+            assert stages[name]["status"] == "skipped" and stages[name]["reason"] == "--then: ranks did not run clean"
+        assert lines[-1]["failed"] == ["ranks"] and lines[-1]["left"] == []
+    else:
+        assert fake.ran == [("probes", 150), ("ranks", 150), ("gpu_tests", 70), ("selftest", 70)]
+        assert stages["selftest"]["status"] == "timeout" and "budget" in stages["soak"]["reason"]
+        assert lines[-1]["left"] == ["selftest", "soak"] and code == 1
+
+
 def test_unknown_stages_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         runner.main(["--out", str(tmp_path), "--stages", "environment,warp_drive"])
+    with pytest.raises(SystemExit):
+        runner.main(["--out", str(tmp_path), "--then", "longest"])
 
 
 @pytest.mark.parametrize("arch,wide", [("sm_90a", False), ("sm_90a", True), ("sm_80", False)])

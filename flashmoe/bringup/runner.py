@@ -7,7 +7,11 @@ a stage process dies or runs past its limit (it is killed with everything it sta
 writes the stage's line itself, with the end of its log. A stage starts only while the budget
 has at least ``MIN_STAGE_S`` left; one that does not start is recorded as skipped with the
 reason. ``--stages`` takes stage names and the groups of ``stages.GROUPS`` (the kit, the default;
-the longer checks). The last line is a summary. Exit status 0 when no stage failed.
+the longer checks); ``--then`` names stages to run after those only when every one of them ran
+clean, so one call spends what is left of its budget on the longer checks when the kit passes and
+keeps it for a fix when it does not. The last line is a summary: it names the stages left for
+another call (skipped for the budget, or given less than their limit and failed or killed). Exit
+status 0 when no stage failed.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="kit",
                     help=f"comma-separated stages or groups: kit ({','.join(GROUPS['kit'])}, the default), "
                          f"longer ({','.join(GROUPS['longer'])})")
+    ap.add_argument("--then", default="",
+                    help="stages or groups to run after --stages only when every one of those ran clean "
+                         "(--then longer: the longer checks in what is left of the budget)")
     ap.add_argument("--run-stage", help=argparse.SUPPRESS)      # the stage processes
     ap.add_argument("--limit-s", type=float, default=60.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -93,8 +100,9 @@ def main(argv=None) -> int:
         from .stages import run_stage
         return run_stage(args.run_stage, args.out, args.emulate, args.quick, args.limit_s)
 
-    names = [s for n in args.stages.split(",") if n for s in GROUPS.get(n, [n])]
-    unknown = [n for n in names if n not in STAGES]
+    names = _expand(args.stages)
+    then = [n for n in _expand(args.then) if n not in names]
+    unknown = [n for n in names + then if n not in STAGES]
     if unknown:
         ap.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)} or the groups {', '.join(GROUPS)}")
     jsonl = args.out / "bringup.jsonl"
@@ -102,37 +110,59 @@ def main(argv=None) -> int:
     from ..environment import commit, smi_query
     append(jsonl, {"type": "start", "argv": sys.argv[1:] if argv is None else list(argv), "commit": commit(),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
-                   "emulate": args.emulate, "stages": names})
-    print(f"flashmoe bring-up: {len(names)} stages within {args.budget_s:.0f} s -> {jsonl}", flush=True)
-    results = {}
-    for name in names:
+                   "emulate": args.emulate, "stages": names, "then": then})
+    print(f"flashmoe bring-up: {len(names)} stages{f' (then {len(then)} more if they run clean)' if then else ''} "
+          f"within {args.budget_s:.0f} s -> {jsonl}", flush=True)
+    results, left_over = {}, []
+    for name in names + then:
         left = args.budget_s - (time.monotonic() - t_start)
         hello = find(jsonl, type="case", stage="environment", case="trivial_cubin")
         ran_environment = results.get("environment", {}).get("status", "skipped") != "skipped"
+        not_clean = [n for n in names if results[n]["status"] in FAILED] if name in then else []
         if ran_environment and not (hello and hello.get("passed")):
-            record = {"type": "stage", "stage": name, "status": "skipped",
-                      "reason": "the environment stage could not build and launch a trivial cubin"}
-            append(jsonl, record)
+            record = skip(jsonl, name, "the environment stage could not build and launch a trivial cubin")
+        elif not_clean:
+            record = skip(jsonl, name, f"--then: {', '.join(not_clean)} did not run clean")
         elif left < MIN_STAGE_S:
-            record = {"type": "stage", "stage": name, "status": "skipped",
-                      "reason": f"budget: {left:.0f} s left, a stage starts with at least {MIN_STAGE_S} s"}
-            append(jsonl, record)
+            record = skip(jsonl, name, f"budget: {left:.0f} s left, a stage starts with at least {MIN_STAGE_S} s")
+            left_over.append(name)
         else:
-            record = run_stage_process(name, args.out, min(STAGES[name][1], left), args.emulate, args.quick)
+            limit = min(STAGES[name][1], left)
+            record = run_stage_process(name, args.out, limit, args.emulate, args.quick)
+            if limit < STAGES[name][1] and record["status"] in FAILED:
+                left_over.append(name)          # cut short by the budget, or failed: its lines say which
         results[name] = record
         counts = ", ".join(f"{record[k]} {k}" for k in ("passed", "failed", "skipped") if record.get(k))
         print(f"{record['status'].upper():>8} {name:<16} {record.get('seconds', 0):6.1f} s  {counts}"
               f"{'  ' + record['reason'] if record.get('reason') else ''}", flush=True)
     statuses = {n: r["status"] for n, r in results.items()}
-    failed = [n for n, s in statuses.items() if s in ("failed", "timeout", "crashed")]
+    failed = [n for n, s in statuses.items() if s in FAILED]
     described = find(jsonl, type="case", stage="environment", case="describe") or {}
     if not described and not args.emulate:      # a run without the environment stage: ask nvidia-smi
         smi = smi_query(("name", "driver_version"))
         described = {"device": smi.get("name"), "driver": smi.get("driver_version")}
-    append(jsonl, {"type": "summary", "stages": statuses, "failed": failed, "budget_s": args.budget_s,
+    append(jsonl, {"type": "summary", "stages": statuses, "failed": failed, "left": left_over,
+                   "budget_s": args.budget_s,
                    "seconds": round(time.monotonic() - t_start, 1), "commit": commit(),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    **{k: described.get(k) for k in ("device", "driver", "driver_cuda", "nvrtc", "torch")}})
     print(f"{'all stages ran clean' if not failed else 'not clean: ' + ', '.join(failed)}; "
           f"{time.monotonic() - t_start:.0f} s; results in {jsonl}", flush=True)
+    if left_over:
+        print(f"left for another call (skipped for the budget, or cut short by it or failed): "
+              f"--stages {','.join(left_over)}", flush=True)
     return 1 if failed else 0
+
+
+FAILED = ("failed", "timeout", "crashed")
+
+
+def _expand(stages: str) -> list[str]:
+    """Stage names from a comma-separated list of names and groups, in order."""
+    return [s for n in stages.split(",") if n for s in GROUPS.get(n, [n])]
+
+
+def skip(jsonl: Path, name: str, reason: str) -> dict:
+    record = {"type": "stage", "stage": name, "status": "skipped", "reason": reason}
+    append(jsonl, record)
+    return record
