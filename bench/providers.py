@@ -74,7 +74,8 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
                 runtime._import_nvshmem()
             except runtime.NvshmemUnavailable as exc:
                 raise Unavailable(one_line(exc)) from exc
-    options = {"spec": variant_specs(variant, config, device)} if variant != "flashmoe" and not dry_run else None
+    options = ({"spec": variant_specs(variant, config, device, virtual_world)}
+               if variant != "flashmoe" and not dry_run else None)
     if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
         layer = source
     else:
@@ -107,16 +108,15 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
     return Provider(variant, layer, checked, finish, close)
 
 
-def variant_specs(variant: str, config: MoEConfig, device) -> list:
-    """The specs of kernel variant ``variant`` on ``device``: its prefill and decode tiles without
-    the wide one, for "flashmoe_cooperative" with every wgmma tile cooperative, and for
-    "flashmoe_nvshmem" also built with the NVSHMEM transport."""
+def variant_specs(variant: str, config: MoEConfig, device, world: int = 1) -> list:
+    """The specs of kernel variant ``variant`` on ``device`` for a layer of ``world`` ranks: its
+    prefill and decode tiles without the wide one, for "flashmoe_cooperative" with every wgmma
+    tile cooperative, and for "flashmoe_nvshmem" also built with the NVSHMEM transport."""
     from flashmoe.host.backend import _device_info
-    from flashmoe.host.spec import select_specs
+    from flashmoe.host.plan import layer_specs
     if variant not in KERNEL_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed are {', '.join(KERNEL_VARIANTS)}")
-    info = _device_info(torch.device(device))
-    specs = select_specs(config.dtype, config.gated, info.arch, info.max_smem_per_block)
+    specs = layer_specs(config, world, _device_info(torch.device(device)))
     if variant in ("flashmoe_cooperative", "flashmoe_nvshmem"):
         specs = [replace(s, schedule="cooperative") for s in specs]
     if variant == "flashmoe_nvshmem":

@@ -256,14 +256,15 @@ def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
     from dataclasses import replace
 
     from flashmoe.bringup.stages import planned_specs
-    from flashmoe.host.spec import WIDE_BLOCK_N, select_spec, select_specs
+    from flashmoe.host.plan import DeviceInfo, layer_specs
+    from flashmoe.host.spec import WIDE_BLOCK_N, select_spec
     from flashmoe.selftest import gpu_cases
     smem = 227 * 1024
     kernels, probes = planned_specs("sm_90a", smem)
     keys = {s.key() for s in kernels}
     assert len(keys) == len(kernels) and probes
     for case in gpu_cases():
-        for spec in select_specs(case.config.dtype, case.config.gated, "sm_90a", smem):
+        for spec in layer_specs(case.config, case.world, DeviceInfo(max_smem_per_block=smem, arch="sm_90a")):
             assert spec.key() in keys, (case.name, spec)
     prefill = select_spec("bfloat16", True, "sm_90a", smem, 128)
     wide = select_spec("bfloat16", True, "sm_90a", smem, 128, block_n=WIDE_BLOCK_N)
@@ -271,3 +272,24 @@ def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
                  replace(wide, trace=True), select_spec("bfloat16", True, "sm_90a", smem, 128, gemm="mma_sync")):
         assert spec.key() in keys, spec
     assert not any(s.arch != "sm_90a" for s in kernels)
+
+
+def test_the_kit_on_a_99_kib_gpu_builds_and_runs_what_fits_and_skips_fp32_saying_why(tmp_path, monkeypatch):
+    # An RTX 4090 / L40S / A10: no fp32 pipeline fits its 99 KiB of shared memory a block, and the
+    # layer refuses fp32 there; the kit builds the rest and records fp32 cases as skipped.
+    import torch
+
+    from flashmoe.bringup import stages
+    from flashmoe.checks import Case
+    from flashmoe.host.plan import DeviceInfo
+    smem = 99 * 1024
+    kernels, probes = stages.planned_specs("sm_89", smem)
+    assert {s.dtype for s in kernels} == {"bfloat16", "float16"} and probes
+    assert [s.dtype for s in stages.gpu_probe_specs("sm_89", smem)] == ["bfloat16"]
+    monkeypatch.setattr(stages, "_device_info", lambda device: DeviceInfo(sm_count=128, max_smem_per_block=smem,
+                                                                         arch="sm_89"))
+    st = stages.Stage("kernel_mma_sync", tmp_path, torch.device("cpu"), emulate=False, quick=True,
+                      deadline=time.monotonic() + 60)
+    stages.run_cases(st, [Case("fp32-swiglu-t333", stages._cfg(dtype="float32"), tokens=333)], gemm="mma_sync")
+    [row] = records(tmp_path)
+    assert row["passed"] is None and "no float32 spec" in row["skipped"] and st.counts["skipped"] == 1

@@ -255,6 +255,35 @@ def test_auto_falls_back_when_the_kernel_says_no(fake_kernel):
             FlashMoELayer(make(), backend="kernel")(torch.randn(2, 16))
 
 
+@pytest.mark.parametrize("arch,smem,dtype,experts,uses", [
+    ("sm_89", 99 * 1024, "float32", 8, "reference"),     # RTX 4090 / L40S: no fp32 pipeline fits 99 KiB
+    ("sm_89", 99 * 1024, "bfloat16", 8, "kernel"),
+    ("sm_90a", 227 * 1024, "bfloat16", 1024, "kernel"),  # a pipeline a stage shorter beside the big task map
+])
+def test_auto_falls_back_where_no_kernel_fits_the_gpus_shared_memory(monkeypatch, arch, smem, dtype, experts, uses):
+    """The layer asks the device's shared memory before building anything: backend='auto' runs the
+    reference where no pipeline fits, backend='kernel' raises saying so; where one does, the
+    backend's kernels all fit beside the layer's task map."""
+    from flashmoe.host import backend, launch
+    from flashmoe.host.plan import DeviceInfo, make_plan
+    info = DeviceInfo(sm_count=128, max_smem_per_block=smem, arch=arch)
+    monkeypatch.setattr(backend, "cuda_device_arch", lambda device: (arch, None))
+    monkeypatch.setattr(launch, "driver_problem", lambda: None)
+    monkeypatch.setattr(backend, "_device_info", lambda device: info)
+    config = make(hidden_size=64, intermediate_size=32, num_experts=experts, top_k=8, dtype=dtype)
+    gpu = torch.device("cuda", 0)
+    assert backend_select.choose("auto", config, gpu, grad=False) == uses
+    if uses == "reference":
+        with pytest.raises(KernelUnavailable, match=f"no {dtype} spec .* fits {smem} B of shared memory"):
+            backend_select.choose("kernel", config, gpu, grad=False)
+        return
+    kernel = backend.KernelBackend.__new__(backend.KernelBackend)     # the spec choice only: no launch
+    kernel.config, kernel.world, kernel.trace_capacity, kernel.device_info = config, 1, 0, info
+    kernel._set_specs(None)
+    for v in kernel.variants.values():
+        assert make_plan(config, v.spec, max_tokens=256, device=info).smem_bytes <= smem
+
+
 def test_reference_backend_never_asks_for_the_kernel(fake_kernel):
     layer = FlashMoELayer(make(), backend="reference")
     with torch.no_grad():

@@ -64,6 +64,8 @@ def test_shipped_and_selected():
     ("sm_90a", "float32", "peer", 128, {(128, 128), (64, 128)}),        # no stage room next to its epilogue
     ("sm_90a", "bfloat16", "nvshmem", 128, {(128, 128), (64, 128)}),    # its wide build spills
     ("sm_90a", "bfloat16", "peer", 512, {(128, 128), (64, 128)}),       # the task map leaves it no room
+    ("sm_90a", "bfloat16", "peer", 1024, {(128, 128), (64, 128)}),      # nor a decode pipeline of 8 stages
+    ("sm_80", "bfloat16", "peer", 1024, {(128, 128), (64, 128)}),       # nor mma_sync's of 6
     ("sm_80", "bfloat16", "peer", 128, {(128, 128), (64, 128)}),        # mma_sync
 ])
 def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):

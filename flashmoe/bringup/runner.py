@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     append(jsonl, {"type": "start", "argv": sys.argv[1:] if argv is None else list(argv), "commit": commit(),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
                    "emulate": args.emulate, "stages": names, "then": then})
-    print(f"flashmoe bring-up: {len(names)} stages{f' (then {len(then)} more if they run clean)' if then else ''} "
+    print(f"flashmoe bring-up: {', '.join(names)}{f' (then {len(then)} more if they run clean)' if then else ''} "
           f"within {args.budget_s:.0f} s -> {jsonl}", flush=True)
     results, left_over = {}, []
     for name in names + then:

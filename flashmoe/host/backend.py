@@ -42,10 +42,10 @@ from ..reference import MoEWeights, Routing
 from . import abi
 from .heap import LocalHeap
 from .launch import check_control
-from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, plan_tokens, smem_layout, trace_layout,
-                   variant_plans)
+from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, layer_specs, plan_tokens, smem_layout,
+                   trace_layout, variant_plans)
 from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
-                   select_spec, select_specs, wgmma_spec)
+                   select_spec, wgmma_spec)
 from .weights import KernelWeights
 
 
@@ -90,6 +90,15 @@ def cuda_device_arch(device) -> tuple[str | None, str | None]:
     return arch_for_capability(major, minor), None
 
 
+def shared_memory_problem(config: MoEConfig, world: int, info: DeviceInfo, gemm: str | None = None) -> str | None:
+    """Why no kernel of this layer fits the device's shared memory (``plan.layer_specs``), or None."""
+    try:
+        layer_specs(config, world, info, gemm)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def emulated_setup(config: MoEConfig, ranks: int, blocks_per_rank: int | None, spec, gemm: str | None = None):
     """(DeviceInfo, spec) of a backend on the CPU emulator: 2 blocks per hosted rank unless told
     (enough to share out tasks, few enough to stay fast), shared memory as on an H100, and the
@@ -114,8 +123,9 @@ class KernelBackend:
             return reason
         if virtual_world > 8:
             return f"virtual_world={virtual_world}: one launch hosts at most 8 ranks"
-        return kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated),
-                              virtual_world)
+        reason = kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated),
+                                virtual_world)
+        return reason if reason or emulate else shared_memory_problem(config, virtual_world, _device_info(device))
 
     def __init__(self, config: MoEConfig, device, virtual_world: int = 1, max_tokens: int | None = None, *,
                  emulate: bool = False, spec: KernelSpec | list[KernelSpec] | None = None,
@@ -171,7 +181,7 @@ class KernelBackend:
         if spec is None:
             info = self.device_info
             try:
-                specs = select_specs(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block, gemm)
+                specs = layer_specs(self.config, self.world, info, gemm)
             except ValueError as e:
                 raise KernelUnavailable(str(e)) from e
             if transport == "nvshmem":   # it stages GEMM1 puts in one tile per block: one team

@@ -32,7 +32,7 @@ from ..config import MoEConfig
 from ..errors import FlashMoEError, KernelUnavailable
 from ..reference import MoEWeights
 from . import abi
-from .backend import KernelBackend, _device_info, cuda_device_arch, emulated_setup
+from .backend import KernelBackend, _device_info, cuda_device_arch, emulated_setup, shared_memory_problem
 from .launch import check_control
 from .plan import experts_per_rank, kernel_support
 from .spec import KernelSpec
@@ -89,7 +89,8 @@ class GroupBackend(KernelBackend):
         except KernelUnavailable as e:
             return str(e)
         world = dist.get_world_size(group)
-        return kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated), world)
+        return (kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated), world)
+                or shared_memory_problem(config, world, _device_info(device)))
 
     def __init__(self, config: MoEConfig, device, group, max_tokens: int | None = None, *,
                  timeout_s: float = 10.0, error_check: str = "deferred",

@@ -66,7 +66,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import MoEConfig
-from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec
+from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, select_specs
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
@@ -401,6 +401,15 @@ def plan_tokens(tokens_per_rank: int) -> int:
     """The tokens per rank a backend plans for: the next power of two, at least MIN_PLAN_TOKENS
     (growing token counts re-plan, and reallocate the heap, a logarithmic number of times)."""
     return max(MIN_PLAN_TOKENS, 1 << (max(tokens_per_rank, 1) - 1).bit_length())
+
+
+def layer_specs(config: MoEConfig, world: int, device: DeviceInfo, gemm: str | None = None) -> list[KernelSpec]:
+    """The prefill and the decode spec of a layer on a device (``spec.select_specs``), each with the
+    deepest pipeline that fits the device's shared memory beside this layer's task map and tables
+    (``smem_layout``): from about 640 experts a rank the task map outgrows the room select_spec
+    leaves by default. ValueError when no pipeline fits (fp32 on a 99 KiB part)."""
+    return select_specs(config.dtype, config.gated, device.arch, device.max_smem_per_block, gemm,
+                        needs=lambda spec: smem_layout(config, spec, world)[2])
 
 
 def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 ARCHS = ("sm_80", "sm_90a")   # the shipped cubin targets; any sm_XX >= 80 compiles on demand
@@ -179,7 +180,9 @@ def shipped_specs() -> list[KernelSpec]:
 
 
 def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
-    """What the layer selects on one device (``backend._set_specs``): every dtype, gated and
+    """What the layer selects on one device (``backend._set_specs``, whose ``plan.layer_specs``
+    fits each pipeline to the layer: the same specs on an H100/H200 or A100 up to about 640 experts
+    a rank, where the task map starts to take a decode stage's room): every dtype, gated and
     plain, at the prefill and the decode tile, on Hopper the wide prefill tile, and the
     routing-given kernels (flashmoe.experts_forward) of the commonest layout. A layout or a wide
     tile whose shared memory the device lacks (fp32's wide epilogue tile, fp32 on a 99 KiB part)
@@ -213,13 +216,16 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 
 def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
-                block_m: int = 128, gemm: str | None = None, block_n: int = BLOCK_N) -> KernelSpec:
+                block_m: int = 128, gemm: str | None = None, block_n: int = BLOCK_N,
+                needs: Callable[[KernelSpec], int] | None = None) -> KernelSpec:
     """The spec for a device and a tile (``plan.choose_tile``): the wgmma engine on sm_90a,
     mma_sync elsewhere (``gemm`` forces one: mma_sync runs on Hopper too, without its Hopper-only
-    instructions), with the deepest pipeline that leaves 16 KiB for the row tables and task map: up
+    instructions), with the deepest pipeline whose block fits the device's shared memory: up
     to 8 stages with wgmma (its pipeline runs across tiles, so every stage keeps loads in flight);
     with mma_sync up to 6 for the decode tile, whose loads are the whole cost, else 4. The wide
-    tile (``block_n=WIDE_BLOCK_N``) is a wgmma tile: 3 stages for bf16/fp16, none for fp32."""
+    tile (``block_n=WIDE_BLOCK_N``) is a wgmma tile: 3 stages for bf16/fp16, none for fp32.
+    ``needs(spec)``: a block's shared memory in all; by default the pipeline and 16 KiB for the row
+    tables and task map (a layer's exact figure: ``plan.layer_specs``)."""
     if gemm is not None and gemm not in GEMM_ENGINES:
         raise ValueError(f"gemm={gemm!r}: allowed are {', '.join(GEMM_ENGINES)}")
     gemm = gemm or ("wgmma" if arch == "sm_90a" else "mma_sync")
@@ -236,14 +242,14 @@ def select_spec(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
                 spec = KernelSpec(arch=arch, dtype=dtype, gated=gated, stages=stages, block_m=block_m)
         except ValueError:      # e.g. the epilogue tile does not fit this shallow a pipeline
             continue
-        if spec.gemm_smem_bytes() + 16 * 1024 <= max_smem_per_block:
+        if (needs(spec) if needs else spec.gemm_smem_bytes() + 16 * 1024) <= max_smem_per_block:
             return spec
     raise ValueError(f"no {dtype} spec with a {block_m} x {block_n} tile fits {max_smem_per_block} B of "
                      f"shared memory per block on {arch}")
 
 
 def select_specs(dtype: str, gated: bool, arch: str, max_smem_per_block: int,
-                 gemm: str | None = None) -> list[KernelSpec]:
+                 gemm: str | None = None, needs: Callable[[KernelSpec], int] | None = None) -> list[KernelSpec]:
     """The prefill and the decode spec of a device (``select_spec`` at both tile heights)."""
-    return [select_spec(dtype, gated, arch, max_smem_per_block, bm, gemm=gemm)
+    return [select_spec(dtype, gated, arch, max_smem_per_block, bm, gemm=gemm, needs=needs)
             for bm in (PREFILL_BLOCK_M, DECODE_BLOCK_M)]
