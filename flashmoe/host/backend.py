@@ -32,6 +32,7 @@ honours the same modes.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -90,8 +91,10 @@ def cuda_device_arch(device) -> tuple[str | None, str | None]:
     return arch_for_capability(major, minor), None
 
 
+@functools.lru_cache(maxsize=256)
 def shared_memory_problem(config: MoEConfig, world: int, info: DeviceInfo, gemm: str | None = None) -> str | None:
-    """Why no kernel of this layer fits the device's shared memory (``plan.layer_specs``), or None."""
+    """Why no kernel of this layer fits the device's shared memory (``plan.layer_specs``), or None.
+    Cached: the functional ops ask it on every call, and the answer (~20 us to work out) never changes."""
     try:
         layer_specs(config, world, info, gemm)
     except ValueError as e:
