@@ -58,7 +58,7 @@ class Case:
 @dataclass
 class CaseResult:
     case: dict
-    passed: bool
+    passed: bool | None              # None: not run, ``detail`` says why (this GPU cannot run it)
     err: float = float("nan")
     tol: float = float("nan")
     routing_mismatches: int = 0      # tokens routed differently that are not near ties

@@ -293,3 +293,26 @@ def test_the_kit_on_a_99_kib_gpu_builds_and_runs_what_fits_and_skips_fp32_saying
     stages.run_cases(st, [Case("fp32-swiglu-t333", stages._cfg(dtype="float32"), tokens=333)], gemm="mma_sync")
     [row] = records(tmp_path)
     assert row["passed"] is None and "no float32 spec" in row["skipped"] and st.counts["skipped"] == 1
+
+
+def test_the_selftest_on_a_99_kib_gpu_skips_fp32_saying_why_and_runs_the_rest(capsys):
+    # The selftest's grid on an RTX 4090 / L40S: its fp32 cases are layouts the layer runs on the
+    # reference there, so they are skipped with the reason, not failed; every other case runs.
+    import torch
+
+    from flashmoe.checks import Case
+    from flashmoe.host.plan import DeviceInfo
+    from flashmoe.selftest import _cfg, run_grid
+    asked = []
+
+    def make(config, world):       # stands in for the backend: the case fails, saying it ran
+        asked.append(config.dtype)
+        raise RuntimeError("ran")
+    info = DeviceInfo(sm_count=128, max_smem_per_block=99 * 1024, arch="sm_89")
+    fp32, bf16 = (Case(f"{d}-t33", _cfg(dtype=d), tokens=33) for d in ("float32", "bfloat16"))
+    skipped, ran = run_grid([fp32, bf16], make, torch.device("cpu"), info, time_it=False)
+    assert asked == ["bfloat16"]
+    assert skipped.passed is None and "this GPU cannot run it" in skipped.detail and "float32" in skipped.detail
+    assert ran.passed is False and "ran" in ran.detail
+    out = capsys.readouterr().out
+    assert "skip float32-t33" in out and "FAIL bfloat16-t33" in out
