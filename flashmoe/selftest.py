@@ -210,9 +210,12 @@ def build_report(device) -> list[dict]:
 SANITIZED_CASES = ("W2-tpr37", "capacity0.5-W4")
 
 
-def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), limit_s: float | None = None) -> list[dict]:
+def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), limit_s: float | None = None,
+             log_dir: Path | None = None) -> list[dict]:
     """Run the named cases under compute-sanitizer, each tool in its own process, killed (with
-    its children) after ``limit_s`` seconds."""
+    its children) after ``limit_s`` seconds. With ``log_dir``, each run's whole report goes to
+    ``sanitize-<tool>-<case>.log`` there: a row keeps only the first lines of each kind of report,
+    and a hazard's addresses and every access it pairs with are in the rest."""
     exe = shutil.which("compute-sanitizer")
     if not exe:
         return [{"tool": t, "passed": None, "detail": "compute-sanitizer not found"} for t in tools]
@@ -222,7 +225,8 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), lim
             cmd = [exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "flashmoe.selftest",
                    "--only", name, "--no-write", "--no-extras", "--timeout", "300"]
             t0 = time.time()
-            code, output = run_bounded(cmd, limit_s)
+            log = log_dir / f"sanitize-{tool}-{name}.log" if log_dir else None
+            code, output = run_bounded(cmd, limit_s, log=log)
             summary = [ln for ln in output.splitlines() if "ERROR SUMMARY" in ln]
             detail = summary[-1] if summary else output[-400:]
             if code is None:
@@ -230,7 +234,8 @@ def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), lim
             findings = sanitizer_findings(output)
             detail = "; ".join([detail] + [f"{f['count']}x {f['report']}" for f in findings[:3]])
             rows.append({"tool": tool, "case": name, "passed": code == 0 or _only_foreign(output, findings),
-                         "seconds": round(time.time() - t0, 1), "detail": detail, "findings": findings})
+                         "seconds": round(time.time() - t0, 1), "detail": detail, "findings": findings}
+                        | ({"log": log.name} if log else {}))
     return rows
 
 

@@ -231,6 +231,24 @@ def test_sanitizer_reports_are_grouped_by_their_first_line():
                                  "Address 0x7f00 is out of bounds"]
 
 
+def test_a_sanitizer_run_keeps_its_whole_report_in_a_log(tmp_path, monkeypatch):
+    """A row keeps the first lines of each kind of report; the log keeps every line (a racecheck
+    hazard's other accesses come after its first lines), with the tool's exit status judged."""
+    from flashmoe import selftest
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    hazard = [f"=========     and Write access at produce+0x{i:x} in tasks.cuh:{100 + i} [9 hazards]" for i in range(8)]
+    fake.write_text("#!/bin/sh\ncat <<'END'\n" + "\n".join(
+        ["========= Error: Race reported between Read access at consume+0x10 in tasks.cuh:195", *hazard,
+         "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"]) + "\nEND\nexit 99\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    (row,) = selftest.sanitize(["W2-tpr1"], tools=("racecheck",), limit_s=30, log_dir=tmp_path)
+    assert row["passed"] is False and row["log"] == "sanitize-racecheck-W2-tpr1.log"
+    assert len(row["findings"][0]["first"]) < len(hazard)
+    assert all(line in (tmp_path / row["log"]).read_text() for line in hazard)
+
+
 def test_memcheck_passes_when_only_cuda_bindings_lookups_were_reported():
     from flashmoe.selftest import _only_foreign, sanitizer_findings
     lookup = ("========= Program hit CUDA_ERROR_INVALID_VALUE (error 1) due to \"invalid argument\" on CUDA API "
