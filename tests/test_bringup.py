@@ -155,23 +155,30 @@ class FakeStages:
         return record
 
 
-@pytest.mark.parametrize("kit_fails", [False, True])
+@pytest.mark.parametrize("kit_fails", [False, True, "sanitizer"])
 def test_then_stages_run_only_after_a_clean_run_and_the_summary_names_what_is_left(tmp_path, monkeypatch,
                                                                                     kit_fails):
-    # Each stage takes 100 s: probes and ranks fill 200 s of the 270; gpu_tests skips itself (no
-    # GPU) with 70 s, less than its limit, and is not left over; selftest gets 70 of its 180 and is
-    # cut short; soak does not start (no time left).
-    fake = FakeStages({"ranks": "failed", "gpu_tests": "skipped"} if kit_fails else {"gpu_tests": "skipped"},
+    # Each stage takes 100 s: probes and ranks (or the sanitizer) fill 200 s of the 270; gpu_tests
+    # skips itself (no GPU) with 70 s, less than its limit, and is not left over; selftest gets 70
+    # of its 180 and is cut short; soak does not start (no time left). A failed sanitizer alone does
+    # not hold the --then stages back.
+    second = "sanitizer" if kit_fails == "sanitizer" else "ranks"
+    fake = FakeStages({second: "failed", "gpu_tests": "skipped"} if kit_fails else {"gpu_tests": "skipped"},
                       seconds=100)
     monkeypatch.setattr(runner, "run_stage_process", fake.run)
     monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=fake.monotonic, strftime=time.strftime))
-    code = runner.main(["--emulate", "--out", str(tmp_path), "--budget-s", "270", "--stages", "probes,ranks",
-                        "--then", "gpu_tests,selftest,soak,ranks"])
+    code = runner.main(["--emulate", "--out", str(tmp_path), "--budget-s", "270", "--stages", f"probes,{second}",
+                        "--then", f"gpu_tests,selftest,soak,{second}"])
     lines = records(tmp_path)
     stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
     assert lines[0]["then"] == ["gpu_tests", "selftest", "soak"]      # a stage named in both runs once
-    assert list(stages) == ["probes", "ranks", "gpu_tests", "selftest", "soak"]
-    if kit_fails:
+    assert list(stages) == ["probes", second, "gpu_tests", "selftest", "soak"]
+    if kit_fails == "sanitizer":
+        assert fake.ran == [("probes", 150), ("sanitizer", 170), ("gpu_tests", 70), ("selftest", 70)]
+        assert lines[-1]["failed"] == ["sanitizer", "selftest"] and code == 1
+        # The sanitizer had less than its 180 s: a rerun may pass, so it is named with the others.
+        assert lines[-1]["left"] == ["sanitizer", "selftest", "soak"]
+    elif kit_fails:
         assert code == 1 and [n for n, _ in fake.ran] == ["probes", "ranks"]
         for name in ("gpu_tests", "selftest", "soak"):
             assert stages[name]["status"] == "skipped" and stages[name]["reason"] == "--then: ranks did not run clean"

@@ -382,7 +382,8 @@ def sanitize(st: Stage, cases: list[str]) -> str:
     runs = [(tool, case) for tool in ("memcheck", "racecheck", "synccheck") for case in cases]
     for i, (tool, case) in enumerate(runs):
         def run(tool=tool, case=case, share=st.left() / (len(runs) - i)):
-            return selftest.sanitize([case], tools=(tool,), limit_s=max(10.0, share - 3), log_dir=st.out)[0]
+            return selftest.sanitize([case], tools=(tool,), limit_s=max(10.0, share - 3),
+                                     log_dir=st.out)[0]
         st.case(f"{tool} {case}", run, min_s=15)
     return ""
 
