@@ -9,6 +9,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,33 @@ def _version(name: str) -> str | None:
         return None
 
 
+def compute_sanitizers() -> list[tuple[str, str]]:
+    """Every compute-sanitizer of this machine as (version, path), newest first: the CUDA
+    toolkit's on PATH and the one the nvidia-cuda-sanitizer-api wheel puts under a sys.path entry
+    (nvidia/cu13/bin; ``python -m flashmoe.bringup.wheels`` fetches it for a GPU machine whose
+    toolkit has an older one). Newer ones report fewer false hazards: racecheck's release notes list
+    fixes for mbarrier handoffs (2025.4) and warpgroup-level synchronisation on Hopper (2026.1)."""
+    paths = [shutil.which("compute-sanitizer")] + [str(Path(e) / "nvidia" / "cu13" / "bin" / "compute-sanitizer")
+                                                   for e in sys.path if e]
+    found = {}
+    for path in paths:
+        if path and os.access(path, os.X_OK) and os.path.realpath(path) not in found:
+            version = _tool_version(path)
+            if version:
+                found[os.path.realpath(path)] = (version, path)
+    return sorted(found.values(), key=lambda vp: tuple(int(n) for n in vp[0].split(".")), reverse=True)
+
+
+def _tool_version(path: str) -> str | None:
+    """The x.y.z... of a tool's ``--version`` output, or None when it does not run."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"Version (\d+(?:\.\d+)+)", out)
+    return match.group(1) if match else None
+
+
 def _guard(fn):
     try:
         return fn()
@@ -65,6 +93,7 @@ def describe(device: torch.device | None = None) -> dict:
             "nvjitlink": _guard(lambda: ".".join(map(str, compile_mod.nvjitlink_version()))),
             "headers": {h: _guard(lambda h=h: compile_mod._header_dir(h)) for h in ("cudart", "cccl", "nvshmem")},
             "tools": {t: shutil.which(t) for t in TOOLS},
+            "compute_sanitizers": [f"{v} {path}" for v, path in compute_sanitizers()],
             "cpus": os.cpu_count()}
     if device is None or torch.device(device).type != "cuda":
         info["device"] = "cpu (emulated kernel)"

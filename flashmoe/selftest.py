@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 
 from .checks import Case, CaseResult, check_determinism, check_fault, check_routing_given, run_case
 from .config import MoEConfig
+from .environment import compute_sanitizers
 from .environment import describe as environment
 from .host.backend import _device_info, shared_memory_problem
 from .host.plan import DeviceInfo
@@ -211,33 +211,58 @@ SANITIZED_CASES = ("W2-tpr37", "capacity0.5-W4")
 
 
 def sanitize(cases: list[str], tools=("memcheck", "racecheck", "synccheck"), limit_s: float | None = None,
-             log_dir: Path | None = None) -> list[dict]:
+             log_dir: Path | None = None, sanitizer: tuple[str, str] | None = None) -> list[dict]:
     """Run the named cases under compute-sanitizer, each tool in its own process, killed (with
     its children) after ``limit_s`` seconds. With ``log_dir``, each run's whole report goes to
     ``sanitize-<tool>-<case>.log`` there: a row keeps only the first lines of each kind of report,
-    and a hazard's addresses and every access it pairs with are in the rest."""
-    exe = shutil.which("compute-sanitizer")
-    if not exe:
+    and every access a race pairs with is in the rest; a racecheck that reports races runs once
+    more for their hazards (each names the byte, the block and both threads) into
+    ``sanitize-racecheck-<case>-hazards.log``. The newest compute-sanitizer here runs
+    (environment.compute_sanitizers); one that refuses this driver gives way to the next.
+    ``sanitizer``: this (version, path) one instead, ``-<version>`` added to its logs' names."""
+    found = [sanitizer] if sanitizer else compute_sanitizers()
+    if not found:
         return [{"tool": t, "passed": None, "detail": "compute-sanitizer not found"} for t in tools]
     rows = []
     for tool in tools:
         for name in cases:
-            cmd = [exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "flashmoe.selftest",
-                   "--only", name, "--no-write", "--no-extras", "--timeout", "300"]
             t0 = time.time()
-            log = log_dir / f"sanitize-{tool}-{name}.log" if log_dir else None
-            code, output = run_bounded(cmd, limit_s, log=log)
+            log = log_dir / f"sanitize-{tool}-{name}{'-' + sanitizer[0] if sanitizer else ''}.log" if log_dir else None
+            for version, exe in list(found):
+                code, output = _sanitizer_run(exe, tool, name, limit_s, log)
+                if UNSUPPORTED_DRIVER not in output or len(found) == 1:
+                    break
+                found.remove((version, exe))
             summary = [ln for ln in output.splitlines() if "ERROR SUMMARY" in ln]
             detail = summary[-1] if summary else output[-400:]
             if code is None:
                 detail = f"killed after {limit_s:.0f} s; " + detail
             findings = sanitizer_findings(output)
             detail = "; ".join([detail] + [f"{f['count']}x {f['report']}" for f in findings[:3]])
-            rows.append({"tool": tool, "case": name, "passed": code == 0 or _only_foreign(output, findings),
-                         "seconds": round(time.time() - t0, 1), "detail": detail, "findings": findings}
-                        | ({"log": log.name} if log else {}))
+            row = {"tool": tool, "case": name, "passed": code == 0 or _only_foreign(output, findings),
+                   "detail": detail, "findings": findings, "sanitizer": version} | ({"log": log.name} if log else {})
+            if tool == "racecheck" and code == 99 and log:
+                hazards = log.with_name(log.stem + "-hazards.log")
+                _sanitizer_run(exe, tool, name, limit_s, hazards, HAZARD_REPORT)
+                row["hazards_log"] = hazards.name
+            rows.append(row | {"seconds": round(time.time() - t0, 1)})
     return rows
 
+
+def _sanitizer_run(exe: str, tool: str, case: str, limit_s: float | None, log: Path | None,
+                   options: tuple[str, ...] = ()) -> tuple[int | None, str]:
+    """compute-sanitizer ``exe`` running ``tool`` on selftest case ``case`` (run_bounded)."""
+    return run_bounded([exe, "--tool", tool, *options, "--error-exitcode", "99", sys.executable, "-m",
+                        "flashmoe.selftest", "--only", case, "--no-write", "--no-extras", "--timeout", "300"],
+                       limit_s, log=log)
+
+
+# racecheck's hazard reports in place of its analysis: the analysis names source lines only, a
+# hazard the byte, the block and the two threads. The first 500 (a forward can make thousands).
+HAZARD_REPORT = ("--racecheck-report", "hazard", "--print-limit", "500")
+
+# What a compute-sanitizer newer than the driver says before it stops (2026.4 needs driver 580).
+UNSUPPORTED_DRIVER = "unsupported driver version"
 
 # Reports that are not flashmoe's. On an H200 (driver 580, CUDA 13.0) memcheck reported 34 API
 # errors, every one CUDA_ERROR_INVALID_VALUE from cuGetProcAddress_v2 called inside cuda-bindings'
@@ -253,9 +278,14 @@ def _only_foreign(output: str, findings: list[dict]) -> bool:
     return bool(total) and int(total[-1]) == foreign
 
 
+# Where a racecheck hazard report happened (one byte of one block): its kind is the rest of the line.
+_HAZARD_WHERE = re.compile(r"(?<=__shared__ )0x[0-9a-fA-F]+|(?<=in block )\(\d+, ?\d+, ?\d+\)")
+
+
 def sanitizer_findings(output: str, limit: int = 8, context: int = 4) -> list[dict]:
-    """compute-sanitizer's reports, one per distinct first line with how often it came and the
-    lines after the first of them (where: kernel, thread, address, API call), at most ``limit``."""
+    """compute-sanitizer's reports, one per distinct first line (a racecheck hazard's byte and
+    block aside) with how often it came and the first such report with the lines after it
+    (where: kernel, thread, address, API call), at most ``limit``."""
     prefix = "========= "
     found: dict[str, dict] = {}
     lines = output.splitlines()
@@ -265,12 +295,13 @@ def sanitizer_findings(output: str, limit: int = 8, context: int = 4) -> list[di
         head = line[len(prefix):]
         if head.startswith(("ERROR SUMMARY", "COMPUTE-SANITIZER", "RACECHECK SUMMARY", "LEAK SUMMARY")):
             continue
-        if head in found:
-            found[head]["count"] += 1
+        kind = _HAZARD_WHERE.sub("...", head)
+        if kind in found:
+            found[kind]["count"] += 1
         elif len(found) < limit:
             after = [ln[len(prefix):].strip() for ln in lines[i + 1: i + 1 + context]
                      if ln.startswith(prefix + " ")]
-            found[head] = {"report": head, "count": 1, "first": after}
+            found[kind] = {"report": head, "count": 1, "first": after}
     return list(found.values())
 
 

@@ -189,6 +189,11 @@ def test_then_stages_run_only_after_a_clean_run_and_the_summary_names_what_is_le
         assert lines[-1]["left"] == ["selftest", "soak"] and code == 1
 
 
+def test_a_stage_named_twice_runs_once_in_its_first_place():
+    assert runner._expand("sanitize_large,longer,soak") == ["sanitize_large"] + [
+        n for n in runner.GROUPS["longer"] if n != "sanitize_large"]
+
+
 def test_unknown_stages_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         runner.main(["--out", str(tmp_path), "--stages", "environment,warp_drive"])
@@ -238,22 +243,95 @@ def test_sanitizer_reports_are_grouped_by_their_first_line():
                                  "Address 0x7f00 is out of bounds"]
 
 
+def test_racecheck_hazards_are_grouped_by_kind_and_races_by_where():
+    """A hazard report names one byte of one block: one group per kind of hazard. An analysis
+    report names source locations: one group each."""
+    from flashmoe.selftest import sanitizer_findings
+    hazards = [f"========= Error: Potential RAW hazard detected at __shared__ 0x{a:x} in block ({b},0,0) :\n"
+               f"=========     Write Thread (0,0,0) at produce+0x3f9d0 in tasks.cuh:144" for a in (0x34b40, 0x34b41)
+               for b in (0, 7)]
+    races = [f"========= Error: Race reported between Read access at consume+0x{pc:x} in tasks.cuh:195\n"
+             "=========     and Write access at produce+0x3f9d0 in tasks.cuh:144 [3280 hazards]"
+             for pc in (0x248a0, 0x24920)]
+    found = sanitizer_findings("\n".join([*hazards, "========= Error: Potential WAR hazard detected at __shared__ 0x10 "
+                                            "in block (1,0,0) :", *races]))
+    assert [(f["report"][:40], f["count"]) for f in found] == [
+        ("Error: Potential RAW hazard detected at ", 4), ("Error: Potential WAR hazard detected at ", 1),
+        ("Error: Race reported between Read access", 1), ("Error: Race reported between Read access", 1)]
+    assert found[0]["report"].endswith("__shared__ 0x34b40 in block (0,0,0) :")
+
+
 def test_a_sanitizer_run_keeps_its_whole_report_in_a_log(tmp_path, monkeypatch):
     """A row keeps the first lines of each kind of report; the log keeps every line (a racecheck
     hazard's other accesses come after its first lines), with the tool's exit status judged."""
     from flashmoe import selftest
-    fake = tmp_path / "bin" / "compute-sanitizer"
-    fake.parent.mkdir()
     hazard = [f"=========     and Write access at produce+0x{i:x} in tasks.cuh:{100 + i} [9 hazards]" for i in range(8)]
-    fake.write_text("#!/bin/sh\ncat <<'END'\n" + "\n".join(
-        ["========= Error: Race reported between Read access at consume+0x10 in tasks.cuh:195", *hazard,
-         "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"]) + "\nEND\nexit 99\n")
-    fake.chmod(0o755)
+    fake = fake_sanitizer(tmp_path / "bin", "2025.3.1.0", [
+        "========= Error: Race reported between Read access at consume+0x10 in tasks.cuh:195", *hazard,
+        "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"], 99)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     (row,) = selftest.sanitize(["W2-tpr1"], tools=("racecheck",), limit_s=30, log_dir=tmp_path)
     assert row["passed"] is False and row["log"] == "sanitize-racecheck-W2-tpr1.log"
+    assert row["sanitizer"] == "2025.3.1.0" and row["hazards_log"] == "sanitize-racecheck-W2-tpr1-hazards.log"
+    assert "--racecheck-report hazard" not in (tmp_path / row["log"]).read_text()
+    assert "--racecheck-report hazard" in (tmp_path / row["hazards_log"]).read_text()
     assert len(row["findings"][0]["first"]) < len(hazard)
     assert all(line in (tmp_path / row["log"]).read_text() for line in hazard)
+
+
+def fake_sanitizer(where: Path, version: str, report: list[str], code: int) -> Path:
+    """A compute-sanitizer that says its version, or its arguments and ``report``, and exits with ``code``."""
+    fake = where / "compute-sanitizer"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'Version {version} (build 1)'; exit 0; fi\n"
+                    "echo \"args: $*\"\ncat <<'END'\n" + "\n".join(report) + f"\nEND\nexit {code}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_the_newest_sanitizer_runs_and_one_that_refuses_the_driver_gives_way(tmp_path, monkeypatch):
+    """The toolkit's compute-sanitizer is on PATH; the wheel's lies under a sys.path entry. The
+    newest runs; where it refuses the driver, the next one runs, and the log keeps both."""
+    from flashmoe import selftest
+    from flashmoe.environment import compute_sanitizers
+    clean = ["========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"]
+    old = fake_sanitizer(tmp_path / "toolkit", "2025.3.1.0", clean, 0)
+    # No other compute-sanitizer of this machine in the way.
+    monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), "/usr/bin", "/bin"]))
+    base = [e for e in sys.path if not (Path(e) / "nvidia" / "cu13" / "bin" / "compute-sanitizer").exists()]
+    for refuses in (False, True):
+        site = tmp_path / f"site-{refuses}"
+        report = ["========= Detected an unsupported driver version. Please update your CUDA installation"] \
+            if refuses else clean
+        new = fake_sanitizer(site / "nvidia" / "cu13" / "bin", "2026.4.0.0", report, 1 if refuses else 0)
+        monkeypatch.setattr(sys, "path", [str(site), *base])
+        assert compute_sanitizers() == [("2026.4.0.0", str(new)), ("2025.3.1.0", str(old))]
+        (row,) = selftest.sanitize(["W2-tpr1"], tools=("racecheck",), limit_s=30, log_dir=site)
+        assert row["passed"] and row["sanitizer"] == ("2025.3.1.0" if refuses else "2026.4.0.0")
+        assert ("unsupported driver" in (site / row["log"]).read_text()) is refuses
+
+
+def test_the_kit_judges_by_the_newest_sanitizer_and_records_the_older_racecheck(tmp_path, monkeypatch):
+    import torch
+
+    from flashmoe.bringup import stages
+    race = ["========= Error: Race reported between Read access at consume+0x10 in tasks.cuh:195",
+            "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"]
+    old = fake_sanitizer(tmp_path / "toolkit", "2025.3.1.0", race, 99)
+    fake_sanitizer(tmp_path / "site" / "nvidia" / "cu13" / "bin", "2026.4.0.0", ["========= ERROR SUMMARY: 0 errors"], 0)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), "/usr/bin", "/bin"]))
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
+    st = stages.Stage("sanitizer", tmp_path, torch.device("cpu"), emulate=False, quick=True,
+                      deadline=time.monotonic() + 120)
+    stages.sanitizer(st)
+    rows = {(r["tool"], r["sanitizer"]): r for r in records(tmp_path)}
+    assert list(rows) == [(tool, "2026.4.0.0") for tool in ("memcheck", "racecheck", "synccheck")] + [
+        ("racecheck", "2025.3.1.0")]
+    assert all(r["passed"] for r in list(rows.values())[:3])
+    older = rows["racecheck", "2025.3.1.0"]
+    assert older["passed"] is None and older["verdict"] is False and "tasks.cuh:195" in older["detail"]
+    assert st.counts == {"passed": 3, "failed": 0, "skipped": 1}
+    assert (tmp_path / "sanitize-racecheck-W2-tpr1-2025.3.1.0.log").exists()
 
 
 def test_memcheck_passes_when_only_cuda_bindings_lookups_were_reported():

@@ -162,8 +162,9 @@ SANITIZERS = ("sanitizer", "sanitize_large")   # their failure does not hold bac
 
 
 def _expand(stages: str) -> list[str]:
-    """Stage names from a comma-separated list of names and groups, in order."""
-    return [s for n in stages.split(",") if n for s in GROUPS.get(n, [n])]
+    """Stage names from a comma-separated list of names and groups, in order, each once (its first
+    place: ``sanitize_large,longer`` runs it before the rest of the group)."""
+    return list(dict.fromkeys(s for n in stages.split(",") if n for s in GROUPS.get(n, [n])))
 
 
 def skip(jsonl: Path, name: str, reason: str) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from .. import checks, selftest
 from ..checks import Case
+from ..environment import compute_sanitizers
 from ..host.backend import _device_info, shared_memory_problem
 from ..host.plan import DeviceInfo
 from ..host.resources import performance_losses
@@ -367,25 +368,43 @@ SANITIZED_CASE = "W2-tpr1"     # the smallest W = 2 case of the selftest grid
 
 
 def sanitizer(st: Stage) -> str:
-    return sanitize(st, [SANITIZED_CASE])
+    return sanitize(st, [SANITIZED_CASE], compare=True)
 
 
 def sanitize_large(st: Stage) -> str:
     return sanitize(st, list(selftest.SANITIZED_CASES))
 
 
-def sanitize(st: Stage, cases: list[str]) -> str:
-    """memcheck, racecheck and synccheck on each of ``cases``, each run in its own process, killed
-    at its share of the stage's time."""
+def sanitize(st: Stage, cases: list[str], compare: bool = False) -> str:
+    """memcheck, racecheck and synccheck on each of ``cases`` with the newest compute-sanitizer,
+    each run in its own process, killed at its share of the stage's time. ``compare``: then
+    racecheck again with every other compute-sanitizer here, for the record only: an older one
+    may report hazards a newer one knows to be false (environment.compute_sanitizers)."""
     if st.emulate:
         return "compute-sanitizer needs a GPU"
-    runs = [(tool, case) for tool in ("memcheck", "racecheck", "synccheck") for case in cases]
-    for i, (tool, case) in enumerate(runs):
-        def run(tool=tool, case=case, share=st.left() / (len(runs) - i)):
-            return selftest.sanitize([case], tools=(tool,), limit_s=max(10.0, share - 3),
-                                     log_dir=st.out)[0]
-        st.case(f"{tool} {case}", run, min_s=15)
+    found = compute_sanitizers()
+    runs = [(tool, case, None) for tool in ("memcheck", "racecheck", "synccheck") for case in cases]
+    n_compare = (len(found) - 1) * len(cases) if compare else 0
+    used = set()
+    for i, run in enumerate(runs):
+        used.add(sanitize_run(st, *run, share=st.left() / (len(runs) - i + n_compare)).get("sanitizer"))
+    others = [(s, case) for s in found if compare and s[0] not in used for case in cases]
+    for i, (other, case) in enumerate(others):
+        sanitize_run(st, "racecheck", case, other, share=st.left() / (len(others) - i))
     return ""
+
+
+def sanitize_run(st: Stage, tool: str, case: str, other: tuple[str, str] | None, share: float) -> dict:
+    """One tool on one case as a case of the stage: with the newest compute-sanitizer, or with
+    ``other`` (version, path) for the record (its row skipped, its own verdict kept beside)."""
+    def run():
+        row = selftest.sanitize([case], tools=(tool,), limit_s=max(10.0, share - 3), log_dir=st.out,
+                                sanitizer=other)[0]
+        if other:
+            row.update(passed=None, verdict=row["passed"],
+                       skipped="for the record: the stage's verdict is the newest compute-sanitizer's")
+        return row
+    return st.case(f"{tool} {case}" + (f" (compute-sanitizer {other[0]})" if other else ""), run, min_s=15)
 
 
 # ---------------------------------------------------------------- 6: determinism, faults, graphs

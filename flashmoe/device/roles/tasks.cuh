@@ -137,14 +137,19 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
   auto slot_free = [&] {
     return n < 2 || group_wait<G>(&bar.free[n & 1], p, c, WaitSite{kTaskWait, kWaitJobFree, n & 1}, (n >> 1) - 1);
   };
-  // Posts job n, its tables written and G synchronised, for the rank it works for.
+  // Posts job n, its tables written, for the rank it works for. Every write of the slot (the
+  // tables, then the job and the context) comes before G's barrier and the arrive after it, so one
+  // point orders the whole slot before "ready". In a standalone kernel, compute-sanitizer's
+  // racecheck reports the consumers' reads of a slot its arriving thread wrote after the barrier,
+  // and none once the barrier is between (bench/results/racecheck-model-*, flags 0 and 4).
   auto post = [&](const TileJob& job) {
     if (G::rank() == 0) {
       TileTables& tt = tile_tables(c, n & 1);
       tt.job = job;
       tt.ctx = *cr;
-      mbar_arrive(&bar.ready[n & 1]);
     }
+    G::sync();
+    if (G::rank() == 0) mbar_arrive(&bar.ready[n & 1]);
     ++n;
   };
   bool ok = true;
@@ -162,7 +167,6 @@ __device__ bool produce_tasks(const Params& p, const Ctx& c, volatile u32* scrat
       else if (job.gemm == kJobEnd) job.gemm = kJobRankDone;
     }
     job.stage0 = fill;
-    G::sync();                          // the tables are written
     post(job);
     if (job.gemm == kJobEnd || job.gemm == kJobRankDone) {
       for (int team = 1; team < Gemm0::kTeams; ++team) {   // every team takes these
