@@ -334,6 +334,21 @@ def test_the_kit_judges_by_the_newest_sanitizer_and_records_the_older_racecheck(
     assert (tmp_path / "sanitize-racecheck-W2-tpr1-2025.3.1.0.log").exists()
 
 
+def test_without_a_compute_sanitizer_the_stage_says_so(tmp_path, monkeypatch):
+    import torch
+
+    from flashmoe.bringup import stages
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    monkeypatch.setattr(sys, "path", [e for e in sys.path
+                                      if not (Path(e) / "nvidia" / "cu13" / "bin" / "compute-sanitizer").exists()])
+    st = stages.Stage("sanitizer", tmp_path, torch.device("cpu"), emulate=False, quick=True,
+                      deadline=time.monotonic() + 60)
+    stages.sanitizer(st)
+    rows = records(tmp_path)
+    assert [r["tool"] for r in rows] == ["memcheck", "racecheck", "synccheck"]
+    assert all(r["passed"] is None and r["detail"] == "compute-sanitizer not found" for r in rows)
+
+
 def test_memcheck_passes_when_only_cuda_bindings_lookups_were_reported():
     from flashmoe.selftest import _only_foreign, sanitizer_findings
     lookup = ("========= Program hit CUDA_ERROR_INVALID_VALUE (error 1) due to \"invalid argument\" on CUDA API "

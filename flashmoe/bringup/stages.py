@@ -384,7 +384,7 @@ def sanitize(st: Stage, cases: list[str], compare: bool = False) -> str:
         return "compute-sanitizer needs a GPU"
     found = compute_sanitizers()
     runs = [(tool, case, None) for tool in ("memcheck", "racecheck", "synccheck") for case in cases]
-    n_compare = (len(found) - 1) * len(cases) if compare else 0
+    n_compare = max(len(found) - 1, 0) * len(cases) if compare else 0
     used = set()
     for i, run in enumerate(runs):
         used.add(sanitize_run(st, *run, share=st.left() / (len(runs) - i + n_compare)).get("sanitizer"))
