@@ -35,6 +35,18 @@ PLANTED = {
     "pingpong-turn": ("flashmoe/device/gemm/wgmma.cuh",
                       "    if (!kPingPong || n == 0) return true;\n",
                       "    return true;\n"),
+    # The producer writes a table slot's job and context before the barrier and arrives after it;
+    # here its first thread arrives first and writes after: the consumers may read the last job.
+    "slot-after-arrive": ("flashmoe/device/roles/tasks.cuh",
+                          "      tt.job = job;\n      tt.ctx = *cr;\n    }\n    G::sync();\n"
+                          "    if (G::rank() == 0) mbar_arrive(&bar.ready[n & 1]);\n",
+                          "      mbar_arrive(&bar.ready[n & 1]);\n      tt.job = job;\n      tt.ctx = *cr;\n    }\n"
+                          "    G::sync();\n"),
+    # A consumer releases stage n - 1 once its wgmmas have completed (wait_group 1); waiting only
+    # for the group before lets the producer refill a stage the tensor cores still read.
+    "stage-early-release": ("flashmoe/device/gemm/wgmma.cuh",
+                            "      wgmma_wait<1>();                                // stage n - 1's wgmmas have completed\n",
+                            "      wgmma_wait<2>();\n"),
     # A flag to an NVSHMEM peer must be delivered after the data put before it.
     "nvshmem-fence": ("flashmoe/device/common/transport_nvshmem.cuh",
                       "    fence_acq_rel_sys();   // this thread's and (by cumulativity) the block's P2P stores\n"

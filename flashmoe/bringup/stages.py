@@ -22,6 +22,7 @@ import torch
 from .. import checks, selftest
 from ..checks import Case
 from ..environment import compute_sanitizers
+from ..host import emulator
 from ..host.backend import _device_info, shared_memory_problem
 from ..host.plan import DeviceInfo
 from ..host.resources import performance_losses
@@ -368,7 +369,23 @@ SANITIZED_CASE = "W2-tpr1"     # the smallest W = 2 case of the selftest grid
 
 
 def sanitizer(st: Stage) -> str:
+    if st.emulate:
+        return emulated_racecheck(st)
     return sanitize(st, [SANITIZED_CASE], compare=True)
+
+
+def emulated_racecheck(st: Stage) -> str:
+    """On a CPU: the emulator's shared-memory race check (device/emulation/racecheck.cpp), what
+    racecheck checks on a GPU, on a W = 2 case whose K runs several times round the stage ring,
+    with each engine and wgmma schedule. A race fails the case with both places named."""
+    os.environ[emulator.RACECHECK_ENV] = "1"   # this stage's process: every kernel it builds checks
+    case = Case("W2-H512-t150", _cfg(dict(hidden_size=512, intermediate_size=128, num_experts=8, top_k=2)),
+                world=2, tokens=150)
+    for name, gemm, specs in (("mma_sync", "mma_sync", None), ("wgmma ping-pong", "wgmma", None),
+                              ("wgmma cooperative", None,
+                               lambda c: [cooperative(wgmma_spec(c.dtype, c.gated, stages=3))])):
+        run_cases(st, [replace(case, name=f"racecheck (emulator) {name} {case.name}")], gemm=gemm, specs=specs)
+    return ""
 
 
 def sanitize_large(st: Stage) -> str:
@@ -445,7 +462,8 @@ STAGES = {
     "kernel_mma_sync": (kernel_mma_sync, 120, "the whole kernel with mma_sync (forced on Hopper), W = 1"),
     "kernel_wgmma": (kernel_wgmma, 120, "the whole kernel with wgmma + TMA, W = 1"),
     "ranks": (ranks, 150, "W = 2..8 virtual ranks, 0/1/uneven tokens, capacity, DeepSeek and Qwen2 routing"),
-    "sanitizer": (sanitizer, 180, "compute-sanitizer memcheck, racecheck, synccheck on the smallest W = 2 case"),
+    "sanitizer": (sanitizer, 180, "compute-sanitizer memcheck, racecheck, synccheck on the smallest W = 2 case "
+                                  "(emulated: the emulator's racecheck with each engine)"),
     "robustness": (robustness, 150, "determinism, a stalled rank, error_check='none', CUDA-graph replay"),
     "bench": (benchmark, 300, "a few bench/bench_layer.py rows"),
     # The longer checks, in the order the hardware validation needs them.

@@ -13,6 +13,12 @@ where the PTX memory model orders them, and plain loads may return stale values
 (``memory.cpp``). The NVSHMEM transport's device calls are emulated with the
 ordering the NVSHMEM specification gives them (``device/emulation/nvshmem.h``).
 
+Races. ``racecheck=True`` (or ``$FLASHMOE_EMULATOR_RACECHECK``) builds the kernel unit with g++'s
+``-fsanitize=thread`` instrumentation feeding the emulator's own shared-memory race check
+(``device/emulation/racecheck.cpp``): what compute-sanitizer's racecheck looks for on a GPU, as a
+happens-before check over barriers, warp syncs and mbarriers. A launch that raced raises
+EmulationError naming both accesses of each race by file and line.
+
 Build. One shared library per kernel spec: a generated translation unit that includes
 ``flashmoe/device/flashmoe.cu`` and the ABI header (``abi.abi_header()``, so the emulated build
 checks the ctypes mirror too) and exports the world functions (``flashmoe_emu_world_*``), linked with
@@ -45,16 +51,24 @@ from .spec import KernelSpec
 CXX_ENV = "FLASHMOE_EMULATOR_CXX"       # compiler override (default g++)
 SEED_ENV = "FLASHMOE_EMULATOR_SEED"     # default schedule of EmulatedKernel launches (0: round robin)
 WEAK_ENV = "FLASHMOE_EMULATOR_WEAK"     # default weak-memory seed of EmulatedKernel launches (0: off)
-# The runtime: fibers, the scheduler and worlds; the thread operations; weak memory and the NVSHMEM proxy.
+RACECHECK_ENV = "FLASHMOE_EMULATOR_RACECHECK"   # 1: EmulatedKernel checks shared-memory races by default
+# The runtime: fibers, the scheduler and worlds; the thread operations; weak memory and the NVSHMEM
+# proxy; the shared-memory race check.
 RUNTIME_SOURCES = ("flashmoe/device/emulation/runtime.cpp", "flashmoe/device/emulation/threads.cpp",
-                   "flashmoe/device/emulation/memory.cpp")
+                   "flashmoe/device/emulation/memory.cpp", "flashmoe/device/emulation/racecheck.cpp")
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden",
              # The device code reinterprets bytes freely (vectors of elements, staged tiles), as
              # CUDA allows; g++ must not assume strict aliasing.
              "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-pthread",
              # Params is alignas(64): g++ notes that such by-value parameters changed ABI in 4.6.
              "-Wno-psabi")
-_ERR_BYTES = 4096
+# A race-checked build: g++ calls racecheck.cpp's hooks before every load and store of the kernel
+# unit (its function entry and exit hooks off); -g1 gives the reports file and line; -z defs makes
+# a hook racecheck.cpp lacks a build error, not a failed dlopen.
+RACECHECK_FLAGS = ("-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g1",
+                   "-DFLASHMOE_EMU_RACECHECK=1")
+RACECHECK_LINK = ("-Wl,-z,defs",)
+_ERR_BYTES = 8192
 _LOCK = threading.Lock()
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
 
@@ -153,25 +167,33 @@ def _runtime_objects() -> list[Path]:
     return [_build("runtime", ".o", {"source": source}, make(source)) for source in RUNTIME_SOURCES]
 
 
-def build_library(source: str, defines: dict[str, int], name: str = "lib", include_root: Path | None = None) -> Path:
+def build_library(source: str, defines: dict[str, int], name: str = "lib", include_root: Path | None = None,
+                  racecheck: bool = False) -> Path:
     """A shared library of the translation unit ``source`` (text; includes resolve against the
     flashmoe include root, the CCCL headers and a build directory holding the ABI header
     ``flashmoe_abi_check.h``), compiled with ``-DFLASHMOE_EMULATION`` and ``defines`` and linked with
     the emulator runtime. ``include_root``: another tree's device sources instead of this package's
-    (tests build deliberately broken copies of the kernel). Cached; returns its path."""
+    (tests build deliberately broken copies of the kernel). ``racecheck``: every launch checks its
+    shared-memory accesses for races (``device/emulation/racecheck.cpp``) and fails with the races
+    it found. Cached; returns its path."""
     runtime = _runtime_objects()
     header = abi.abi_header()
     payload = {"source": source, "defines": defines, "abi": header, "runtime": [o.name for o in runtime]}
     if include_root is not None:
         payload["tree"] = compile_mod.source_fingerprint(Path(include_root))
+    if racecheck:
+        payload["racecheck"] = (*RACECHECK_FLAGS, *RACECHECK_LINK)
 
     def make(build_dir: Path, out: Path) -> None:
         (build_dir / "flashmoe_abi_check.h").write_text(header)
         (build_dir / "tu.cpp").write_text(source)
         flags = [f"-D{k}={int(v)}" for k, v in sorted(defines.items())]
-        _run([_compiler(), *CXX_FLAGS, "-shared", "-DFLASHMOE_EMULATION", *flags,
-              *_include_flags(build_dir, include_root), str(build_dir / "tu.cpp"), *map(str, runtime), "-o", str(out)],
+        unit = build_dir / "tu.o"   # compiled alone: -fsanitize=thread at the link would add its runtime
+        _run([_compiler(), *CXX_FLAGS, *(RACECHECK_FLAGS if racecheck else ()), "-DFLASHMOE_EMULATION", *flags,
+              *_include_flags(build_dir, include_root), "-c", str(build_dir / "tu.cpp"), "-o", str(unit)],
              f"building the emulated {name}")
+        _run([_compiler(), *CXX_FLAGS, *(RACECHECK_LINK if racecheck else ()), "-shared", str(unit),
+              *map(str, runtime), "-o", str(out)], f"linking the emulated {name}")
     return _build(name, ".so", payload, make)
 
 
@@ -250,12 +272,14 @@ class _EmulatedUnit:
     """A device translation unit of one spec built for the CPU; its launchers all take (args
     address, grid, block, shared bytes, schedule seed, error buffer, its length)."""
 
-    def __init__(self, spec: KernelSpec, source: str, name: str, include_root: Path | None = None):
+    def __init__(self, spec: KernelSpec, source: str, name: str, include_root: Path | None = None,
+                 racecheck: bool = False):
         reason = emulator_available()
         if reason:
             raise RuntimeError(f"the flashmoe emulator cannot run here: {reason}")
         self.spec = spec
-        self.path = build_library(source, spec.defines(), name=name, include_root=include_root)
+        self.racecheck = racecheck
+        self.path = build_library(source, spec.defines(), name=name, include_root=include_root, racecheck=racecheck)
         self._lib = load_library(self.path)
 
     def _entry(self, symbol: str):
@@ -282,10 +306,14 @@ class _EmulatedUnit:
 class EmulatedKernel(_EmulatedUnit):
     """``flashmoe_kernel`` of one spec, run on the CPU. Pointers in ``Params`` are host addresses
     (e.g. ``tensor.data_ptr()`` of CPU tensors). ``include_root``: build another tree's kernel
-    source (a copy of ``flashmoe/device`` under that directory)."""
+    source (a copy of ``flashmoe/device`` under that directory). ``racecheck`` (None:
+    $FLASHMOE_EMULATOR_RACECHECK): a launch that made a shared-memory race raises EmulationError
+    naming the accesses (``device/emulation/racecheck.cpp``); it runs several times slower."""
 
-    def __init__(self, spec: KernelSpec, include_root: Path | None = None):
-        super().__init__(spec, KERNEL_TU, "kernel", include_root)
+    def __init__(self, spec: KernelSpec, include_root: Path | None = None, racecheck: bool | None = None):
+        if racecheck is None:
+            racecheck = os.environ.get(RACECHECK_ENV, "0") not in ("", "0")
+        super().__init__(spec, KERNEL_TU, "kernel", include_root, racecheck)
         self.seed = int(os.environ.get(SEED_ENV) or 0)
         self.weak_seed = int(os.environ.get(WEAK_ENV) or 0)
         lib = self._lib

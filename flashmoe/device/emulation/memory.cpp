@@ -139,6 +139,7 @@ using namespace detail;
 
 void wm_load(const void* p, void* out, u32 bytes, LoadKind kind) {
   if (in_smem(p)) {
+    race_access_at(p, bytes, false, __builtin_return_address(0));
     std::memcpy(out, p, bytes);
     return;
   }
@@ -165,6 +166,7 @@ void wm_load(const void* p, void* out, u32 bytes, LoadKind kind) {
 
 void wm_store(void* p, const void* v, u32 bytes) {
   if (in_smem(p)) {
+    race_access_at(p, bytes, true, __builtin_return_address(0));
     std::memcpy(p, v, bytes);
     return;
   }

@@ -239,6 +239,7 @@ void start_launch(World& w, Launch& l) {
     init_context(f.ctx, lo + page, stack_bytes, fiber_entry);
     w.ready.push_back(&f);
   }
+  race_start(l);
   l.live = static_cast<int>(n);
   w.fibers_total += n;
   w.active.push_back(&l);
@@ -247,6 +248,7 @@ void start_launch(World& w, Launch& l) {
 void finish_launch(World& w, Launch& l) {
   drain_launch(l);   // a launch's end publishes every store it made
   if (w.error.empty()) w.error = check_canaries(l);
+  if (w.error.empty()) w.error = race_finish(l);
   l.finished = true;
   l.free_resources();
   for (size_t i = 0; i < w.active.size(); ++i)
@@ -346,6 +348,9 @@ void fatal(const char* fmt, ...) {
   Fiber* f = G->running;
   G->error = launch_name(*f->launch) + "block " + std::to_string(f->view.block.x) + " thread " +
              std::to_string(f->view.thread.x) + ": " + buf;
+  // Races before the failure are often its cause: the report goes with it.
+  const std::string races = race_finish(*f->launch);
+  if (!races.empty()) G->error += "\n" + races;
   park(f, State::kDone);   // the scheduler sees the error and ends the world; this fiber never resumes
   __builtin_unreachable();
 }

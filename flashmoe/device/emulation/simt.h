@@ -13,14 +13,15 @@
 // only what the PTX memory model orders; it sees the global accesses that go through the named
 // functions below (ptx.cuh's ld_/st_ functions, fences, atomics, cp.async), which is every access
 // of the kernel to memory that another block or rank writes. What stays out of reach: races among
-// the threads of one block (they share one buffer), shared memory ordering (compute-sanitizer's
-// racecheck on a GPU), and real parallel speed.
+// the threads of one block in global memory (they share one buffer), and real parallel speed.
+// Shared-memory races are racecheck.cpp's.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <type_traits>
 
 #include "flashmoe/device/common/params.cuh"
@@ -59,6 +60,8 @@ struct FiberView {
   u32 smem_skew;     // the shared-window address of smem[0] (FLASHMOE_EMU_SMEM_SKEW; normally 0)
   u64 launch;        // the fiber's launch, numbered from 1 in the process: what an earlier launch
                      // left in a shared-memory record is not this one's
+  void* race = nullptr;   // its block's race-check state (racecheck.cpp), when that is on
+  u32 race_ignore = 0;    // inside emulator code whose shared-memory accesses it records itself
 };
 extern FiberView* current;
 // Whether the running world models weak memory (the memory functions below skip the runtime
@@ -75,7 +78,7 @@ void count_sys_scope();                        // a system-scope fence, release 
 void block_barrier();                          // __syncthreads
 int named_barrier(u32 id, u32 threads, int pred); // bar.red.or id, threads (bar.sync: pred ignored)
 [[noreturn]] void fatal(const char* fmt, ...); // end the launch with this message
-enum WarpOp : int { kOpShfl, kOpBallot, kOpLdmatrix, kOpMmaBf16, kOpMmaF16, kOpMmaTf32 };
+enum WarpOp : int { kOpShfl, kOpBallot, kOpLdmatrix, kOpMmaBf16, kOpMmaF16, kOpMmaTf32, kOpSyncwarp };
 // One warp-wide exchange: this lane deposits `in` (n words); once all 32 lanes have, the last one
 // computes every lane's result; this lane gets back its 4 result words.
 void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]);
@@ -95,6 +98,30 @@ void land_later(std::function<void()> land);
 u32 smem_offset(const void* p, u32 bytes, const char* what);
 u8* smem_at(u32 address, u32 bytes, const char* what);
 void check_aligned(const void* p, u32 align, const char* what);
+
+// Shared-memory race detection (racecheck.cpp, where the order it checks is described): on in a
+// library whose kernel unit is built with FLASHMOE_EMU_RACECHECK. The emulator's code calls these
+// where it accesses shared memory or orders threads on the hardware's behalf.
+extern bool race_enabled;
+void race_enable();
+void race_access(const void* p, u32 bytes, bool write);   // by the running thread, at the caller
+void race_access_at(const void* p, u32 bytes, bool write, const void* pc);
+struct RaceIgnore {   // the running thread's accesses in this scope are not checked
+  FiberView* view = current;
+  RaceIgnore() { if (view) ++view->race_ignore; }
+  ~RaceIgnore() { if (view) --view->race_ignore; }
+};
+void race_mbar_init(const void* bar);
+void race_mbar_inval(const void* bar);
+void race_mbar_arrive(const void* bar);                // releases into the phase being gathered
+void race_mbar_complete(void* block, const void* bar); // that phase completed (block: FiberView::race)
+void race_mbar_acquire(const void* bar);               // a wait saw the last completed phase
+struct RaceAsync;                                      // a TMA load in flight
+std::shared_ptr<RaceAsync> race_async_issue();
+void race_async_land(const std::shared_ptr<RaceAsync>& copy, const void* dst, u32 bytes, const void* bar);
+#if FLASHMOE_EMU_RACECHECK
+inline const bool race_on_load = (race_enable(), true);
+#endif
 
 // Global memory under the weak mode (memory.cpp): `bytes` is a multiple of 4, p 4-byte aligned.
 // A weak load may be served by the block's L1 copy; .cg and acquire loads go past it, and an
@@ -241,7 +268,7 @@ inline T __shfl_sync(unsigned int mask, T v, int src_lane, int width = 32) {
 inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   const flashmoe::u32 in[1] = {0};
   flashmoe::u32 out[4];
-  flashmoe::emu::warp_exchange(flashmoe::emu::kOpBallot, mask, in, 1, out);   // a vote nobody reads
+  flashmoe::emu::warp_exchange(flashmoe::emu::kOpSyncwarp, mask, in, 1, out);
 }
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
   const flashmoe::u32 in[1] = {predicate != 0};
@@ -254,6 +281,7 @@ inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
 namespace flashmoe::emu {
 template <class T, class F>
 inline T rmw(T* p, F f) {
+  const RaceIgnore atomic;
   if (weak_memory) wm_atomic(p, sizeof(T));
   const T old = *p;
   *p = f(old);
@@ -395,6 +423,7 @@ inline void cp_async_wait() { emu::cp_async_wait_groups(N); }
 inline void ldmatrix_x4(u32 (&r)[4], const void* smem) {
   emu::smem_offset(smem, 16, "ldmatrix_x4 row");
   emu::check_aligned(smem, 16, "ldmatrix_x4 row");
+  emu::race_access(smem, 16, false);   // the row this lane names
   const u64 a = reinterpret_cast<u64>(smem);
   const u32 in[2] = {static_cast<u32>(a), static_cast<u32>(a >> 32)};
   emu::warp_exchange(emu::kOpLdmatrix, 0xffffffffu, in, 2, r);

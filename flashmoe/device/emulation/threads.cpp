@@ -14,6 +14,7 @@ const char* op_name(WarpOp op) {
     case kOpShfl: return "__shfl_sync/__shfl_xor_sync";
     case kOpBallot: return "__ballot_sync";
     case kOpLdmatrix: return "ldmatrix_x4";
+    case kOpSyncwarp: return "__syncwarp";
     case kOpMmaBf16: return "mma_bf16_m16n8k16";
     case kOpMmaF16: return "mma_f16_m16n8k16";
     default: return "mma_tf32_m16n8k8";
@@ -49,6 +50,7 @@ void block_barrier() {
     return;
   }
   b.arrived = 0;
+  race_join(b.waiters.data(), b.waiters.size(), f);
   for (Fiber* w : b.waiters) make_ready(w);
   b.waiters.clear();
 }
@@ -72,6 +74,7 @@ int named_barrier(u32 id, u32 threads, int pred) {
   b.result = b.reduced;
   b.reduced = 0;
   b.arrived = 0;
+  race_join(b.waiters.data(), b.waiters.size(), f);
   for (Fiber* w : b.waiters) make_ready(w);
   b.waiters.clear();
   return b.result;
@@ -109,6 +112,7 @@ void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]) {
     // The last lane computes every lane's result. The others read theirs before they can deposit
     // into the next exchange, so one set of slots per warp suffices.
     warp_ops::compute(w.slots, w.op);
+    if (w.op == kOpSyncwarp) race_join(w.waiters, 31, f);
     for (int i = 0; i < 31; ++i) make_ready(w.waiters[i]);
     w.arrived = 0;
   } else {
@@ -120,7 +124,7 @@ void warp_exchange(WarpOp op, u32 mask, const u32* in, int n, u32 (&out)[4]) {
 
 void cp_async_issue(void* dst, const void* src) {
   Fiber* f = G->running;
-  f->copies.push_back(AsyncCopy{dst, src, f->commits});
+  f->copies.push_back(AsyncCopy{dst, src, f->commits, __builtin_return_address(0)});
 }
 
 void cp_async_commit_group() { ++G->running->commits; }
@@ -129,6 +133,7 @@ void cp_async_wait_groups(int n) {
   Fiber* f = G->running;
   while (!f->copies.empty() && f->copies.front().group + n < f->commits) {
     const AsyncCopy& c = f->copies.front();
+    race_access_at(c.dst, 16, true, c.pc);   // the copy's writes, as its thread's, where it lands
     if (!c.src) std::memset(c.dst, 0, 16);
     else if (weak_memory) wm_load(c.src, c.dst, 16, kLoadCg);
     else std::memcpy(c.dst, c.src, 16);

@@ -90,6 +90,7 @@ inline void compute(WarpSlots& w, WarpOp op) {
       break;
     }
     case kOpLdmatrix: ldmatrix(w); break;
+    case kOpSyncwarp: break;   // orders the lanes' memory accesses (racecheck.cpp), computes nothing
     default: mma(w, op);
   }
 }

@@ -83,8 +83,9 @@ inline Mbarrier* mbarrier(u64* bar, const char* what) {
 }
 
 // After a change of the mbarrier's state (checked by mbarrier() just before): completes the phase
-// when its arrivals and transaction bytes are all in, and records the bytes it leaves.
-inline void mbarrier_progress(u64* bar, u64 launch, const char* what) {
+// when its arrivals and transaction bytes are all in, and records the bytes it leaves. `race`: the
+// block's race-check state (FiberView::race).
+inline void mbarrier_progress(u64* bar, u64 launch, const char* what, void* race) {
   Mbarrier* m = reinterpret_cast<Mbarrier*>(bar);
   LiveMbarrier* live = live_mbarrier(bar, launch);
   if (m->tx < 0 && m->pending == 0) fatal("%s: more transaction bytes completed than expected", what);
@@ -92,6 +93,7 @@ inline void mbarrier_progress(u64* bar, u64 launch, const char* what) {
     m->phase ^= 1;
     m->pending = m->expected;
     ++live->phases;
+    race_mbar_complete(race, bar);
   }
   live->bytes = *bar;
 }
@@ -102,7 +104,8 @@ inline void mbarrier_arrive(u64* bar, const char* what, u32 tx_bytes = 0) {
   if (m->pending == 0) fatal("%s: more arrivals than the mbarrier's expected count", what);
   m->tx += tx_bytes;
   m->pending -= 1;
-  mbarrier_progress(bar, current->launch, what);
+  race_mbar_arrive(bar);
+  mbarrier_progress(bar, current->launch, what, current->race);
 }
 
 // The emulator's tensor map: what cuTensorMapEncodeTiled is given (rank 4, 128-byte swizzle,
@@ -181,6 +184,19 @@ inline void wgmma_run(const WgmmaOp& op) {
       }
 }
 
+// The shared memory a warp's part of a wgmma reads (its 16 rows of A, every row of B), checked as
+// lane 0's reads (racecheck.cpp): 16-byte granules, which the swizzle keeps whole.
+inline void wgmma_check_reads(const WgmmaOp& op) {
+  if (!race_enabled || (threadIdx.x & 31) != 0) return;
+  const int warp = (threadIdx.x & 127) >> 5;
+  for (int kbyte = 0; kbyte < 32; kbyte += 16) {
+    for (int row = warp * 16; row < warp * 16 + 16; ++row)
+      race_access(smem_at(wgmma_operand_offset(op.desc_a, row, kbyte), 16, "wgmma operand A"), 16, false);
+    for (int col = 0; col < op.n; ++col)
+      race_access(smem_at(wgmma_operand_offset(op.desc_b, col, kbyte), 16, "wgmma operand B"), 16, false);
+  }
+}
+
 }  // namespace emu
 
 // ---- mbarrier ----------------------------------------------------------------------------------
@@ -192,10 +208,12 @@ inline void mbar_init(u64* bar, u32 count) {
   if (count < 1 || count >= (1u << 20)) emu::fatal("mbarrier.init count %u out of range", count);
   *reinterpret_cast<emu::Mbarrier*>(bar) = emu::Mbarrier{count, count, 0, 0};
   emu::live_mbarriers()[bar] = emu::LiveMbarrier{emu::current->launch, 0, *bar};
+  emu::race_mbar_init(bar);
 }
 inline void mbar_inval(u64* bar) {
   emu::mbarrier(bar, "mbarrier.inval");
   emu::live_mbarriers().erase(bar);
+  emu::race_mbar_inval(bar);
 }
 inline void fence_mbar_init() { emu::yield(); }
 inline void mbar_arrive(u64* bar) { emu::mbarrier_arrive(bar, "mbarrier.arrive"); }
@@ -227,9 +245,13 @@ inline void mbar_check_phase(u64* bar, u32 phase) {
 // time. A wait that could never complete is the kernel's own bounded wait's to report.
 inline bool mbar_try_wait(u64* bar, u32 parity) {
   emu::yield();
-  if (emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1)) return true;
-  emu::sleep_for(1024);
-  return emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1);
+  bool done = emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1);
+  if (!done) {
+    emu::sleep_for(1024);
+    done = emu::mbarrier(bar, "mbarrier.try_wait")->phase != (parity & 1);
+  }
+  if (done) emu::race_mbar_acquire(bar);
+  return done;
 }
 
 // ---- proxies and barriers --------------------------------------------------------------------
@@ -278,13 +300,15 @@ inline void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1, in
         }
   u8* dst_bytes = emu::smem_at(base, rows * row_bytes, "tma_load_4d destination");
   emu::mbarrier(bar, "cp.async.bulk.tensor");
-  emu::land_later([dst_bytes, bytes = std::move(bytes), bar, launch = emu::current->launch] {
+  emu::land_later([dst_bytes, bytes = std::move(bytes), bar, launch = emu::current->launch,
+                   race = emu::race_async_issue(), block = emu::current->race] {
     // A barrier invalidated meanwhile: the launch failed and left (the kernel's other paths
     // wait for every stage before they invalidate).
     if (!emu::live_mbarrier(bar, launch)) return;
+    emu::race_async_land(race, dst_bytes, static_cast<u32>(bytes.size()), bar);
     std::memcpy(dst_bytes, bytes.data(), bytes.size());
     emu::live_object(bar, launch, "complete_tx")->tx -= static_cast<i64>(bytes.size());
-    emu::mbarrier_progress(bar, launch, "complete_tx");
+    emu::mbarrier_progress(bar, launch, "complete_tx", block);
   });
 }
 
@@ -302,7 +326,11 @@ template <int N>
 inline void wgmma_wait() {
   emu::WgmmaQueue& q = emu::wgmma_queue();
   while (q.groups.size() > static_cast<size_t>(N)) {
-    for (const emu::WgmmaOp& op : q.groups.front()) emu::wgmma_run(op);
+    for (const emu::WgmmaOp& op : q.groups.front()) {
+      emu::wgmma_check_reads(op);
+      const emu::RaceIgnore checked_above;   // each thread's own element reads
+      emu::wgmma_run(op);
+    }
     q.groups.erase(q.groups.begin());
   }
   __syncwarp();

@@ -84,9 +84,11 @@ struct AsyncCopy {
   void* dst;
   const void* src;   // nullptr: zero-fill
   u64 group;         // the commit group it belongs to (commits before its issue)
+  const void* pc;    // where it was issued (race reports)
 };
 
 struct Launch;
+struct LaunchRace;
 
 struct Fiber {
   FiberView view;
@@ -146,11 +148,13 @@ struct Launch {
   char* stacks = nullptr;
   u64 stacks_bytes = 0;
   Words gpu;   // weak memory: stores every block of this launch sees and no other launch yet
+  std::shared_ptr<LaunchRace> race;   // shared-memory race checks (racecheck.cpp), when on
 
   void free_resources() {
     if (stacks) munmap(stacks, stacks_bytes);
     stacks = nullptr;
     std::vector<u8>().swap(smem_storage);
+    race.reset();
     std::vector<Fiber>().swap(fibers);
     std::vector<BlockState>().swap(blocks);
     std::vector<WarpState>().swap(warps);
@@ -244,6 +248,8 @@ inline void make_ready(Fiber* f) {
 
 // runtime.cpp: back to the scheduler, in state `s`; returns when the scheduler next dispatches f.
 void park(Fiber* f, State s);
+// runtime.cpp: "launch 2 (PE 2) " in a world of several launches, for messages.
+std::string launch_name(const Launch& l);
 // threads.cpp: the collective's name, for messages.
 const char* op_name(WarpOp op);
 
@@ -251,5 +257,12 @@ const char* op_name(WarpOp op);
 void drain_launch(Launch& l);   // a launch's end publishes every store it made, drops its copies in flight
 void background(World& w);      // before every dispatch
 void settle_all(World& w);      // nothing left to run: every put delivered and visible
+
+// racecheck.cpp: a launch's race-check state (nothing when it is off); `waiters` (n of them) and
+// `last`, threads of one block, pass a barrier together; the races a finished launch made, as a
+// message ("" for none).
+void race_start(Launch& l);
+void race_join(Fiber* const* waiters, size_t n, Fiber* last);
+std::string race_finish(Launch& l);
 
 }  // namespace flashmoe::emu::detail

@@ -222,21 +222,23 @@ __device__ bool consume_tasks(const Params& p, const Ctx& c) {
 __device__ bool run_tasks(const Params& p, const Ctx& c, volatile u32* scratch) {
   Gemm0::init_barriers(c.smem());
   // A failure is noted in shared memory, not carried in a register: a value live across the
-  // register budget's changes is kept on the stack.
+  // register budget's changes is kept on the stack. Atomically: the failing threads write it
+  // together, and it is read only after the block's barrier (a plain store, read by others before
+  // that barrier, would race).
   volatile u32& failed = Gemm0::barriers(c.smem()).failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
   if (threadIdx.x < Gemm0::kProducerThreads) {
     RegisterBudget::producer();
-    if (!produce_tasks(p, c, scratch)) failed = 1;
+    if (!produce_tasks(p, c, scratch)) atomicOr(const_cast<u32*>(&failed), 1u);
     RegisterBudget::producer_done();
   } else {
     RegisterBudget::consumers();
-    if (!consume_tasks(p, c)) failed = 1;
+    if (!consume_tasks(p, c)) atomicOr(const_cast<u32*>(&failed), 1u);
     RegisterBudget::consumers_done();
   }
-  // A thread that failed reads its own note; no thread reads after the barrier, so the memory
-  // is free for what comes next.
+  __syncthreads();   // every note is in
+  // No thread reads the note after this barrier, so the memory is free for what comes next.
   const bool ok = !__syncthreads_or(failed != 0);
   Gemm0::inval_barriers(c.smem());
   return ok;
