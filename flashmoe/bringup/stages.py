@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -378,13 +379,13 @@ def emulated_racecheck(st: Stage) -> str:
     """On a CPU: the emulator's shared-memory race check (device/emulation/racecheck.cpp), what
     racecheck checks on a GPU, on a W = 2 case whose K runs several times round the stage ring,
     with each engine and wgmma schedule. A race fails the case with both places named."""
-    os.environ[emulator.RACECHECK_ENV] = "1"   # this stage's process: every kernel it builds checks
     case = Case("W2-H512-t150", _cfg(dict(hidden_size=512, intermediate_size=128, num_experts=8, top_k=2)),
                 world=2, tokens=150)
-    for name, gemm, specs in (("mma_sync", "mma_sync", None), ("wgmma ping-pong", "wgmma", None),
-                              ("wgmma cooperative", None,
-                               lambda c: [cooperative(wgmma_spec(c.dtype, c.gated, stages=3))])):
-        run_cases(st, [replace(case, name=f"racecheck (emulator) {name} {case.name}")], gemm=gemm, specs=specs)
+    with mock.patch.dict(os.environ, {emulator.RACECHECK_ENV: "1"}):   # every kernel built here checks
+        for name, gemm, specs in (("mma_sync", "mma_sync", None), ("wgmma ping-pong", "wgmma", None),
+                                  ("wgmma cooperative", None,
+                                   lambda c: [cooperative(wgmma_spec(c.dtype, c.gated, stages=3))])):
+            run_cases(st, [replace(case, name=f"racecheck (emulator) {name} {case.name}")], gemm=gemm, specs=specs)
     return ""
 
 
