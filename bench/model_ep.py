@@ -1,8 +1,8 @@
-"""Scale model of one flashmoe forward with expert parallelism over W GPUs (unvalidated).
+"""Scale model of one flashmoe forward with expert parallelism over W GPUs (unvalidated beyond one GPU).
 
     python bench/model_ep.py                     # 8 x H100: the FlashMoE paper's layers, DeepSeek-V3-like
     python bench/model_ep.py --world 16 --skew 1.3 --nvlink-gbps 160 --json pred.json
-    python bench/model_ep.py --trace <stem>_flashmoe-paper_16384.trace.json   # tile times of a trace
+    python bench/model_ep.py --trace <stem>_qwen3-30b-a3b_4096.trace.json.gz   # tile times of a trace
     python bench/model_ep.py --virtual --measured bench/results/ep_<device>_<date>.json
 
 Every rank runs the kernel's phases in order (flashmoe/device/flashmoe.cu): route, barrier,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import re
@@ -35,17 +36,18 @@ if __package__ in (None, ""):       # run as a script: make the repository impor
 from bench import layers, metrics
 from flashmoe.config import MoEConfig
 from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_tile, experts_per_rank
-from flashmoe.host.spec import BLOCK_N
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# B rows per tile: BLOCK_N (a gated GEMM0 tile splits them gate / up). The model keeps the tile the
-# measured rows it is fitted to ran; the wide 128 x 256 tile waits for a GPU measurement of its own.
 PEAK_BF16 = 989.4                   # TFLOP/s, H100 / H200 SXM dense bf16 (TF32: half)
-# One H200, 2026-11-30 (results/layer_nvidia-h200_20261130-010632.json): its measured ceilings, and
-# the FlashMoE paper layer's flashmoe times (bf16, W = 1) the tile efficiency and fixed cost fit.
-H200_MATMUL, H200_COPY = 814.05, 4216.5     # TFLOP/s (8192^3 bf16 matmul), GB/s (read + write)
-FIT_ROWS = ((2048, 0.78816), (16384, 2.795184))   # (tokens, median_ms)
-MEASURED_DEFAULT = ("layer_nvidia-h200_20261130-005437.json", "layer_nvidia-h200_20261130-010632.json")
+# One H200, 2026-11-30, commit 446305b (results/bench_grid-h200-20261130-163053.log): its measured
+# ceilings, and the FlashMoE paper layer's flashmoe times (bf16, W = 1; a 128 x 128 tile at 2048
+# tokens, 128 x 256 at 16384) the tile efficiency and fixed cost fit.
+H200_MATMUL, H200_COPY = 798.6, 4251.0      # TFLOP/s (8192^3 bf16 matmul), GB/s (read + write)
+FIT_ROWS = ((2048, 0.4891), (16384, 1.831))   # (tokens, median_ms)
+# The same commit's measured rows the check prints by default: the kit's bench rows (W = 1) and
+# bench/sweep_ep.py (W = 1, 2, 4, 8 virtual ranks on one GPU), last: where both have a row, the
+# sweep's wins, so that its W > 1 rows are set beside a W = 1 row of the same run.
+MEASURED_DEFAULT = ("layer_nvidia-h200_20261130-163024.json", "ep_nvidia-h200_20261130-163434.json")
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,30 @@ class Gpu:
     name: str
     sms: int
     matmul_tflops: float    # achieved dense bf16 rate; TF32 tiles run at half of it
-    core_tflops: float      # fp32 FMA peak of the CUDA cores (the router)
     copy_gbps: float        # achieved HBM copy bandwidth, read + write
 
 
 # H100 and H200 SXM share the GH100 die and clocks, so the H200's measured matmul rate stands for
 # both; H100's HBM3 (3350 GB/s nominal) gets the share of nominal the H200 measured (of 4800).
-GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 66.9, 3350 * H200_COPY / 4800),
-        "h200": Gpu("H200 SXM", 132, H200_MATMUL, 66.9, H200_COPY)}
+GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 3350 * H200_COPY / 4800),
+        "h200": Gpu("H200 SXM", 132, H200_MATMUL, H200_COPY)}
+
+# The router (flashmoe/device/roles/router.cuh), from the same commit's kernel traces
+# (results/layer_nvidia-h200_20261130-164405_*.trace.json.gz; tests/test_model_ep.py holds the model
+# to them). Its logits are bound, as router.cuh says, by the shared-memory reads of the busiest
+# block (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
+# Mixtral at 4096: 4-row slices, 512 per k over K = 4096 in 102.4 us), or, for a few tokens, by
+# one block streaming its chunk's x (Qwen3 at 128 tokens: 256 KB in 44.6 us; Mixtral: 512 KB in
+# 80.2 us). Selection (scores, top-k, counts) then takes a chunk's block a time linear in E (Qwen3,
+# E = 128: 81.8 us at 4096 tokens, 104.7 at 128; Mixtral, E = 8: 16.0 and 20.7).
+ROUTER_SMEM_READS_PER_NS = 21.06    # per SM, the mean of the two prefill rows
+ROUTER_X_GBPS = 6.21                # per SM, the mean of the two decode rows
+ROUTER_SELECT_US = (13.35, 0.624)   # per chunk: a + b E, through the means at E = 8 and E = 128
+ROUTER_PASS_ROWS, ROUTER_TILE_READS = 128, 64 * 128 // 32 * 12   # router.cuh: a tile's rows, its reads per k
+# The combine (k result rows read, one output row written per token) moves its bytes at this share
+# of the copy bandwidth: 1160 GB/s (Qwen3) and 1378 GB/s (Mixtral) over the span of its records in
+# the same traces at 4096 tokens, against 4251 GB/s of copy.
+COMBINE_COPY_SHARE = 0.30
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,6 @@ class Links:
 class Knobs:
     eff: tuple[float, float]     # GEMM0, GEMM1 tile efficiency against the matmul rate
     fixed_ms: float = 0.0        # per-forward cost the phases do not explain
-    router_eff: float = 0.5      # share of the CUDA-core fp32 peak the router reaches
     skew: float = 1.0            # slowest rank's load / mean load
 
 
@@ -108,6 +125,28 @@ def _ranks_hit_routed(config: MoEConfig, W: int, tokens: int = 8192) -> float:
     ids = reference.route(torch.randn(tokens, E, generator=gen), weights, routed).ids
     owner = ids // experts_per_rank(E, W)
     return torch.zeros(tokens, W, dtype=torch.bool).scatter_(1, owner, True).sum().item() / tokens
+
+
+def route_s(config: MoEConfig, tokens: int, blocks: int, threads: int) -> tuple[float, float]:
+    """(logits, selection) seconds of one rank's routing, the kernel's way (router.cuh): with at
+    least as many 64-token chunks as blocks, each block its chunks' 128-row passes; with fewer,
+    every block a share first (spread_logits: row slices or 128-row tiles, whichever gives the
+    busiest block fewer shared-memory reads), then each chunk's block selects."""
+    rows = config.num_experts + (1 if config.shared_expert_gate else 0)
+    H, b = config.hidden_size, 4 if config.dtype == "float32" else 2
+    chunks, ntok = math.ceil(tokens / CHUNK_TOKENS), min(tokens, CHUNK_TOKENS)
+    passes = math.ceil(rows / ROUTER_PASS_ROWS)
+    items = math.ceil(chunks / blocks) * passes if chunks >= blocks else math.ceil(chunks * passes / blocks)
+    reads = items * ROUTER_TILE_READS       # the busiest block's, per k
+    if chunks < blocks:
+        ne = max(1, min(ROUTER_PASS_ROWS, threads // ntok, math.ceil(rows * chunks / blocks)))
+        slices = math.ceil(rows / ne)
+        slice_reads = math.ceil(chunks * slices / blocks) * ntok * ne * 2
+        if slice_reads <= reads:
+            items, reads = math.ceil(chunks * slices / blocks), slice_reads
+    logits = max(reads * H / ROUTER_SMEM_READS_PER_NS * 1e-9, items * ntok * H * b / (ROUTER_X_GBPS * 1e9))
+    a, per_expert = ROUTER_SELECT_US
+    return logits, math.ceil(chunks / blocks) * (a + per_expert * config.num_experts) * 1e-6
 
 
 def expected_tiles(n: int, p: float, bm: int) -> tuple[float, float]:
@@ -142,11 +181,11 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
         return max(nbytes * (1 - ib_share) / (links.nvlink_gbps * 1e9 * links.link_eff),
                    nbytes * ib_share / (links.ib_gbps * 1e9 * links.link_eff))
 
-    # Route: one block per 64-token chunk computes its fp32 logits on CUDA cores.
+    # The GEMM tile the kernel picks, and the threads its block has (one producer warpgroup and a
+    # consumer warpgroup per 64 rows: flashmoe.host.spec).
+    bm, bn = choose_tile(config, tokens * world, world, blocks)
+    route = sum(route_s(config, tokens, blocks, 128 * (1 + bm // 64)))
     chunks = math.ceil(tokens / CHUNK_TOKENS)
-    core_sm = gpu.core_tflops * 1e12 / gpu.sms * knobs.router_eff
-    router_rows = E + (1 if config.shared_expert_gate else 0)
-    route = math.ceil(chunks / blocks) * 2 * min(tokens, CHUNK_TOKENS) * router_rows * H / core_sm
     # Sync: two rank barriers, then one signal round each for counts, data and done.
     sync = (2 * links.local_us + 3 * flag_us) * 1e-6
 
@@ -158,22 +197,21 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
     dispatch = max(link_s(dispatch_bytes), issue) if world > 1 else 0.0
 
     # Experts: a local expert gets Binomial(W T, k / E) rows in tiles of bm; the rank's blocks
-    # claim GEMM0 tiles (2 bm BN H FLOPs), then GEMM1 tiles (2 bm BN I).
-    bm = choose_tile(config, tokens * world)[0]
+    # claim GEMM0 tiles (2 bm bn H FLOPs), then GEMM1 tiles (2 bm bn I).
     tiles_e, active = expected_tiles(world * tokens, k / E, bm)
     per_b = max(tiles_e / active, 1.0) if active else 1.0   # row tiles sharing one B tile
-    cols0 = BLOCK_N // (2 if config.gated else 1)          # intermediate columns of a GEMM0 tile
-    c0, c1 = math.ceil(I / cols0), math.ceil(H / BLOCK_N)
+    cols0 = bn // (2 if config.gated else 1)               # intermediate columns of a GEMM0 tile
+    c0, c1 = math.ceil(I / cols0), math.ceil(H / bn)
     rate_sm = gpu.matmul_tflops * 1e12 / gpu.sms / (2 if config.dtype == "float32" else 1)
 
     def tile_s(K: int, col_tiles: int, out_cols: int, eff: float) -> float:
         """max(FLOPs / rate, HBM bytes / the SM's share of the bandwidth). HBM bytes: the B tile
         once per expert (its row tiles are claimed in a row, L2 keeps it), the A tile once per
         row tile, the output."""
-        nbytes = BLOCK_N * K * b / per_b + bm * K * b / col_tiles + bm * out_cols * b
-        return max(2 * bm * BLOCK_N * K / (rate_sm * eff), nbytes / (bw / gpu.sms))
+        nbytes = bn * K * b / per_b + bm * K * b / col_tiles + bm * out_cols * b
+        return max(2 * bm * bn * K / (rate_sm * eff), nbytes / (bw / gpu.sms))
 
-    t0, t1 = tile_s(H, c0, cols0, knobs.eff[0]), tile_s(I, c1, BLOCK_N, knobs.eff[1])
+    t0, t1 = tile_s(H, c0, cols0, knobs.eff[0]), tile_s(I, c1, bn, knobs.eff[1])
     n0, n1 = El * tiles_e * c0 * s, El * tiles_e * c1 * s
     work = n0 * t0 + n1 * t1
     mean_tile = work / (n0 + n1) if work else 0.0
@@ -184,7 +222,7 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
     returns = 0.0 if virtual else link_s(return_bytes)      # on one GPU: tile output, counted above
     experts = max(makespan, weights, returns)
     # Combine: read k result rows, write one output row, per token.
-    combine = tokens * (k + 1) * H * b * (world if virtual else 1) / bw
+    combine = tokens * (k + 1) * H * b * (world if virtual else 1) / (bw * COMBINE_COPY_SHARE)
 
     ms = {"route": route * 1e3, "sync": sync * 1e3, "dispatch": dispatch * 1e3,
           "experts": experts * 1e3, "combine": combine * 1e3, "fixed": knobs.fixed_ms}
@@ -194,47 +232,54 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
                         "remote_rows_per_token": rows_out / tokens,
                         "dispatch_gbps": dispatch_bytes / dispatch / 1e9 if dispatch else None,
                         "return_link_ms": returns * 1e3},
-            "tiles": {"block_m": bm, "gemm0": n0, "gemm1": n1, "gemm0_us": t0 * 1e6, "gemm1_us": t1 * 1e6,
-                      "makespan_ms": makespan * 1e3, "weights_floor_ms": weights * 1e3}}
+            "tiles": {"block_m": bm, "block_n": bn, "gemm0": n0, "gemm1": n1, "gemm0_us": t0 * 1e6,
+                      "gemm1_us": t1 * 1e6, "makespan_ms": makespan * 1e3, "weights_floor_ms": weights * 1e3}}
 
 
-def calibrate(links: Links, router_eff: float, eff: tuple[float, float] | None = None) -> Knobs:
+def calibrate(links: Links, eff: tuple[float, float] | None = None) -> Knobs:
     """The tile efficiency (one for both GEMMs) and the fixed cost with which the W = 1 model
     gives the two measured H200 rows; with the efficiencies given, the fixed cost only (the mean
     residual of the two rows)."""
     paper = layers.LAYERS["flashmoe-paper"][0]
 
     def model(tokens, e):
-        return predict(paper, tokens, 1, GPUS["h200"], links, Knobs(e, 0.0, router_eff), True)["total_ms"]
+        return predict(paper, tokens, 1, GPUS["h200"], links, Knobs(e, 0.0), True)["total_ms"]
     if eff is not None:
-        return Knobs(eff, max(statistics.mean(m - model(t, eff) for t, m in FIT_ROWS), 0.0), router_eff)
+        return Knobs(eff, max(statistics.mean(m - model(t, eff) for t, m in FIT_ROWS), 0.0))
     (t_lo, m_lo), (t_hi, m_hi) = FIT_ROWS
     lo, hi = 0.01, 1.0      # the gap between the two rows shrinks as the efficiency grows
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if model(t_hi, (mid, mid)) - model(t_lo, (mid, mid)) > m_hi - m_lo else (lo, mid)
     e = ((lo + hi) / 2,) * 2
-    return Knobs(e, max(m_lo - model(t_lo, e), 0.0), router_eff)
+    return Knobs(e, max(m_lo - model(t_lo, e), 0.0))
+
+
+def trace_events(path) -> list:
+    """The events of a Perfetto JSON of flashmoe.trace, as bench_layer.py --trace writes it
+    (<stem>_<layer>_<tokens>.trace.json) or gzipped as the results keep it (.trace.json.gz)."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)["traceEvents"]
 
 
 def trace_efficiency(path: str, layer: str | None, tokens: int | None) -> tuple[dict, tuple]:
     """Median GEMM0 / GEMM1 record lengths of a Perfetto JSON of flashmoe.trace (one H200, W = 1,
     a bench layer; bench_layer.py --trace names it <stem>_<layer>_<tokens>.trace.json), and the
     tile efficiencies that make the model's compute time of those tiles equal to them."""
-    events = json.loads(Path(path).read_text())["traceEvents"]
+    events = trace_events(path)
     med = {}
     for kind in ("GEMM0", "GEMM1"):
         durs = [e["dur"] for e in events if e.get("ph") == "X" and e.get("name") == kind]
         if not durs:
             raise SystemExit(f"{path}: no {kind} records in the trace")
         med[kind] = statistics.median(durs)
-    named = re.search(r"_([a-z0-9.-]+)_(\d+)\.trace\.json$", Path(path).name)
+    named = re.search(r"_([a-z0-9.-]+)_(\d+)\.trace\.json(\.gz)?$", Path(path).name)
     layer = layer or (named.group(1) if named and named.group(1) in layers.LAYERS else "flashmoe-paper")
     tokens = tokens or (int(named.group(2)) if named else 16384)
     config = layers.LAYERS[layer][0]
-    bm = choose_tile(config, tokens)[0]
+    bm, bn = choose_tile(config, tokens)
     rate_us = GPUS["h200"].matmul_tflops * 1e6 / GPUS["h200"].sms     # FLOPs per us per SM
-    eff = tuple(2 * bm * BLOCK_N * K / rate_us / med[kind]
+    eff = tuple(2 * bm * bn * K / rate_us / med[kind]
                 for K, kind in ((config.hidden_size, "GEMM0"), (config.intermediate_size, "GEMM1")))
     return {"path": str(path), "layer": layer, "tokens": tokens, "gemm0_us": med["GEMM0"],
             "gemm1_us": med["GEMM1"]}, eff
@@ -330,20 +375,23 @@ def assumptions(gpu: Gpu, links: Links, knobs: Knobs, trace: dict | None, virtua
             "V2: 643 GB/s from 24 SMs)")
     return [
         "UNVALIDATED: no multi-GPU run or trace of this kernel exists; W > 1 numbers are the model's "
-        "alone, checked only against one-GPU measurements (the check below).",
+        "alone, checked only against one GPU: W = 1, and W virtual ranks sharing it (the check below).",
         f"GPU {gpu.name}: {gpu.sms} SMs, one block each; tiles run against the matmul rate measured on "
         f"an H200 ({gpu.matmul_tflops:.0f} TFLOP/s bf16, {gpu.matmul_tflops / PEAK_BF16:.0%} of the "
         f"{PEAK_BF16} peak; same die and clocks as H100), TF32 at half ({gpu.matmul_tflops / 2:.0f}; "
         f"peak {PEAK_BF16 / 2:.0f}); HBM copy {gpu.copy_gbps:.0f} GB/s.",
-        f"GEMM tiles: 128 rows (64 when an expert averages <= 64, plan.choose_tile) x {BLOCK_N} B rows (the "
-        "wide 128 x 256 tile is not modelled), "
+        "GEMM tiles: the kernel's (plan.choose_tile: 64 x 128 when an expert averages <= 64 rows, "
+        "128 x 256 when every block gets 4 of them, else 128 x 128), "
         "K = H (GEMM0) or I (GEMM1); time = max(FLOPs / (per-SM matmul rate x efficiency), HBM bytes / "
         f"per-SM share of the bandwidth); {tiles}.",
         f"fixed cost {knobs.fixed_ms:.3f} ms per forward, fitted with the tiles: what the one-GPU times "
-        "hold beyond the modelled phases (launch, host side: unexplained until a trace); in every row.",
+        "hold beyond the modelled phases (the traces span all but about 20 us of a forward's time, so it is "
+        "inside the kernel: waits at the rank barriers and for rows); in every row.",
         "fp32 rows: TF32 tiles at the bf16 tile efficiency (no fp32 measurement exists), 4-byte rows.",
-        f"router: fp32 on CUDA cores at {knobs.router_eff} x {gpu.core_tflops} TFLOP/s (assumed), one "
-        "block per 64-token chunk: ceil(chunks / blocks) rounds.",
+        "router: the kernel's split of the logits over blocks (router.cuh), the busiest block's "
+        f"shared-memory reads at {ROUTER_SMEM_READS_PER_NS} per ns or its x at {ROUTER_X_GBPS} GB/s, then "
+        f"selection at {ROUTER_SELECT_US[0]} + {ROUTER_SELECT_US[1]} E us per chunk (fitted to the H200 "
+        "traces of Qwen3 and Mixtral at 128 and 4096 tokens, within 11% of each).",
         f"{link}; flags within a GPU {links.local_us} us.",
         "traffic: the expectation under uniform routing (a token's k experts a uniform k-subset; under a "
         "group limit, counted over 8192 tokens of the reference router with iid logits); a row travels "
@@ -353,7 +401,8 @@ def assumptions(gpu: Gpu, links: Links, knobs: Knobs, trace: dict | None, virtua
         "overlap: none between dispatch and GEMMs (a GEMM0 tile waits for its sources' data signals and "
         "all ranks dispatch at once); the expert phase is the longest of the tile makespan (whole waves; "
         "at least a GEMM0 then a GEMM1), the weights' HBM floor (metrics.expert_weight_bytes) and the "
-        "result rows' link time; combine follows every done signal.",
+        "result rows' link time; combine follows every done signal, its bytes at "
+        f"{COMBINE_COPY_SHARE:.0%} of the copy bandwidth (the traces).",
     ]
 
 
@@ -383,7 +432,23 @@ def check_section(keys, measured: dict, gpu: Gpu, links: Links, knobs: Knobs) ->
         print(f"{name:<17}{'virt' if virtual else 'gpus':>5}{world:>3}{T * world:>7}{T:>7}{cells(p)}{fmt(m, 9)}"
               f"{fmt(p['total_ms'] / m if m else None, 10, '.2f')}{fit}")
         rows.append({"layer": name, "tokens_per_rank": T, "world": world, "virtual": virtual, **p, "measured_ms": m})
+    scaling(rows)
     return rows
+
+
+def scaling(rows: list) -> None:
+    """Each measured W > 1 row of virtual ranks over its W = 1 row (the same tokens on one GPU):
+    what expert parallelism costs, measured and predicted."""
+    one = {(r["layer"], r["tokens_per_rank"]): r for r in rows if r["virtual"] and r["world"] == 1 and r["measured_ms"]}
+    lines = []
+    for r in rows:
+        base = one.get((r["layer"], r["tokens_per_rank"] * r["world"]))
+        if r["virtual"] and r["world"] > 1 and r["measured_ms"] and base:
+            lines.append(f"{r['layer']:<17}{r['tokens_per_rank'] * r['world']:>7}{r['world']:>3}"
+                         f"{r['measured_ms'] / base['measured_ms']:>10.3f}{r['total_ms'] / base['total_ms']:>11.3f}")
+    if lines:
+        print(f"\nW virtual ranks over W = 1, the same tokens\n{'layer':<17}{'tokens':>7}{'W':>3}{'measured':>10}"
+              f"{'predicted':>11}\n" + "\n".join(lines))
 
 
 def gpu_section(world: int, gpu: Gpu, links: Links, knobs: Knobs) -> list:
@@ -430,7 +495,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the predictions here")
     for f in dataclasses.fields(Links):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    ap.add_argument("--router-eff", type=float, default=Knobs((1, 1)).router_eff)
     ap.add_argument("--skew", type=float, default=1.0, help="slowest rank's load / mean load")
     ap.add_argument("--gemm-eff", type=float, help="tile efficiency instead of the fit")
     ap.add_argument("--fixed-ms", type=float, help="fixed cost per forward instead of the fit")
@@ -439,7 +503,7 @@ def main(argv=None) -> int:
     gpu = GPUS["h200" if args.virtual else args.gpu]
     trace, eff = trace_efficiency(args.trace, args.trace_layer, args.trace_tokens) if args.trace else (None, None)
     eff = (args.gemm_eff,) * 2 if args.gemm_eff else eff
-    knobs = calibrate(links, args.router_eff, eff)
+    knobs = calibrate(links, eff)
     knobs = replace(knobs, skew=args.skew, fixed_ms=knobs.fixed_ms if args.fixed_ms is None else args.fixed_ms)
     measured = load_measured(args.measured or [RESULTS / f for f in MEASURED_DEFAULT if (RESULTS / f).exists()])
     lines = assumptions(gpu, links, knobs, trace, args.virtual)
