@@ -34,8 +34,10 @@ if __package__ in (None, ""):       # run as a script: make the repository impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import layers, metrics
+from bench.published import COLUMNS, DEEPEP_LL_US, DEEPEP_NORMAL_GBPS, INDEPENDENT_BF16, published
 from flashmoe.config import MoEConfig
 from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_tile, experts_per_rank
+from flashmoe.host.spec import wgmma_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_BF16 = 989.4                   # TFLOP/s, H100 / H200 SXM dense bf16 (TF32: half)
@@ -181,10 +183,10 @@ def predict(config: MoEConfig, tokens: int, world: int, gpu: Gpu, links: Links, 
         return max(nbytes * (1 - ib_share) / (links.nvlink_gbps * 1e9 * links.link_eff),
                    nbytes * ib_share / (links.ib_gbps * 1e9 * links.link_eff))
 
-    # The GEMM tile the kernel picks, and the threads its block has (one producer warpgroup and a
-    # consumer warpgroup per 64 rows: flashmoe.host.spec).
+    # The GEMM tile the kernel picks, and the threads of its Hopper build (the router's split uses them).
     bm, bn = choose_tile(config, tokens * world, world, blocks)
-    route = sum(route_s(config, tokens, blocks, 128 * (1 + bm // 64)))
+    threads = wgmma_spec(config.dtype, config.gated, block_m=bm, block_n=bn).threads
+    route = sum(route_s(config, tokens, blocks, threads))
     chunks = math.ceil(tokens / CHUNK_TOKENS)
     # Sync: two rank barriers, then one signal round each for counts, data and done.
     sync = (2 * links.local_us + 3 * flag_us) * 1e-6
@@ -285,28 +287,6 @@ def trace_efficiency(path: str, layer: str | None, tokens: int | None) -> tuple[
             "gemm1_us": med["GEMM1"]}, eff
 
 
-# Published forward times (ms), 8 GPUs, k = 2, H = I = 2048, ungated GELU, by (E, tokens per GPU).
-# FlashMoE paper (Aimuyo, Oh, Singh, NeurIPS'25, arXiv 2506.04667; the figures in its repository's
-# plots/), 8 x H100: FlashMoE in fp32/TF32; Megatron-TE, Megatron-CUTLASS, FasterMoE in fp16.
-# E = 32: its latency table. Other E: its expert-scaling figure at 16K tokens, read off bars
-# (+-0.3 ms); Megatron there is ~37 for both at E = 16, 64, 128.
-PAPER = {
-    (32, 4096): {"FlashMoE": 2.1, "Meg-TE": 10.0, "Meg-CUTLASS": 9.9, "FasterMoE": 10.3},
-    (32, 8192): {"FlashMoE": 3.7, "Meg-TE": 18.9, "Meg-CUTLASS": 18.9, "FasterMoE": 21.3},
-    (32, 16384): {"FlashMoE": 7.0, "Meg-TE": 36.9, "Meg-CUTLASS": 36.9, "FasterMoE": 45.3},
-    (8, 16384): {"FlashMoE": 8.3, "Meg-TE": 36.6, "Meg-CUTLASS": 36.3, "FasterMoE": 30.6},
-    (16, 16384): {"FlashMoE": 8.2, "Meg-TE": 37.0, "Meg-CUTLASS": 37.0, "FasterMoE": 38.9},
-    (64, 16384): {"FlashMoE": 7.0, "Meg-TE": 37.1, "Meg-CUTLASS": 37.1, "FasterMoE": 48.5},
-    (128, 16384): {"FlashMoE": 8.5, "Meg-TE": 37.2, "Meg-CUTLASS": 37.2, "FasterMoE": 55.8},
-}
-# FlashMoE issue #21: an independent bf16 run, EP8, 8192 tokens per GPU, E = 32, k = 2,
-# H = I = 2048, on a 78-SM GPU (likely H20).
-INDEPENDENT_BF16 = {"FlashMoE": 3.93, "Meg-TE": 4.03, "SGLang": 4.90}
-# DeepEP README: H800 (NVLink ~160 GB/s per direction) + CX7 400 Gb/s, H 7168, top-8 of 256,
-# FP8 dispatch / BF16 combine. V1 normal kernels, EP8 over NVLink, 4096 tokens, top-4 groups:
-# GB/s (dispatch, combine). V1 low-latency kernels, EP8, 128 tokens: us (dispatch, combine).
-DEEPEP_NORMAL_GBPS, DEEPEP_LL_US = (153, 158), (77, 114)
-COLUMNS = ("FlashMoE", "Meg-TE", "Meg-CUTLASS", "FasterMoE")
 # DeepSeek-V3's routed experts (its shared expert left out), routed as it is: sigmoid scores and
 # 8 groups of 32 experts of which the best 4 are eligible; at EP8 a group is one rank's experts.
 DSV3 = MoEConfig(hidden_size=7168, intermediate_size=2048, num_experts=256, top_k=8, activation="silu",
@@ -322,20 +302,6 @@ def table_rows() -> list[tuple[str, MoEConfig, int]]:
         rows += [("dsv3 groups 4/8", DSV3, T),
                  ("dsv3 no groups", DSV3.replace(n_group=1, topk_group=1, selection_bias=False), T)]
     return rows
-
-
-def published(config: MoEConfig, T: int) -> dict:
-    """The paper's FlashMoE (fp32) on fp32 rows, its 16-bit baselines on bf16 rows, and the
-    independent bf16 run (marked *) on its row."""
-    if (config.hidden_size, config.intermediate_size, config.top_k, config.gated) != (2048, 2048, 2, False):
-        return {}
-    paper = PAPER.get((config.num_experts, T), {})
-    if config.dtype == "float32":
-        return {"FlashMoE": paper["FlashMoE"]} if paper else {}
-    out = {name: v for name, v in paper.items() if name != "FlashMoE"}
-    if (config.num_experts, T) == (32, 8192):
-        out["FlashMoE"] = f"{INDEPENDENT_BF16['FlashMoE']}*"
-    return out
 
 
 def load_measured(paths) -> dict:
