@@ -274,6 +274,8 @@ def probes(st: Stage) -> str:
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=6, scoring="sigmoid", selection_bias=True,
                                                         n_group=8, topk_group=4, norm_topk_prob=True,
                                                         routed_scaling_factor=2.5), 300))
+            st.case("router, top-8 of 1024 (every warp's selection values at the kernel's limit), near ties",
+                    lambda: P.check_router(runner, _cfg(num_experts=1024, top_k=8), 300))
             st.case("bounded flag wait", lambda: P.check_wait(runner))
             st.case("trace records", lambda: P.check_trace(runner))
     return ""

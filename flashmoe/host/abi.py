@@ -197,7 +197,7 @@ def abi_header() -> str:
                 continue   # nested structs are checked on their own
             lines.append(f"static_assert({check}, \"{member}: type {src}\");")
     consts = {"kMaxLocalRanks": MAX_LOCAL_RANKS, "kMaxWorld": MAX_WORLD,
-              "kChunkTokens": plan_mod.CHUNK_TOKENS, "kNumRegions": NUM_REGIONS,
+              "kChunkTokens": plan_mod.CHUNK_TOKENS, "kMaxExperts": plan_mod.MAX_EXPERTS, "kNumRegions": NUM_REGIONS,
               "(int)sizeof(Entry)": plan_mod.ENTRY_BYTES,
               "(int)sizeof(TraceRecord)": plan_mod.TRACE_RECORD_BYTES}
     for i, name in enumerate(REGION_NAMES):

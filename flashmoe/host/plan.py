@@ -70,6 +70,7 @@ from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, Kernel
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
+MAX_EXPERTS = 1024           # routed experts the kernel selects from (32 per lane of a warp)
 ENTRY_BYTES = 16             # struct Entry { u32 recv_row, token, slot; f32 weight; }
 NUM_BANKS = 2
 NUM_SYNC_COUNTERS = 5        # barrier, claim, dispatched, finished, exited
@@ -274,8 +275,8 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
             return f"{name}={getattr(config, name)} must be a multiple of {row_multiple} for {config.dtype}"
     if config.shared_intermediate_total % row_multiple:
         return f"shared width {config.shared_intermediate_total} must be a multiple of {row_multiple}"
-    if config.num_experts > 1024:
-        return f"num_experts={config.num_experts} is above the kernel's limit of 1024"
+    if config.num_experts > MAX_EXPERTS:
+        return f"num_experts={config.num_experts} is above the kernel's limit of {MAX_EXPERTS}"
     if config.top_k > 32:
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:
@@ -331,7 +332,8 @@ def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
     counters (E + 1 + W); or the dispatch masks (one u64 per expert and per destination rank).
     Decode routing stages as many segments as the whole area holds; its largest one-segment need,
     (tokens + rows) x 65 + tokens x rows floats with tokens x rows <= the block's threads, stays
-    below the prefill tile's."""
+    below the prefill tile's. Selection then holds E floats a warp in the segments' place (router.cuh
+    asserts that the block's warps x MAX_EXPERTS fit)."""
     E = config.num_experts
     router = ((CHUNK_TOKENS + 128) * 65 + E + 1 + world) * 4
     dispatch = (E + world) * 8

@@ -14,6 +14,7 @@ typedef long long i64;
 
 constexpr int kMaxLocalRanks = 8;    // ranks one launch can host (virtual ranks on one GPU)
 constexpr int kMaxWorld = 64;        // ranks in the world (64-bit destination masks)
+constexpr int kMaxExperts = 1024;    // routed experts (a token's selection: 32 per lane)
 constexpr int kChunkTokens = 64;     // tokens per route task / dispatch chunk (one u64 mask)
 
 // Heap regions, in the order of flashmoe/host/plan.py region_sizes(). Params holds each region's

@@ -36,11 +36,14 @@ constexpr int kWVecsPerSegment = kRouterSegment / 4;           // and of W_route
 
 // Shared memory of route_chunk (flashmoe/host/plan.py phase_smem_bytes()). Decode staging
 // (router_logits_rows) reuses it and whatever else of the phase area its segments need.
+// Selection (route_token) then holds each warp's E selection values where x and W_router were.
 struct RouterSmem {
   float x[kChunkTokens][kSegmentPitch];
   float w[kRouterExpertsPerPass][kSegmentPitch];
   i32 counts[1];   // [E + W]: tokens per expert, then per destination rank (the chunk's counts)
 };
+static_assert(kWarps * kMaxExperts <= (kChunkTokens + kRouterExpertsPerPass) * kSegmentPitch,
+              "every warp's selection values fit before RouterSmem::counts");
 
 // The 16-byte vectors the router reads: x of token t and W_router row e from column k (H is a
 // multiple of a vector, plan.py unsupported(), so a vector is wholly inside or outside the row);
@@ -61,6 +64,28 @@ __device__ __forceinline__ void put_w_vec(float* dst, uint4 v) {
   dst[1] = __uint_as_float(v.y);
   dst[2] = __uint_as_float(v.z);
   dst[3] = __uint_as_float(v.w);
+}
+
+// n 16-byte vectors from global into shared memory, load(u) -> store(u, v), with kStageBatch
+// loads in flight per thread before the first is stored. Staged one load, then its store, at a
+// time, a block streamed x at ~6 GB/s in the H200 traces of 446305b: about one vector per thread
+// per L2 or HBM round trip.
+constexpr int kStageBatch = 8;
+template <class Load, class Store>
+__device__ __forceinline__ void stage_vectors(int n, const Load& load, const Store& store) {
+  for (int u0 = threadIdx.x; u0 < n; u0 += kStageBatch * kThreads) {
+    uint4 v[kStageBatch];
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int u = u0 + b * kThreads;
+      v[b] = u < n ? load(u) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int u = u0 + b * kThreads;
+      if (u < n) store(u, v[b]);
+    }
+  }
 }
 
 // One segment's chain.
@@ -87,13 +112,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-// Arg-best over the warp of (value, index, payload); every lane gets the winner.
-__device__ __forceinline__ void warp_best(float& v, int& i, float& payload) {
+// Arg-best over the warp of (value, index); every lane gets the winner.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
   for (int o = 16; o; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, o);
     const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    const float op = __shfl_xor_sync(0xffffffffu, payload, o);
-    if (better(ov, oi, v, i)) { v = ov; i = oi; payload = op; }
+    if (better(ov, oi, v, i)) { v = ov; i = oi; }
   }
 }
 
@@ -126,16 +150,22 @@ __device__ void router_logits(const Params& p, const Ctx& c, int chunk, int e0) 
       for (int j = 0; j < 8; ++j) total[vt][i][j] = 0.0f;
   for (int k0 = 0; k0 < H; k0 += kRouterSegment) {
     __syncthreads();   // the last segment's reads are done
-    // The segment of x and W_router into shared memory, in 16-byte vectors. (Holding the next
-    // segment's vectors in registers while this one computes spilled in the 168-register kernel.)
-    for (int u = threadIdx.x; u < kChunkTokens * kXVecsPerSegment; u += kThreads) {
-      const int t = u / kXVecsPerSegment, k = (u % kXVecsPerSegment) * kVecElems;
-      put_x_vec(&sm.x[t][k], t < ntok ? x_vec(p, c, t0 + t, k0 + k) : make_uint4(0, 0, 0, 0));
-    }
-    for (int u = threadIdx.x; u < kRouterExpertsPerPass * kWVecsPerSegment; u += kThreads) {
-      const int e = u / kWVecsPerSegment, k = (u % kWVecsPerSegment) * 4;
-      put_w_vec(&sm.w[e][k], w_vec(p, rows, e0 + e, k0 + k));
-    }
+    // The segment of x, then of W_router, into shared memory, in 16-byte vectors. (Holding the
+    // next segment's vectors in registers while this one computes spilled in the 168-register kernel.)
+    constexpr int kXVecs = kChunkTokens * kXVecsPerSegment;
+    stage_vectors(kXVecs + kRouterExpertsPerPass * kWVecsPerSegment,
+      [&](int u) {
+        if (u < kXVecs) {
+          const int t = u / kXVecsPerSegment;
+          return t < ntok ? x_vec(p, c, t0 + t, k0 + (u % kXVecsPerSegment) * kVecElems) : make_uint4(0, 0, 0, 0);
+        }
+        u -= kXVecs;
+        return w_vec(p, rows, e0 + u / kWVecsPerSegment, k0 + (u % kWVecsPerSegment) * 4);
+      },
+      [&](int u, uint4 v) {
+        if (u < kXVecs) put_x_vec(&sm.x[u / kXVecsPerSegment][(u % kXVecsPerSegment) * kVecElems], v);
+        else put_w_vec(&sm.w[(u - kXVecs) / kWVecsPerSegment][((u - kXVecs) % kWVecsPerSegment) * 4], v);
+      });
     __syncthreads();
 #pragma unroll
     for (int vt = 0; vt < kPerThread; ++vt) {
@@ -199,17 +229,21 @@ __device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int
     const int segs = min(step, nseg - s0);
     const int nx = ntok * segs * kXVecsPerSegment, nw = ne * segs * kWVecsPerSegment;
     __syncthreads();   // the last step's reads are done
-    // A staged row is (token or router row) * segs + segment.
-    for (int u = threadIdx.x; u < nx; u += kThreads) {
-      const int row = u / kXVecsPerSegment, k = (u % kXVecsPerSegment) * kVecElems;
-      const int t = t0 + row / segs, k0 = (s0 + row % segs) * kRouterSegment;
-      put_x_vec(xs + row * kSegmentPitch + k, x_vec(p, c, t, k0 + k));
-    }
-    for (int u = threadIdx.x; u < nw; u += kThreads) {
-      const int row = u / kWVecsPerSegment, k = (u % kWVecsPerSegment) * 4;
-      const int e = e0 + row / segs, k0 = (s0 + row % segs) * kRouterSegment;
-      put_w_vec(ws + row * kSegmentPitch + k, w_vec(p, rows, e, k0 + k));
-    }
+    // A staged row is (token or router row) * segs + segment: x's rows, then W_router's.
+    stage_vectors(nx + nw,
+      [&](int u) {
+        if (u < nx) {
+          const int row = u / kXVecsPerSegment, k = (u % kXVecsPerSegment) * kVecElems;
+          return x_vec(p, c, t0 + row / segs, (s0 + row % segs) * kRouterSegment + k);
+        }
+        u -= nx;
+        const int row = u / kWVecsPerSegment, k = (u % kWVecsPerSegment) * 4;
+        return w_vec(p, rows, e0 + row / segs, (s0 + row % segs) * kRouterSegment + k);
+      },
+      [&](int u, uint4 v) {
+        if (u < nx) put_x_vec(xs + (u / kXVecsPerSegment) * kSegmentPitch + (u % kXVecsPerSegment) * kVecElems, v);
+        else put_w_vec(ws + ((u - nx) / kWVecsPerSegment) * kSegmentPitch + ((u - nx) % kWVecsPerSegment) * 4, v);
+      });
     __syncthreads();
     for (int q = threadIdx.x; q < pairs * segs; q += kThreads) {
       const int pair = q / segs, s = q % segs;
@@ -282,12 +316,16 @@ __device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_o
 }
 
 // One warp picks the experts of the token whose logits are `logits_row`. Lane l looks after
-// experts l, l + 32, ...; scores are recomputed from the logits on every pass instead of being
-// held in registers (a few expf per lane and pass, far less than the logits GEMM).
-__device__ void route_token(const Params& p, const float* logits_row, i32* ids_out, float* weights_out,
-                            i32* counts, int lane) {
+// experts l, l + 32, ...; each expert's selection value (its score, plus its selection bias) goes to
+// the warp's `sel` in shared memory once, and the group pass and the k rounds of arg-best read it
+// there; lane j < k scores its choice again at the end for its weight. (Selection took 82-105 us
+// a 64-token chunk at E = 128, k = 8 in the H200 traces of 446305b, when it scored every expert
+// again in every round, an expf and a division each from the logits in global memory.)
+__device__ void route_token(const Params& p, const float* logits_row, float* sel, i32* ids_out,
+                            float* weights_out, i32* counts, int lane) {
   const int E = p.num_experts;
   const int per_lane = ceil_div(E, 32);   // <= 32: one bit per entry in `taken`
+  __syncwarp();   // the warp's last token is done with `sel` (its group pass reads other lanes' entries)
   float m = neg_inf(), sum = 0.0f;
   if (p.scoring == 0) {   // softmax over all E: max, then sum of exp
     for (int i = 0; i < per_lane; ++i) {
@@ -305,7 +343,11 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
     const float l = ld_weak(logits_row + e);
     return p.scoring == 0 ? div_full(expf(l - m), sum) : div_full(1.0f, 1.0f + expf(-l));
   };
-  auto selection = [&](int e) { return score(e) + (p.has_bias ? p.selection_bias[e] : 0.0f); };
+  for (int i = 0; i < per_lane; ++i) {
+    const int e = i * 32 + lane;
+    if (e < E) sel[e] = score(e) + (p.has_bias ? p.selection_bias[e] : 0.0f);
+  }
+  __syncwarp();
 
   u32 eligible_groups = 0xffffffffu;
   const int group_size = E / p.n_group;
@@ -317,7 +359,7 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
       float b1 = neg_inf(), b2 = neg_inf();
       int i1 = 0x7fffffff;
       for (int e = g * group_size + lane; e < (g + 1) * group_size; e += 32) {
-        const float v = selection(e);
+        const float v = sel[e];
         if (better(v, e, b1, i1)) { b2 = b1; b1 = v; i1 = e; }
         else if (better(v, e, b2, 0x7fffffff)) b2 = v;
       }
@@ -342,8 +384,7 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
       const bool open = lane < p.n_group && !((eligible_groups >> lane) & 1u);
       float v = open ? my_group_score : neg_inf();
       int gi = open ? lane : 0x7fffffff;
-      float unused = 0.0f;
-      warp_best(v, gi, unused);
+      warp_best(v, gi);
       eligible_groups |= 1u << gi;
     }
   }
@@ -351,20 +392,20 @@ __device__ void route_token(const Params& p, const float* logits_row, i32* ids_o
   // k rounds of arg-best over the eligible experts; lane j keeps the j-th choice.
   u32 taken = 0;   // bit i: expert i * 32 + lane is chosen
   int my_id = -1;
-  float my_w = 0.0f;
   for (int j = 0; j < p.top_k; ++j) {
-    float v = neg_inf(), s = 0.0f;
+    float v = neg_inf();
     int id = 0x7fffffff;
     for (int i = 0; i < per_lane; ++i) {
       const int e = i * 32 + lane;
       if (e >= E || ((taken >> i) & 1u)) continue;
-      const float sel = ((eligible_groups >> (e / group_size)) & 1u) ? selection(e) : neg_inf();
-      if (id == 0x7fffffff || better(sel, e, v, id)) { v = sel; id = e; s = score(e); }
+      const float se = ((eligible_groups >> (e / group_size)) & 1u) ? sel[e] : neg_inf();
+      if (id == 0x7fffffff || better(se, e, v, id)) { v = se; id = e; }
     }
-    warp_best(v, id, s);
+    warp_best(v, id);
     if ((id & 31) == lane) taken |= 1u << (id >> 5);
-    if (lane == j) { my_id = id; my_w = s; }
+    if (lane == j) my_id = id;
   }
+  float my_w = lane < p.top_k ? score(my_id) : 0.0f;
   if (p.norm_topk) {
     const float total = warp_sum(lane < p.top_k ? my_w : 0.0f);
     my_w = div_full(my_w, total + p.norm_topk_epsilon);
@@ -428,9 +469,10 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logit
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* sel = &sm.x[0][0] + warp * p.num_experts;
   for (int tl = warp; tl < ntok; tl += kWarps) {
     const u64 t = t0 + tl;
-    route_token(p, logits + t * p.num_experts, ids + t * p.top_k, weights + t * p.top_k, sm.counts, lane);
+    route_token(p, logits + t * p.num_experts, sel, ids + t * p.top_k, weights + t * p.top_k, sm.counts, lane);
   }
   store_chunk_counts(p, c, chunk, sm.counts);
   if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, ntok);
