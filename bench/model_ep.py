@@ -72,10 +72,8 @@ GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 3350 * H200_COPY / 4800),
 # Mixtral at 4096: 4-row slices, 512 per k over K = 4096 in 102.4 us), or, for a few tokens, by
 # one block streaming its chunk's x (Qwen3 at 128 tokens: 256 KB in 44.6 us; Mixtral: 512 KB in
 # 80.2 us). Selection (scores, top-k, counts) then takes a chunk's block a time linear in E (Qwen3,
-# E = 128: 81.8 us at 4096 tokens, 104.7 at 128; Mixtral, E = 8: 16.0 and 20.7). These rates are
-# the router of 446305b: the later one keeps eight staging loads in flight a thread (the x-bound
-# rows) and selects from scores held in shared memory; until its traces refit them they overstate
-# those two terms.
+# E = 128: 81.8 us at 4096 tokens, 104.7 at 128; Mixtral, E = 8: 16.0 and 20.7). The later router
+# (eight staging loads in flight, selection from shared memory) is not refitted: x and selection high.
 ROUTER_SMEM_READS_PER_NS = 21.06    # per SM, the mean of the two prefill rows
 ROUTER_X_GBPS = 6.21                # per SM, the mean of the two decode rows
 ROUTER_SELECT_US = (13.35, 0.624)   # per chunk: a + b E, through the means at E = 8 and E = 128

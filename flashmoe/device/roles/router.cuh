@@ -66,10 +66,8 @@ __device__ __forceinline__ void put_w_vec(float* dst, uint4 v) {
   dst[3] = __uint_as_float(v.w);
 }
 
-// n 16-byte vectors from global into shared memory, load(u) -> store(u, v), with kStageBatch
-// loads in flight per thread before the first is stored. Staged one load, then its store, at a
-// time, a block streamed x at ~6 GB/s in the H200 traces of 446305b: about one vector per thread
-// per L2 or HBM round trip.
+// n 16-byte vectors from global into shared memory, load(u) -> store(u, v), kStageBatch loads in
+// flight per thread. One at a time, a block streamed x at ~6 GB/s (H200 traces of 446305b).
 constexpr int kStageBatch = 8;
 template <class Load, class Store>
 __device__ __forceinline__ void stage_vectors(int n, const Load& load, const Store& store) {
@@ -316,11 +314,10 @@ __device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_o
 }
 
 // One warp picks the experts of the token whose logits are `logits_row`. Lane l looks after
-// experts l, l + 32, ...; each expert's selection value (its score, plus its selection bias) goes to
-// the warp's `sel` in shared memory once, and the group pass and the k rounds of arg-best read it
-// there; lane j < k scores its choice again at the end for its weight. (Selection took 82-105 us
-// a 64-token chunk at E = 128, k = 8 in the H200 traces of 446305b, when it scored every expert
-// again in every round, an expf and a division each from the logits in global memory.)
+// experts l, l + 32, ...; their selection values (score plus bias) go to the warp's `sel` in shared
+// memory once, for the group pass and the k rounds of arg-best; lane j < k scores its choice again
+// for its weight. (Scoring every expert in every round from global memory took 82-105 us a chunk
+// at E = 128, k = 8 in the H200 traces of 446305b.)
 __device__ void route_token(const Params& p, const float* logits_row, float* sel, i32* ids_out,
                             float* weights_out, i32* counts, int lane) {
   const int E = p.num_experts;
