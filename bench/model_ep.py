@@ -65,19 +65,19 @@ class Gpu:
 GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 3350 * H200_COPY / 4800),
         "h200": Gpu("H200 SXM", 132, H200_MATMUL, H200_COPY)}
 
-# The router (flashmoe/device/roles/router.cuh), from the same commit's kernel traces
-# (results/layer_nvidia-h200_20261130-164405_*.trace.json.gz; tests/test_model_ep.py holds the model
-# to them). Its logits are bound, as router.cuh says, by the shared-memory reads of the busiest
-# block (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
+# The router of the same commit (now flashmoe/device/roles/logits.cuh and router.cuh), from its
+# kernel traces (results/layer_nvidia-h200_20261130-164405_*.trace.json.gz; tests/test_model_ep.py
+# holds the model to them). Its logits were bound by the shared-memory reads of the busiest block (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
 # Mixtral at 4096: 4-row slices, 512 per k over K = 4096 in 102.4 us), or, for a few tokens, by
 # one block streaming its chunk's x (Qwen3 at 128 tokens: 256 KB in 44.6 us; Mixtral: 512 KB in
 # 80.2 us). Selection (scores, top-k, counts) then takes a chunk's block a time linear in E (Qwen3,
 # E = 128: 81.8 us at 4096 tokens, 104.7 at 128; Mixtral, E = 8: 16.0 and 20.7). The later router
-# (eight staging loads in flight, selection from shared memory) is not refitted: x and selection high.
+# (eight staging loads in flight, selection from shared memory, k-major tiles bound by their FMAs,
+# 64-row halves) is not modelled until its traces refit it: x, tiles and selection high.
 ROUTER_SMEM_READS_PER_NS = 21.06    # per SM, the mean of the two prefill rows
 ROUTER_X_GBPS = 6.21                # per SM, the mean of the two decode rows
 ROUTER_SELECT_US = (13.35, 0.624)   # per chunk: a + b E, through the means at E = 8 and E = 128
-ROUTER_PASS_ROWS, ROUTER_TILE_READS = 128, 64 * 128 // 32 * 12   # router.cuh: a tile's rows, its reads per k
+ROUTER_PASS_ROWS, ROUTER_TILE_READS = 128, 64 * 128 // 32 * 12   # 446305b: a tile's rows, its reads per k
 # The combine (k result rows read, one output row written per token) moves its bytes at this share
 # of the copy bandwidth: 1160 GB/s (Qwen3) and 1378 GB/s (Mixtral) over the span of its records in
 # the same traces at 4096 tokens, against 4251 GB/s of copy.
@@ -131,7 +131,7 @@ def _ranks_hit_routed(config: MoEConfig, W: int, tokens: int = 8192) -> float:
 
 
 def route_s(config: MoEConfig, tokens: int, blocks: int, threads: int) -> tuple[float, float]:
-    """(logits, selection) seconds of one rank's routing, the kernel's way (router.cuh): with at
+    """(logits, selection) seconds of one rank's routing, 446305b's kernel's way: with at
     least as many 64-token chunks as blocks, each block its chunks' 128-row passes; with fewer,
     every block a share first (spread_logits: row slices or 128-row tiles, whichever gives the
     busiest block fewer shared-memory reads), then each chunk's block selects."""
@@ -355,7 +355,7 @@ def assumptions(gpu: Gpu, links: Links, knobs: Knobs, trace: dict | None, virtua
         "hold beyond the modelled phases (the traces span all but about 20 us of a forward's time, so it is "
         "inside the kernel: waits at the rank barriers and for rows); in every row.",
         "fp32 rows: TF32 tiles at the bf16 tile efficiency (no fp32 measurement exists), 4-byte rows.",
-        "router: the kernel's split of the logits over blocks (router.cuh), the busiest block's "
+        "router: 446305b's split of the logits over blocks, the busiest block's "
         f"shared-memory reads at {ROUTER_SMEM_READS_PER_NS} per ns or its x at {ROUTER_X_GBPS} GB/s, then "
         f"selection at {ROUTER_SELECT_US[0]} + {ROUTER_SELECT_US[1]} E us per chunk (fitted to the H200 "
         "traces of Qwen3 and Mixtral at 128 and 4096 tokens, within 11% of each).",

@@ -148,17 +148,19 @@ def test_stalled_rank_times_out_with_a_record_and_recovers():
 
 @pytest.mark.parametrize("kw", [dict(), dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
                                             num_shared_experts=1, shared_expert_gate=True),
-                                 dict(hidden_size=1024), dict(num_experts=128), dict(dtype="float32")],
-                         ids=["softmax", "deepseek-shared-gate", "wide", "many-experts", "fp32"])
+                                 dict(hidden_size=1024), dict(num_experts=128), dict(num_experts=256),
+                                 dict(dtype="float32")],
+                         ids=["softmax", "deepseek-shared-gate", "wide", "many-experts", "two-passes", "fp32"])
 def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
-    """The router shares the logits out three ways (router.cuh): with as many chunks as blocks
+    """The router shares the logits out three ways (logits.cuh): with as many chunks as blocks
     (two here) or more, each block routes whole chunks; with fewer, every block takes row slices of
-    the real tokens, or 128-row tiles when slices would read more shared memory. The same tokens
-    routed alone (the last 40, the last 3) and behind 100 others get the same ids, weights and
-    outputs, bit for bit: a token's result does not depend on the batch it came in. 3 tokens go
-    by slices; 40 by slices with 8 experts, by tiles with 128 (a slice per block would cover only
-    6 rows of 40 tokens). H = 96 ends in a half segment; H = 1024 is 16 segments, more than the
-    slices stage at once (the 40 tokens' x alone outgrow the phase area)."""
+    the real tokens, or tiles when slices would cost more. The same tokens routed alone (the last
+    40, the last 3) and behind 100 others get the same ids, weights and outputs, bit for bit: a
+    token's result does not depend on the batch it came in. 140 tokens go by 128-row tiles with 128
+    or 256 experts, by 64-row ones with 8; 3 tokens by slices; 40 (test below) by slices with 8
+    experts, by 64-row halves with 128, by 128-row tiles with 256. H = 96
+    ends in a half segment; H = 1024 is 16 segments, more than the slices stage at once (the 40
+    tokens' x alone outgrow the phase area)."""
     config = cfg(**{"num_experts": 8, "hidden_size": 96, **kw})
     backend = make_backend(config, 1)
     x, weights = make_inputs(Case("decode", config, tokens=140), torch.device("cpu"))
@@ -171,6 +173,25 @@ def test_decode_routing_gives_the_bits_of_prefill_routing(kw):
         assert torch.equal(alone_routing.ids, ids[start:]), start
         assert torch.equal(alone_routing.weights, routing_weights[start:]), start
         assert torch.equal(alone, together[start:]), start
+
+
+@pytest.mark.parametrize("experts, starts", [(8, [0, 4]), (128, [0, 64]), (256, [0, 128])])
+def test_logits_split_follows_its_cost(experts, starts):
+    """40 tokens (one chunk) on 2 blocks of 8 warps: the logits go to the way that costs the
+    busiest block least per k (logits.cuh spread_logits), each share a ROUTE record naming its
+    first router row, and the chunk's selection one naming its 40 tokens. 8 experts: 4-row slices
+    (40 x 4 x 2 reads, against 64 rows of FMAs); 128: two 64-row halves, one a block (a slice per
+    block would be 6 rows, 11 of them each); 256: two 128-row tiles (four halves take two rounds)."""
+    config = cfg(num_experts=experts, hidden_size=96)
+    backend = KernelBackend(config, None, virtual_world=1, emulate=True, timeout_s=TIMEOUT_S,
+                            error_check="sync", spec=spec_for(config), trace_capacity=64)
+    assert backend.plan.blocks_per_rank == 2
+    x, weights = make_inputs(Case("split", config, tokens=40), torch.device("cpu"))
+    backend.forward(x, weights)
+    records = backend.last_trace().records
+    from flashmoe.host.abi import TaskKind
+    route = [int(e) for k, e in zip(records["kind"], records["extra"]) if TaskKind(k).name == "ROUTE"]
+    assert sorted(route) == sorted(starts + [40])
 
 
 def test_decode_and_prefill_tiles_share_one_heap():

@@ -262,12 +262,15 @@ def probes(st: Stage) -> str:
                                                                                timeout_ns=20_000_000))
         if i == 0:
             # The probe runs 4 blocks: 300 tokens are 5 chunks, each block routes whole ones; with
-            # fewer chunks than blocks the logits are shared out first, 70 tokens as 128-row
-            # tiles, 5 as row slices (device/roles/router.cuh spread_logits).
+            # fewer chunks than blocks the logits are shared out first, 70 tokens as tiles, 40
+            # tokens of 128 experts as 64-row halves, 5 as row slices (device/roles/logits.cuh
+            # spread_logits).
             st.case("router, softmax top-4 of 64, near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 300))
             st.case("router, 70 tokens (tiles spread over the blocks), near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 70))
+            st.case("router, 40 tokens of 128 experts (64-row halves spread over the blocks), near ties",
+                    lambda: P.check_router(runner, _cfg(num_experts=128, top_k=8), 40))
             st.case("router, 5 tokens (row slices spread over the blocks), near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 5))
             st.case("router, sigmoid + bias + groups (DeepSeek), near ties",

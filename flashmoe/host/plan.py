@@ -328,14 +328,14 @@ def gemm_tables_bytes(spec: KernelSpec) -> int:
 
 def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
     """Shared memory of the route and dispatch phases (they reuse the GEMM area): one 64-wide
-    K segment of x (64 tokens) and of W_router (128 rows) in fp32, 65 floats a row, plus per-chunk
-    counters (E + 1 + W); or the dispatch masks (one u64 per expert and per destination rank).
-    Decode routing stages as many segments as the whole area holds; its largest one-segment need,
-    (tokens + rows) x 65 + tokens x rows floats with tokens x rows <= the block's threads, stays
-    below the prefill tile's. Selection then holds E floats a warp in the segments' place (router.cuh
-    asserts that the block's warps x MAX_EXPERTS fit)."""
+    K segment of x (64 tokens) and of W_router (128 rows) in fp32, k-major (device/roles/logits.cuh
+    RouterSmem), plus per-chunk counters (E + 1 + W); or the dispatch masks (one u64 per expert and
+    per destination rank). Decode routing stages as many segments as the whole area holds; its
+    largest one-segment need, (tokens + rows) x 65 + tokens x rows floats with tokens x rows <= the
+    block's threads and rows <= 128, stays below the prefill tile's. Selection then holds E floats a
+    warp in the segments' place (logits.cuh asserts that the block's warps x MAX_EXPERTS fit)."""
     E = config.num_experts
-    router = ((CHUNK_TOKENS + 128) * 65 + E + 1 + world) * 4
+    router = (CHUNK_TOKENS * (64 + 128) + E + 1 + world) * 4
     dispatch = (E + world) * 8
     return _align(max(router, dispatch), 16)
 

@@ -44,6 +44,7 @@
 
 struct uint4 { unsigned int x, y, z, w; };
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
+struct alignas(16) float4 { float x, y, z, w; };
 
 namespace flashmoe::emu {
 

@@ -1,98 +1,12 @@
-// Route one 64-token chunk of this rank: router logits in fp32 (CUDA cores, fixed summation order),
-// scores, the group limit, top-k and the combine weights, exactly as flashmoe/reference.py route()
-// defines them; then the chunk's token counts per expert and per destination rank, which the
-// prefix step turns into every token's position at its destinations.
-//
-// The logits are fp32 FMAs in a fixed order: tensor cores would round x W_router products in
-// bf16/tf32 and move near-tie top-k decisions away from the fp32 contract. The order: K splits into
-// 64-wide segments; each segment is one FMA chain from 0 over its k in order, and the logit is the
-// segments' sum, added in segment order from 0. One chain over all of K would be as exact, but a
-// token alone (decode) would then wait for H dependent FMAs (7168 x 4 cycles); segments let its
-// chains run side by side, at one extra add per 64 FMAs in prefill.
-//
-// Three ways to share the logits out, by the number of chunks; all follow the order above, so
-// they give the same bits and a token's routing never depends on how many tokens came with it.
-// With at least as many chunks as the rank has blocks (prefill), each block computes its chunks
-// (router_logits: a 64-token x 128-row tile per pass, one segment per step), then selects. With
-// fewer, that would leave blocks idle while a few compute, so every block first takes a share
-// (spread_logits), the rank meets at a barrier, and each chunk's block selects: shares are
-// 128-row tiles of a chunk, or, for a few tokens, row slices of the chunk's real tokens
-// (router_logits_rows: no padding rows; as many segments staged at a time as shared memory holds,
-// every (token, row, segment) chain on a thread of its own).
+// Route one 64-token chunk of this rank: from the router logits (logits.cuh) the scores, the
+// group limit, top-k and the combine weights, exactly as flashmoe/reference.py route() defines
+// them; then the chunk's token counts per expert and per destination rank, which the prefix step
+// turns into every token's position at its destinations.
 #pragma once
 
-#include "flashmoe/device/common/wait.cuh"
-#include "flashmoe/device/common/trace.cuh"
+#include "flashmoe/device/roles/logits.cuh"
 
 namespace flashmoe {
-
-constexpr int kRouterExpertsPerPass = 128;              // W_router rows per prefill pass
-constexpr int kRouterSegment = 64;                      // K per FMA chain (the summation order above)
-constexpr int kSegmentPitch = kRouterSegment + 1;       // floats a staged segment takes: with the +1,
-                                                        // the rows (and segments) threads read side
-                                                        // by side start in different banks
-constexpr int kXVecsPerSegment = kRouterSegment / kVecElems;   // 16-byte vectors of x
-constexpr int kWVecsPerSegment = kRouterSegment / 4;           // and of W_router (fp32)
-
-// Shared memory of route_chunk (flashmoe/host/plan.py phase_smem_bytes()). Decode staging
-// (router_logits_rows) reuses it and whatever else of the phase area its segments need.
-// Selection (route_token) then holds each warp's E selection values where x and W_router were.
-struct RouterSmem {
-  float x[kChunkTokens][kSegmentPitch];
-  float w[kRouterExpertsPerPass][kSegmentPitch];
-  i32 counts[1];   // [E + W]: tokens per expert, then per destination rank (the chunk's counts)
-};
-static_assert(kWarps * kMaxExperts <= (kChunkTokens + kRouterExpertsPerPass) * kSegmentPitch,
-              "every warp's selection values fit before RouterSmem::counts");
-
-// The 16-byte vectors the router reads: x of token t and W_router row e from column k (H is a
-// multiple of a vector, plan.py unsupported(), so a vector is wholly inside or outside the row);
-// zeros past the row or the router rows, so every segment is a chain of 64 FMAs.
-__device__ __forceinline__ uint4 x_vec(const Params& p, const Ctx& c, int t, int k) {
-  return k < p.hidden ? ld_nc_v4(c.x + (u64)t * p.hidden + k) : make_uint4(0, 0, 0, 0);
-}
-__device__ __forceinline__ uint4 w_vec(const Params& p, int rows, int e, int k) {
-  return e < rows && k < p.hidden ? ld_nc_v4(p.router_weight + (u64)e * p.hidden + k) : make_uint4(0, 0, 0, 0);
-}
-__device__ __forceinline__ void put_x_vec(float* dst, uint4 v) {
-  const elem_t* e = reinterpret_cast<const elem_t*>(&v);
-#pragma unroll
-  for (int j = 0; j < kVecElems; ++j) dst[j] = to_float(e[j]);
-}
-__device__ __forceinline__ void put_w_vec(float* dst, uint4 v) {
-  dst[0] = __uint_as_float(v.x);
-  dst[1] = __uint_as_float(v.y);
-  dst[2] = __uint_as_float(v.z);
-  dst[3] = __uint_as_float(v.w);
-}
-
-// n 16-byte vectors from global into shared memory, load(u) -> store(u, v), kStageBatch loads in
-// flight per thread. One at a time, a block streamed x at ~6 GB/s (H200 traces of 446305b).
-constexpr int kStageBatch = 8;
-template <class Load, class Store>
-__device__ __forceinline__ void stage_vectors(int n, const Load& load, const Store& store) {
-  for (int u0 = threadIdx.x; u0 < n; u0 += kStageBatch * kThreads) {
-    uint4 v[kStageBatch];
-#pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      const int u = u0 + b * kThreads;
-      v[b] = u < n ? load(u) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int b = 0; b < kStageBatch; ++b) {
-      const int u = u0 + b * kThreads;
-      if (u < n) store(u, v[b]);
-    }
-  }
-}
-
-// One segment's chain.
-__device__ __forceinline__ float segment_dot(const float* x, const float* w) {
-  float acc = 0.0f;
-#pragma unroll 16
-  for (int k = 0; k < kRouterSegment; ++k) acc = fmaf(x[k], w[k], acc);
-  return acc;
-}
 
 // NaN counts as the best value (as torch.sort(descending=True) orders it); ties go to the lower
 // expert index. This is the one comparison every selection in routing uses.
@@ -116,181 +30,6 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, o);
     const int oi = __shfl_xor_sync(0xffffffffu, i, o);
     if (better(ov, oi, v, i)) { v = ov; i = oi; }
-  }
-}
-
-// Router row e's logit of token t: a routed expert's into the logits, the shared-expert gate's row
-// (e = E) through its sigmoid into the gates; rows past those are padding. (The regions' addresses
-// are found here, not held by the callers across their K loops.)
-__device__ __forceinline__ void store_logit(const Params& p, const Ctx& c, int t, int e, float v) {
-  if (e < p.num_experts) st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.num_experts + e, v);
-  else if (e == p.num_experts && p.shared_gate)
-    st_weak(region<float>(p, c.slice, kSharedGate) + t, div_full(1.0f, 1.0f + expf(-v)));
-}
-
-// logits[t][e] of chunk `chunk`'s tokens for router rows [e0, e0 + 128) (E, then the shared-expert
-// gate's row; rows past those are zeros and not stored).
-__device__ void router_logits(const Params& p, const Ctx& c, int chunk, int e0) {
-  RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem());
-  const int t0 = chunk * kChunkTokens;
-  const int ntok = min(kChunkTokens, c.num_tokens - t0);
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
-  const int H = p.hidden;
-  // 256 virtual threads compute the 64 x 128 tile: 4 tokens x 8 rows each.
-  constexpr int kVirtual = 256;
-  constexpr int kPerThread = (kVirtual + kThreads - 1) / kThreads;
-  float total[kPerThread][4][8];
-#pragma unroll
-  for (int vt = 0; vt < kPerThread; ++vt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) total[vt][i][j] = 0.0f;
-  for (int k0 = 0; k0 < H; k0 += kRouterSegment) {
-    __syncthreads();   // the last segment's reads are done
-    // The segment of x, then of W_router, into shared memory, in 16-byte vectors. (Holding the
-    // next segment's vectors in registers while this one computes spilled in the 168-register kernel.)
-    constexpr int kXVecs = kChunkTokens * kXVecsPerSegment;
-    stage_vectors(kXVecs + kRouterExpertsPerPass * kWVecsPerSegment,
-      [&](int u) {
-        if (u < kXVecs) {
-          const int t = u / kXVecsPerSegment;
-          return t < ntok ? x_vec(p, c, t0 + t, k0 + (u % kXVecsPerSegment) * kVecElems) : make_uint4(0, 0, 0, 0);
-        }
-        u -= kXVecs;
-        return w_vec(p, rows, e0 + u / kWVecsPerSegment, k0 + (u % kWVecsPerSegment) * 4);
-      },
-      [&](int u, uint4 v) {
-        if (u < kXVecs) put_x_vec(&sm.x[u / kXVecsPerSegment][(u % kXVecsPerSegment) * kVecElems], v);
-        else put_w_vec(&sm.w[(u - kXVecs) / kWVecsPerSegment][((u - kXVecs) % kWVecsPerSegment) * 4], v);
-      });
-    __syncthreads();
-#pragma unroll
-    for (int vt = 0; vt < kPerThread; ++vt) {
-      const int v = threadIdx.x + vt * kThreads;
-      if (v >= kVirtual) break;
-      const int ty = v / 16, tx = v % 16;
-      float acc[4][8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-      for (int k = 0; k < kRouterSegment; ++k) {
-        float xv[4], wv[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xv[i] = sm.x[ty * 4 + i][k];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) wv[j] = sm.w[tx + 16 * j][k];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(xv[i], wv[j], acc[i][j]);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) total[vt][i][j] += acc[i][j];
-    }
-  }
-#pragma unroll
-  for (int vt = 0; vt < kPerThread; ++vt) {
-    const int v = threadIdx.x + vt * kThreads;
-    if (v >= kVirtual) break;
-    const int ty = v / 16, tx = v % 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int t = ty * 4 + i;
-      if (t >= ntok) continue;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) store_logit(p, c, t0 + t, e0 + tx + 16 * j, total[vt][i][j]);
-    }
-  }
-}
-
-// Decode: router rows [e0, e0 + ne) for the `ntok` real tokens of chunk `chunk`. Thread i < ntok *
-// ne sums pair (token i / ne, row i % ne). Each step stages as many segments of the tokens' x
-// and the rows' W_router as the phase area holds (at least one: plan.py phase_smem_bytes()), every
-// thread runs chains of (pair, segment), and each pair's thread adds its chains in segment order.
-__device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int e0, int ne) {
-  const int t0 = chunk * kChunkTokens;
-  const int ntok = min(kChunkTokens, c.num_tokens - t0);
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
-  const int pairs = ntok * ne;
-  const int nseg = ceil_div(p.hidden, kRouterSegment);
-  const int per_segment = (ntok + ne) * kSegmentPitch + pairs;   // floats: x, W_router, chain sums
-  const int step = max(1, min(nseg, static_cast<int>(p.smem_sched_offset / 4) / per_segment));
-  float* xs = reinterpret_cast<float*>(c.smem());   // [ntok][segments][kSegmentPitch]
-  float* ws = xs + ntok * step * kSegmentPitch;   // [ne][segments][kSegmentPitch]
-  float* sums = ws + ne * step * kSegmentPitch;   // [pairs][segments]
-  float total = 0.0f;
-  for (int s0 = 0; s0 < nseg; s0 += step) {
-    const int segs = min(step, nseg - s0);
-    const int nx = ntok * segs * kXVecsPerSegment, nw = ne * segs * kWVecsPerSegment;
-    __syncthreads();   // the last step's reads are done
-    // A staged row is (token or router row) * segs + segment: x's rows, then W_router's.
-    stage_vectors(nx + nw,
-      [&](int u) {
-        if (u < nx) {
-          const int row = u / kXVecsPerSegment, k = (u % kXVecsPerSegment) * kVecElems;
-          return x_vec(p, c, t0 + row / segs, (s0 + row % segs) * kRouterSegment + k);
-        }
-        u -= nx;
-        const int row = u / kWVecsPerSegment, k = (u % kWVecsPerSegment) * 4;
-        return w_vec(p, rows, e0 + row / segs, (s0 + row % segs) * kRouterSegment + k);
-      },
-      [&](int u, uint4 v) {
-        if (u < nx) put_x_vec(xs + (u / kXVecsPerSegment) * kSegmentPitch + (u % kXVecsPerSegment) * kVecElems, v);
-        else put_w_vec(ws + ((u - nx) / kWVecsPerSegment) * kSegmentPitch + ((u - nx) % kWVecsPerSegment) * 4, v);
-      });
-    __syncthreads();
-    for (int q = threadIdx.x; q < pairs * segs; q += kThreads) {
-      const int pair = q / segs, s = q % segs;
-      const float* x = xs + ((pair / ne) * segs + s) * kSegmentPitch;
-      sums[q] = segment_dot(x, ws + ((pair % ne) * segs + s) * kSegmentPitch);
-    }
-    __syncthreads();
-    if (threadIdx.x < pairs)
-      for (int s = 0; s < segs; ++s) total += sums[threadIdx.x * segs + s];
-  }
-  if (threadIdx.x < pairs)
-    store_logit(p, c, t0 + threadIdx.x / ne, e0 + threadIdx.x % ne, total);
-}
-
-// Whether the rank computes its logits first, every block a share (spread_logits, then a rank
-// barrier), rather than each block its own chunks inside route_chunk: with fewer chunks than blocks.
-__device__ __forceinline__ bool logits_first(const Params& p, int nchunks) {
-  return nchunks > 0 && nchunks < p.blocks_per_rank;
-}
-
-// With fewer chunks than blocks: the rank's logits, shared out over every block before any chunk
-// selects. Two ways to cut them, and the one with fewer shared-memory reads on the busiest block
-// runs (both are bound by those reads, not by their FMAs):
-//   tiles  (chunk, 128-row pass) items of router_logits: 12 reads per 32 FMAs (4 x, 8 W_router per
-//          k), but a whole 64-token tile however few tokens the chunk has;
-//   slices (chunk, ne rows) items of router_logits_rows: 2 reads per FMA, only the real tokens,
-//          ne as wide as one pair per thread and one staged segment in RouterSmem allow and
-//          narrow enough that every block gets about one slice.
-// A few tokens take slices (one token: ~E / blocks rows a block instead of a 64 x 128 tile), more
-// take tiles (E = 256 on 132 blocks: slices up to 768 tokens).
-__device__ void spread_logits(const Params& p, const Ctx& c, int nchunks) {
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
-  const int ntok_max = min(kChunkTokens, c.num_tokens);
-  const int wide = min(kRouterExpertsPerPass, kThreads / ntok_max);
-  const int ne = max(1, min(wide, ceil_div(rows * nchunks, p.blocks_per_rank)));
-  const int slices = ceil_div(rows, ne), passes = ceil_div(rows, kRouterExpertsPerPass);
-  // Shared-memory reads per k of the busiest block.
-  const int slice_reads = ceil_div(nchunks * slices, p.blocks_per_rank) * ntok_max * ne * 2;
-  constexpr int kTileReads = kChunkTokens * kRouterExpertsPerPass / 32 * 12;
-  const int tile_reads = ceil_div(nchunks * passes, p.blocks_per_rank) * kTileReads;
-  const bool by_slices = slice_reads <= tile_reads;
-  const int per_chunk = by_slices ? slices : passes;
-  for (int item = c.block; item < nchunks * per_chunk; item += p.blocks_per_rank) {
-    TraceScope scope;
-    const int chunk = item / per_chunk;
-    const int e0 = (item % per_chunk) * (by_slices ? ne : kRouterExpertsPerPass);
-    if (by_slices) router_logits_rows(p, c, chunk, e0, min(ne, rows - e0));
-    else router_logits(p, c, chunk, e0);
-    if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, e0);
   }
 }
 
@@ -451,12 +190,12 @@ __device__ void store_chunk_counts(const Params& p, const Ctx& c, int chunk, con
 __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logits_done) {
   TraceScope scope;
   RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem());
-  // Each thread zeroes the counts it stored for the last chunk (store_chunk_counts); router_logits
+  // Each thread zeroes the counts it stored for the last chunk (store_chunk_counts); router_tile
   // stays clear of them.
   for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) sm.counts[i] = 0;
+  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
   if (!logits_done)
-    for (int e0 = 0; e0 < p.num_experts + (p.shared_gate ? 1 : 0); e0 += kRouterExpertsPerPass)
-      router_logits(p, c, chunk, e0);
+    for (int e0 = 0; e0 < rows; e0 += kRouterTileRows) logits_tile(p, c, chunk, e0, min(kRouterTileRows, rows - e0));
   __syncthreads();   // the counts are zero and the chunk's logits in before any warp reads them
 
   const float* logits = region<float>(p, c.slice, kLogits);
@@ -498,3 +237,4 @@ __device__ void given_chunk(const Params& p, const Ctx& c, int chunk) {
 }
 
 }  // namespace flashmoe
+
