@@ -67,7 +67,8 @@ GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 3350 * H200_COPY / 4800),
 
 # The router of the same commit (now flashmoe/device/roles/logits.cuh and router.cuh), from its
 # kernel traces (results/layer_nvidia-h200_20261130-164405_*.trace.json.gz; tests/test_model_ep.py
-# holds the model to them). Its logits were bound by the shared-memory reads of the busiest block (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
+# holds the model to them). Its logits were bound by the shared-memory reads of the busiest block
+# (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
 # Mixtral at 4096: 4-row slices, 512 per k over K = 4096 in 102.4 us), or, for a few tokens, by
 # one block streaming its chunk's x (Qwen3 at 128 tokens: 256 KB in 44.6 us; Mixtral: 512 KB in
 # 80.2 us). Selection (scores, top-k, counts) then takes a chunk's block a time linear in E (Qwen3,

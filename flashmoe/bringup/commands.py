@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 
 
+def shown_args(args: list[str], out: Path) -> str:
+    """A command line as its case names it: the output directory as DIR, paths inside the checkout
+    relative to it (an output directory beside the checkout, /x/repo-out, is not inside /x/repo)."""
+    return " ".join("DIR" if a == str(out) else str(Path(a).relative_to(REPO)) if Path(a).is_relative_to(REPO)
+                    else a for a in args)
+
+
 def run_command(st: Stage, args: list[str], summary: str = "") -> None:
     """``python ARGS`` from the checkout as the stage's case: its output goes to DIR/<stage>.log as
     it comes (a kill keeps it), it is killed with what it started 5 s before the stage's time is
@@ -33,9 +40,7 @@ def run_command(st: Stage, args: list[str], summary: str = "") -> None:
         detail = "killed at the stage's time limit" if code is None else f"exit {code}"
         return {"passed": code == 0, "exit_code": code, "log": log.name, "rows": _bench_rows(st.out, since),
                 "detail": f"{detail}: {lines[-1] if lines else 'no output'}", "output_tail": output[-1500:]}
-    shown = [str(Path(a).relative_to(REPO)) if a.startswith(str(REPO)) else "DIR" if a == str(st.out) else a
-             for a in args]
-    st.case("python " + " ".join(shown), run, min_s=30)
+    st.case("python " + shown_args(args, st.out), run, min_s=30)
 
 
 def _bench_rows(out: Path, since: float) -> list[dict]:

@@ -335,7 +335,7 @@ def phase_smem_bytes(config: MoEConfig, spec: KernelSpec, world: int) -> int:
     block's threads and rows <= 128, stays below the prefill tile's. Selection then holds E floats a
     warp in the segments' place (logits.cuh asserts that the block's warps x MAX_EXPERTS fit)."""
     E = config.num_experts
-    router = (CHUNK_TOKENS * (64 + 128) + E + 1 + world) * 4
+    router = (64 * (CHUNK_TOKENS + 128) + E + 1 + world) * 4
     dispatch = (E + world) * 8
     return _align(max(router, dispatch), 16)
 
