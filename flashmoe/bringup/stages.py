@@ -262,17 +262,12 @@ def probes(st: Stage) -> str:
                                                                                timeout_ns=20_000_000))
         if i == 0:
             # The probe runs 4 blocks: 300 tokens are 5 chunks, each block routes whole ones; with
-            # fewer chunks than blocks the logits are shared out first, 70 tokens as tiles, 40
-            # tokens of 128 experts as 64-row halves, 5 as row slices (device/roles/logits.cuh
-            # spread_logits).
+            # fewer chunks than blocks the logits are shared out first (device/roles/logits.cuh).
             st.case("router, softmax top-4 of 64, near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 300))
-            st.case("router, 70 tokens (tiles spread over the blocks), near ties",
-                    lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 70))
-            st.case("router, 40 tokens of 128 experts (64-row halves spread over the blocks), near ties",
-                    lambda: P.check_router(runner, _cfg(num_experts=128, top_k=8), 40))
-            st.case("router, 5 tokens (row slices spread over the blocks), near ties",
-                    lambda: P.check_router(runner, _cfg(num_experts=64, top_k=4), 5))
+            for n, e, k, way in ((70, 64, 4, "tiles"), (40, 128, 8, "64-row halves"), (5, 64, 4, "row slices")):
+                st.case(f"router, {n} tokens of {e} experts ({way} spread over the blocks), near ties",
+                        lambda n=n, e=e, k=k: P.check_router(runner, _cfg(num_experts=e, top_k=k), n))
             st.case("router, sigmoid + bias + groups (DeepSeek), near ties",
                     lambda: P.check_router(runner, _cfg(num_experts=64, top_k=6, scoring="sigmoid", selection_bias=True,
                                                         n_group=8, topk_group=4, norm_topk_prob=True,
