@@ -37,7 +37,7 @@ COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tok
            "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
            "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "roofline_ms", "bound", "pct_roofline",
            "max_abs_err", "tol", "correct", "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + \
-    ["sm_busy", "comm_overlap", "phases", "note"]
+    ["sm_busy", "comm_overlap", "phases", "routing", "note"]
 TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""), ("tile", "tile", ""),
          ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"), ("pct_matmul", "%mm", ".3g"),
          ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"), ("roofline_ms", "roof ms", ".3g"),
@@ -96,6 +96,7 @@ def attach_trace(layer: FlashMoELayer, stem: str) -> dict:
     """The last forward's kernel timeline: Perfetto JSON and PNG beside the results, and the
     utilisation figures (flashmoe.trace) for the row."""
     from flashmoe import trace
+    from flashmoe.trace_routing import format_routing, routing_split
     t = layer._kernel.last_trace()
     trace.to_chrome_json(t, f"{stem}.trace.json")
     try:
@@ -104,7 +105,7 @@ def attach_trace(layer: FlashMoELayer, stem: str) -> dict:
         pass
     u = trace.utilisation(t)
     return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"],
-            "phases": trace.format_phase_table(trace.phase_table(t))}
+            "phases": trace.format_phase_table(trace.phase_table(t)), "routing": format_routing(routing_split(t))}
 
 
 def main(argv=None) -> int:
@@ -172,7 +173,7 @@ def _run_configs(args, device, meta, ceilings, stem, rows, show) -> None:
                 r.update(shape)
                 show(r)
                 if r.get("phases"):
-                    print(f"    phases: {r['phases']}")
+                    print(f"    phases: {r['phases']}\n    {r['routing']}")
             rows += group
             report.write_results(stem, COLUMNS, rows, meta, ceilings)
             del inputs

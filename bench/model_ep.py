@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import gzip
 import json
 import math
 import re
@@ -38,6 +37,7 @@ from bench.published import COLUMNS, DEEPEP_LL_US, DEEPEP_NORMAL_GBPS, INDEPENDE
 from flashmoe.config import MoEConfig
 from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_tile, experts_per_rank
 from flashmoe.host.spec import wgmma_spec
+from flashmoe.trace import read_chrome_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_BF16 = 989.4                   # TFLOP/s, H100 / H200 SXM dense bf16 (TF32: half)
@@ -262,8 +262,7 @@ def calibrate(links: Links, eff: tuple[float, float] | None = None) -> Knobs:
 def trace_events(path) -> list:
     """The events of a Perfetto JSON of flashmoe.trace, as bench_layer.py --trace writes it
     (<stem>_<layer>_<tokens>.trace.json) or gzipped as the results keep it (.trace.json.gz)."""
-    raw = Path(path).read_bytes()
-    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)["traceEvents"]
+    return read_chrome_json(path)["traceEvents"]
 
 
 def trace_efficiency(path: str, layer: str | None, tokens: int | None) -> tuple[dict, tuple]:

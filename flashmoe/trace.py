@@ -11,13 +11,16 @@ compare directly. A record whose end precedes its start (only a corrupt record c
 zero-length everywhere below.
 
     python -m flashmoe.trace trace.bin --blocks 132 --capacity 256 --json t.json --png t.png
+    python -m flashmoe.trace bench/results/<stem>_<layer>_<tokens>.trace.json.gz   # a kept trace, again
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +47,7 @@ _UNKNOWN_COLOUR = "#000000"
 # Perfetto drops "X" events that overlap on one thread without nesting; records that would do so
 # (two blocks resident on one SM) go to extra tracks with tid = sm + lane * _LANE_TID.
 _LANE_TID = 1 << 16     # above every u16 SM id
+_SOURCE = "flashmoe kernel trace"   # the JSON's otherData.source: what load() reads back
 
 
 def kind_name(kind: int) -> str:
@@ -122,7 +126,7 @@ def decode(buffer, num_blocks: int, capacity: int) -> Trace:
     return Trace(records=records[order].copy(), counts=counts, capacity=capacity)
 
 
-def _spans(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spans(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) as int64 ns relative to the earliest start; end clamped to >= start."""
     if records.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -164,7 +168,7 @@ def to_chrome_json(trace: Trace, path=None) -> dict:
     Written to ``path`` when given; returned either way.
     """
     rec = trace.records
-    start, end = _spans(rec)
+    start, end = spans(rec)
     pid = rec["rank"].astype(np.int64)
     sm = rec["sm"].astype(np.int64)
     lane = np.zeros(len(rec), np.int64)
@@ -196,13 +200,43 @@ def to_chrome_json(trace: Trace, path=None) -> dict:
                      "block": int(rec["block"][i])},
         })
     doc = {"traceEvents": events, "displayTimeUnit": "ns",
-           "otherData": {"source": "flashmoe kernel trace", "blocks": trace.num_blocks,
+           "otherData": {"source": _SOURCE, "blocks": trace.num_blocks,
                          "capacity": trace.capacity,
                          "truncated_blocks": trace.truncated.tolist()}}
     if path is not None:
         with open(path, "w") as f:
             json.dump(doc, f)
     return doc
+
+
+def read_chrome_json(path) -> dict:
+    """The document ``to_chrome_json`` wrote to ``path``, or gzipped as the results keep it."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
+
+
+def load(path) -> Trace:
+    """The trace ``to_chrome_json`` wrote to ``path`` (``.json`` or ``.json.gz``), read back into
+    records (exact: the JSON holds nanoseconds), so that a trace kept with the results can be
+    measured again. A truncated block's count reads ``capacity + 1``: how many records it lost is
+    not in the JSON."""
+    doc = read_chrome_json(path)
+    other = doc.get("otherData", {}) if isinstance(doc, dict) else {}
+    if other.get("source") != _SOURCE:
+        raise ValueError(f"{path}: not a trace to_chrome_json wrote (its otherData.source is not {_SOURCE!r})")
+    events = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X"]
+    names = {kind_name(k): int(k) for k in abi.TaskKind}
+    records = np.zeros(len(events), RECORD_DTYPE)
+    for i, e in enumerate(events):
+        start = round(e["ts"] * 1000)
+        kind = names[e["name"]] if e["name"] in names else int(e["name"].removeprefix("KIND_"))
+        records[i] = (start, start + round(e["dur"] * 1000), e["args"]["task"], e["args"]["block"], kind,
+                      e["pid"], e["tid"] % _LANE_TID, 0, e["args"]["extra"])
+    capacity = int(other.get("capacity", 0))
+    counts = np.bincount(records["block"], minlength=int(other.get("blocks", 0))).astype(np.uint32)
+    counts[other.get("truncated_blocks", [])] = capacity + 1
+    order = np.argsort(records["start_ns"], kind="stable")
+    return Trace(records=records[order], counts=counts, capacity=capacity)
 
 
 def _category(kind: int) -> str:
@@ -259,7 +293,7 @@ def utilisation(trace: Trace) -> dict:
       truncated blocks are missing their later records, so their SMs read less busy than they were.
     """
     rec = trace.records
-    start, end = _spans(rec)
+    start, end = spans(rec)
     span = int(end.max() - start.min()) if rec.size else 0
     kinds = rec["kind"]
     sms = rec["sm"]
@@ -322,7 +356,7 @@ def phase_table(trace: Trace) -> dict:
       trace capacity) and the figures undercount.
     """
     rec = trace.records
-    start, end = _spans(rec)
+    start, end = spans(rec)
     span = int(end.max()) if rec.size else 0
     blocks = np.unique(rec["block"]).tolist() if rec.size else []
     whole = span * len(blocks)
@@ -390,7 +424,7 @@ def plot_timeline(trace: Trace, path) -> None:
         raise ImportError("plot_timeline needs matplotlib: pip install matplotlib "
                           "(or pip install 'flashmoe[bench]')") from e
     rec = trace.records
-    start, end = _spans(rec)
+    start, end = spans(rec)
     sms = np.unique(rec["sm"])
     fig, ax = plt.subplots(figsize=(12, min(2 + 0.15 * len(sms), 30)))
     try:
@@ -424,25 +458,33 @@ def plot_timeline(trace: Trace, path) -> None:
 
 
 def main(argv=None) -> int:
+    from .trace_routing import format_routing, routing_split     # it builds on this module
+
     p = argparse.ArgumentParser(prog="python -m flashmoe.trace", description=__doc__.split("\n")[0])
-    p.add_argument("buffer", help="raw trace buffer (the bytes of the launch's trace allocation)")
-    p.add_argument("--blocks", type=int, required=True, help="grid size of the launch (plan.grid)")
-    p.add_argument("--capacity", type=int, required=True, help="records per block (trace_capacity)")
+    p.add_argument("buffer", help="raw trace buffer (the bytes of the launch's trace allocation), or the "
+                                  "JSON of one (.json or .json.gz, as bench_layer.py --trace keeps them)")
+    p.add_argument("--blocks", type=int, help="grid size of the launch (plan.grid); raw buffers only")
+    p.add_argument("--capacity", type=int, help="records per block (trace_capacity); raw buffers only")
     p.add_argument("--json", help="write Trace Event Format JSON here (open in ui.perfetto.dev)")
     p.add_argument("--png", help="write a timeline plot here (needs matplotlib)")
     args = p.parse_args(argv)
-    with open(args.buffer, "rb") as f:
-        raw = f.read()
     try:
-        trace = decode(raw, args.blocks, args.capacity)
+        if args.buffer.endswith((".json", ".json.gz")):
+            trace = load(args.buffer)
+        elif args.blocks is None or args.capacity is None:
+            p.error("a raw trace buffer needs --blocks and --capacity (the launch's grid and trace_capacity)")
+        else:
+            with open(args.buffer, "rb") as f:
+                trace = decode(f.read(), args.blocks, args.capacity)
     except ValueError as e:
-        p.error(str(e))     # a wrong --blocks / --capacity: a message, not a traceback
+        p.error(str(e))     # a wrong --blocks / --capacity, or not a trace: a message, not a traceback
     if args.json:
         to_chrome_json(trace, args.json)
     if args.png:
         plot_timeline(trace, args.png)
     print(format_utilisation(utilisation(trace)))
     print(format_phase_table(phase_table(trace)))
+    print(format_routing(routing_split(trace)))
     return 0
 
 

@@ -18,6 +18,7 @@ from flashmoe.config import MoEConfig
 from flashmoe.host import emulator
 from flashmoe.host.backend import KernelBackend
 from flashmoe.host.spec import KernelSpec
+from flashmoe.trace_routing import routing_split
 
 pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
                                 reason=f"emulator unavailable: {emulator.emulator_available()}")
@@ -192,6 +193,9 @@ def test_logits_split_follows_its_cost(experts, starts):
     from flashmoe.host.abi import TaskKind
     route = [int(e) for k, e in zip(records["kind"], records["extra"]) if TaskKind(k).name == "ROUTE"]
     assert sorted(route) == sorted(starts + [40])
+    # What flashmoe.trace_routing reads from these records: the shares, then the chunk's selection.
+    split = routing_split(backend.last_trace())
+    assert (split["spread"], split["shares"], split["share_rows"], split["chunks"]) == (True, 2, starts[1], 1)
 
 
 def test_decode_and_prefill_tiles_share_one_heap():
@@ -240,6 +244,14 @@ def test_trace_records_every_phase():
     assert {"ROUTE", "PREFIX", "DISPATCH", "GEMM0", "GEMM1", "COMBINE"} <= kinds
     assert (trace.records["end_ns"] >= trace.records["start_ns"]).all()
     assert set(trace.records["rank"]) == {0, 1}
+    # 45 tokens a rank, one chunk on more blocks: its logits spread, one selection a rank.
+    split = routing_split(trace)
+    assert split["spread"] and split["chunks"] == 2 and split["shares"] >= 2
+    # 300 tokens, 3 chunks a rank on its 2 blocks: each block routes whole chunks.
+    assert backend.plan.blocks_per_rank == 2
+    backend.forward(*make_inputs(Case("trace", config, world=2, tokens=300), torch.device("cpu")))
+    split = routing_split(backend.last_trace())
+    assert (split["spread"], split["chunks"], split["chunk_blocks"]) == (False, 6, 4)
 
 
 # ---------------------------------------------------------------- a failure is loud and recoverable

@@ -7,21 +7,24 @@ decoder and the device layout fails these tests.
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from flashmoe import trace as tr
+from flashmoe import trace as tr, trace_routing as tr_routing
 from flashmoe.host.abi import TaskKind as K
 from flashmoe.host.plan import trace_layout
 
 # struct TraceRecord { u64 start_ns, end_ns; u32 task; u16 block; u8 kind, rank; u16 sm, pad;
 #                      u32 extra; }
 RECORD = struct.Struct("<QQIHBBHHI")
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 BASE = 7_000_000_000    # a %globaltimer-like origin: times are relative to the earliest start
 
 
@@ -290,3 +293,93 @@ def test_cli(tmp_path, capsys):
     assert len(json.loads((tmp_path / "t.json").read_text())["traceEvents"]) > 2
     if tr_has_matplotlib():
         assert (tmp_path / "t.png").stat().st_size > 0
+    # The JSON it wrote measures the same again, and a raw buffer without its layout is an error.
+    assert tr.main([str(tmp_path / "t.json")]) == 0
+    again = capsys.readouterr().out
+    assert "mean SM busy 100.0%" in again and "no ROUTE records" in again
+    with pytest.raises(SystemExit):
+        tr.main([str(tmp_path / "t.bin")])
+    assert "needs --blocks and --capacity" in capsys.readouterr().err
+
+
+def _fields(records: np.ndarray) -> list[tuple]:
+    names = [n for n in tr.RECORD_DTYPE.names if n != "pad"]
+    start0 = records["start_ns"].min()
+    return sorted(tuple(int(r[n]) - (start0 if n.endswith("_ns") else 0) for n in names) for r in records)
+
+
+def test_a_kept_json_reads_back_as_the_same_records(tmp_path):
+    """load() gives back the records to_chrome_json wrote, plain or gzipped as the results keep
+    them: times to the nanosecond, a record moved to a second track back on its SM, a kind the
+    decoder does not know, a truncated block still truncated."""
+    blocks = [[rec(0, 100, K.GEMM0, sm=4, task=3, extra=9), rec(10, 20, K.WAIT, sm=4)],
+              [rec(50, 1_234_567, K.GEMM1, sm=4, extra=7), rec(1_234_567, 1_234_568, K.COMBINE, sm=4)], [],
+              [rec(5, 5, 12, sm=2, rank=1, task=70000, extra=2**31)]]
+    t = decode(blocks, capacity=2, counts={1: 5})
+    tr.to_chrome_json(t, tmp_path / "t.json")
+    (tmp_path / "t.json.gz").write_bytes(gzip.compress((tmp_path / "t.json").read_bytes()))
+    for path in (tmp_path / "t.json", tmp_path / "t.json.gz"):
+        back = tr.load(path)
+        assert _fields(back.records) == _fields(t.records)
+        assert back.num_blocks == 4 and back.capacity == 2 and back.truncated.tolist() == [1]
+        assert back.counts.tolist() == [2, 3, 0, 1]
+    (tmp_path / "other.json").write_text(json.dumps({"traceEvents": []}))
+    with pytest.raises(ValueError, match="not a trace to_chrome_json wrote"):
+        tr.load(tmp_path / "other.json")
+
+
+# ---------------------------------------------------------------- the router's records
+
+def route(start, end, block, task, extra, rank=0):
+    return rec(start, end, K.ROUTE, sm=block, rank=rank, task=task, extra=extra)
+
+
+def test_routing_split_of_spread_logits():
+    """Two chunks of one rank on 3 blocks, 4-row shares (extra: a share's first row, 0 for each
+    chunk's first), then each chunk's selection (extra: its tokens) after the barrier. A block's
+    selection can start before another block's last share has ended nowhere: the barrier."""
+    blocks = [[route(0, 40, 0, 0, 0), route(40, 80, 0, 1, 0), route(90, 100, 0, 0, 64)],
+              [route(2, 44, 1, 0, 4), route(44, 84, 1, 1, 4), route(91, 106, 1, 1, 20)],
+              [route(1, 45, 2, 0, 8), route(45, 86, 2, 1, 8), rec(120, 130, K.PREFIX, sm=2)]]
+    split = tr_routing.routing_split(decode(blocks))
+    assert split == pytest.approx({"route_us": 0.106, "spread": True, "logits_us": 0.086, "shares": 6,
+                                   "share_blocks": 3, "share_rows": 4, "selection_us": 0.015, "chunks": 2})
+    assert tr_routing.format_routing(split) == (
+        "routing 0.1 us: logits 0.1 us (6 shares of 4 rows on 3 blocks), then selection 0.0 us "
+        "(the longest of 2 chunks)")
+
+
+def test_routing_split_keeps_the_ranks_chunks_apart():
+    """W = 2, one chunk each (both chunk 0), one share of all the chunk's rows each: two chunks,
+    not one with two selections; share_rows unknown (a chunk's rows)."""
+    blocks = [[route(0, 50, 0, 0, 0, rank=0), route(60, 70, 0, 0, 40, rank=0)],
+              [route(0, 55, 1, 0, 0, rank=1), route(62, 80, 1, 0, 40, rank=1)]]
+    split = tr_routing.routing_split(decode(blocks))
+    assert (split["chunks"], split["shares"], split["share_rows"]) == (2, 2, None)
+    assert split["selection_us"] == pytest.approx(0.018) and split["logits_us"] == pytest.approx(0.055)
+    assert "2 shares of a chunk's rows on 2 blocks" in tr_routing.format_routing(split)
+
+
+def test_routing_split_of_whole_chunks():
+    """As many chunks as blocks or more: each record a whole chunk (extra: its tokens, never 0)."""
+    blocks = [[route(0, 30, 0, 0, 64), route(30, 70, 0, 2, 10)], [route(3, 33, 1, 1, 64)], []]
+    split = tr_routing.routing_split(decode(blocks))
+    assert split == pytest.approx({"route_us": 0.07, "spread": False, "chunks": 3, "chunk_blocks": 2,
+                                   "chunk_us": 0.04})
+    assert "3 chunks on 2 blocks, logits and selection in one record, the longest 0.0 us" in \
+        tr_routing.format_routing(split)
+    assert tr_routing.routing_split(decode([[rec(0, 5, K.GEMM0, sm=0)]])) is None
+    assert tr_routing.format_routing(None) == "no ROUTE records"
+
+
+# docs/performance.md's routing table, read from the committed traces of 446305b.
+H200_ROUTING = {"qwen3-30b-a3b_4096": (374.3, 290.9, 64, None, 82.0), "qwen3-30b-a3b_128": (151.1, 45.0, 128, 2, 104.8),
+                "mixtral-8x7b_4096": (122.1, 104.2, 128, 4, 16.7), "mixtral-8x7b_128": (102.2, 80.3, 16, 1, 20.7)}
+
+
+@pytest.mark.parametrize("name", H200_ROUTING)
+def test_routing_split_of_the_committed_h200_traces(name):
+    path = RESULTS / f"layer_nvidia-h200_20261130-164405_{name}.trace.json.gz"
+    split = tr_routing.routing_split(tr.load(path))
+    got = (split["route_us"], split["logits_us"], split["shares"], split["share_rows"], split["selection_us"])
+    assert got == pytest.approx(H200_ROUTING[name], abs=0.05)
