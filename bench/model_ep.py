@@ -81,7 +81,8 @@ ROUTER_SELECT_US = (13.35, 0.624)   # per chunk: a + b E, through the means at E
 ROUTER_PASS_ROWS, ROUTER_TILE_READS = 128, 64 * 128 // 32 * 12   # 446305b: a tile's rows, its reads per k
 # The combine (k result rows read, one output row written per token) moves its bytes at this share
 # of the copy bandwidth: 1160 GB/s (Qwen3) and 1378 GB/s (Mixtral) over the span of its records in
-# the same traces at 4096 tokens, against 4251 GB/s of copy.
+# the same traces at 4096 tokens, against 4251 GB/s of copy: a slot at a time, so low for the
+# batched loads after 446305b (roles/combine.cuh) until their traces refit it.
 COMBINE_COPY_SHARE = 0.30
 
 
