@@ -56,7 +56,7 @@ CASES = [
     ("bf16-W2-one-token", config(), 2, 1, mma_sync),
     ("bf16-no-tokens", config(), 1, 0, mma_sync),
     ("bf16-wgmma-k2-W2", config(top_k=2), 2, 40, wgmma),
-    ("bf16-swiglu-k8-W2", config(top_k=8), 2, 30, mma_sync),   # two batches of the combine's loads
+    ("bf16-swiglu-k8-W2", config(top_k=8), 2, 30, mma_sync),   # combine batches across tokens
 ]
 
 

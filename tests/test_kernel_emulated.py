@@ -61,8 +61,8 @@ CASES = [
     # LFM2's guard is 1e-6; 0.01 moves every weight by ~1%, far above the weight tolerance.
     (Case("bf16-sigmoid-norm-epsilon", cfg(num_experts=8, scoring="sigmoid", norm_topk_prob=True,
                                            norm_topk_epsilon=0.01), tokens=20), SHIPPED),
-    # Eight slots a token (7 routed, the shared row): the combine loads them in two batches
-    # (roles/combine.cuh kCombineBatch), capacity dropping some of them.
+    # Eight slots a token (7 routed, the shared row): the combine's batches of loads
+    # (roles/combine.cuh kCombineBatch) straddle tokens, capacity dropping some of the rows.
     (Case("bf16-k7-shared-capacity-W2", cfg(num_experts=8, top_k=7, num_shared_experts=1, capacity_factor=1.0),
           world=2, tokens=35, routing="skewed"), SHIPPED),
     (Case("bf16-single-expert-130-tokens", cfg(), tokens=130, routing="single"), SHIPPED),   # 2 row tiles

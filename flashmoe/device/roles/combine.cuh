@@ -16,13 +16,14 @@ __device__ __forceinline__ void unpack(uint4 v, float (&f)[kVecElems]) {
   for (int i = 0; i < kVecElems; ++i) f[i] = to_float(e[i]);
 }
 
-// The slots of one output vector a thread loads before it uses any: their rows are independent,
-// so a batch costs one round trip to memory instead of one per slot. One at a time, with 256 of
+// How many (output vector, slot) rows a thread loads before it uses any: they are independent, so
+// a batch costs one round trip to memory instead of one per row. One row at a time, with 256 of
 // the 384 threads busy at H = 2048, a block kept 4 KB in flight and the combine streamed about
 // 1.1 TB/s (H200 at 446305b, Qwen3-30B-A3B at 4096 tokens: 131 us for 150 MB); six at a time on
-// every thread it keeps 36 KB, which at the same latency is more than the copy bandwidth. Six is
-// a size ptxas keeps every shipped spec free of spills with (tests/test_kernel_build.py); with 8,
-// or 2 or 4, it spilled elsewhere in the kernel (the 128 x 256 tile's epilogue).
+// every thread it keeps 36 KB, which at the same latency is more than the copy bandwidth. A batch
+// runs on across a thread's vectors, so k = 2 (Mixtral) keeps six in flight as well as k = 8.
+// Six is a size ptxas keeps every shipped spec free of spills with (tests/test_kernel_build.py);
+// with 8, or 2 or 4, it spilled elsewhere in the kernel (the 128 x 256 tile's epilogue).
 constexpr int kCombineBatch = 6;
 
 __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
@@ -39,53 +40,77 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
   const u32* drops = region<u32>(p, c.slice, kDropMarks, c.bank);
   const bool capacity = p.capacity_factor > 0.0;
   // Slot k (after the routed ones) holds the shared experts' row: ret_row_index's layout.
-  const int slots = k + (p.shared_intermediate ? 1 : 0);
+  const u32 slots = p.slots;
   // The block's tokens are c.block, c.block + blocks_per_rank, ...; its items (token, 16-byte
-  // vector of the row) are spread over every thread, whatever H is.
+  // vector of the row) are spread over every thread, whatever H is: this thread's are
+  // threadIdx.x + i * kThreads, and it walks their (item, slot) pairs in order.
   const u32 vecs = H / kVecElems;
   const u32 tokens = c.block < c.num_tokens ? (c.num_tokens - c.block - 1) / p.blocks_per_rank + 1 : 0;
+  const u32 items = tokens * vecs;
+  const u32 pairs = threadIdx.x < items ? ((items - threadIdx.x - 1) / kThreads + 1) * slots : 0;
+  // Where a thread is in that walk, moved on without a division per row: kThreads items further
+  // is step_tok tokens and step_vec vectors further.
+  struct Cursor {
+    u32 tok, vec, slot;   // the block's tok-th token, its vec-th vector, the slot
+  };
+  const u32 step_tok = kThreads / vecs, step_vec = kThreads % vecs;
+  auto next = [&](Cursor& r) {
+    if (++r.slot < slots) return;
+    r.slot = 0;
+    r.tok += step_tok;
+    r.vec += step_vec;
+    if (r.vec >= vecs) r.vec -= vecs, ++r.tok;
+  };
+  auto token = [&](const Cursor& r) { return c.block + r.tok * p.blocks_per_rank; };
+  Cursor load{threadIdx.x / vecs, threadIdx.x % vecs, 0}, sum = load;
   TraceScope scope;
-  for (u32 item = threadIdx.x; item < tokens * vecs; item += kThreads) {
-    const u32 t = c.block + item / vecs * p.blocks_per_rank;
-    const u64 col = (u64)(item % vecs) * kVecElems;
-    float acc[kVecElems];
+  float acc[kVecElems];
 #pragma unroll
-    for (int i = 0; i < kVecElems; ++i) acc[i] = 0.0f;
-    for (int j0 = 0; j0 < slots; j0 += kCombineBatch) {
-      // Every slot's row is read, also one that holds nothing this launch (no expert, dropped):
-      // it is inside ret_rows, and deciding first would put its flags' round trip before the load.
-      uint4 rows[kCombineBatch];
-      float w[kCombineBatch];
-      bool use[kCombineBatch];
+  for (int i = 0; i < kVecElems; ++i) acc[i] = 0.0f;
+  for (u32 q0 = 0; q0 < pairs; q0 += kCombineBatch) {
+    // Every slot's row is read, also one that holds nothing this launch (no expert, dropped):
+    // it is inside ret_rows, and deciding first would put its flags' round trip before the load.
+    uint4 rows[kCombineBatch];
+    float w[kCombineBatch];
+    bool use[kCombineBatch];
 #pragma unroll
-      for (int b = 0; b < kCombineBatch; ++b) {
-        const int j = j0 + b;
-        use[b] = j < slots;
-        if (use[b]) {
-          rows[b] = ld_cg_v4(ret + ret_row_index(p, t, j) * H + col);
-          if (j == k) {
-            w[b] = p.shared_gate ? ld_weak(shared_gate + t) : 1.0f;
-          } else {
-            w[b] = ld_weak(weights + (u64)t * k + j);
-            if (kRoutingGiven) use[b] = ld_weak(ids + (u64)t * k + j) >= 0;
-            if (capacity) use[b] = ld_cg_u32(drops + (u64)t * k + j) != c.epoch && use[b];
-          }
+    for (int b = 0; b < kCombineBatch; ++b) {
+      use[b] = q0 + b < pairs;
+      if (use[b]) {
+        const u32 t = token(load), j = load.slot;
+        rows[b] = ld_cg_v4(ret + ret_row_index(p, t, j) * H + (u64)load.vec * kVecElems);
+        if (j == (u32)k) {
+          w[b] = p.shared_gate ? ld_weak(shared_gate + t) : 1.0f;
+        } else {
+          w[b] = ld_weak(weights + (u64)t * k + j);
+          if (kRoutingGiven) use[b] = ld_weak(ids + (u64)t * k + j) >= 0;
+          if (capacity) use[b] = ld_cg_u32(drops + (u64)t * k + j) != c.epoch && use[b];
         }
+        next(load);
       }
-      // In slot order: the sum is the same bits however the loads were batched.
+    }
+    // In slot order, one item after the other: the sum is the same bits however the loads were
+    // batched, and an item's output is stored after its last slot.
 #pragma unroll
-      for (int b = 0; b < kCombineBatch; ++b) {
-        if (!use[b]) continue;
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (q0 + b >= pairs) break;
+      if (use[b]) {
         float y[kVecElems];
         unpack(rows[b], y);
 #pragma unroll
         for (int i = 0; i < kVecElems; ++i) acc[i] = fmaf(w[b], y[i], acc[i]);
       }
-    }
-    alignas(16) elem_t o[kVecElems];
+      if (sum.slot == slots - 1) {
+        alignas(16) elem_t o[kVecElems];
 #pragma unroll
-    for (int i = 0; i < kVecElems; ++i) o[i] = from_float(acc[i]);
-    st_v4(c.out + (u64)t * H + col, *reinterpret_cast<const uint4*>(o));
+        for (int i = 0; i < kVecElems; ++i) {
+          o[i] = from_float(acc[i]);
+          acc[i] = 0.0f;
+        }
+        st_v4(c.out + (u64)token(sum) * H + (u64)sum.vec * kVecElems, *reinterpret_cast<const uint4*>(o));
+      }
+      next(sum);
+    }
   }
   if (threadIdx.x == 0) trace_record(p, c, scope, kTaskCombine, c.block, 0);
   return true;
