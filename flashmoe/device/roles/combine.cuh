@@ -23,7 +23,8 @@ __device__ __forceinline__ void unpack(uint4 v, float (&f)[kVecElems]) {
 // every thread it keeps 36 KB, which at the same latency is more than the copy bandwidth. A batch
 // runs on across a thread's vectors, so k = 2 (Mixtral) keeps six in flight as well as k = 8.
 // Six is a size ptxas keeps every shipped spec free of spills with (tests/test_kernel_build.py);
-// with 8, or 2 or 4, it spilled elsewhere in the kernel (the 128 x 256 tile's epilogue).
+// when a batch held one vector's slots, 8, 2 and 4 made it spill elsewhere in the kernel (the
+// 128 x 256 tile's epilogue).
 constexpr int kCombineBatch = 6;
 
 __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
