@@ -400,10 +400,11 @@ def format_utilisation(u: dict) -> str:
     if u["truncated_blocks"]:
         lines.append(f"WARNING: {len(u['truncated_blocks'])} truncated block(s), {u['lost_records']} "
                      "record(s) lost; raise the trace capacity")
-    lines.append(f"{'kind':<10}{'count':>8}{'total us':>12}{'share':>8}")
+    lines.append(f"{'kind':<10}{'count':>8}{'total us':>12}{'mean us':>10}{'share':>8}")
     total = sum(u["kind_ns"].values()) or 1
     for name, ns in u["kind_ns"].items():
-        lines.append(f"{name:<10}{u['kind_count'][name]:>8}{ns / 1e3:>12.3f}{ns / total:>8.1%}")
+        count = u["kind_count"][name]
+        lines.append(f"{name:<10}{count:>8}{ns / 1e3:>12.3f}{ns / count / 1e3:>10.2f}{ns / total:>8.1%}")
     lines.append("SM busy / work:")
     cells = [f"{s:>4}: {b:5.1%} {u['sm_work'][s]:5.1%}" for s, b in u["sm_busy"].items()]
     lines += ["  " + "   ".join(cells[i:i + 4]) for i in range(0, len(cells), 4)]

@@ -153,6 +153,23 @@ def test_mma_sync_tile_random_schedule_matches_round_robin():
     assert torch.equal(outs[0], outs[1])
 
 
+# ---------------------------------------------------------------- the order tiles are claimed in
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 7), (5, 3), (12, 112), (14, 3), (25, 16), (37, 2)])
+def test_tiles_are_claimed_column_by_column_in_bands_of_twelve_row_tiles(rows, cols):
+    """scheduler.cuh band_tile: every (row tile, column tile) of an expert is one task, and within
+    a band of up to 12 row tiles a column's tiles are consecutive tasks, so the blocks running at
+    once read each B panel together (one HBM read) and keep the band's A in L2."""
+    n = rows * cols
+    row, col = torch.full((n,), -1, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)
+    call("emu_test_band_order", ctypes.c_int(rows), ctypes.c_int(cols), ptr(row), ptr(col))
+    got = list(zip(row.tolist(), col.tolist()))
+    assert sorted(got) == [(r, c) for r in range(rows) for c in range(cols)]
+    expected = [(r0 + i % h, i // h) for r0 in range(0, rows, 12) for h in [min(12, rows - r0)]
+                for i in range(h * cols)]
+    assert got == expected
+
+
 # ---------------------------------------------------------------- warp, block and atomics
 
 def test_shuffles_ballot_and_butterfly_sum():

@@ -71,6 +71,12 @@ CASES = [
     (Case("small-tile-fp32-plain-capacity-W2", cfg(dtype="float32", hidden_size=96, intermediate_size=64,
                                                    gated=False, capacity_factor=1.0), world=2, tokens=101,
           routing="skewed"), SMALL),
+    # 14 row tiles for each of the two routed experts: a band of 12 walked column by column
+    # (3 GEMM0, 2 GEMM1 columns), then a band of 2 (scheduler.cuh band_tile); the shared expert's
+    # 14 row tiles go row by row.
+    (Case("small-tile-bf16-single-shared-850-tokens", cfg(hidden_size=128, intermediate_size=96,
+                                                          num_shared_experts=1), tokens=850, routing="single"),
+     SMALL),
 ]
 
 _BACKENDS: dict = {}

@@ -210,7 +210,7 @@ def test_a_ping_pong_team_that_skips_its_turn_is_caught(tmp_path, monkeypatch):
     turns the same run is right."""
     monkeypatch.setenv(emulator.WEAK_ENV, "1")
     config = cfg(hidden_size=128, intermediate_size=128)
-    case = Case("turns", config, world=2, tokens=260)
+    case = Case("turns", config, world=2, tokens=512)   # two full row tiles an expert
     result = run_case(backend_for(config, 2, PINGPONG), case, torch.device("cpu"))
     assert result.passed, result.detail
     root = planted_tree(tmp_path, "pingpong-turn")

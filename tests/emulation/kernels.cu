@@ -5,6 +5,7 @@
 #include "flashmoe/device/common/wait.cuh"
 #include "flashmoe/device/gemm/mma_sync.cuh"
 #include "flashmoe/device/common/ptx_sm90.cuh"
+#include "flashmoe/device/roles/scheduler.cuh"
 
 using namespace flashmoe;
 
@@ -283,4 +284,15 @@ FLASHMOE_EMU_EXPORT int emu_test_mbarrier(int mode, char* err, u64 n) {
       mbar_inval(bar);
     }
   }, err, n);
+}
+
+// The order a rank's GEMM tiles are claimed in (scheduler.cuh band_tile): for task j of a grid of
+// rows x cols tiles, its row tile and column tile. No launch: band_tile is plain arithmetic.
+FLASHMOE_EMU_EXPORT int emu_test_band_order(int rows, int cols, i32* row, i32* col, char*, u64) {
+  for (int j = 0; j < rows * cols; ++j) {
+    const GridTile g = band_tile(j, rows, cols);
+    row[j] = g.row;
+    col[j] = g.col;
+  }
+  return 0;
 }

@@ -66,6 +66,36 @@ struct TaskMap {
   }
 };
 
+// The order of one routed expert's tiles. Row tile by row tile, the blocks running at once (132
+// on an H200) share one row tile of A and each reads its own column panel of B, gone from L2
+// before the next row tile wants it: Mixtral's GEMM0 (112 column tiles of 2 MB) reads its 235 MB of
+// weights an expert once per row tile, 16 GB at 4096 tokens in an LRU model of a 50 MB L2, which
+// the 4.2 ms it took on an H200 could only just stream. So row tiles go in bands of kBandTiles, a
+// band column by column: the band's tiles read each B panel at about the same time (one read from
+// HBM serves them all) and its A (kBandTiles x BM x K, 12 MB at K = 4096) stays in L2 over the
+// columns; the model reads 2 GB. Twelve balances the two for ~132 blocks running (sqrt(132 x BN /
+// BM) is 11 to 16). With at most kBandTiles row tiles (decode, small experts) the order is column-
+// major. The price: a band's row tiles finish GEMM0 together, so a GEMM1 tile waits for the whole
+// band. Routed GEMM1 tasks come after all the rank's GEMM0 ones, so the first find their bands long
+// done unless the rank has one band only (one expert of at most 12 row tiles). The shared expert
+// keeps row tile by row tile: its GEMM1 tasks follow its GEMM0 ones at once, and with its few
+// column tiles (16 to 44 in DeepSeek and Qwen2 layers) the row tiles running at once already share
+// each panel.
+constexpr int kBandTiles = 12;
+
+struct GridTile {
+  int row, col;
+};
+
+// Task j of a grid of `rows` x `cols` tiles, in the band order above. Every band but the last is
+// full, so the band is j / (kBandTiles * cols).
+__device__ __forceinline__ GridTile band_tile(int j, int rows, int cols) {
+  const int row0 = j / (kBandTiles * cols) * kBandTiles;
+  const int band_rows = min(kBandTiles, rows - row0);
+  const int i = j - row0 * cols;
+  return GridTile{row0 + i % band_rows, i / band_rows};
+}
+
 // The map is computed and read by the thread group G that claims tasks (device/common/group.cuh).
 
 // Kept rows per expert, as MoEConfig.capacity() states it: x = cf * T * k rounded in double left
