@@ -155,19 +155,29 @@ def test_mma_sync_tile_random_schedule_matches_round_robin():
 
 # ---------------------------------------------------------------- the order tiles are claimed in
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 7), (5, 3), (12, 112), (14, 3), (25, 16), (37, 2)])
-def test_tiles_are_claimed_column_by_column_in_bands_of_twelve_row_tiles(rows, cols):
-    """scheduler.cuh band_tile: every (row tile, column tile) of an expert is one task, and within
-    a band of up to 12 row tiles a column's tiles are consecutive tasks, so the blocks running at
-    once read each B panel together (one HBM read) and keep the band's A in L2."""
-    n = rows * cols
-    row, col = torch.full((n,), -1, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)
-    call("emu_test_band_order", ctypes.c_int(rows), ctypes.c_int(cols), ptr(row), ptr(col))
-    got = list(zip(row.tolist(), col.tolist()))
-    assert sorted(got) == [(r, c) for r in range(rows) for c in range(cols)]
-    expected = [(r0 + i % h, i // h) for r0 in range(0, rows, 12) for h in [min(12, rows - r0)]
-                for i in range(h * cols)]
-    assert got == expected
+@pytest.mark.parametrize("rows,cols", [
+    ([1], 1), ([64], 7), ([300], 3), ([768], 112), ([1, 64, 65, 0, 130], 2),
+    ([896, 0, 1600, 100], 16), ([37 * 64], 2), ([5000, 3], 3)])
+def test_routed_tiles_are_claimed_column_by_column_in_bands_of_twelve_row_tiles(rows, cols):
+    """scheduler.cuh routed_tile: every (row tile, column tile) of every expert is one task, an
+    expert's tasks follow the last expert's, and within a band of up to 12 of its row tiles a
+    column's tiles are consecutive tasks, so the blocks running at once read each B panel together
+    (one HBM read) and keep the band's A in L2. A tile's row tile is rank-wide (the GEMM0 tile
+    signals it and the GEMM1 tile waits for it), its rows the expert's."""
+    bm = DEFINES["FLASHMOE_BLOCK_M"]
+    tiles = [-(-r // bm) for r in rows]
+    n = sum(tiles) * cols
+    counts, out = torch.tensor(rows, dtype=torch.int32), torch.full((n * 5,), -1, dtype=torch.int32)
+    call("emu_test_routed_tiles", ctypes.c_int(len(rows)), ptr(counts), ctypes.c_int(cols), ptr(out))
+    expected, first = [], 0
+    for e, (r, t) in enumerate(zip(rows, tiles)):
+        for r0 in range(0, t, 12):
+            h = min(12, t - r0)
+            for i in range(h * cols):
+                row = r0 + i % h
+                expected.append((first + row, i // h, e, row * bm, min(bm, r - row * bm)))
+        first += t
+    assert [tuple(x) for x in out.view(n, 5).tolist()] == expected
 
 
 # ---------------------------------------------------------------- warp, block and atomics

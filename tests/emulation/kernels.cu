@@ -286,13 +286,27 @@ FLASHMOE_EMU_EXPORT int emu_test_mbarrier(int mode, char* err, u64 n) {
   }, err, n);
 }
 
-// The order a rank's GEMM tiles are claimed in (scheduler.cuh band_tile): for task j of a grid of
-// rows x cols tiles, its row tile and column tile. No launch: band_tile is plain arithmetic.
-FLASHMOE_EMU_EXPORT int emu_test_band_order(int rows, int cols, i32* row, i32* col, char*, u64) {
-  for (int j = 0; j < rows * cols; ++j) {
-    const GridTile g = band_tile(j, rows, cols);
-    row[j] = g.row;
-    col[j] = g.col;
-  }
-  return 0;
+// The routed tasks of a rank whose E_l local experts have rows[e] rows (scheduler.cuh
+// routed_tile, band order within an expert): for each task of a grid of `cols` column tiles, its
+// rank-wide row tile, column tile, expert, first row in the expert and row count, five ints.
+FLASHMOE_EMU_EXPORT int emu_test_routed_tiles(int experts, const i32* rows, int cols, i32* out, char* err, u64 n) {
+  const u64 smem = (16 + 3 * experts + 2) * sizeof(i32);   // TaskMap's header, rows, row_off, tile_off
+  return run(1, 32, smem, 0, [=] {
+    if (threadIdx.x != 0) return;
+    Params p{};
+    p.experts_per_rank = experts;
+    p.smem_sched_offset = 0;
+    const Ctx c{};
+    TaskMap tm(p, c);
+    tm.tile_off[0] = 0;
+    for (int e = 0; e < experts; ++e) {
+      tm.rows[e] = rows[e];
+      tm.tile_off[e + 1] = tm.tile_off[e] + ceil_div(rows[e], kBlockM);
+    }
+    for (int task = 0; task < tm.tile_off[experts] * cols; ++task) {
+      const RoutedTile t = routed_tile(p, tm, task, cols);
+      const int got[5] = {t.tile, t.n, t.e, t.q0, t.nrows};
+      for (int i = 0; i < 5; ++i) out[task * 5 + i] = got[i];
+    }
+  }, err, n);
 }

@@ -96,6 +96,25 @@ __device__ __forceinline__ GridTile band_tile(int j, int rows, int cols) {
   return GridTile{row0 + i % band_rows, i / band_rows};
 }
 
+// A routed task index decoded: row tile `tile` (of all this rank's), column tile n, local expert e,
+// and the tile's first row q0 and row count within the expert. Expert e's tasks are
+// [tile_off[e], tile_off[e + 1]) x col_tiles, in band order (band_tile) within.
+struct RoutedTile {
+  int tile, n, e, q0, nrows;
+};
+
+__device__ __forceinline__ RoutedTile routed_tile(const Params& p, const TaskMap& tm, int task, int col_tiles) {
+  RoutedTile t;
+  t.e = tm.expert_of_tile(p, task / col_tiles);
+  const int first = tm.tile_off[t.e];
+  const GridTile g = band_tile(task - first * col_tiles, tm.tile_off[t.e + 1] - first, col_tiles);
+  t.tile = first + g.row;
+  t.n = g.col;
+  t.q0 = g.row * kBlockM;
+  t.nrows = min(kBlockM, tm.rows[t.e] - t.q0);
+  return t;
+}
+
 // The map is computed and read by the thread group G that claims tasks (device/common/group.cuh).
 
 // Kept rows per expert, as MoEConfig.capacity() states it: x = cf * T * k rounded in double left
