@@ -45,7 +45,7 @@ def run_command(st: Stage, args: list[str], summary: str = "") -> None:
 
 def _bench_rows(out: Path, since: float) -> list[dict]:
     """The main fields of every row of the benchmark results written to ``out`` after ``since``."""
-    keys = ("config", "tokens", "world", "provider", "tile", "status", "median_ms", "pct_matmul", "pct_copy",
+    keys = ("config", "tokens", "world", "routing", "provider", "tile", "status", "median_ms", "pct_matmul", "pct_copy",
             "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm", "correct")
     rows = []
     for path in sorted([*out.glob("layer_*.json"), *out.glob("ep_*.json")]):
