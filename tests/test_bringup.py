@@ -128,7 +128,7 @@ def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu
     assert cases["trace"]["passed"] and {r["config"] for r in cases["trace"]["rows"]} == {"qwen3-30b-a3b",
                                                                                          "mixtral-8x7b"}
     assert "dry" in (tmp_path / "trace.log").read_text().lower()
-    # bench/compare.py reads the rows the kit carried: this kit against itself, row by row.
+    # bench/compare.py reads the rows the kit carried, each under its own key.
     from bench import compare
     kit_rows = compare.read_rows([tmp_path / "bringup.jsonl"])
     assert {k[0] for k in kit_rows} == {"trace"} and len(kit_rows) == len(cases["trace"]["rows"])
