@@ -106,12 +106,15 @@ def summary(lines: list[dict]) -> list[str]:
     return out
 
 
-def trace_pairs(old_paths, new_paths) -> list[tuple[str, Path, Path]]:
-    """(layer and tokens, old trace, new trace) for each layer and token count traced in both."""
+def trace_pairs(old_paths, new_paths) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(layer and tokens, old trace, new trace) for each layer and token count traced in both, and
+    the ones traced in one run only."""
     def by_name(paths):
         return {f"{m[1]} {m[2]} tokens": Path(p) for p in paths if (m := TRACE_NAME.search(str(p)))}
     old, new = by_name(old_paths), by_name(new_paths)
-    return [(name, old[name], new[name]) for name in sorted(old.keys() & new.keys())]
+    alone = [f"{side} only: {name}" for side, a, b in (("old", old, new), ("new", new, old))
+             for name in sorted(a.keys() - b.keys())]
+    return [(name, old[name], new[name]) for name in sorted(old.keys() & new.keys())], alone
 
 
 def compare_traces(old: tr.Trace, new: tr.Trace) -> list[str]:
@@ -156,7 +159,9 @@ def main(argv=None) -> int:
                  for k in sorted(a.keys() - b.keys(), key=_order)]
     if unmatched:
         print(f"rows in one run only: {len(unmatched)}\n  " + "\n  ".join(unmatched))
-    pairs = trace_pairs(old_traces, new_traces)
+    pairs, alone = trace_pairs(old_traces, new_traces)
+    if alone:
+        print(f"traces in one run only: {len(alone)}\n  " + "\n  ".join(alone))
     for name, a, b in pairs:
         print(f"\n{name}: " + "\n".join(compare_traces(tr.load(a), tr.load(b))))
     if not lines and not pairs:

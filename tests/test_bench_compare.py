@@ -116,7 +116,8 @@ def test_traces_pair_by_layer_and_tokens_and_show_each_kind_old_beside_new(tmp_p
     assert compare.main(["--old", str(old), "--new", str(new), str(other)]) == 0
     out = capsys.readouterr().out
     assert "mixtral-8x7b 4096 tokens: span 41.5 -> 21.5 us (0.518x)" in out
-    assert "qwen3" not in out                   # traced in one run only
+    assert "traces in one run only: 1\n  new only: qwen3-30b-a3b 4096 tokens\n" in out
+    assert "qwen3-30b-a3b 4096 tokens: span" not in out
     gemm0 = next(ln for ln in out.splitlines() if ln.split()[:1] == ["GEMM0"])
     assert gemm0.split() == ["GEMM0", "8", "->", "8", "10.00", "->", "5.00", "0.500x"]
     route = next(ln for ln in out.splitlines() if ln.split()[:1] == ["ROUTE"])
