@@ -116,20 +116,26 @@ def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
         w.shared_down_proj = randn(H, Is, scale=Is ** -0.5)
     if cfg.shared_expert_gate:
         w.shared_gate_weight = randn(1, H, scale=H ** -0.5)
+    if cfg.router_bias:
+        w.router_bias = randn(E, scale=0.5)
+    if cfg.expert_bias:     # as large as the projections' outputs, so that a lost bias shows
+        w.gate_up_bias, w.down_bias = randn(E, Iu), randn(E, H)
     to = lambda t, dtype: None if t is None else t.to(device=device, dtype=dtype).contiguous()
     fp32 = torch.float32
     weights = MoEWeights(router_weight=to(w.router_weight, fp32), gate_up_proj=to(w.gate_up_proj, dt),
                          down_proj=to(w.down_proj, dt), selection_bias=to(w.selection_bias, fp32),
                          shared_gate_up_proj=to(w.shared_gate_up_proj, dt),
                          shared_down_proj=to(w.shared_down_proj, dt),
-                         shared_gate_weight=to(w.shared_gate_weight, fp32))
+                         shared_gate_weight=to(w.shared_gate_weight, fp32), router_bias=to(w.router_bias, fp32),
+                         gate_up_bias=to(w.gate_up_bias, dt), down_bias=to(w.down_bias, dt))
     return to(x, dt), weights
 
 
 def selection_gaps(x: torch.Tensor, weights: MoEWeights, config: MoEConfig) -> torch.Tensor:
     """Per token, the smallest margin of any routing decision: between the k-th and (k+1)-th
     eligible selection score, and between the topk_group-th and next group score."""
-    logits = reference.router_logits(x, weights.router_weight)
+    logits = reference.router_logits(x, weights.router_weight,
+                                     weights.router_bias if config.router_bias else None)
     scores = torch.softmax(logits, -1) if config.scoring == "softmax" else torch.sigmoid(logits)
     select = scores + (weights.selection_bias.float() if config.selection_bias else 0)
     gap = torch.full((x.shape[0],), float("inf"), device=x.device)
@@ -370,10 +376,10 @@ def check_layer_graphs(config: MoEConfig, device, sizes=(1, 8, 64, 256),
 
 
 def given_routing_inputs(config: MoEConfig, tokens: int, device, seed: int = 0):
-    """(x, weights, topk_ids, topk_weights) for the routing-given kernel: random x and experts,
-    and a routing with every kind of slot: distinct experts, "no expert" ids of each kind
-    (negative, E, beyond int32), an expert named twice (token 4), a token with no expert at all
-    (token 7), and weights of either sign."""
+    """(x, weights, topk_ids, topk_weights) for the routing-given kernel: random x and experts
+    (with biases when the config has them), and a routing with every kind of slot: distinct
+    experts, "no expert" ids of each kind (negative, E, beyond int32), an expert named twice
+    (token 4), a token with no expert at all (token 7), and weights of either sign."""
     g = torch.Generator().manual_seed(seed)
     E, H, I, dt = config.num_experts, config.hidden_size, config.intermediate_size, config.torch_dtype
     x = torch.randn(tokens, H, generator=g).to(dt)
@@ -392,8 +398,12 @@ def given_routing_inputs(config: MoEConfig, tokens: int, device, seed: int = 0):
     if tokens > 7:
         ids[7] = -1
     topk_weights = torch.randn(tokens, k, generator=g)
-    to = lambda t: t.to(device)     # noqa: E731
-    weights = MoEWeights(router_weight=None, gate_up_proj=to(weights.gate_up_proj), down_proj=to(weights.down_proj))
+    if config.expert_bias:
+        weights.gate_up_bias = torch.randn(E, config.up_rows, generator=g).to(dt)
+        weights.down_bias = torch.randn(E, H, generator=g).to(dt)
+    to = lambda t: None if t is None else t.to(device)     # noqa: E731
+    weights = MoEWeights(router_weight=None, gate_up_proj=to(weights.gate_up_proj), down_proj=to(weights.down_proj),
+                         gate_up_bias=to(weights.gate_up_bias), down_bias=to(weights.down_bias))
     return to(x), weights, to(ids), to(topk_weights)
 
 

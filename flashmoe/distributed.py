@@ -198,7 +198,7 @@ class _SumGradients(torch.autograd.Function):
         return (None, *out)
 
 
-_REPLICATED = ("router_weight", "shared_gate_up_proj", "shared_down_proj", "shared_gate_weight")
+_REPLICATED = ("router_weight", "router_bias", "shared_gate_up_proj", "shared_down_proj", "shared_gate_weight")
 
 
 def _sum_replicated_gradients(weights: MoEWeights, group) -> MoEWeights:

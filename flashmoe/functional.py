@@ -88,9 +88,9 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
     Returns x's shape and dtype; the weighted sum is fp32, rounded once. ``backend`` and
     ``virtual_world`` as in ``FlashMoELayer``: on a GPU 'auto' runs the flashmoe kernel with its
-    router replaced by the given routing (dispatch to W virtual ranks, expert GEMMs, combine),
-    when the layout is one the kernel implements (no biases, not 'swiglu_clamped') and autograd
-    is not recording; else the reference ('mixed' math). The op is ``flashmoe::experts``
+    router replaced by the given routing (dispatch to W virtual ranks, expert GEMMs with their
+    biases, combine) when the kernel supports the shapes (backend='kernel' says why not) and
+    autograd is not recording; else the reference ('mixed' math). The op is ``flashmoe::experts``
     (torch.compile / export take it whole; autograd reaches x, topk_weights, the experts and
     their biases).
     """

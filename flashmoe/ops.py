@@ -204,7 +204,8 @@ def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Ten
         which = "reference"
     if which in ("kernel", "emulated") and x.shape[0] > 0:
         kernel = _shared_kernel(cfg, x.device, virtual_world, which == "emulated", "given")
-        weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up_proj, down_proj=down_proj)
+        weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                                       gate_up_bias=gate_up_bias, down_bias=down_bias)
         return kernel.forward(x.contiguous(), weights, routing=(topk_ids, topk_weights))
     return reference.experts_forward(x, topk_ids, topk_weights, gate_up_proj, down_proj, cfg,
                                      math=backend_select.REFERENCE_MATH, gate_up_bias=gate_up_bias,

@@ -80,6 +80,11 @@ def gpu_cases(quick: bool = False) -> list[Case]:
     qwen2 = dict(num_experts=60, top_k=4, num_shared_experts=1, shared_intermediate_size=1024,
                  shared_expert_gate=True)
     cases.append(Case("qwen2-shared-gate-W4", _cfg(qwen2, num_experts=64), world=4, tokens=512))
+    # GPT-OSS's router and expert biases and clamped SwiGLU; a limit of 1 (GPT-OSS: 7) clamps many
+    # gate and up elements of these O(1) activations.
+    gpt_oss = dict(num_experts=32, top_k=4, activation="swiglu_clamped", swiglu_limit=1.0, expert_bias=True,
+                   router_bias=True, norm_topk_prob=True)
+    cases.append(Case("gpt-oss-W4", _cfg(gpt_oss), world=4, tokens=600))
     if not quick:
         qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
         cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
@@ -102,6 +107,8 @@ def emulated_cases() -> list[Case]:
         Case("emu-capacity", _cfg(small, capacity_factor=0.5), world=2, tokens=40, routing="skewed"),
         Case("emu-deepseek", _cfg(small, num_experts=8, top_k=2, scoring="sigmoid", selection_bias=True,
                                   n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
+        Case("emu-gpt-oss", _cfg(small, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
+                                 router_bias=True, norm_topk_prob=True), tokens=33),
     ]
 
 

@@ -112,7 +112,7 @@ def check_case(name, case, rank, world):
 def check_layer(rank, world):
     """FlashMoELayer with a process group: the replicated weights agree after construction, and
     forward equals a single-process layer holding all experts."""
-    config = make_config(dict(num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0))
+    config = make_config(dict(num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0, router_bias=True))
     torch.manual_seed(100 + rank)                 # different init on every rank ...
     layer = FlashMoELayer(config, process_group=dist.group.WORLD)
     router = [torch.empty_like(layer.router_weight) for _ in range(world)]

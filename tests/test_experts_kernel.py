@@ -57,6 +57,11 @@ CASES = [
     ("bf16-no-tokens", config(), 1, 0, mma_sync),
     ("bf16-wgmma-k2-W2", config(top_k=2), 2, 40, wgmma),
     ("bf16-swiglu-k8-W2", config(top_k=8), 2, 30, mma_sync),   # combine batches across tokens
+    # GPT-OSS's experts: biases and the clamped SwiGLU (a limit of 1.5 clamps many elements)
+    ("bf16-gpt-oss-k3-W2", config(activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True), 2, 45,
+     mma_sync),
+    ("fp16-gpt-oss-wgmma-k2", config(dtype="float16", activation="swiglu_clamped", swiglu_limit=1.5,
+                                     expert_bias=True, top_k=2), 1, 40, wgmma),
 ]
 
 
@@ -84,3 +89,30 @@ def test_the_routing_goes_with_the_kernel_built_for_it():
     router = KernelBackend(cfg, None, emulate=True, timeout_s=TIMEOUT_S, spec=mma_sync(cfg))
     with pytest.raises(ValueError, match="this one has routing='router'"):
         router.forward(x, weights, routing=(ids, topk_weights))
+
+
+def test_experts_forward_runs_gpt_oss_experts_in_their_own_layout():
+    """flashmoe.experts_forward on the emulated kernel with GPT-OSS's layout (gate_up_proj
+    [E, H, 2I], gate and up columns alternating, biases alternating with them, the clamped SwiGLU):
+    the biases reach the kernel reordered with their weights. Judged by the accuracy rule against
+    the reference on the same routing, in the kernel's own layout."""
+    from flashmoe import accuracy, experts_forward, reference
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T = 4, 64, 32, 29
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+    gate_up, down = rnd(E, H, 2 * I, scale=H ** -0.5), rnd(E, I, H, scale=I ** -0.5)
+    gate_up_bias, down_bias, x = rnd(E, 2 * I), rnd(E, H), rnd(T, H)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=g)
+    out = experts_forward(x, ids, w, gate_up, down, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                          transposed=True, interleaved=True, activation="swiglu_clamped", swiglu_limit=1.5,
+                          backend="emulated")
+    cfg = config(num_experts=E, top_k=2, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True)
+    gates_then_ups = lambda t: torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)     # noqa: E731
+    weights = reference.MoEWeights(router_weight=None, gate_up_proj=gates_then_ups(gate_up).transpose(1, 2),
+                                   down_proj=down.transpose(1, 2), gate_up_bias=gates_then_ups(gate_up_bias),
+                                   down_bias=down_bias)
+    ok, err, tol = accuracy.check(out, x, weights, cfg, routing=reference.given_routing(ids, w, E))
+    assert ok, f"error {err:.3g} above tolerance {tol:.3g}"

@@ -66,8 +66,16 @@ CASES = [
     (Case("bf16-k7-shared-capacity-W2", cfg(num_experts=8, top_k=7, num_shared_experts=1, capacity_factor=1.0),
           world=2, tokens=35, routing="skewed"), SHIPPED),
     (Case("bf16-single-expert-130-tokens", cfg(), tokens=130, routing="single"), SHIPPED),   # 2 row tiles
+    # GPT-OSS: router bias, expert biases, the clamped SwiGLU (a limit of 1.5 clamps many elements)
+    (Case("bf16-gpt-oss-W2", cfg(activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
+                                 router_bias=True, norm_topk_prob=True), world=2, tokens=45), SHIPPED),
     (Case("small-tile-bf16-W2-shared", cfg(hidden_size=192, intermediate_size=96, num_experts=8,
                                            num_shared_experts=1), world=2, tokens=150, routing="skewed"), SMALL),
+    # Biased experts over several column tiles, the last of each GEMM part-filled (I = 80: 32 + 32 +
+    # 16 gate columns; H = 160: 64 + 64 + 32 output columns): each tile adds its own columns' biases.
+    (Case("small-tile-fp16-gelu-biases-W2", cfg(dtype="float16", hidden_size=160, intermediate_size=80,
+                                                activation="gelu", expert_bias=True, router_bias=True),
+          world=2, tokens=70), SMALL),
     (Case("small-tile-fp32-plain-capacity-W2", cfg(dtype="float32", hidden_size=96, intermediate_size=64,
                                                    gated=False, capacity_factor=1.0), world=2, tokens=101,
           routing="skewed"), SMALL),

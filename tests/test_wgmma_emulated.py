@@ -118,6 +118,9 @@ FULL_CASES = [
     ("fp16-gelu-plain-W2", dict(dtype="float16", activation="gelu", gated=False, num_experts=8, top_k=1), 2, 45,
      "uniform"),
     ("bf16-H192-I160-130-tokens", dict(hidden_size=192, intermediate_size=160), 1, 130, "single"),
+    # GPT-OSS: router bias, expert biases, the clamped SwiGLU; I = 160 fills one and a half B tiles
+    ("bf16-gpt-oss-W2-I160", dict(intermediate_size=160, activation="swiglu_clamped", swiglu_limit=1.5,
+                                  expert_bias=True, router_bias=True, norm_topk_prob=True), 2, 45, "uniform"),
 ]
 
 

@@ -66,7 +66,7 @@ class FaultKind(enum.IntEnum):
     STALL = 1
 
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamped": 4}
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 GROUP_SCORE_CODES = {"top2_sum": 0, "max": 1}
 
@@ -119,9 +119,9 @@ _PARAMS_FIELDS = [
         ("routed_scaling_factor", f32), ("weights_first_expert", i32), ("capacity_factor", f64),
         ("fault_kind", u32), ("fault_rank", u32), ("trace_capacity", u32),
         ("smem_sched_offset", u32), ("smem_scratch_offset", u32), ("norm_topk_epsilon", f32),
-        ("timeout_ns", u64),
-        ("router_weight", ptr), ("selection_bias", ptr), ("gate_up", ptr), ("down", ptr),
-        ("shared_gate_up", ptr), ("shared_down", ptr),
+        ("swiglu_alpha", f32), ("swiglu_limit", f32), ("timeout_ns", u64),
+        ("router_weight", ptr), ("selection_bias", ptr), ("router_bias", ptr), ("gate_up", ptr), ("down", ptr),
+        ("gate_up_bias", ptr), ("down_bias", ptr), ("shared_gate_up", ptr), ("shared_down", ptr),
         ("heap", ptr), ("peer_bases", ptr), ("rank_heap_bytes", u64),
         ("region_offset", u64 * NUM_REGIONS), ("region_stride", u64 * NUM_REGIONS),
         ("control", ptr), ("trace", ptr), ("trace_records_offset", u64),
@@ -223,6 +223,7 @@ def abi_header() -> str:
 
 def fill_params(plan, *, heap: int, peer_bases: int, control: int,
                 router_weight: int, gate_up: int, down: int, selection_bias: int = 0,
+                router_bias: int = 0, gate_up_bias: int = 0, down_bias: int = 0,
                 shared_gate_up: int = 0, shared_down: int = 0, weights_first_expert: int = 0,
                 local: list[tuple[int, ...]] = (), timeout_ns: int = 10**10,
                 trace: int = 0, trace_capacity: int = 0,
@@ -254,14 +255,15 @@ def fill_params(plan, *, heap: int, peer_bases: int, control: int,
     p.activation = ACTIVATION_CODES[cfg.activation]
     p.routed_scaling_factor = cfg.routed_scaling_factor
     p.norm_topk_epsilon = cfg.norm_topk_epsilon
+    p.swiglu_alpha, p.swiglu_limit = cfg.swiglu_alpha, cfg.swiglu_limit
     p.weights_first_expert = weights_first_expert
     p.capacity_factor = cfg.capacity_factor or 0.0
     p.fault_kind, p.fault_rank = int(fault_kind), fault_rank
     p.trace_capacity = trace_capacity
     p.smem_sched_offset, p.smem_scratch_offset = plan.smem_sched_offset, plan.smem_scratch_offset
     p.timeout_ns = timeout_ns
-    p.router_weight, p.selection_bias = router_weight, selection_bias
-    p.gate_up, p.down = gate_up, down
+    p.router_weight, p.selection_bias, p.router_bias = router_weight, selection_bias, router_bias
+    p.gate_up, p.down, p.gate_up_bias, p.down_bias = gate_up, down, gate_up_bias, down_bias
     p.shared_gate_up, p.shared_down = shared_gate_up, shared_down
     p.heap, p.peer_bases, p.rank_heap_bytes = heap, peer_bases, plan.rank_heap_bytes
     for i, name in enumerate(REGION_NAMES):

@@ -361,7 +361,8 @@ class KernelBackend:
         return abi.fill_params(
             variant.plan, heap=self.heap.data_ptr(), peer_bases=self.peer_bases.data_ptr(),
             control=self.control.data_ptr(), router_weight=ptr("router"), gate_up=ptr("gate_up"),
-            down=ptr("down"), selection_bias=ptr("bias"), shared_gate_up=ptr("shared_gate_up"),
+            down=ptr("down"), selection_bias=ptr("bias"), router_bias=ptr("router_bias"),
+            gate_up_bias=ptr("gate_up_bias"), down_bias=ptr("down_bias"), shared_gate_up=ptr("shared_gate_up"),
             shared_down=ptr("shared_down"), weights_first_expert=weights_first_expert, local=local,
             timeout_ns=self.timeout_ns,
             fault_kind=abi.FaultKind.STALL if fault_rank is not None else abi.FaultKind.NONE,

@@ -281,26 +281,9 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:
         return f"n_group={config.n_group} is above the kernel's limit of 32"
-    return _unimplemented_feature(config)
-
-
-# Config fields the kernel does not implement, with the value it does (the reference computes
-# any value; backend='auto' falls back to it).
-_KERNEL_DEFAULTS = {
-    "expert_bias": (False, "expert biases (expert_bias=True) are not implemented by the kernel"),
-    "router_bias": (False, "a router bias (router_bias=True) is not implemented by the kernel"),
-    "scale_expert_input": (False, "scaling the expert input by the routing weight "
-                                  "(scale_expert_input=True) is not implemented by the kernel"),
-}
-
-
-def _unimplemented_feature(config: MoEConfig) -> str | None:
-    """Why the kernel cannot compute one of the config's semantics (None when it can)."""
-    if config.activation == "swiglu_clamped":
-        return "activation='swiglu_clamped' is not implemented by the kernel"
-    for name, (value, reason) in _KERNEL_DEFAULTS.items():
-        if getattr(config, name) != value:
-            return f"{reason} (config.{name}={getattr(config, name)!r})"
+    if config.scale_expert_input:     # the reference computes it; backend='auto' falls back to it
+        return ("scaling the expert input by the routing weight (scale_expert_input=True) is not "
+                "implemented by the kernel")
     return None
 
 
@@ -312,13 +295,13 @@ def scheduler_smem_bytes(config: MoEConfig, world: int) -> int:
     return _align((16 + El + 2 * (El + 1) + El * (world + 1) + world + 1) * 4, 16)
 
 
-GEMM_WEIGHT_TILE_BYTES = 16   # TileTables::wt: tensor map pointer, first row, expert (TMA B tile)
+GEMM_WEIGHT_TILE_BYTES = 24   # TileTables::wt: tensor map pointer, first row, expert (TMA B tile), bias
 GEMM_JOB_BYTES = 28           # TileTables::job: GEMM, K, valid columns, row tile, two trace words, first stage
 
 
 def gemm_tables_bytes(spec: KernelSpec) -> int:
     """Row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables), per slot: the
-    job's rank context, A and B row pointers, the B tile as a tensor-map box (16 bytes), the job,
+    job's rank context, A and B row pointers, the B tile as a tensor-map box and its bias, the job,
     output offsets (u64), output ranks (i32) and row-valid flags. The wgmma engine keeps two slots
     (one being prepared while the other's tile runs, device/roles/tasks.cuh), mma_sync one."""
     slot = _align(CTX_BYTES + (spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + GEMM_JOB_BYTES

@@ -28,7 +28,7 @@ class KernelWeights:
         shared-expert gate appended as row E (one fp32 matrix); rebuilt only when a weight changes."""
         cfg = self.config
         tensors = [w.router_weight, w.gate_up_proj, w.down_proj, w.selection_bias, w.shared_gate_up_proj,
-                   w.shared_down_proj, w.shared_gate_weight]
+                   w.shared_down_proj, w.shared_gate_weight, w.router_bias, w.gate_up_bias, w.down_bias]
         key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
         if key == self._key:
             return self._views
@@ -59,8 +59,13 @@ class KernelWeights:
                 router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H),
                                                  torch.float32)])
             keep["router"] = router
+            if cfg.router_bias:
+                keep["router_bias"] = need(w.router_bias, "router_bias", (cfg.num_experts,), torch.float32)
         if cfg.selection_bias:
             keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.num_experts,), torch.float32)
+        if cfg.expert_bias:
+            keep["gate_up_bias"] = need(w.gate_up_bias, "gate_up_bias", (E, cfg.up_rows), dt)
+            keep["down_bias"] = need(w.down_bias, "down_bias", (E, H), dt)
         if cfg.num_shared_experts:
             Is = cfg.shared_intermediate_total
             keep["shared_gate_up"] = need(w.shared_gate_up_proj, "shared_gate_up_proj",

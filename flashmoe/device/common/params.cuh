@@ -143,7 +143,7 @@ struct Params {
   i32 group_score;          // 0 sum of the best two, 1 max
   i32 has_bias;
   i32 shared_gate;          // the shared expert output is scaled by sigmoid(x . w)
-  i32 activation;           // 0 silu, 1 gelu, 2 gelu_tanh, 3 relu
+  i32 activation;           // 0 silu, 1 gelu, 2 gelu_tanh, 3 relu, 4 clamped SwiGLU (GPT-OSS)
   float routed_scaling_factor;
   i32 weights_first_expert; // global expert id of gate_up[0] / down[0]
   double capacity_factor;   // 0: dropless
@@ -155,12 +155,17 @@ struct Params {
   u32 smem_sched_offset;    // shared memory: the task map, after the GEMM/phase union
   u32 smem_scratch_offset;  // shared memory: block-wide scratch words
   float norm_topk_epsilon;  // added to the sum of the top-k weights before dividing
+  float swiglu_alpha;       // activation 4: g * sigmoid(alpha g) with g = min(gate, limit),
+  float swiglu_limit;       //   times clamp(up, -limit, limit) + 1
   u64 timeout_ns;           // bound of every wait
   // Weights.
   const float* router_weight;   // [E (+1 shared gate row), H] fp32
   const float* selection_bias;  // [E] fp32
+  const float* router_bias;     // [E] fp32, added to the logits (nullptr: none)
   const void* gate_up;          // [experts, 2I or I, H]
   const void* down;             // [experts, H, I]
+  const void* gate_up_bias;     // [experts, 2I or I] dtype, added before the activation (nullptr: none)
+  const void* down_bias;        // [experts, H] dtype, added to each expert's output (nullptr: none)
   const void* shared_gate_up;   // [2 I_s or I_s, H]
   const void* shared_down;      // [H, I_s]
   // Heap: hosted rank v's slice is heap + v * rank_heap_bytes.

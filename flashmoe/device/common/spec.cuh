@@ -90,6 +90,15 @@ __device__ __forceinline__ float activate(float v, int activation) {
   }
 }
 
+// Activation code 4, GPT-OSS's clamped SwiGLU of one gate and up element: g * sigmoid(alpha g) *
+// (u' + 1) with g = min(gate, limit), u' = clamp(up, -limit, limit), in fp32 as flashmoe/reference.py
+// computes it. The comparisons keep a NaN (fminf would turn it into the limit, torch's clamp does not).
+__device__ __forceinline__ float swiglu_clamped(float gate, float up, float alpha, float limit) {
+  const float g = gate > limit ? limit : gate;
+  const float u = up > limit ? limit : (up < -limit ? -limit : up);
+  return g * div_full(1.0f, 1.0f + expf(-alpha * g)) * (u + 1.0f);
+}
+
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // This block's dynamic shared memory. 1024: the 128-byte swizzle pattern of the wgmma engine's

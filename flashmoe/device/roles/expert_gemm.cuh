@@ -1,7 +1,7 @@
-// Expert tiles. GEMM0 (x W_gate_up^T, activation, gate * up, rounded to the dtype) writes the
-// intermediate rows of this rank; GEMM1 (h W_down^T, rounded to the dtype) writes each row straight
-// into the result slot (token, slot) on the token's home rank. The shared experts are the same two
-// GEMMs over this rank's own tokens, with their results in the last slot of each token.
+// Expert tiles. GEMM0 (x W_gate_up^T (+ bias), activation, gate * up, rounded to the dtype) writes
+// the intermediate rows of this rank; GEMM1 (h W_down^T (+ bias), rounded to the dtype) writes each
+// row straight into the result slot (token, slot) on the token's home rank. The shared experts are
+// the same two GEMMs over this rank's own tokens, with their results in the last slot of each token.
 #pragma once
 
 #include "flashmoe/device/common/transport.cuh"
@@ -41,11 +41,14 @@ __device__ bool pipe_aligned(const Params& p, const Ctx& c) {
 }
 
 // A tile's B operands as a box of a weight tensor map (Params::weight_maps), for the engines that
-// load B with TMA; map == nullptr when no map is encoded (B then comes from the row pointers).
+// load B with TMA; map == nullptr when no map is encoded (B then comes from the row pointers). And
+// the bias of the tile's output columns, added in its epilogue.
 struct WeightTile {
   const TensorMap* map;
   i32 row0;        // first row of each operand: intermediate column (GEMM0) or output column (GEMM1)
   i32 expert;      // the expert's index in the weight tensor
+  const elem_t* bias;   // tile column col's bias at bias[col] (gated GEMM0: its up column's at
+                        // bias[I + col]); nullptr: none
 };
 
 // What a prepared tile runs: which GEMM over which K, how many output columns are real, and (for
@@ -75,7 +78,7 @@ struct TileTables {
   i32 out_rank[kBlockM];
   bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
 };
-static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 16 + 28 + kBlockM * 13 + 15) / 16 * 16,
+static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 24 + 28 + kBlockM * 13 + 15) / 16 * 16,
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
 __device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {
@@ -92,6 +95,11 @@ __device__ __forceinline__ const elem_t* expert_weights(const Params& p, const v
   return static_cast<const elem_t*>(base) + (u64)expert_index(p, rank, e) * rows * cols;
 }
 
+// Local expert e's row of a [experts, cols] bias tensor (nullptr: the layer has none).
+__device__ __forceinline__ const elem_t* expert_bias(const Params& p, const void* base, int rank, int e, int cols) {
+  return base ? static_cast<const elem_t*>(base) + (u64)expert_index(p, rank, e) * cols : nullptr;
+}
+
 __device__ __forceinline__ const TensorMap* weight_map(const Params& p, int which) {
   return p.weight_maps_valid ? &p.weight_maps[which] : nullptr;
 }
@@ -99,31 +107,54 @@ __device__ __forceinline__ const TensorMap* weight_map(const Params& p, int whic
 // B rows of a GEMM0 tile: columns [col0, col0 + kGemm0Cols) of an intermediate of width `inter`;
 // gated weights hold the gate rows then the up rows, each row K = H long. As a box of the 4-D map
 // (H, inter, kNumB, experts): (0.., col0.., op, expert), rows past `inter` zero-filled by TMA.
+// `bias`: the expert's [kNumB * inter] biases, in the same order (nullptr: none).
 template <class G>
 __device__ __forceinline__ void gemm0_b_rows(TileTables& tt, const elem_t* w, int inter, int col0, int H,
-                                             const TensorMap* map, int expert) {
+                                             const TensorMap* map, int expert, const elem_t* bias) {
   for (int r = G::rank(); r < kBlockN; r += G::kSize) {
     const int op = r / kGemm0Cols, col = col0 + r % kGemm0Cols;
     tt.b[r] = col < inter ? reinterpret_cast<const u8*>(w + (u64)(op * inter + col) * H) : nullptr;
   }
-  if (G::rank() == 0) tt.wt = WeightTile{map, col0, expert};
+  if (G::rank() == 0) tt.wt = WeightTile{map, col0, expert, bias ? bias + col0 : nullptr};
 }
 
 // B rows of a GEMM1 tile: output columns [row0, row0 + kBlockN) of H; down has rows of K = inter.
-// As a box of the 4-D map (inter, H, 1, experts): (0.., row0.., 0, expert).
+// As a box of the 4-D map (inter, H, 1, experts): (0.., row0.., 0, expert). `bias`: the expert's
+// [H] biases (nullptr: none).
 template <class G>
 __device__ __forceinline__ void gemm1_b_rows(TileTables& tt, const elem_t* w, int H, int row0, int inter,
-                                             const TensorMap* map, int expert) {
+                                             const TensorMap* map, int expert, const elem_t* bias) {
   for (int r = G::rank(); r < kBlockN; r += G::kSize)
     tt.b[r] = row0 + r < H ? reinterpret_cast<const u8*>(w + (u64)(row0 + r) * inter) : nullptr;
-  if (G::rank() == 0) tt.wt = WeightTile{map, row0, expert};
+  if (G::rank() == 0) tt.wt = WeightTile{map, row0, expert, bias ? bias + row0 : nullptr};
 }
 
-// act(gate) * up (or act) of one GEMM0 output element, for activation code kAct (spec.cuh activate()).
+// One GEMM0 output element for activation code kAct: the tile's biases added (for the columns
+// below valid_cols, the stored ones: the others' biases lie past the tensor), then act(gate) * up,
+// act, or the clamped SwiGLU (code 4, gated only; spec.cuh).
 template <int kAct>
-struct GatedActivation {
-  __device__ __forceinline__ float operator()(const float* v) const {
-    return kGated ? activate(v[0], kAct) * v[kNumB - 1] : activate(v[0], kAct);
+struct Gemm0Epilogue {
+  const elem_t* bias;   // WeightTile::bias
+  int inter;            // the up biases' offset
+  int valid_cols;
+  float alpha, limit;   // code 4's constants
+  __device__ __forceinline__ float operator()(int col, const float* v) const {
+    float gate = v[0], up = v[kNumB - 1];
+    if (bias && col < valid_cols) {
+      gate += to_float(bias[col]);
+      if (kGated) up += to_float(bias[inter + col]);
+    }
+    if (kAct == 4) return swiglu_clamped(gate, up, alpha, limit);
+    return kGated ? activate(gate, kAct) * up : activate(gate, kAct);
+  }
+};
+
+// One GEMM1 output element: the expert's output, plus its bias (as Gemm0Epilogue's).
+struct Gemm1Epilogue {
+  const elem_t* bias;
+  int valid_cols;
+  __device__ __forceinline__ float operator()(int col, const float* v) const {
+    return bias && col < valid_cols ? v[0] + to_float(bias[col]) : v[0];
   }
 };
 
@@ -158,19 +189,28 @@ __device__ __forceinline__ void store_tile(const u8* staged, int pass, const boo
 // GEMM0's epilogue (thread group G, every thread holding accumulators among them): act(gate) * up
 // (or act) into the staging tile, then into this rank's slice. One staging pass per activation: a
 // run-time switch inside the per-element function is inlined into every element, and that code
-// (all cases, interleaved) costs as many registers as the tile.
+// (all cases, interleaved) costs as many registers as the tile. The clamped SwiGLU is gated only.
 template <class G, class E>
 __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
   u8* staged = E::staging(c.smem());
+  const elem_t* bias = tt.wt.bias;
+  const int inter = p.intermediate;
+  const float alpha = p.swiglu_alpha, limit = p.swiglu_limit;
 #pragma unroll
   for (int pass = 0; pass < kEpiloguePasses; ++pass) {
     if (pass > 0) G::sync();   // the last pass is stored: its staging rows may be rewritten
     switch (p.activation) {
-      case 0: stage_tile<kNumB>(g, staged, pass, GatedActivation<0>{}); break;
-      case 1: stage_tile<kNumB>(g, staged, pass, GatedActivation<1>{}); break;
-      case 2: stage_tile<kNumB>(g, staged, pass, GatedActivation<2>{}); break;
-      default: stage_tile<kNumB>(g, staged, pass, GatedActivation<3>{}); break;
+      case 0: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<0>{bias, inter, valid_cols}); break;
+      case 1: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<1>{bias, inter, valid_cols}); break;
+      case 2: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<2>{bias, inter, valid_cols}); break;
+      case 4:   // gated only (MoEConfig refuses it for plain experts): a plain spec compiles no copy
+        if constexpr (kGated) {
+          stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<4>{bias, inter, valid_cols, alpha, limit});
+          break;
+        }
+        [[fallthrough]];
+      default: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<3>{bias, inter, valid_cols}); break;
     }
     G::sync();
     store_tile<kNumB, E, G>(staged, pass, tt.valid, valid_cols,
@@ -187,7 +227,7 @@ __device__ __forceinline__ void finish_gemm1(const Params& p, const Ctx& c, Tile
 #pragma unroll
   for (int pass = 0; pass < kEpiloguePasses; ++pass) {
     if (pass > 0) G::sync();   // the last pass is stored: its staging rows may be rewritten
-    stage_tile<1>(g, staged, pass, [](const float* v) { return v[0]; });
+    stage_tile<1>(g, staged, pass, Gemm1Epilogue{tt.wt.bias, valid_cols});
     G::sync();
     store_tile<1, E, G>(staged, pass, tt.valid, valid_cols, [&](int row, int byte, uint4 v) {
       remote_tile_store(p, c, tt.out_rank[row], tt.out_off[row], row, byte, v);
@@ -294,7 +334,7 @@ __device__ TileJob prepare_shared_gemm0(const Params& p, const Ctx& c, const Tas
     tt.out_off[i] = inter_off + ((u64)q * Is + (u64)n * kGemm0Cols) * kElemBytes;
   }
   gemm0_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_gate_up), Is, n * kGemm0Cols, H,
-                  weight_map(p, kMapSharedGateUp), 0);
+                  weight_map(p, kMapSharedGateUp), 0, nullptr);
   return TileJob{0, H, Is - n * kGemm0Cols, m, (u32)task, 0xffffffffu};
 }
 
@@ -316,7 +356,8 @@ __device__ bool prepare_shared_gemm1(const Params& p, const Ctx& c, const TaskMa
     tt.out_rank[i] = c.rank;
     tt.out_off[i] = ret_off + (ret_row_index(p, q, p.top_k) * H + (u64)n * kBlockN) * kElemBytes;
   }
-  gemm1_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_down), H, n * kBlockN, Is, weight_map(p, kMapSharedDown), 0);
+  gemm1_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_down), H, n * kBlockN, Is, weight_map(p, kMapSharedDown), 0,
+                  nullptr);
   job = TileJob{1, Is, H - n * kBlockN, 0, (u32)task, 0xffffffffu};
   return true;
 }
@@ -381,7 +422,8 @@ __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMa
     tt.out_off[i] = inter_off + ((u64)(tm.row_off[e] + q0 + i) * I + (u64)n * kGemm0Cols) * kElemBytes;
   }
   gemm0_b_rows<G>(tt, expert_weights(p, p.gate_up, c.rank, e, (u64)kNumB * I, H), I, n * kGemm0Cols, H,
-                  weight_map(p, kMapGateUp), expert_index(p, c.rank, e));
+                  weight_map(p, kMapGateUp), expert_index(p, c.rank, e),
+                  expert_bias(p, p.gate_up_bias, c.rank, e, kNumB * I));
   job = TileJob{0, H, I - n * kGemm0Cols, tm.h->shared_row_tiles + tile, (u32)task, (u32)e};
   return true;
 }
@@ -407,7 +449,7 @@ __device__ bool prepare_routed_gemm1(const Params& p, const Ctx& c, const TaskMa
     tt.out_off[i] = ret_off + (ret_row_index(p, entry.y, entry.z) * H + (u64)n * kBlockN) * kElemBytes;
   }
   gemm1_b_rows<G>(tt, expert_weights(p, p.down, c.rank, e, H, I), H, n * kBlockN, I, weight_map(p, kMapDown),
-                  expert_index(p, c.rank, e));
+                  expert_index(p, c.rank, e), expert_bias(p, p.down_bias, c.rank, e, H));
   job = TileJob{1, I, H - n * kBlockN, 0, (u32)task, (u32)e};
   return true;
 }

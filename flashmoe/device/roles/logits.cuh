@@ -97,11 +97,13 @@ __device__ __forceinline__ float segment_dot(const float* x, const float* w) {
   return acc;
 }
 
-// Router row e's logit of token t: a routed expert's into the logits, the shared-expert gate's row
-// (e = E) through its sigmoid into the gates; rows past those are padding. (The regions' addresses
-// are found here, not held by the callers across their K loops.)
+// Router row e's logit of token t: a routed expert's, plus its router bias, into the logits; the
+// shared-expert gate's row (e = E) through its sigmoid into the gates; rows past those are padding.
+// (The regions' addresses are found here, not held by the callers across their K loops.)
 __device__ __forceinline__ void store_logit(const Params& p, const Ctx& c, int t, int e, float v) {
-  if (e < p.num_experts) st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.num_experts + e, v);
+  if (e < p.num_experts)
+    st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.num_experts + e,
+            p.router_bias ? v + p.router_bias[e] : v);
   else if (e == p.num_experts && p.shared_gate)
     st_weak(region<float>(p, c.slice, kSharedGate) + t, div_full(1.0f, 1.0f + expf(-v)));
 }
