@@ -57,8 +57,8 @@ class FlashMoELayer(nn.Module):
             (router, bias, shared experts) are broadcast from the group's first rank at
             construction so every rank routes alike.
 
-    Dtypes: the expert weights (and the shared experts') are in ``config.dtype``; the router,
-    the selection bias and the shared-expert gate are fp32 and stay fp32 through
+    Dtypes: the expert weights and biases (and the shared experts') are in ``config.dtype``; the
+    router, its biases and the shared-expert gate are fp32 and stay fp32 through
     ``layer.to(dtype)`` / ``.half()`` / ``.bfloat16()`` / ``.float()``, which instead move the
     layer to the new expert dtype (``config`` follows; the kernel is rebuilt). Under
     ``torch.autocast`` with a bfloat16/float16 dtype the layer computes in that dtype like
