@@ -6,8 +6,10 @@ shared-expert weights are replicated, and every rank brings its own tokens. One 
 1. all-gather the token counts, so each rank knows where its tokens sit among all ranks' tokens
    (rank-major order) and the global token count the capacity is computed from;
 2. route locally, then send each (token, slot) pair to the rank owning its expert (all-to-all);
+   with config.scale_expert_input the row is the token times the pair's weight, scaled at home;
 3. the owner decides capacity over the pairs of *all* ranks (highest weight, ties to the lower
-   global token index) and runs its experts on the kept rows;
+   global token index) and runs its experts (with their biases, config.expert_bias) on the kept
+   rows;
 4. the results travel back (all-to-all) and the home rank combines them with
    ``reference.combine``: the same slot order, shared experts last, as one process.
 
@@ -27,6 +29,8 @@ gradients over the same group again (exclude them from DistributedDataParallel).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -43,10 +47,10 @@ def ep_forward(x_local: torch.Tensor, weights: MoEWeights, config: MoEConfig, gr
     """Expert-parallel forward of this rank's tokens ``x_local[..., H]``; a collective: every
     rank of ``group`` (default: the world) must call it, also a rank with no tokens.
 
-    ``weights.gate_up_proj`` / ``down_proj`` hold either this rank's E/W experts or all E (then
-    this rank uses its slice). ``math`` is as in ``reference.moe_forward``. Returns the output
-    (x's shape; fp32 for math='fp32', else x's dtype) and, if asked, this rank's ``Routing``
-    with ``kept`` as the experts' owners decided it.
+    ``weights.gate_up_proj`` / ``down_proj`` (and ``gate_up_bias`` / ``down_bias``) hold either
+    this rank's E/W experts or all E (then this rank uses its slice). ``math`` is as in
+    ``reference.moe_forward``. Returns the output (x's shape; fp32 for math='fp32', else x's
+    dtype) and, if asked, this rank's ``Routing`` with ``kept`` as the experts' owners decided it.
     """
     if math not in reference.MATH_MODES:
         raise ValueError(f"math={math!r}: allowed are {', '.join(reference.MATH_MODES)}")
@@ -64,7 +68,9 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
     e_all, hidden = config.num_experts, config.hidden_size
     per_rank = experts_per_rank(e_all, world)
     mine = rank_experts(rank, e_all, world)
-    gate_up, down = _local_experts(weights, mine, e_all)
+    weights = rank_weights(weights, rank, world, e_all)
+    biases = (weights.gate_up_bias, weights.down_bias) if config.expert_bias else (None, None)
+    experts = (weights.gate_up_proj, weights.down_proj, *biases)
     if grad:
         # Created first, so its backward (an all-reduce) runs last on every rank, after every
         # all-to-all of the backward: the autograd engine runs ready nodes latest-created first.
@@ -102,11 +108,11 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
     keep = reference.capacity_keep(src_expert[:, None], priority[:, None], config,
                                    src_token, total)[:, 0]
     owner = _Owner(keep, src_expert - mine.start, len(mine), config, math)
-    rows = x2d[tok]
+    rows = reference.expert_input(x2d, tok, slot, routing, config)
     if grad:
-        y_back = _RemoteExperts.apply(rows, gate_up, down, trip, owner)
+        y_back = _RemoteExperts.apply(rows, *experts, trip, owner)
     else:
-        y_back = trip.back(owner.experts(trip.there(rows), gate_up, down))
+        y_back = trip.back(owner.experts(trip.there(rows), *experts))
 
     # 4. Back to the home rank, in the order the pairs were sent; combine there.
     keep_back = trip.back(keep.to(torch.uint8)).bool()
@@ -118,7 +124,8 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
         shared = reference.expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
                                       config, math)
     live = torch.nonzero(keep_back).squeeze(1)
-    out = reference.combine(tok[live], slot[live], y_back[live], shared, routing, math,
+    out = reference.combine(tok[live], slot[live], y_back[live], shared,
+                            reference.combine_routing(routing, config), math,
                             x2d.dtype).reshape(*lead, hidden)
     return (out, routing) if return_routing else out
 
@@ -147,36 +154,37 @@ class _Owner:
         self.rows = torch.bincount(local_expert[kept], minlength=num_local).tolist()
         self.config, self.math = config, math
 
-    def experts(self, rows, gate_up, down):
-        y = reference.run_experts(rows[self.index], self.rows, gate_up, down, self.config, self.math)
+    def experts(self, rows, gate_up, down, gate_up_bias, down_bias):
+        y = reference.run_experts(rows[self.index], self.rows, gate_up, down, self.config, self.math,
+                                  gate_up_bias, down_bias)
         return y.new_zeros(rows.shape[0], rows.shape[1]).index_put((self.index,), y)
 
 
 class _RemoteExperts(torch.autograd.Function):
-    """rows -> their experts' outputs, through the owners; backward makes the reverse trip."""
+    """rows -> their experts' outputs, through the owners; backward makes the reverse trip.
+    The experts' tensors: gate_up, down, gate_up_bias, down_bias (the biases may be None)."""
 
     @staticmethod
-    def forward(ctx, rows, gate_up, down, trip: _Trip, owner: _Owner):
+    def forward(ctx, rows, gate_up, down, gate_up_bias, down_bias, trip: _Trip, owner: _Owner):
         arrived = trip.there(rows)
-        ctx.save_for_backward(arrived, gate_up, down)
+        ctx.save_for_backward(arrived, gate_up, down, gate_up_bias, down_bias)
         ctx.trip, ctx.owner = trip, owner
-        return trip.back(owner.experts(arrived, gate_up, down))
+        return trip.back(owner.experts(arrived, gate_up, down, gate_up_bias, down_bias))
 
     @staticmethod
     def backward(ctx, grad_back):
-        arrived, gate_up, down = ctx.saved_tensors
         grad_arrived = ctx.trip.there(grad_back.contiguous())
-        needs = ctx.needs_input_grad[:3]
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip((arrived, gate_up, down), needs)]
+            leaves = [None if t is None else t.detach().requires_grad_(n)
+                      for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad[:5])]
             y = ctx.owner.experts(*leaves)
-            wanted = [t for t in leaves if t.requires_grad]
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
             found = iter(torch.autograd.grad(y, wanted, grad_arrived, allow_unused=True)
                          if wanted and y.requires_grad else [None] * len(wanted))
-        grads = [next(found) if t.requires_grad else None for t in leaves]
+        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
         # Every rank sends input gradients home, needed or not: the collective must match.
-        g_rows = grads[0] if grads[0] is not None else torch.zeros_like(arrived)
-        return ctx.trip.back(g_rows), grads[1], grads[2], None, None
+        g_rows = grads[0] if grads[0] is not None else torch.zeros_like(leaves[0])
+        return ctx.trip.back(g_rows), *grads[1:], None, None
 
 
 class _SumGradients(torch.autograd.Function):
@@ -210,14 +218,23 @@ def _sum_replicated_gradients(weights: MoEWeights, group) -> MoEWeights:
     return MoEWeights(**{**vars(weights), **dict(zip(names, summed))})
 
 
-def _local_experts(weights: MoEWeights, mine: range, num_experts: int):
-    held = weights.gate_up_proj.shape[0]
-    if held == num_experts:
-        return weights.gate_up_proj[mine.start:mine.stop], weights.down_proj[mine.start:mine.stop]
-    if held == len(mine):
-        return weights.gate_up_proj, weights.down_proj
-    raise ValueError(f"weights.gate_up_proj holds {held} experts: expected this rank's "
-                     f"{len(mine)} (experts {mine.start}..{mine.stop - 1}) or all {num_experts}")
+_PER_EXPERT = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+
+def rank_weights(weights: MoEWeights, rank: int, world: int, num_experts: int) -> MoEWeights:
+    """``weights`` with rank's experts only: each per-expert tensor (the projections and their
+    biases) holds either all E experts (then the view of rank's E / W is taken) or just those."""
+    mine = rank_experts(rank, num_experts, world)
+    local = {}
+    for name in _PER_EXPERT:
+        t = getattr(weights, name)
+        if t is None or t.shape[0] == len(mine):
+            continue
+        if t.shape[0] != num_experts:
+            raise ValueError(f"weights.{name} holds {t.shape[0]} experts: expected rank {rank}'s "
+                             f"{len(mine)} (experts {mine.start}..{mine.stop - 1}) or all {num_experts}")
+        local[name] = t[mine.start:mine.stop]
+    return dataclasses.replace(weights, **local) if local else weights
 
 
 def _all_gather_count(n: int, group, device) -> list[int]:

@@ -100,8 +100,6 @@ class FlashMoELayer(nn.Module):
         if config.num_experts % self.world_size:
             raise ValueError(f"num_experts={config.num_experts} must be divisible by the process "
                              f"group's size {self.world_size}")
-        if self.world_size > 1:
-            _check_expert_parallel(config)
         self.local_experts: range = rank_experts(self.rank, config.num_experts, self.world_size)
         self.last_backend: str | None = None
         # from_hf sets it for blocks whose forward returns (hidden states, router output):
@@ -355,16 +353,6 @@ class FlashMoELayer(nn.Module):
         if self.virtual_world > 1:
             parts.append(f"virtual_world={self.virtual_world}")
         return ", ".join(parts)
-
-
-def _check_expert_parallel(config: MoEConfig) -> None:
-    """Refuse the features the expert-parallel path (flashmoe.distributed) does not compute, so
-    a group never silently drops them."""
-    missing = [name for name in ("expert_bias", "scale_expert_input") if getattr(config, name)]
-    if missing:
-        raise ValueError(f"{' and '.join(f'{n}=True' for n in missing)}: not supported over a "
-                         "process group yet (flashmoe.distributed computes experts without it); "
-                         "run the layer on one process (process_group=None)")
 
 
 def _is_int(value) -> bool:

@@ -358,14 +358,23 @@ def given_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
 def routed_experts(x2d: torch.Tensor, routing: Routing, gate_up: torch.Tensor, down: torch.Tensor,
                    config: MoEConfig, math: str, gate_up_bias: torch.Tensor | None = None,
                    down_bias: torch.Tensor | None = None):
-    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]``. With
-    config.scale_expert_input the expert's input is the token times its routing weight
-    (in fp32, rounded to the dtype: the GEMM's operand), and ``combine_routing`` then gives 1."""
+    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]`` on
+    ``expert_input`` (with config.scale_expert_input, scaled by the routing weight, so
+    ``combine_routing`` then gives 1)."""
     tok, slot, rows = expert_rows(routing, gate_up.shape[0])
+    x = expert_input(x2d, tok, slot, routing, config)
+    return tok, slot, run_experts(x, rows, gate_up, down, config, math, gate_up_bias, down_bias)
+
+
+def expert_input(x2d: torch.Tensor, tok: torch.Tensor, slot: torch.Tensor, routing: Routing,
+                 config: MoEConfig) -> torch.Tensor:
+    """The rows the experts of the pairs (tok[n], slot[n]) compute on: the tokens, or with
+    config.scale_expert_input each times its pair's routing weight, in fp32 and rounded to the
+    dtype (the GEMM's operand)."""
     x = x2d[tok]
     if config.scale_expert_input:
         x = (x.float() * routing.weights[tok, slot, None].float()).to(x2d.dtype)
-    return tok, slot, run_experts(x, rows, gate_up, down, config, math, gate_up_bias, down_bias)
+    return x
 
 
 def combine_routing(routing: Routing, config: MoEConfig) -> Routing:

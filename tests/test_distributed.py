@@ -10,9 +10,14 @@ import torch.multiprocessing as mp
 
 from flashmoe import FlashMoELayer, MoEConfig, MoEWeights, reference
 from flashmoe.distributed import ep_forward
+from flashmoe.host.plan import rank_experts
 
-# Imported here, before the workers fork, so they inherit it instead of importing it each.
+# Imported here, before the workers fork, so they inherit them instead of importing them each.
 mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+
+PER_EXPERT = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")   # a rank holds its E / W
 
 # tokens each rank brings, per world size: one rank with none, uneven others
 TOKENS = {2: [11, 0], 4: [5, 0, 9, 6]}
@@ -28,6 +33,12 @@ CASES = {
         dtype="bfloat16", num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0,
         activation="gelu_tanh"), math="contract"),
     "plain_relu_native": dict(config=dict(gated=False, activation="relu", top_k=3), math="native"),
+    # GPT-OSS: router and expert biases, the clamped SwiGLU (a small limit, so the clamps bind)
+    "gpt_oss_like": dict(config=dict(router_bias=True, expert_bias=True, activation="swiglu_clamped",
+                                     swiglu_limit=0.5, capacity_factor=1.0), math="contract"),
+    # Llama4: the routing weight scales the expert's input, a sigmoid top-1, a shared expert
+    "llama4_like": dict(config=dict(scale_expert_input=True, scoring="sigmoid", top_k=1,
+                                    num_shared_experts=1, capacity_factor=1.0), math="contract"),
     # experts 2 and 3 are never chosen: in a world of 4, rank 1 receives no rows at all
     "idle_experts": dict(config=dict(scoring="sigmoid", selection_bias=True), math="contract",
                          bias={2: -100.0, 3: -100.0}),
@@ -59,6 +70,10 @@ def make_weights(config, bias=None):
         w.shared_down_proj = rnd(h, s, fan_in=s)
     if config.shared_expert_gate:
         w.shared_gate_weight = rnd(1, h, fan_in=h, dtype=torch.float32)
+    if config.router_bias:
+        w.router_bias = torch.randn(e, generator=g)
+    if config.expert_bias:     # as large as the projections' outputs, so that a lost bias shows
+        w.gate_up_bias, w.down_bias = rnd(e, config.up_rows, fan_in=1), rnd(e, h, fan_in=1)
     return w
 
 
@@ -97,8 +112,9 @@ def check_case(name, case, rank, world):
     # with all experts' weights given, and with only this rank's share
     mine_only = reference.MoEWeights(**vars(weights))
     per = config.num_experts // world
-    mine_only.gate_up_proj = weights.gate_up_proj[rank * per:(rank + 1) * per].clone()
-    mine_only.down_proj = weights.down_proj[rank * per:(rank + 1) * per].clone()
+    for name in PER_EXPERT:
+        if getattr(weights, name) is not None:
+            setattr(mine_only, name, getattr(weights, name)[rank * per:(rank + 1) * per].clone())
     for w in (weights, mine_only):
         out, routing = ep_forward(mine, w, config, math=case["math"], return_routing=True)
         assert out.shape == mine.shape, name
@@ -109,10 +125,16 @@ def check_case(name, case, rank, world):
         assert_close(out, expected, name)
 
 
-def check_layer(rank, world):
+# FlashMoELayer configs over a group: GPT-OSS's biases, then Llama4's scaled input.
+LAYERS = [dict(num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0, router_bias=True,
+               expert_bias=True, activation="swiglu_clamped", swiglu_limit=0.5),
+          dict(num_shared_experts=1, capacity_factor=1.0, scale_expert_input=True, scoring="sigmoid", top_k=1)]
+
+
+def check_layer(rank, world, fields):
     """FlashMoELayer with a process group: the replicated weights agree after construction, and
-    forward equals a single-process layer holding all experts."""
-    config = make_config(dict(num_shared_experts=1, shared_expert_gate=True, capacity_factor=1.0, router_bias=True))
+    forward and backward equal a single-process layer holding all experts."""
+    config = make_config(fields)
     torch.manual_seed(100 + rank)                 # different init on every rank ...
     layer = FlashMoELayer(config, process_group=dist.group.WORLD)
     router = [torch.empty_like(layer.router_weight) for _ in range(world)]
@@ -122,10 +144,15 @@ def check_layer(rank, world):
 
     torch.manual_seed(7)
     full = FlashMoELayer(config)                   # the same on every rank
+    with torch.no_grad():                          # biases start at zero: make them count
+        for bias in (full.router_bias, full.gate_up_bias, full.down_bias):
+            if bias is not None:
+                bias.normal_()
     state = full.state_dict()
     mine = layer.local_experts
-    state["gate_up_proj"] = state["gate_up_proj"][mine.start:mine.stop]
-    state["down_proj"] = state["down_proj"][mine.start:mine.stop]
+    for name in PER_EXPERT:
+        if name in state:
+            state[name] = state[name][mine.start:mine.stop]
     layer.load_state_dict(state)
     counts = TOKENS[world]
     x = all_tokens(config, counts)
@@ -138,19 +165,45 @@ def check_layer(rank, world):
 
     check_backward(layer, full, x, counts, rank)
 
-    # from_hf with a process group copies this rank's experts only
-    torch.manual_seed(11)
-    block = mixtral.MixtralSparseMoeBlock(mixtral.MixtralConfig(
+
+# Blocks from_hf converts over a group (fp32, eager experts).
+BLOCKS = {
+    "mixtral": lambda: mixtral.MixtralSparseMoeBlock(mixtral.MixtralConfig(
         hidden_size=16, intermediate_size=8, num_local_experts=8, num_experts_per_tok=2,
-        experts_implementation="eager")).eval()
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=2.0 / p.shape[-1] ** 0.5)
-    layer = FlashMoELayer.from_hf(block, process_group=dist.group.WORLD)
-    assert torch.equal(layer.gate_up_proj, block.experts.gate_up_proj[mine.start:mine.stop])
-    with torch.no_grad():
-        out = layer(x[start:start + counts[rank]])
-        expected = block(x.reshape(1, -1, 16)).reshape(-1, 16)[start:start + counts[rank]]
-    assert_close(out, expected, "from_hf", rtol=1e-5, atol=1e-5)
+        experts_implementation="eager")),
+    "gpt_oss": lambda: gpt_oss.GptOssMLP(gpt_oss.GptOssConfig(
+        hidden_size=16, intermediate_size=8, num_local_experts=8, num_experts_per_tok=2,
+        swiglu_limit=0.5, experts_implementation="eager")),
+    "llama4": lambda: llama4.Llama4TextMoe(llama4.Llama4TextConfig(
+        hidden_size=16, intermediate_size=8, intermediate_size_mlp=16, num_local_experts=8,
+        num_experts_per_tok=1, experts_implementation="eager")),
+}
+
+
+def check_from_hf(rank, world):
+    """from_hf with a process group copies this rank's experts only (and their biases), and
+    forward equals the block's on all ranks' tokens."""
+    counts = TOKENS[world]
+    x = all_tokens(make_config({}), counts)
+    start, mine = sum(counts[:rank]), rank_experts(rank, 8, world)
+    for name, make in BLOCKS.items():
+        torch.manual_seed(11)
+        block = make().eval()
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=2.0 / p.shape[-1] ** 0.5)
+        layer = FlashMoELayer.from_hf(block, process_group=dist.group.WORLD)
+        assert layer.local_experts == mine, name
+        if name == "mixtral":
+            assert torch.equal(layer.gate_up_proj, block.experts.gate_up_proj[mine.start:mine.stop])
+        if name == "gpt_oss":
+            assert torch.equal(layer.down_bias, block.experts.down_proj_bias[mine.start:mine.stop])
+        with torch.no_grad():
+            out = layer(x[start:start + counts[rank]])
+            expected = block(x.reshape(1, -1, 16))
+        if layer.returns_router_logits:
+            out, expected = out[0], expected[0]
+        expected = expected.reshape(-1, 16)[start:start + counts[rank]]
+        assert_close(out, expected, f"from_hf {name}", rtol=1e-5, atol=1e-5)
 
 
 def check_backward(layer, full, x, counts, rank):
@@ -167,7 +220,7 @@ def check_backward(layer, full, x, counts, rank):
     assert_close(x_mine.grad, 2 * x_all.grad[start:start + counts[rank]], "x.grad", atol=1e-5)
     for name, p in layer.named_parameters():
         expected = dict(full.named_parameters())[name].grad
-        if name in ("gate_up_proj", "down_proj"):
+        if name in PER_EXPERT:
             expected = expected[mine.start:mine.stop]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         assert_close(p.grad, 2 * expected, f"{name}.grad", rtol=1e-4, atol=1e-5)
@@ -180,7 +233,9 @@ def worker(rank, world, init_file):
         with torch.no_grad():
             for name, case in CASES.items():
                 check_case(name, case, rank, world)
-        check_layer(rank, world)
+        for fields in LAYERS:
+            check_layer(rank, world, fields)
+        check_from_hf(rank, world)
     finally:
         dist.destroy_process_group()
 

@@ -42,29 +42,29 @@ FORWARD_NS = 300_000
 COUNTS = [[130, 0, 70, 7], [1, 100, 0, 64], [0, 0, 3, 0], [40, 41, 42, 90]]
 
 
-def inputs(counts: list[list[int]], seed: int):
+def inputs(counts: list[list[int]], seed: int, config: MoEConfig = CONFIG):
     gen = torch.Generator().manual_seed(seed)
-    xs = [[torch.randn(n, CONFIG.hidden_size, generator=gen).to(torch.bfloat16) for n in forward]
+    xs = [[torch.randn(n, config.hidden_size, generator=gen).to(torch.bfloat16) for n in forward]
           for forward in counts]
-    _, weights = make_inputs(Case("ep", CONFIG, tokens=8), torch.device("cpu"))
+    _, weights = make_inputs(Case("ep", config, tokens=8), torch.device("cpu"))
     return xs, weights
 
 
 _EXPECTED: dict = {}
 
 
-def expected(xs, weights, world: int, spec: KernelSpec = SPEC) -> list[torch.Tensor]:
+def expected(xs, weights, world: int, spec: KernelSpec = SPEC, config: MoEConfig = CONFIG) -> list[torch.Tensor]:
     """One launch of the same W ranks as virtual ranks, per forward; checked against the
     reference under the accuracy rule."""
-    backend = _EXPECTED.get((world, spec))
+    backend = _EXPECTED.get((world, spec, config))
     if backend is None:
-        backend = _EXPECTED[world, spec] = KernelBackend(CONFIG, None, virtual_world=world, emulate=True,
-                                                         timeout_s=TIMEOUT_S, error_check="sync", spec=spec)
+        backend = _EXPECTED[world, spec, config] = KernelBackend(
+            config, None, virtual_world=world, emulate=True, timeout_s=TIMEOUT_S, error_check="sync", spec=spec)
     outs = []
     for forward in xs:
         x = torch.cat(forward)
         out, routing = backend.forward(x, weights, return_routing=True)
-        ok, err, tol = accuracy.check(out, x, weights, CONFIG, routing=routing)
+        ok, err, tol = accuracy.check(out, x, weights, config, routing=routing)
         assert ok, f"the one-launch result is off the reference: {err} > {tol}"
         outs.append(out.clone())
     return outs
@@ -72,13 +72,13 @@ def expected(xs, weights, world: int, spec: KernelSpec = SPEC) -> list[torch.Ten
 
 def run_group(xs, weights, world: int, *, ranks_per_node: int | None = None, seed: int = 0, weak_seed: int = 0,
               delays=None, error_check: str = "none", include_root: Path | None = None,
-              spec: KernelSpec = SPEC) -> list[torch.Tensor]:
+              spec: KernelSpec = SPEC, config: MoEConfig = CONFIG) -> list[torch.Tensor]:
     """Every forward of xs on W emulated ranks; returns each forward's output, all ranks' rows
     in rank order."""
     group = EmulatedGroup(world, seed=seed, weak_seed=weak_seed, ranks_per_node=ranks_per_node, delays=delays)
 
     def rank_body(rank):
-        backend = GroupBackend(CONFIG, None, rank, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S,
+        backend = GroupBackend(config, None, rank, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S,
                                error_check=error_check, spec=spec)
         if include_root is not None:
             for v in backend.variants.values():
@@ -119,6 +119,20 @@ def test_wgmma_engine_in_separate_launches(ranks_per_node):
     got = run_group(xs, weights, 2, ranks_per_node=ranks_per_node, weak_seed=2, spec=WGMMA,
                     delays=lambda r, n: FORWARD_NS * (r % 2))
     assert_bitwise(got, expected(xs, weights, 2, WGMMA))
+
+
+# GPT-OSS: router and expert biases, the clamped SwiGLU (a limit of 1.5 clamps many elements).
+GPT_OSS = CONFIG.replace(router_bias=True, expert_bias=True, activation="swiglu_clamped", swiglu_limit=1.5)
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 1], ids=["pointers", "nvshmem"])
+def test_gpt_oss_biases_in_separate_launches(ranks_per_node):
+    """Each rank's launch adds its own experts' biases: given all E experts' weights and biases,
+    it takes its slice of both."""
+    counts = [c[:2] for c in COUNTS]
+    xs, weights = inputs(counts, seed=19, config=GPT_OSS)
+    got = run_group(xs, weights, 2, ranks_per_node=ranks_per_node, config=GPT_OSS)
+    assert_bitwise(got, expected(xs, weights, 2, config=GPT_OSS))
 
 
 SKEWS = {
@@ -187,7 +201,7 @@ def test_system_scope_only_when_the_ranks_span_launches():
     EmulatedGroup(2, ranks_per_node=2).run(rank_body)
     assert kernels[0].stats["sys_scope"] > 0      # the world of both launches, freed last
     expected(xs, weights, 2)
-    assert next(iter(_EXPECTED[2, SPEC].variants.values())).kernel.stats["sys_scope"] == 0
+    assert next(iter(_EXPECTED[2, SPEC, CONFIG].variants.values())).kernel.stats["sys_scope"] == 0
 
 
 # ---------------------------------------------------------------- weak memory

@@ -29,6 +29,7 @@ import ctypes
 import torch
 
 from ..config import MoEConfig
+from ..distributed import rank_weights
 from ..errors import FlashMoEError, KernelUnavailable
 from ..reference import MoEWeights
 from . import abi
@@ -120,7 +121,7 @@ class GroupBackend(KernelBackend):
                              "heap has one layout, so every rank must build the layer with the same "
                              "max_tokens")
         self._set_specs(spec, transport="nvshmem")
-        # This rank's E / W experts (or all E, of which it reads its own: _local).
+        # This rank's E / W experts (or all E, of which it reads its own: rank_weights).
         self._weights = KernelWeights(config, self.device, experts_per_rank(config.num_experts, world), "router",
                                       self.emulate)
         if runtime is None:
@@ -156,7 +157,7 @@ class GroupBackend(KernelBackend):
         n = x2d.shape[0]
         self._ensure_plan(n)
         self._settle(block=self.error_check != "none")
-        views = self._weights.views(_local(weights, self.rank, self.world, self.config.num_experts))
+        views = self._weights.views(rank_weights(weights, self.rank, self.world, self.config.num_experts))
         out = self._check_out(out, x2d)
         x_ptr = x2d.data_ptr()
         before = []
@@ -240,13 +241,3 @@ class GroupBackend(KernelBackend):
             self.runtime.barrier()
             self.symmetric.close()
             self.symmetric = self.heap = self.peer_bases = None
-
-
-def _local(weights: MoEWeights, rank: int, world: int, num_experts: int) -> MoEWeights:
-    """The weights with this rank's experts only (a view when all E are held)."""
-    per = experts_per_rank(num_experts, world)
-    if weights.gate_up_proj.shape[0] == num_experts and per != num_experts:
-        from dataclasses import replace
-        return replace(weights, gate_up_proj=weights.gate_up_proj[rank * per:(rank + 1) * per],
-                       down_proj=weights.down_proj[rank * per:(rank + 1) * per])
-    return weights
