@@ -38,7 +38,8 @@ TENSOR_CORE_OPCODES = ("HMMA", "HGMMA")
 
 def plan_smem_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory per block of the representative layer (even above the limit)."""
-    config = MoEConfig(**REPRESENTATIVE_LAYER, gated=spec.gated, dtype=spec.dtype)
+    config = MoEConfig(**REPRESENTATIVE_LAYER, gated=spec.gated, dtype=spec.dtype,
+                       scale_expert_input=spec.scale_input)
     unlimited = dataclasses.replace(DeviceInfo.for_arch(spec.arch), max_smem_per_block=1 << 30)
     return make_plan(config, spec, world=REPRESENTATIVE_WORLD, num_local_ranks=1,
                      device=unlimited).smem_bytes
@@ -63,6 +64,8 @@ def label(spec: KernelSpec) -> str:
     text = (f"{spec.arch} {spec.dtype} {'gated' if spec.gated else 'plain'} {spec.gemm} "
             f"{spec.block_m}x{spec.block_n} s{spec.stages} t{spec.threads}")
     text += " nvshmem" if spec.transport == "nvshmem" else ""
+    text += " given" if spec.routing == "given" else ""
+    text += " scale_input" if spec.scale_input else ""
     return text + (" trace" if spec.trace else "")
 
 

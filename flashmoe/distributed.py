@@ -6,7 +6,7 @@ shared-expert weights are replicated, and every rank brings its own tokens. One 
 1. all-gather the token counts, so each rank knows where its tokens sit among all ranks' tokens
    (rank-major order) and the global token count the capacity is computed from;
 2. route locally, then send each (token, slot) pair to the rank owning its expert (all-to-all);
-   with config.scale_expert_input the row is the token times the pair's weight, scaled at home;
+   with config.scale_expert_input the pair's weight travels with it, to scale its expert's input;
 3. the owner decides capacity over the pairs of *all* ranks (highest weight, ties to the lower
    global token index) and runs its experts (with their biases, config.expert_bias) on the kept
    rows;
@@ -108,11 +108,11 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
     keep = reference.capacity_keep(src_expert[:, None], priority[:, None], config,
                                    src_token, total)[:, 0]
     owner = _Owner(keep, src_expert - mine.start, len(mine), config, math)
-    rows = reference.expert_input(x2d, tok, slot, routing, config)
+    rows, scale = x2d[tok], reference.expert_scale(tok, slot, routing, config)
     if grad:
-        y_back = _RemoteExperts.apply(rows, *experts, trip, owner)
+        y_back = _RemoteExperts.apply(rows, scale, *experts, trip, owner)
     else:
-        y_back = trip.back(owner.experts(trip.there(rows), *experts))
+        y_back = trip.back(owner.experts(trip.there(rows), trip.there(scale), *experts))
 
     # 4. Back to the home rank, in the order the pairs were sent; combine there.
     keep_back = trip.back(keep.to(torch.uint8)).bool()
@@ -137,8 +137,8 @@ class _Trip:
     def __init__(self, send: list[int], recv: list[int], group):
         self.send, self.recv, self.group = send, recv, group
 
-    def there(self, t: torch.Tensor) -> torch.Tensor:
-        return _exchange(t, self.recv, self.send, self.group)
+    def there(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else _exchange(t, self.recv, self.send, self.group)
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
         return _exchange(t, self.send, self.recv, self.group)
@@ -154,37 +154,40 @@ class _Owner:
         self.rows = torch.bincount(local_expert[kept], minlength=num_local).tolist()
         self.config, self.math = config, math
 
-    def experts(self, rows, gate_up, down, gate_up_bias, down_bias):
+    def experts(self, rows, scale, gate_up, down, gate_up_bias, down_bias):
         y = reference.run_experts(rows[self.index], self.rows, gate_up, down, self.config, self.math,
-                                  gate_up_bias, down_bias)
+                                  gate_up_bias, down_bias, None if scale is None else scale[self.index])
         return y.new_zeros(rows.shape[0], rows.shape[1]).index_put((self.index,), y)
 
 
 class _RemoteExperts(torch.autograd.Function):
-    """rows -> their experts' outputs, through the owners; backward makes the reverse trip.
-    The experts' tensors: gate_up, down, gate_up_bias, down_bias (the biases may be None)."""
+    """(rows, their scales) -> their experts' outputs, through the owners; backward makes the
+    reverse trip. The scales (reference.expert_scale) may be None; the experts' tensors:
+    gate_up, down, gate_up_bias, down_bias (the biases may be None)."""
 
     @staticmethod
-    def forward(ctx, rows, gate_up, down, gate_up_bias, down_bias, trip: _Trip, owner: _Owner):
-        arrived = trip.there(rows)
-        ctx.save_for_backward(arrived, gate_up, down, gate_up_bias, down_bias)
+    def forward(ctx, rows, scale, gate_up, down, gate_up_bias, down_bias, trip: _Trip, owner: _Owner):
+        arrived = (trip.there(rows), trip.there(scale))
+        ctx.save_for_backward(*arrived, gate_up, down, gate_up_bias, down_bias)
         ctx.trip, ctx.owner = trip, owner
-        return trip.back(owner.experts(arrived, gate_up, down, gate_up_bias, down_bias))
+        return trip.back(owner.experts(*arrived, gate_up, down, gate_up_bias, down_bias))
 
     @staticmethod
     def backward(ctx, grad_back):
         grad_arrived = ctx.trip.there(grad_back.contiguous())
         with torch.enable_grad():
             leaves = [None if t is None else t.detach().requires_grad_(n)
-                      for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad[:5])]
+                      for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad[:6])]
             y = ctx.owner.experts(*leaves)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             found = iter(torch.autograd.grad(y, wanted, grad_arrived, allow_unused=True)
                          if wanted and y.requires_grad else [None] * len(wanted))
         grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
-        # Every rank sends input gradients home, needed or not: the collective must match.
-        g_rows = grads[0] if grads[0] is not None else torch.zeros_like(leaves[0])
-        return ctx.trip.back(g_rows), *grads[1:], None, None
+        # Every rank sends the rows' (and scales') gradients home, needed or not: the collectives
+        # must match.
+        home = [None if t is None else ctx.trip.back(torch.zeros_like(t) if g is None else g)
+                for t, g in zip(leaves[:2], grads[:2])]
+        return *home, *grads[2:], None, None
 
 
 class _SumGradients(torch.autograd.Function):

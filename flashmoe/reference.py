@@ -27,8 +27,11 @@ Experts (weights in the transformers 5 layout)
             to y, each in the precision of its projection's result before rounding
     'swiglu_clamped' (gated): g = min(x @ gate^T, limit), u = clamp(x @ up^T, -limit, limit),
             h = g * sigmoid(alpha * g) * (u + 1)
-    scale_expert_input: expert ids[t, j] gets round(weights[t, j] * x[t]) instead of x[t], and
-            its output is combined with weight 1
+    scale_expert_input: the routing weight scales the expert's input, not its output: expert
+            ids[t, j]'s first projection is weights[t, j] * (x[t] @ gate_up^T), before its bias
+            and in that result's precision (= (weights[t, j] * x[t]) @ gate_up^T, one rounding
+            fewer; 'native' scales x[t] in the dtype, as transformers does), and its output is
+            combined with weight 1
     The shared experts are one MLP of width ``num_shared_experts * shared_intermediate_size``
     applied to every token, optionally scaled by sigmoid(fp32(x) @ w_shared_gate^T).
 
@@ -273,27 +276,37 @@ def _add_bias(t: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | N
     return t.to(dtype) + bias.to(dtype)
 
 
+def _scale_rows(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """t's rows times ``scale`` [n] (fp32) in fp32; t itself when there is none."""
+    return t if scale is None else t.float() * scale[:, None]
+
+
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, config: MoEConfig,
                math: str = "contract", gate_up_bias: torch.Tensor | None = None,
-               down_bias: torch.Tensor | None = None) -> torch.Tensor:
+               down_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """One expert (or the fused shared MLP) on rows ``x`` [n, H]. Returns [n, H]: fp32 for
     math='fp32', else the dtype of ``x``. ``gate_up_bias`` [2I or I] and ``down_bias`` [H]
     (the expert's own biases, config.expert_bias) are added after their projection, in the
-    precision that projection's result has before it is rounded."""
+    precision that projection's result has before it is rounded. ``scale`` [n] (fp32; the
+    rows' routing weights with config.scale_expert_input, else None) multiplies the first
+    projection's rows before its bias (math='native' in bf16 or fp16: the rows of x, in the
+    dtype, as transformers does)."""
     dtype = x.dtype
     if math == "mixed":
         fast = fast_matmul_dtype(dtype, x.device, x.shape[0])
-        pre = _add_bias(x.to(fast) @ gate_up.to(fast).t(), gate_up_bias,
+        pre = _add_bias(_scale_rows(x.to(fast) @ gate_up.to(fast).t(), scale), gate_up_bias,
                         None if gate_up_bias is None else torch.float32)
         h = _activate(pre, config, torch.float32).to(dtype)
         y = h.to(fast) @ down.to(fast).t()
         return _add_bias(y, down_bias, None if down_bias is None else torch.float32).to(dtype)
     tf32 = dtype == torch.float32 and math != "fp32"
     if math == "native" and dtype != torch.float32:
+        if scale is not None:
+            x = x * scale.to(dtype)[:, None]
         h = _activate(_add_bias(x @ gate_up.t(), gate_up_bias), config)
         return _add_bias(h @ down.t(), down_bias)
     operand = _tf32 if tf32 else (lambda t: t.float())
-    h = _activate(_add_bias(operand(x) @ operand(gate_up).t(), gate_up_bias), config)
+    h = _activate(_add_bias(_scale_rows(operand(x) @ operand(gate_up).t(), scale), gate_up_bias), config)
     if math == "fp32":
         return _add_bias(h @ down.float().t(), down_bias)
     h = h.to(dtype)
@@ -330,14 +343,14 @@ def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     ``topk_ids[t, j]`` with weights ``topk_weights[t, j]`` (an id outside 0..E-1 marks "no
     expert" and is skipped; an expert named twice by one token runs once, in its first slot,
     with the weights summed in slot order); ``x[T, H]`` -> [T, H]. Of the config only the
-    expert math is read (gated, the activation and its constants); E, H, I come from the
-    tensors, and the biases [E, 2I or I], [E, H] are given or None."""
+    expert math is read (gated, the activation and its constants, scale_expert_input); E, H, I
+    come from the tensors, and the biases [E, 2I or I], [E, H] are given or None."""
     if math not in MATH_MODES:
         raise ValueError(f"math={math!r}: allowed are {', '.join(MATH_MODES)}")
     routing = given_routing(topk_ids, topk_weights, gate_up.shape[0])
     with no_autocast(x.device):
         tok, slot, y = routed_experts(x, routing, gate_up, down, config, math, gate_up_bias, down_bias)
-        return combine(tok, slot, y, None, routing, math, x.dtype)
+        return combine(tok, slot, y, None, combine_routing(routing, config), math, x.dtype)
 
 
 def given_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> Routing:
@@ -358,23 +371,18 @@ def given_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
 def routed_experts(x2d: torch.Tensor, routing: Routing, gate_up: torch.Tensor, down: torch.Tensor,
                    config: MoEConfig, math: str, gate_up_bias: torch.Tensor | None = None,
                    down_bias: torch.Tensor | None = None):
-    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]`` on
-    ``expert_input`` (with config.scale_expert_input, scaled by the routing weight, so
-    ``combine_routing`` then gives 1)."""
+    """(tok, slot, y): every kept (token, slot) pair and its expert's output ``y[n]`` (with
+    config.scale_expert_input, on its input scaled by the routing weight, so ``combine_routing``
+    then gives 1)."""
     tok, slot, rows = expert_rows(routing, gate_up.shape[0])
-    x = expert_input(x2d, tok, slot, routing, config)
-    return tok, slot, run_experts(x, rows, gate_up, down, config, math, gate_up_bias, down_bias)
+    return tok, slot, run_experts(x2d[tok], rows, gate_up, down, config, math, gate_up_bias, down_bias,
+                                  expert_scale(tok, slot, routing, config))
 
 
-def expert_input(x2d: torch.Tensor, tok: torch.Tensor, slot: torch.Tensor, routing: Routing,
-                 config: MoEConfig) -> torch.Tensor:
-    """The rows the experts of the pairs (tok[n], slot[n]) compute on: the tokens, or with
-    config.scale_expert_input each times its pair's routing weight, in fp32 and rounded to the
-    dtype (the GEMM's operand)."""
-    x = x2d[tok]
-    if config.scale_expert_input:
-        x = (x.float() * routing.weights[tok, slot, None].float()).to(x2d.dtype)
-    return x
+def expert_scale(tok: torch.Tensor, slot: torch.Tensor, routing: Routing, config: MoEConfig) -> torch.Tensor | None:
+    """The ``scale`` of ``run_experts`` for the pairs (tok[n], slot[n]): with
+    config.scale_expert_input their routing weights in fp32, else None."""
+    return routing.weights[tok, slot].float() if config.scale_expert_input else None
 
 
 def combine_routing(routing: Routing, config: MoEConfig) -> Routing:
@@ -398,10 +406,10 @@ def expert_rows(routing: Routing, num_experts: int):
 
 def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: torch.Tensor,
                 config: MoEConfig, math: str, gate_up_bias: torch.Tensor | None = None,
-                down_bias: torch.Tensor | None = None) -> torch.Tensor:
+                down_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e on the next ``rows[e]`` rows of ``x``, for every e: [sum(rows), H] (fp32 for
     math='fp32', else x's dtype). ``gate_up_bias`` [E, 2I or I] and ``down_bias`` [E, H] are
-    the experts' biases (None: none)."""
+    the experts' biases (None: none); ``scale`` [sum(rows)] is ``expert_mlp``'s."""
     if math == "mixed" and _grouped_mm_serves(x, rows):
         # One grouped GEMM per projection: the same products as one matmul per expert (checked
         # bitwise by the tests), without a call and a copy per expert.
@@ -410,7 +418,7 @@ def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: t
         if gate_up_bias is not None or down_bias is not None:
             expert_of_row = torch.repeat_interleave(torch.arange(len(rows), device=x.device),
                                                     torch.tensor(rows, device=x.device))
-        pre = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs)
+        pre = _scale_rows(F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs), scale)
         if gate_up_bias is not None:
             pre = pre.float() + gate_up_bias[expert_of_row].float()
         h = _activate(pre, config, torch.float32)
@@ -423,7 +431,8 @@ def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: t
         if n:
             pieces.append(expert_mlp(x[start:start + n], gate_up[e], down[e], config, math,
                                      None if gate_up_bias is None else gate_up_bias[e],
-                                     None if down_bias is None else down_bias[e]))
+                                     None if down_bias is None else down_bias[e],
+                                     None if scale is None else scale[start:start + n]))
             start += n
     if pieces:
         return torch.cat(pieces)

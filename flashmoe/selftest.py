@@ -42,6 +42,10 @@ from .host.backend import _device_info, shared_memory_problem
 from .host.plan import DeviceInfo
 
 
+# Llama4's features: the routing weight scales the expert's input (a sigmoid top-1), and a shared expert.
+LLAMA4 = dict(top_k=1, scoring="sigmoid", scale_expert_input=True, num_shared_experts=1)
+
+
 def _cfg(base: dict | None = None, **kw) -> MoEConfig:
     """A config from the selftest defaults, updated by ``base`` then by ``kw``."""
     merged = dict(hidden_size=512, intermediate_size=256, num_experts=8, top_k=2, dtype="bfloat16")
@@ -85,6 +89,7 @@ def gpu_cases(quick: bool = False) -> list[Case]:
     gpt_oss = dict(num_experts=32, top_k=4, activation="swiglu_clamped", swiglu_limit=1.0, expert_bias=True,
                    router_bias=True, norm_topk_prob=True)
     cases.append(Case("gpt-oss-W4", _cfg(gpt_oss), world=4, tokens=600))
+    cases.append(Case("llama4-W4", _cfg(LLAMA4, num_experts=16), world=4, tokens=600))
     if not quick:
         qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
         cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
@@ -109,6 +114,7 @@ def emulated_cases() -> list[Case]:
                                   n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
         Case("emu-gpt-oss", _cfg(small, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
                                  router_bias=True, norm_topk_prob=True), tokens=33),
+        Case("emu-llama4", _cfg(small, **LLAMA4), tokens=33),
     ]
 
 

@@ -70,7 +70,10 @@ def oracle_forward(x: torch.Tensor, weights, config) -> torch.Tensor:
         ids, ws = route_token(row, w, config)
         acc = [0.0] * config.hidden_size
         for e, wt in zip(ids, ws):
-            y = mlp(row, w.gate_up_proj[e], w.down_proj[e], config)
+            if config.scale_expert_input:    # the weight scales the expert's input, not its output
+                y, wt = mlp([wt * a for a in row], w.gate_up_proj[e], w.down_proj[e], config), 1.0
+            else:
+                y = mlp(row, w.gate_up_proj[e], w.down_proj[e], config)
             acc = [a + wt * b for a, b in zip(acc, y)]
         if config.num_shared_experts:
             y = mlp(row, w.shared_gate_up_proj, w.shared_down_proj, config)

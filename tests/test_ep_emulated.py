@@ -9,6 +9,7 @@ the tokens are split or how the ranks run), which is itself checked against the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,16 +124,19 @@ def test_wgmma_engine_in_separate_launches(ranks_per_node):
 
 # GPT-OSS: router and expert biases, the clamped SwiGLU (a limit of 1.5 clamps many elements).
 GPT_OSS = CONFIG.replace(router_bias=True, expert_bias=True, activation="swiglu_clamped", swiglu_limit=1.5)
+LLAMA4 = CONFIG.replace(scoring="sigmoid", top_k=1, scale_expert_input=True)
 
 
 @pytest.mark.parametrize("ranks_per_node", [2, 1], ids=["pointers", "nvshmem"])
-def test_gpt_oss_biases_in_separate_launches(ranks_per_node):
-    """Each rank's launch adds its own experts' biases: given all E experts' weights and biases,
-    it takes its slice of both."""
+@pytest.mark.parametrize("config", [GPT_OSS, LLAMA4], ids=["gpt-oss", "llama4"])
+def test_gpt_oss_and_llama4_in_separate_launches(config, ranks_per_node):
+    """Each rank's launch adds its own experts' biases (given all E experts' weights and biases,
+    it takes its slice of both), or scales its rows by the weights their pairs' entries brought."""
     counts = [c[:2] for c in COUNTS]
-    xs, weights = inputs(counts, seed=19, config=GPT_OSS)
-    got = run_group(xs, weights, 2, ranks_per_node=ranks_per_node, config=GPT_OSS)
-    assert_bitwise(got, expected(xs, weights, 2, config=GPT_OSS))
+    spec = replace(SPEC, scale_input=config.scale_expert_input)
+    xs, weights = inputs(counts, seed=19, config=config)
+    got = run_group(xs, weights, 2, ranks_per_node=ranks_per_node, spec=spec, config=config)
+    assert_bitwise(got, expected(xs, weights, 2, spec=spec, config=config))
 
 
 SKEWS = {

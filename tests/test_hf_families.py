@@ -7,6 +7,7 @@ generate() must not change. Routing weights are drawn large so the top-k choices
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -257,15 +258,17 @@ def test_unconvertible_variants_name_the_feature():
         config_from_hf(first_block("ernie4_5_moe", use_bias=True))
 
 
-def test_a_converted_gpt_oss_block_runs_on_the_kernel():
-    """GPT-OSS's block converted and run on the emulated kernel (router bias, expert biases,
-    clamped SwiGLU with a limit that binds), within the accuracy rule of the reference that the
-    tests above hold to the block itself."""
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_a_converted_block_runs_on_the_kernel(family):
+    """GPT-OSS's block (router bias, expert biases, clamped SwiGLU with a limit that binds) and
+    Llama4's (the routing weight scales the expert's input; a shared expert) converted and run on
+    the emulated kernel, within the accuracy rule of the reference that the tests above hold to
+    the blocks themselves."""
     from flashmoe import accuracy
     from flashmoe.host import emulator
     if emulator.emulator_available() is not None:
         pytest.skip(f"emulator unavailable: {emulator.emulator_available()}")
-    layer = FlashMoELayer.from_hf(first_block("gpt_oss"), backend="emulated")
+    layer = FlashMoELayer.from_hf(first_block(family), backend="emulated")
     x = torch.randn(37, H, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         out, _ = layer(x)
@@ -274,15 +277,23 @@ def test_a_converted_gpt_oss_block_runs_on_the_kernel():
     assert ok, f"error {err:.3g} above tolerance {tol:.3g}"
 
 
-def test_kernel_computes_gpt_oss_and_says_which_feature_it_lacks():
-    from flashmoe.host.plan import kernel_support
+def test_kernel_specs_match_the_layers_input_scaling():
+    """scale_expert_input is compiled into the kernel (KernelSpec.scale_input): a spec of the
+    other kind is refused by name, and the layer's specs take the layer's."""
+    from flashmoe.host.plan import DeviceInfo, kernel_support, layer_specs
     from flashmoe.host.spec import KernelSpec
     spec = KernelSpec(arch="sm_90", gated=True)
     gpt_oss = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=2, activation="swiglu_clamped",
                         swiglu_limit=0.5, expert_bias=True, router_bias=True, norm_topk_prob=True)
+    llama4 = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=1, scoring="sigmoid",
+                       scale_expert_input=True, num_shared_experts=1)
     assert kernel_support(gpt_oss, spec, 1) is None
-    reason = kernel_support(gpt_oss.replace(scale_expert_input=True), spec, 1)
-    assert reason is not None and "scale_expert_input" in reason
+    assert kernel_support(llama4, replace(spec, scale_input=True), 1) is None
+    reason = kernel_support(llama4, spec, 1)
+    assert reason == "spec scale_input=False differs from config scale_expert_input=True"
+    for config in (gpt_oss, llama4):
+        specs = layer_specs(config, 1, DeviceInfo.for_arch("sm_90a"))
+        assert specs and all(s.scale_input == config.scale_expert_input for s in specs)
 
 
 def test_new_config_fields_are_validated():

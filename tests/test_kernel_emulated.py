@@ -76,6 +76,16 @@ CASES = [
     (Case("small-tile-fp16-gelu-biases-W2", cfg(dtype="float16", hidden_size=160, intermediate_size=80,
                                                 activation="gelu", expert_bias=True, router_bias=True),
           world=2, tokens=70), SMALL),
+    # Llama4: the routing weight scales each routed row's GEMM0 result (about 100 rows an expert:
+    # two row tiles), not the shared expert's; with k = 2, capacity and expert biases (the scale
+    # comes before the bias; a dropped row adds nothing).
+    (Case("small-tile-bf16-llama4-shared", cfg(hidden_size=128, num_experts=2, top_k=1, scoring="sigmoid",
+                                               scale_expert_input=True, num_shared_experts=1), tokens=200),
+     SMALL),
+    (Case("small-tile-bf16-scaled-k2-biases-capacity-W2", cfg(hidden_size=128, num_experts=8, scoring="sigmoid",
+                                                              scale_expert_input=True, expert_bias=True,
+                                                              capacity_factor=1.0), world=2, tokens=90,
+          routing="skewed"), SMALL),
     (Case("small-tile-fp32-plain-capacity-W2", cfg(dtype="float32", hidden_size=96, intermediate_size=64,
                                                    gated=False, capacity_factor=1.0), world=2, tokens=101,
           routing="skewed"), SMALL),
@@ -91,7 +101,8 @@ _BACKENDS: dict = {}
 
 
 def spec_for(config: MoEConfig, tile: dict = SHIPPED) -> KernelSpec:
-    return KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, **tile)
+    return KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, scale_input=config.scale_expert_input,
+                      **tile)
 
 
 def make_backend(config: MoEConfig, world: int, timeout_s: float = TIMEOUT_S, tile: dict = SHIPPED,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flashmoe import MoEConfig, MoEWeights
-from flashmoe.reference import moe_forward, route
+from flashmoe.reference import experts_forward, moe_forward, route
 from oracle import oracle_forward
 
 
@@ -56,6 +56,7 @@ def test_every_activation_matches_the_oracle(activation, gated):
     dict(num_shared_experts=1),
     dict(num_shared_experts=2, shared_intermediate_size=3, shared_expert_gate=True),
     dict(num_shared_experts=1, shared_expert_gate=True, gated=False, activation="relu"),
+    dict(scoring="sigmoid", scale_expert_input=True, num_shared_experts=1),   # Llama4, at k = 2
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_routing_options_and_shared_experts_match_the_oracle(options):
     config = small(**options)
@@ -187,6 +188,18 @@ def test_mixed_experts_grouped_or_one_by_one_are_bitwise_equal(dtype, tokens):
                                                w.down_proj[e], config, "mixed"))
         start += n
     assert torch.equal(grouped, torch.cat(one_by_one))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_experts_forward_is_the_routed_part_of_moe_forward_with_input_scaling(dtype):
+    """Given the router's choice, experts_forward computes what moe_forward does, Llama4's input
+    scaling included: the weight scales the input and the output is summed with weight 1."""
+    config = small(scoring="sigmoid", scale_expert_input=True, dtype=dtype)
+    w = random_weights(config)
+    x = torch.randn(16, 12).to(config.torch_dtype)
+    routing = route(x, w, config)
+    got = experts_forward(x, routing.ids, routing.weights, w.gate_up_proj, w.down_proj, config)
+    assert torch.equal(got, moe_forward(x, w, config, routing=routing))
 
 
 def test_routing_override_is_used():

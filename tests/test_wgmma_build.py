@@ -189,7 +189,8 @@ def test_shared_memory_layout_alignment():
                           for op in range(spec.num_b_operands)]:
                 assert start % SWIZZLE_ATOM == 0
         assert (spec.stages * stage) % 8 == 0 and spec.gemm_smem_bytes() % 16 == 0   # barriers, staging, tables
-        plan = make_plan(dataclasses.replace(cfg, dtype=spec.dtype, gated=spec.gated), spec, world=8,
+        plan = make_plan(dataclasses.replace(cfg, dtype=spec.dtype, gated=spec.gated,
+                                             scale_expert_input=spec.scale_input), spec, world=8,
                          num_local_ranks=1)
         assert plan.smem_sched_offset >= spec.gemm_smem_bytes() + gemm_tables_bytes(spec)
         assert plan.smem_bytes <= DeviceInfo.for_arch("sm_90a").max_smem_per_block

@@ -124,18 +124,35 @@ FULL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,kw,world,tokens,routing", FULL_CASES, ids=[c[0] for c in FULL_CASES])
-def test_whole_kernel_with_the_wgmma_engine(name, kw, world, tokens, routing):
-    """The whole kernel with the shipped Hopper spec (384 threads: producer + two consumer
-    warpgroups, B by emulated TMA maps) through KernelBackend, against the reference."""
+def _run_whole_kernel(name, kw, world, tokens, routing, **tile):
     from flashmoe.checks import Case, run_case
     from flashmoe.host.backend import KernelBackend
     from flashmoe.host.spec import KernelSpec
 
     case = Case(name, _cfg(**kw), world=world, tokens=tokens, routing=routing)
-    spec = KernelSpec(arch="sm_90a", dtype=case.config.dtype, gated=case.config.gated, stages=3, threads=384,
-                      gemm="wgmma")
+    spec = KernelSpec(arch="sm_90a", dtype=case.config.dtype, gated=case.config.gated, stages=3, gemm="wgmma",
+                      scale_input=case.config.scale_expert_input, **{"threads": 384, **tile})
     backend = KernelBackend(case.config, None, virtual_world=world, emulate=True, timeout_s=0.05,
                             error_check="sync", spec=spec)
     result = run_case(backend, case, torch.device("cpu"))
     assert result.passed, result.detail
+
+
+@pytest.mark.parametrize("name,kw,world,tokens,routing", FULL_CASES, ids=[c[0] for c in FULL_CASES])
+def test_whole_kernel_with_the_wgmma_engine(name, kw, world, tokens, routing):
+    """The whole kernel with the shipped Hopper spec (384 threads: producer + two consumer
+    warpgroups, B by emulated TMA maps) through KernelBackend, against the reference."""
+    _run_whole_kernel(name, kw, world, tokens, routing)
+
+
+@pytest.mark.parametrize("tile", [dict(schedule="cooperative"), dict(schedule="pingpong"), dict(threads=256)],
+                         ids=["two-warpgroups", "pingpong", "one-warpgroup"])
+def test_llama4_scales_each_row_by_its_own_weight(tile):
+    """Llama4's input scaling (each routed row's GEMM0 result times its routing weight): two
+    experts with about 100 rows each fill a tile's every slab (a warpgroup each; a ping-pong
+    warpgroup's, or the one consumer's, two in turn), so a row given another row's weight shows;
+    the shared expert's rows are not scaled, and k = 2 with expert biases pins the scale before
+    the bias."""
+    llama4 = dict(scoring="sigmoid", scale_expert_input=True, num_shared_experts=1)
+    _run_whole_kernel("llama4-E2-k1-200-tokens", dict(llama4, num_experts=2, top_k=1), 1, 200, "uniform", **tile)
+    _run_whole_kernel("scaled-k2-biases-W2", dict(llama4, expert_bias=True), 2, 45, "uniform", **tile)

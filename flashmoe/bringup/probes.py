@@ -240,7 +240,7 @@ def check_router(runner: ProbeRunner, config: MoEConfig, tokens: int, seed: int 
     its decision is a near tie (``checks.NEAR_TIE``), and the weights of the tokens routed alike
     must agree within ``checks.weight_tolerance``."""
     spec = runner.spec
-    config = config.replace(dtype=spec.dtype, gated=spec.gated)
+    config = config.replace(dtype=spec.dtype, gated=spec.gated, scale_expert_input=spec.scale_input)
     x, router = near_tie_router(config, tokens, seed)
     weights = reference.MoEWeights(router_weight=router, gate_up_proj=torch.empty(0), down_proj=torch.empty(0))
     if config.selection_bias:

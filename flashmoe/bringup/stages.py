@@ -355,7 +355,8 @@ def rank_cases(st: Stage) -> list[Case]:
                  Case("qwen2-shared-gate-W2", _cfg(small, num_shared_experts=1, shared_expert_gate=True), world=2,
                       tokens=29),
                  Case("gpt-oss-W2", _cfg(small, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
-                                         router_bias=True, norm_topk_prob=True), world=2, tokens=33)]
+                                         router_bias=True, norm_topk_prob=True), world=2, tokens=33),
+                 Case("llama4-W2", _cfg(small, **selftest.LLAMA4), world=2, tokens=33)]
         return cases if st.quick else cases + [Case("W8-t50", _cfg(small), world=8, tokens=50)]
     return [c for c in selftest.gpu_cases(quick=True)
             if c.world > 1 or c.name.startswith(("W1-", "skewed", "single", "capacity", "deepseek"))]

@@ -73,7 +73,7 @@ __device__ void probe_tile(const ProbeArgs& a) {
   g.mainloop(c.smem(), a_rows, b_rows, (u32)a.k * kElemBytes, a.a);
 #endif
   const int act = a.act;
-  auto f = [act](int, const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; };
+  auto f = [act](int, int, const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; };
   auto store = [&](int row, int byte, uint4 v) {
     st_v4(static_cast<u8*>(a.out) + ((u64)row * kOpRows) * kElemBytes + byte, v);
   };

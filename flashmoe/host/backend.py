@@ -107,9 +107,11 @@ def emulated_setup(config: MoEConfig, ranks: int, blocks_per_rank: int | None, s
     (enough to share out tasks, few enough to stay fast), shared memory as on an H100, and the
     sm_80 mma_sync spec with 3 stages unless a spec or gemm='wgmma' is given."""
     info = DeviceInfo(sm_count=(blocks_per_rank or 2) * ranks, max_smem_per_block=227 * 1024, arch="sm_80")
-    if spec is None and gemm == "wgmma":
-        spec = wgmma_spec(config.dtype, config.gated, stages=3)
-    return info, spec or KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3)
+    if spec is None:
+        spec = replace(wgmma_spec(config.dtype, config.gated, stages=3) if gemm == "wgmma" else
+                       KernelSpec(arch="sm_80", dtype=config.dtype, gated=config.gated, stages=3),
+                       scale_input=config.scale_expert_input)
+    return info, spec
 
 
 class KernelBackend:
@@ -126,8 +128,8 @@ class KernelBackend:
             return reason
         if virtual_world > 8:
             return f"virtual_world={virtual_world}: one launch hosts at most 8 ranks"
-        reason = kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated),
-                                virtual_world)
+        reason = kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated,
+                                                   scale_input=config.scale_expert_input), virtual_world)
         return reason if reason or emulate else shared_memory_problem(config, virtual_world, _device_info(device))
 
     def __init__(self, config: MoEConfig, device, virtual_world: int = 1, max_tokens: int | None = None, *,

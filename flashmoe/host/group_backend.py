@@ -90,7 +90,8 @@ class GroupBackend(KernelBackend):
         except KernelUnavailable as e:
             return str(e)
         world = dist.get_world_size(group)
-        return (kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated), world)
+        return (kernel_support(config, KernelSpec(arch=arch, dtype=config.dtype, gated=config.gated,
+                                                  scale_input=config.scale_expert_input), world)
                 or shared_memory_problem(config, world, _device_info(device)))
 
     def __init__(self, config: MoEConfig, device, group, max_tokens: int | None = None, *,

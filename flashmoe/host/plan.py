@@ -63,7 +63,7 @@ a rank receives at most W * T rows whatever the routing, and holds at most R exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import MoEConfig
 from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, select_specs
@@ -265,6 +265,8 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
         return f"spec dtype {spec.dtype} differs from config dtype {config.dtype}"
     if spec.gated != config.gated:
         return f"spec gated={spec.gated} differs from config gated={config.gated}"
+    if spec.scale_input != config.scale_expert_input:
+        return f"spec scale_input={spec.scale_input} differs from config scale_expert_input={config.scale_expert_input}"
     if config.num_experts % world:
         return f"num_experts={config.num_experts} is not divisible by the world size {world}"
     if world > 64:
@@ -281,9 +283,6 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:
         return f"n_group={config.n_group} is above the kernel's limit of 32"
-    if config.scale_expert_input:     # the reference computes it; backend='auto' falls back to it
-        return ("scaling the expert input by the routing weight (scale_expert_input=True) is not "
-                "implemented by the kernel")
     return None
 
 
@@ -302,10 +301,12 @@ GEMM_JOB_BYTES = 28           # TileTables::job: GEMM, K, valid columns, row til
 def gemm_tables_bytes(spec: KernelSpec) -> int:
     """Row tables after the GEMM pipeline (device/roles/expert_gemm.cuh TileTables), per slot: the
     job's rank context, A and B row pointers, the B tile as a tensor-map box and its bias, the job,
-    output offsets (u64), output ranks (i32) and row-valid flags. The wgmma engine keeps two slots
-    (one being prepared while the other's tile runs, device/roles/tasks.cuh), mma_sync one."""
+    output offsets (u64), output ranks (i32), row-valid flags and the rows' scales (fp32; one word
+    unless spec.scale_input). The wgmma engine keeps two slots (one being prepared while the
+    other's tile runs, device/roles/tasks.cuh), mma_sync one."""
+    scales = spec.block_m if spec.scale_input else 1
     slot = _align(CTX_BYTES + (spec.block_m + spec.block_n) * 8 + GEMM_WEIGHT_TILE_BYTES + GEMM_JOB_BYTES
-                  + spec.block_m * (8 + 4 + 1), 16)
+                  + spec.block_m * (8 + 4 + 1) + 4 * scales, 16)
     return slot * (2 if spec.gemm == "wgmma" else 1)
 
 
@@ -393,8 +394,11 @@ def layer_specs(config: MoEConfig, world: int, device: DeviceInfo, gemm: str | N
     deepest pipeline that fits the device's shared memory beside this layer's task map and tables
     (``smem_layout``): from about 640 experts a rank the task map outgrows the room select_spec
     leaves by default. ValueError when no pipeline fits (fp32 on a 99 KiB part)."""
-    return select_specs(config.dtype, config.gated, device.arch, device.max_smem_per_block, gemm,
-                        needs=lambda spec: smem_layout(config, spec, world)[2])
+    def of_layer(spec: KernelSpec) -> KernelSpec:
+        return replace(spec, scale_input=config.scale_expert_input)
+    specs = select_specs(config.dtype, config.gated, device.arch, device.max_smem_per_block, gemm,
+                         needs=lambda spec: smem_layout(config, of_layer(spec), world)[2])
+    return [of_layer(s) for s in specs]
 
 
 def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,

@@ -3,11 +3,11 @@
 A spec is the compile-cache key (together with the device sources' hash, the NVRTC version and
 the options; see ``compile.py``). Only what changes the generated code belongs here: the dtype,
 gated or plain experts (one or two B operands per GEMM0 tile), the tile shape and pipeline depth,
-the block size, the GEMM engine and its consumers' schedule, the transport, tracing, and whether
-the kernel routes or reads the
-caller's routing (``flashmoe.experts_forward``: that kernel has no router at all). Shapes (H, I, E, k, tokens), the
-activation, routing options and capacity are run-time values in ``Params``, so a new batch size or
-model width never recompiles.
+the block size, the GEMM engine and its consumers' schedule, the transport, tracing, whether
+the kernel routes or reads the caller's routing (``flashmoe.experts_forward``: that kernel has no
+router at all), and whether the routing weight scales the expert's input (Llama4) or its output.
+Shapes (H, I, E, k, tokens), the activation, routing options and capacity are run-time values in
+``Params``, so a new batch size or model width never recompiles.
 
 The activation is a run-time switch in the GEMM0 epilogue: it runs once per output element of a
 tile that took a full K loop, so it is not measurable, and it divides the number of specs by four.
@@ -68,6 +68,7 @@ class KernelSpec:
     transport: str = "peer"       # peer pointers (NVLink, same GPU) or the NVSHMEM device API
     trace: bool = False           # record per-task timestamps into the trace buffer
     routing: str = "router"       # router: the kernel routes; given: LocalRank::topk_ids / topk_weights
+    scale_input: bool = False     # MoEConfig.scale_expert_input: the weight scales GEMM0's rows, not the combine
 
     def __post_init__(self):
         if not _ARCH_RE.fullmatch(self.arch) or int(_ARCH_RE.fullmatch(self.arch).group(1)) < 80:
@@ -165,6 +166,7 @@ class KernelSpec:
             "FLASHMOE_TRANSPORT_NVSHMEM": int(self.transport == "nvshmem"),
             "FLASHMOE_TRACE": int(self.trace),
             "FLASHMOE_ROUTING_GIVEN": int(self.routing == "given"),
+            "FLASHMOE_SCALE_INPUT": int(self.scale_input),
         }
 
     def key(self) -> str:
@@ -183,10 +185,10 @@ def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
     """What the layer selects on one device (``backend._set_specs``, whose ``plan.layer_specs``
     fits each pipeline to the layer: the same specs on an H100/H200 or A100 up to about 640 experts
     a rank, where the task map starts to take a decode stage's room): every dtype, gated and
-    plain, at the prefill and the decode tile, on Hopper the wide prefill tile, and the
-    routing-given kernels (flashmoe.experts_forward) of the commonest layout. A layout or a wide
-    tile whose shared memory the device lacks (fp32's wide epilogue tile, fp32 on a 99 KiB part)
-    is left out, as the layer leaves it out."""
+    plain, at the prefill and the decode tile, on Hopper the wide prefill tile, and of the
+    commonest layout (bf16, gated) the routing-given kernels (flashmoe.experts_forward) and the
+    input-scaling ones (Llama4). A layout or a wide tile whose shared memory the device lacks
+    (fp32's wide epilogue tile, fp32 on a 99 KiB part) is left out, as the layer leaves it out."""
     specs = []
     for dtype in DTYPE_CODES:
         for gated in (True, False):
@@ -196,7 +198,8 @@ def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
                 with contextlib.suppress(ValueError):
                     specs.append(select_spec(dtype, gated, arch, max_smem_per_block, PREFILL_BLOCK_M,
                                              block_n=WIDE_BLOCK_N))
-    return specs + [replace(s, routing="given") for s in specs if s.dtype == "bfloat16" and s.gated]
+    common = [s for s in specs if s.dtype == "bfloat16" and s.gated]
+    return specs + [replace(s, routing="given") for s in common] + [replace(s, scale_input=True) for s in common]
 
 
 def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N,

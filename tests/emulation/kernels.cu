@@ -73,7 +73,7 @@ int tile(const elem_t* a, const i32* a_rows, const elem_t* b, const i32* b_rows,
     __syncthreads();
     T g;
     g.mainloop(s, ar, br, (u32)K * kElemBytes, a);
-    g.stage_output(s, [act](int, const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; });
+    g.stage_output(s, [act](int, int, const float* v) { return NB == 2 ? activate(v[0], act) * v[NB - 1] : v[0]; });
     __syncthreads();
     T::store_rows(s, valid, valid_cols, [&](int row, int byte, uint4 v) {
       st_v4(reinterpret_cast<u8*>(out + (u64)row * T::kBNop) + byte, v);

@@ -137,9 +137,9 @@ struct MmaSyncTile {
     __syncthreads();
   }
 
-  // Writes f(col, v) (v: the NB accumulators of one output element, col its column in the tile's
-  // BN / NB) into the staging tile in shared memory as elem_t. Call after mainloop(); synchronise
-  // before store_rows().
+  // Writes f(row, col, v) (v: the NB accumulators of one output element, row its tile row, col its
+  // column in the tile's BN / NB) into the staging tile in shared memory as elem_t. Call after
+  // mainloop(); synchronise before store_rows().
   template <class F>
   __device__ __forceinline__ void stage_output(u8* pipe, F f) const {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -158,7 +158,7 @@ struct MmaSyncTile {
 #pragma unroll
             for (int b = 0; b < NB; ++b) v[b] = acc[b][mi][ni][half * 2 + c];
             *reinterpret_cast<elem_t*>(pipe + row * kStagePitch + (col + c) * kElemBytes) =
-                from_float(f(col + c, v));
+                from_float(f(row, col + c, v));
           }
         }
       }

@@ -354,11 +354,12 @@ struct WgmmaTile {
     return !failed;
   }
 
-  // Pass `pass` of the epilogue: writes f(col, v) (v: the kNB accumulators of one output element,
-  // col its column of the tile's BN / kNB) of slab `pass` of each of the team's warpgroups into
-  // its staging area `out` (staging()) as elem_t, warpgroup w's at row w * 64. Call after the
-  // tile's stages are consumed, with `pass` a constant once the caller's loop is unrolled;
-  // synchronise the team before store_rows(). Only the consumer warpgroups hold accumulators.
+  // Pass `pass` of the epilogue: writes f(row, col, v) (v: the kNB accumulators of one output
+  // element, row its tile row, col its column of the tile's BN / kNB) of slab `pass` of each of
+  // the team's warpgroups into its staging area `out` (staging()) as elem_t, warpgroup w's at
+  // row w * 64. Call after the tile's stages are consumed, with `pass` a constant once the
+  // caller's loop is unrolled; synchronise the team before store_rows(). Only the consumer
+  // warpgroups hold accumulators.
   template <int kNB = NB, class F>
   __device__ __forceinline__ void stage_output(u8* out, int pass, F f) const {
     constexpr int kCols = BN / kNB, kPitch = stage_pitch<kNB>();
@@ -366,6 +367,7 @@ struct WgmmaTile {
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     // This thread's first element; every other one is a compile-time offset from it.
     u8* base = out + (team_wg() * 64 + warp * 16 + (lane >> 2)) * kPitch + (lane & 3) * 2 * kElemBytes;
+    const int row = team_wg() * kWGRows + pass * 64 + warp * 16 + (lane >> 2);   // store_rows' mapping
     struct alignas(2 * kElemBytes) Pair { elem_t e[2]; };   // the two adjacent columns c = 0, 1
     const float* a = acc[pass];   // callers unroll their pass loop: acc stays in registers
 #pragma unroll
@@ -378,7 +380,7 @@ struct WgmmaTile {
           float v[kNB];
 #pragma unroll
           for (int b = 0; b < kNB; ++b) v[b] = a[b * (kCols / 2) + 4 * j + 2 * h + c];
-          out.e[c] = from_float(f(j * 8 + (lane & 3) * 2 + c, v));
+          out.e[c] = from_float(f(row + h * 8, j * 8 + (lane & 3) * 2 + c, v));
         }
         *reinterpret_cast<Pair*>(base + h * 8 * kPitch + j * 8 * kElemBytes) = out;
       }

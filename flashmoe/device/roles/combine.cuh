@@ -1,5 +1,6 @@
 // Combine: once every rank has signalled that its results for this rank are written, each token's
-// output is the sum of its slots' rows weighted by the routing weights, in slot order, in fp32,
+// output is the sum of its slots' rows weighted by the routing weights (by 1 where they scaled
+// the expert's input, kScaleInput), in slot order, in fp32,
 // then the shared experts' row (scaled by its gate), rounded once to the dtype
 // (flashmoe/reference.py moe_forward). A fixed order and no atomics: bitwise reproducible, and
 // independent of how many ranks the experts are spread over.
@@ -83,7 +84,7 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
         if (j == (u32)k) {
           w[b] = p.shared_gate ? ld_weak(shared_gate + t) : 1.0f;
         } else {
-          w[b] = ld_weak(weights + (u64)t * k + j);
+          w[b] = kScaleInput ? 1.0f : ld_weak(weights + (u64)t * k + j);   // kScaleInput: applied in GEMM0
           if (kRoutingGiven) use[b] = ld_weak(ids + (u64)t * k + j) >= 0;
           if (capacity) use[b] = ld_cg_u32(drops + (u64)t * k + j) != c.epoch && use[b];
         }

@@ -77,8 +77,10 @@ struct TileTables {
   u64 out_off[kBlockM];     // where the row's output starts in rank out_rank's heap slice
   i32 out_rank[kBlockM];
   bool valid[kBlockM];      // the row exists (rows past the expert's count are padding)
+  float scale[kScaleInput ? kBlockM : 1];   // kScaleInput: the row's routing weight (GEMM0)
 };
-static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 24 + 28 + kBlockM * 13 + 15) / 16 * 16,
+static_assert(sizeof(TileTables) <= (kCtxBytes + (kBlockM + kBlockN) * 8 + 24 + 28 + kBlockM * 13 +
+                                     sizeof(TileTables::scale) + 15) / 16 * 16,
               "flashmoe/host/plan.py gemm_tables_bytes() counts the tables");
 
 __device__ __forceinline__ TileTables& tile_tables(const Ctx& c, int slot = 0) {
@@ -129,17 +131,23 @@ __device__ __forceinline__ void gemm1_b_rows(TileTables& tt, const elem_t* w, in
   if (G::rank() == 0) tt.wt = WeightTile{map, row0, expert, bias ? bias + row0 : nullptr};
 }
 
-// One GEMM0 output element for activation code kAct: the tile's biases added (for the columns
-// below valid_cols, the stored ones: the others' biases lie past the tensor), then act(gate) * up,
-// act, or the clamped SwiGLU (code 4, gated only; spec.cuh).
+// One GEMM0 output element for activation code kAct: with kScaleInput the row's routing weight
+// times the products (x w) W = w (x W), one rounding fewer than scaling x, then the tile's biases
+// added (for the columns below valid_cols, the stored ones: the others' biases lie past the
+// tensor), then act(gate) * up, act, or the clamped SwiGLU (code 4, gated only; spec.cuh).
 template <int kAct>
 struct Gemm0Epilogue {
+  const float* scale;   // TileTables::scale
   const elem_t* bias;   // WeightTile::bias
   int inter;            // the up biases' offset
   int valid_cols;
   float alpha, limit;   // code 4's constants
-  __device__ __forceinline__ float operator()(int col, const float* v) const {
+  __device__ __forceinline__ float operator()(int row, int col, const float* v) const {
     float gate = v[0], up = v[kNumB - 1];
+    if constexpr (kScaleInput) {
+      gate *= scale[row];
+      up *= scale[row];
+    }
     if (bias && col < valid_cols) {
       gate += to_float(bias[col]);
       if (kGated) up += to_float(bias[inter + col]);
@@ -153,7 +161,7 @@ struct Gemm0Epilogue {
 struct Gemm1Epilogue {
   const elem_t* bias;
   int valid_cols;
-  __device__ __forceinline__ float operator()(int col, const float* v) const {
+  __device__ __forceinline__ float operator()(int, int col, const float* v) const {
     return bias && col < valid_cols ? v[0] + to_float(bias[col]) : v[0];
   }
 };
@@ -194,6 +202,7 @@ template <class G, class E>
 __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
   u8* staged = E::staging(c.smem());
+  const float* scale = tt.scale;
   const elem_t* bias = tt.wt.bias;
   const int inter = p.intermediate;
   const float alpha = p.swiglu_alpha, limit = p.swiglu_limit;
@@ -201,16 +210,16 @@ __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, Tile
   for (int pass = 0; pass < kEpiloguePasses; ++pass) {
     if (pass > 0) G::sync();   // the last pass is stored: its staging rows may be rewritten
     switch (p.activation) {
-      case 0: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<0>{bias, inter, valid_cols}); break;
-      case 1: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<1>{bias, inter, valid_cols}); break;
-      case 2: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<2>{bias, inter, valid_cols}); break;
+      case 0: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<0>{scale, bias, inter, valid_cols}); break;
+      case 1: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<1>{scale, bias, inter, valid_cols}); break;
+      case 2: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<2>{scale, bias, inter, valid_cols}); break;
       case 4:   // gated only (MoEConfig refuses it for plain experts): a plain spec compiles no copy
         if constexpr (kGated) {
-          stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<4>{bias, inter, valid_cols, alpha, limit});
+          stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<4>{scale, bias, inter, valid_cols, alpha, limit});
           break;
         }
         [[fallthrough]];
-      default: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<3>{bias, inter, valid_cols}); break;
+      default: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<3>{scale, bias, inter, valid_cols}); break;
     }
     G::sync();
     store_tile<kNumB, E, G>(staged, pass, tt.valid, valid_cols,
@@ -331,6 +340,7 @@ __device__ TileJob prepare_shared_gemm0(const Params& p, const Ctx& c, const Tas
     const bool ok = q < c.num_tokens;
     tt.a[i] = ok ? reinterpret_cast<const u8*>(c.x + (u64)q * H) : nullptr;
     tt.valid[i] = ok;
+    if constexpr (kScaleInput) tt.scale[i] = 1.0f;   // the shared experts see the tokens as they are
     tt.out_off[i] = inter_off + ((u64)q * Is + (u64)n * kGemm0Cols) * kElemBytes;
   }
   gemm0_b_rows<G>(tt, static_cast<const elem_t*>(p.shared_gate_up), Is, n * kGemm0Cols, H,
@@ -414,9 +424,11 @@ __device__ bool prepare_routed_gemm0(const Params& p, const Ctx& c, const TaskMa
   for (int i = G::rank(); i < kBlockM; i += G::kSize) {
     tt.valid[i] = i < nrows;
     tt.a[i] = nullptr;
+    if constexpr (kScaleInput) tt.scale[i] = 0.0f;
     if (i >= nrows) continue;
     int src;
     const uint4 entry = routed_row(p, c, tm, e, q0 + i, src);
+    if constexpr (kScaleInput) tt.scale[i] = __uint_as_float(entry.w);
     tt.a[i] = src == c.rank ? reinterpret_cast<const u8*>(c.x + (u64)entry.x * H)
                             : recv + recv_row_index(p, src, entry.x) * H * kElemBytes;
     tt.out_off[i] = inter_off + ((u64)(tm.row_off[e] + q0 + i) * I + (u64)n * kGemm0Cols) * kElemBytes;
