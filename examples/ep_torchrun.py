@@ -2,19 +2,23 @@
 
     torchrun --nproc_per_node=N examples/ep_torchrun.py                 # one GPU per process
     torchrun --nproc_per_node=2 examples/ep_torchrun.py --same-gpu      # two NVSHMEM PEs on GPU 0
+    torchrun --nproc_per_node=N examples/ep_torchrun.py --family gpt-oss  # another model family's options
 
 Every rank builds the same layer (same seed; it keeps its E/N experts), runs forwards on its own
 tokens with the kernel (one launch per rank per forward), and checks each against
 ``flashmoe.distributed.ep_forward`` computed on the CPU over the same gloo group (the reference
 path: fp32 math, and torch's own low-precision error to set the tolerance). Rank 0 prints a table.
+--family picks the routing and expert options of a model family (flashmoe.selftest.FAMILY_OPTIONS:
+mixtral, qwen2, deepseek, gpt-oss, llama4) at the shape the other options give.
 
 --same-gpu places every process on GPU 0: NVSHMEM's multi-PE-per-GPU mode. Without MPS it is the
 "limited" mode: P2P and barrier_all work, but kernels of different processes time-slice instead
 of running side by side, so a forward waits a time slice or more per exchange (use a long
 --timeout), and nothing guarantees progress. It is a correctness smoke test, not a benchmark.
 
-Exit codes: 0 all forwards match, 1 a mismatch, 2 the GPUs are missing, 3 the platform refused
-several PEs on one GPU (the message says how). torchrun itself exits 1 when a process fails.
+Exit codes: 0 all forwards match, 1 a mismatch, 2 the GPUs are missing or the options make no
+valid config (the message names the field), 3 the platform refused several PEs on one GPU (the
+message says how). torchrun itself exits 1 when a process fails.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from flashmoe import FlashMoELayer, MoEConfig
 from flashmoe.accuracy import max_abs_error, tolerance
 from flashmoe.distributed import ep_forward
 from flashmoe.host.runtime import NvshmemUnavailable
+from flashmoe.selftest import FAMILY_OPTIONS
 
 
 def parse_args(argv=None):
@@ -42,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=None, help="default: the family's (llama4: 1), else 2")
+    p.add_argument("--family", choices=sorted(FAMILY_OPTIONS), default="mixtral",
+                   help="the model family whose routing and expert options the layer has")
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank (rank r brings tokens - 7r)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--same-gpu", action="store_true", help="every process on GPU 0 (NVSHMEM MPG)")
@@ -52,6 +59,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        config = make_config(args)
+    except ValueError as e:               # the config's own message names the field
+        print(f"these options make no valid layer (--family {args.family}): {e}", file=sys.stderr)
+        return 2
     if "RANK" not in os.environ:
         print("run it under torchrun: torchrun --nproc_per_node=N examples/ep_torchrun.py", file=sys.stderr)
         return 2
@@ -73,14 +85,21 @@ def main(argv=None) -> int:
     # gloo: NCCL refuses two ranks on one GPU, and the CPU reference runs over the same group.
     dist.init_process_group("gloo")
     try:
-        return run(args, rank, world, device)
+        return run(args, config, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def run(args, rank: int, world: int, device: torch.device) -> int:
-    config = MoEConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_experts=args.experts, top_k=args.top_k, dtype="bfloat16")
+def make_config(args) -> MoEConfig:
+    """The shape the options give, with the family's options; an explicit --top-k wins."""
+    options = {"top_k": 2, **FAMILY_OPTIONS[args.family]}
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    return MoEConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                     num_experts=args.experts, dtype="bfloat16", **options)
+
+
+def run(args, config: MoEConfig, rank: int, world: int, device: torch.device) -> int:
     torch.manual_seed(0)
     layer = FlashMoELayer(config, backend="kernel", process_group=dist.group.WORLD, device="cpu",
                           max_tokens=args.tokens, kernel_options={"timeout_s": args.timeout})
@@ -116,6 +135,7 @@ def run(args, rank: int, world: int, device: torch.device) -> int:
     gathered = [None] * world
     dist.all_gather_object(gathered, (rank, str(device), transports, rows, ok_all))
     if rank == 0:
+        print(f"{args.family}: {config}")
         print_table(gathered, layer._kernel.runtime.describe() if layer._kernel else "")
     agree = [None] * world
     dist.all_gather_object(agree, ok_all)

@@ -42,8 +42,21 @@ from .host.backend import _device_info, shared_memory_problem
 from .host.plan import DeviceInfo
 
 
-# Llama4's features: the routing weight scales the expert's input (a sigmoid top-1), and a shared expert.
-LLAMA4 = dict(top_k=1, scoring="sigmoid", scale_expert_input=True, num_shared_experts=1)
+# Each family's routing and expert options, without a shape: the cases below add them to theirs, and
+# examples/ep_torchrun.py --family to its own. Mixtral: a softmax over all experts, the top-k renormalised.
+# Qwen2-MoE: one shared expert behind a sigmoid gate. DeepSeek-V3: sigmoid scores, a selection-only bias,
+# groups (E must be a multiple of n_group), scaled weights, shared experts. GPT-OSS: router and expert
+# biases, the clamped SwiGLU (a limit of 1 clamps many gate and up elements of O(1) activations; GPT-OSS
+# itself: 7). Llama4: a sigmoid top-1 whose weight scales the expert's input, and a shared expert.
+FAMILY_OPTIONS = {
+    "mixtral": dict(norm_topk_prob=True),
+    "qwen2": dict(num_shared_experts=1, shared_expert_gate=True),
+    "deepseek": dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, num_shared_experts=2),
+    "gpt-oss": dict(activation="swiglu_clamped", swiglu_limit=1.0, expert_bias=True, router_bias=True,
+                    norm_topk_prob=True),
+    "llama4": dict(top_k=1, scoring="sigmoid", scale_expert_input=True, num_shared_experts=1),
+}
 
 
 def _cfg(base: dict | None = None, **kw) -> MoEConfig:
@@ -76,20 +89,14 @@ def gpu_cases(quick: bool = False) -> list[Case]:
         for W in (1, 4):
             cases.append(Case(f"capacity{cf}-W{W}", _cfg(num_experts=16, top_k=2, capacity_factor=cf),
                               world=W, tokens=500, routing="skewed"))
-    deepseek = dict(scoring="sigmoid", selection_bias=True, n_group=8, topk_group=4, num_experts=64,
-                    top_k=6, norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=2,
+    deepseek = _cfg(FAMILY_OPTIONS["deepseek"], n_group=8, topk_group=4, num_experts=64, top_k=6,
                     shared_intermediate_size=128)
-    cases.append(Case("deepseek-W1", _cfg(deepseek), tokens=600))
-    cases.append(Case("deepseek-W8", _cfg(deepseek), world=8, tokens=800))
-    qwen2 = dict(num_experts=60, top_k=4, num_shared_experts=1, shared_intermediate_size=1024,
-                 shared_expert_gate=True)
-    cases.append(Case("qwen2-shared-gate-W4", _cfg(qwen2, num_experts=64), world=4, tokens=512))
-    # GPT-OSS's router and expert biases and clamped SwiGLU; a limit of 1 (GPT-OSS: 7) clamps many
-    # gate and up elements of these O(1) activations.
-    gpt_oss = dict(num_experts=32, top_k=4, activation="swiglu_clamped", swiglu_limit=1.0, expert_bias=True,
-                   router_bias=True, norm_topk_prob=True)
-    cases.append(Case("gpt-oss-W4", _cfg(gpt_oss), world=4, tokens=600))
-    cases.append(Case("llama4-W4", _cfg(LLAMA4, num_experts=16), world=4, tokens=600))
+    cases.append(Case("deepseek-W1", deepseek, tokens=600))
+    cases.append(Case("deepseek-W8", deepseek, world=8, tokens=800))
+    cases.append(Case("qwen2-shared-gate-W4", _cfg(FAMILY_OPTIONS["qwen2"], num_experts=64, top_k=4,
+                                                   shared_intermediate_size=1024), world=4, tokens=512))
+    cases.append(Case("gpt-oss-W4", _cfg(FAMILY_OPTIONS["gpt-oss"], num_experts=32, top_k=4), world=4, tokens=600))
+    cases.append(Case("llama4-W4", _cfg(FAMILY_OPTIONS["llama4"], num_experts=16), world=4, tokens=600))
     if not quick:
         qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
         cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
@@ -108,13 +115,12 @@ def emulated_cases() -> list[Case]:
         Case("emu-fp16-k1", _cfg(small, dtype="float16", top_k=1), tokens=19),
         Case("emu-W2", _cfg(small), world=2, tokens=45),
         Case("emu-W2-empty-rank", _cfg(small), world=2, tokens=1),
-        Case("emu-shared-gate", _cfg(small, num_shared_experts=1, shared_expert_gate=True), tokens=29),
+        Case("emu-shared-gate", _cfg(small, **FAMILY_OPTIONS["qwen2"]), tokens=29),
         Case("emu-capacity", _cfg(small, capacity_factor=0.5), world=2, tokens=40, routing="skewed"),
         Case("emu-deepseek", _cfg(small, num_experts=8, top_k=2, scoring="sigmoid", selection_bias=True,
                                   n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
-        Case("emu-gpt-oss", _cfg(small, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
-                                 router_bias=True, norm_topk_prob=True), tokens=33),
-        Case("emu-llama4", _cfg(small, **LLAMA4), tokens=33),
+        Case("emu-gpt-oss", _cfg({**small, **FAMILY_OPTIONS["gpt-oss"]}, swiglu_limit=1.5), tokens=33),
+        Case("emu-llama4", _cfg(small, **FAMILY_OPTIONS["llama4"]), tokens=33),
     ]
 
 

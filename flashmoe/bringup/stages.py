@@ -345,18 +345,16 @@ def kernel_wgmma(st: Stage) -> str:
 
 def rank_cases(st: Stage) -> list[Case]:
     if st.emulate:
-        small = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2)
+        small, family = dict(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2), selftest.FAMILY_OPTIONS
         cases = [Case("W2-t45", _cfg(small), world=2, tokens=45), Case("W2-t1-empty-rank", _cfg(small), world=2, tokens=1),
                  Case("W4-t0", _cfg(small), world=4, tokens=0), Case("W4-uneven-t43", _cfg(small), world=4, tokens=43),
                  Case("capacity0.5-W2-skewed", _cfg(small, capacity_factor=0.5), world=2, tokens=40, routing="skewed"),
                  Case("deepseek-W2", _cfg(small, scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
                                           norm_topk_prob=True, routed_scaling_factor=1.5, num_shared_experts=1,
                                           shared_intermediate_size=32), world=2, tokens=33),
-                 Case("qwen2-shared-gate-W2", _cfg(small, num_shared_experts=1, shared_expert_gate=True), world=2,
-                      tokens=29),
-                 Case("gpt-oss-W2", _cfg(small, activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
-                                         router_bias=True, norm_topk_prob=True), world=2, tokens=33),
-                 Case("llama4-W2", _cfg(small, **selftest.LLAMA4), world=2, tokens=33)]
+                 Case("qwen2-shared-gate-W2", _cfg(small, **family["qwen2"]), world=2, tokens=29),
+                 Case("gpt-oss-W2", _cfg({**small, **family["gpt-oss"]}, swiglu_limit=1.5), world=2, tokens=33),
+                 Case("llama4-W2", _cfg(small, **family["llama4"]), world=2, tokens=33)]
         return cases if st.quick else cases + [Case("W8-t50", _cfg(small), world=8, tokens=50)]
     return [c for c in selftest.gpu_cases(quick=True)
             if c.world > 1 or c.name.startswith(("W1-", "skewed", "single", "capacity", "deepseek"))]
