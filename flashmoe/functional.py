@@ -69,7 +69,8 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                     transposed: bool = False, interleaved: bool = False, activation: str = "silu",
                     gated: bool = True, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-                    backend: str = "auto", virtual_world: int = 1) -> torch.Tensor:
+                    scale_expert_input: bool = False, backend: str = "auto",
+                    virtual_world: int = 1) -> torch.Tensor:
     """The experts and the combine with the routing given, the form of vLLM's and SGLang's
     ``fused_experts``: token t goes to experts ``topk_ids[t, j]`` weighted by
     ``topk_weights[t, j]``. An id outside 0..E-1 marks "no expert" and is skipped; an expert
@@ -85,6 +86,9 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     last ran differ (so on every call when calls alternate between layers). ``interleaved=True``:
     the gate and up rows alternate (gate 0, up 0, gate 1, ...), reordered on every call. ``activation``: one of ``flashmoe.config.ACTIVATIONS``;
     'swiglu_clamped' (GPT-OSS) reads ``swiglu_alpha`` and ``swiglu_limit``.
+    ``scale_expert_input=True`` (Llama4; vLLM's ``apply_router_weight_on_input``): the weight
+    scales the expert's input instead of its output, ``expert(w x)``, and the combine adds the
+    outputs unweighted; a repeated expert's summed weight scales its one input.
 
     Returns x's shape and dtype; the weighted sum is fp32, rounded once. ``backend`` and
     ``virtual_world`` as in ``FlashMoELayer``: on a GPU 'auto' runs the flashmoe kernel with its
@@ -97,7 +101,8 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     backend_select.check_backend(backend)
     if not isinstance(virtual_world, int) or isinstance(virtual_world, bool) or virtual_world < 1:
         raise ValueError(f"virtual_world={virtual_world!r}: must be an integer >= 1")
-    for name, flag in (("transposed", transposed), ("interleaved", interleaved), ("gated", gated)):
+    for name, flag in (("transposed", transposed), ("interleaved", interleaved), ("gated", gated),
+                       ("scale_expert_input", scale_expert_input)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}={flag!r}: must be True or False")
     if interleaved and not gated:
@@ -114,7 +119,8 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     if not torch.compiler.is_compiling():     # the op checks them again, where tracing cannot reach
         try:
             ops.experts_config(x.shape[-1], down_proj.shape[-1], down_proj.shape[0], topk_ids.shape[1],
-                               activation, gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit, x.dtype)
+                               activation, gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit,
+                               scale_expert_input, x.dtype)
         except ValueError as e:
             raise ValueError(f"experts_forward: {e}") from None
     grad = torch.is_grad_enabled() and any(
@@ -123,7 +129,7 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     x2d = x.reshape(-1, x.shape[-1])
     out = torch.ops.flashmoe.experts(x2d, topk_ids, topk_weights, gate_up_proj, down_proj,
                                      gate_up_bias, down_bias, activation, gated, float(swiglu_alpha),
-                                     float(swiglu_limit), backend, virtual_world, grad)
+                                     float(swiglu_limit), scale_expert_input, backend, virtual_world, grad)
     return out.reshape(x.shape)
 
 

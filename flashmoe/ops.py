@@ -180,20 +180,22 @@ def _moe_backward_fake(grad_out, x, router_weight, gate_up_proj, down_proj, sele
 @functools.lru_cache(maxsize=64)
 def experts_config(hidden: int, intermediate: int, num_experts: int, slots: int, activation: str,
                    gated: bool, bias: bool, swiglu_alpha: float, swiglu_limit: float,
-                   dtype: torch.dtype) -> MoEConfig:
+                   scale_expert_input: bool, dtype: torch.dtype) -> MoEConfig:
     """The MoEConfig of a routing-given call (its routing fields unused): sizes from the tensors,
     top_k the slots given, at most E (more slots than experts can only repeat or skip)."""
     return MoEConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts,
                      top_k=min(slots, num_experts), activation=activation, gated=gated, expert_bias=bias,
-                     swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, dtype=dtype_name(dtype))
+                     swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+                     scale_expert_input=scale_expert_input, dtype=dtype_name(dtype))
 
 
 @torch.library.custom_op("flashmoe::experts", mutates_args=())
 def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Tensor,
             down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
-            activation: str, gated: bool, swiglu_alpha: float, swiglu_limit: float, backend: str,
-            virtual_world: int, grad: bool) -> Tensor:
-    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit)
+            activation: str, gated: bool, swiglu_alpha: float, swiglu_limit: float, scale_expert_input: bool,
+            backend: str, virtual_world: int, grad: bool) -> Tensor:
+    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit,
+                             scale_expert_input)
     if topk_ids.shape[1] == cfg.top_k:
         which = backend_select.choose(backend, cfg, x.device, grad, virtual_world)
     elif backend in ("kernel", "emulated"):
@@ -212,14 +214,15 @@ def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Ten
                                      down_bias=down_bias).to(x.dtype).contiguous()
 
 
-def _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit):
+def _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit,
+                       scale_expert_input):
     return experts_config(x.shape[-1], down_proj.shape[-1], down_proj.shape[0], topk_ids.shape[1], activation,
-                          gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit, x.dtype)
+                          gated, gate_up_bias is not None, swiglu_alpha, swiglu_limit, scale_expert_input, x.dtype)
 
 
 @experts.register_fake
 def _experts_fake(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
-                  gated, swiglu_alpha, swiglu_limit, backend, virtual_world, grad):
+                  gated, swiglu_alpha, swiglu_limit, scale_expert_input, backend, virtual_world, grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -228,13 +231,13 @@ _EXPERTS_TENSORS = 7     # x, topk_ids, topk_weights, gate_up_proj, down_proj, g
 
 def _experts_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:_EXPERTS_TENSORS])
-    ctx.expert_math = inputs[_EXPERTS_TENSORS:_EXPERTS_TENSORS + 4]   # activation, gated, alpha, limit
+    ctx.expert_math = inputs[_EXPERTS_TENSORS:_EXPERTS_TENSORS + 5]   # activation, gated, alpha, limit, scale
 
 
 def _experts_backward_autograd(ctx, grad_out):
     needs = list(ctx.needs_input_grad[:_EXPERTS_TENSORS])
     grads = torch.ops.flashmoe.experts_backward(grad_out, *ctx.saved_tensors, *ctx.expert_math, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], *([None] * 7))
+    return (*[g if need else None for g, need in zip(grads, needs)], *([None] * 8))
 
 
 experts.register_autograd(_experts_backward_autograd, setup_context=_experts_setup_context)
@@ -244,8 +247,9 @@ experts.register_autograd(_experts_backward_autograd, setup_context=_experts_set
 def experts_backward(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                      gate_up_proj: Tensor, down_proj: Tensor, gate_up_bias: Optional[Tensor],
                      down_bias: Optional[Tensor], activation: str, gated: bool, swiglu_alpha: float,
-                     swiglu_limit: float, needs: list[bool]) -> list[Tensor]:
-    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit)
+                     swiglu_limit: float, scale_expert_input: bool, needs: list[bool]) -> list[Tensor]:
+    cfg = _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit,
+                             scale_expert_input)
 
     def forward(x, ids, w, gate_up, down, gate_up_bias, down_bias):
         return reference.experts_forward(x, ids, w, gate_up, down, cfg, math=backend_select.REFERENCE_MATH,
@@ -257,7 +261,7 @@ def experts_backward(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights
 
 @experts_backward.register_fake
 def _experts_backward_fake(grad_out, x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias,
-                           down_bias, activation, gated, swiglu_alpha, swiglu_limit, needs):
+                           down_bias, activation, gated, swiglu_alpha, swiglu_limit, scale_expert_input, needs):
     needs = [need and i != 1 for i, need in enumerate(needs)]
     return _grads_like((x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias), needs)
 

@@ -126,22 +126,27 @@ def emulated_cases() -> list[Case]:
 
 def routing_given(device, emulate: bool, timeout_s: float) -> tuple[bool, str]:
     """The routing-given kernel (flashmoe.experts_forward) on "no expert" ids and repeats: one
-    token, a decode batch and W = 4 virtual ranks (tiny shapes on the emulator)."""
+    token, a decode batch and W = 4 virtual ranks, then the weights scaling the experts' inputs
+    (scale_expert_input) on W = 2 (tiny shapes on the emulator)."""
     from .host.backend import KernelBackend
     if emulate:
-        config, runs = _cfg(hidden_size=64, intermediate_size=32, num_experts=8, top_k=3), ((1, 37), (2, 45))
+        config = _cfg(hidden_size=64, intermediate_size=32, num_experts=8, top_k=3)
+        runs = ((config, 1, 37), (config, 2, 45))
     else:
-        config, runs = _cfg(num_experts=16, top_k=4), ((1, 1), (1, 300), (4, 999))
+        config = _cfg(num_experts=16, top_k=4)
+        runs = ((config, 1, 1), (config, 1, 300), (config, 4, 999))
+    runs += ((config.replace(scale_expert_input=True), 2, runs[-1][2]),)
     passed, details = True, []
-    for world, tokens in runs:
+    for cfg, world, tokens in runs:
         try:
-            backend = KernelBackend(config, device, virtual_world=world, emulate=emulate, timeout_s=timeout_s,
+            backend = KernelBackend(cfg, device, virtual_world=world, emulate=emulate, timeout_s=timeout_s,
                                     error_check="sync", routing="given")
             ok, detail = check_routing_given(backend, tokens, device)
         except Exception as exc:   # unsupported, compile error, ...: a failed check
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         passed &= ok
-        details.append(f"W={world} T={tokens}: {'ok' if ok else 'FAILED'} ({detail})")
+        scaled = " scaled input" if cfg.scale_expert_input else ""
+        details.append(f"W={world} T={tokens}{scaled}: {'ok' if ok else 'FAILED'} ({detail})")
     return passed, "; ".join(details)
 
 

@@ -108,13 +108,15 @@ def test_bad_inputs_say_what_was_expected():
 
 
 def _loop(x, ids, w, gate_up, down, config, gate_up_bias=None, down_bias=None):
-    """The routing-given formula token by token, slot by slot, in fp32."""
+    """The routing-given formula token by token, slot by slot, in fp32 (with
+    config.scale_expert_input the weight scales the slot's input, and its output is added as it is)."""
     out = torch.zeros(x.shape[0], x.shape[1])
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             if 0 <= e < gate_up.shape[0]:
-                h = x[t:t + 1].float() @ gate_up[e].float().t()
+                scale, w_out = (w[t, j], 1.0) if config.scale_expert_input else (1.0, w[t, j])
+                h = (scale * x[t:t + 1].float()) @ gate_up[e].float().t()
                 if gate_up_bias is not None:
                     h = h + gate_up_bias[e].float()
                 g, u = h.chunk(2, dim=-1)
@@ -127,7 +129,7 @@ def _loop(x, ids, w, gate_up, down, config, gate_up_bias=None, down_bias=None):
                 y = h @ down[e].float().t()
                 if down_bias is not None:
                     y = y + down_bias[e].float()
-                out[t] += w[t, j] * y[0]
+                out[t] += w_out * y[0]
     return out
 
 
@@ -154,6 +156,44 @@ def test_transposed_interleaved_biased_experts_as_gpt_oss_stores_them():
                             transposed=True, interleaved=True, activation="swiglu_clamped",
                             swiglu_alpha=1.5, swiglu_limit=50.0)
     assert not torch.allclose(loose, out)
+
+
+def test_weights_that_scale_the_inputs_as_llama4_applies_them():
+    """scale_expert_input=True (Llama4; vLLM's apply_router_weight_on_input): expert(w x) summed
+    unweighted, against the loop; weights of either sign, a skipped slot, and a repeated expert,
+    whose one input is scaled by the summed weight (the slots merge before the expert runs)."""
+    torch.manual_seed(2)
+    E, H, I = 4, 16, 8
+    gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I) * 0.3
+    x, w = torch.randn(6, H), torch.randn(6, 2)
+    ids = torch.tensor([[0, 1], [2, -1], [3, 0], [1, 2], [0, 3], [2, 1]])
+    config = make(scale_expert_input=True)
+    out = experts_forward(x, ids, w, gate_up, down, scale_expert_input=True)
+    torch.testing.assert_close(out, _loop(x, ids, w, gate_up, down, config), rtol=1e-5, atol=1e-5)
+    # a nonlinear expert: scaling the input is not scaling the output
+    assert not torch.allclose(out, experts_forward(x, ids, w, gate_up, down), rtol=1e-3, atol=1e-3)
+    repeated = experts_forward(x[:1], torch.tensor([[2, 2]]), w[:1], gate_up, down, scale_expert_input=True)
+    merged = _loop(x[:1], torch.tensor([[2]]), w[:1].sum(1, keepdim=True), gate_up, down, config)
+    torch.testing.assert_close(repeated, merged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scale_expert_input=1: must be True or False"):
+        experts_forward(x, ids, w, gate_up, down, scale_expert_input=1)
+
+
+def test_gradients_of_scaled_inputs_reach_the_weights_and_the_input():
+    """Backward with scale_expert_input: d/dw goes through the expert, not through a product with
+    its output; against autograd through the loop."""
+    torch.manual_seed(3)
+    E, H, I = 4, 16, 8
+    ids = torch.tensor([[0, 1], [2, -1], [3, 0], [1, 2], [0, 3]])
+    leaves = [torch.randn(5, H), torch.randn(5, 2), torch.randn(E, 2 * I, H), torch.randn(E, H, I) * 0.3]
+    grads = []
+    for run in (lambda x, w, gu, dn: experts_forward(x, ids, w, gu, dn, scale_expert_input=True),
+                lambda x, w, gu, dn: _loop(x, ids, w, gu, dn, make(scale_expert_input=True))):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        run(*inputs).square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for name, got, want in zip(("x", "topk_weights", "gate_up_proj", "down_proj"), *grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_gradients_reach_the_biases():
@@ -190,9 +230,10 @@ needs_emulator = pytest.mark.skipif(emulator.emulator_available() is not None,
 
 
 @needs_emulator
-@pytest.mark.parametrize("world", [1, 4])
-def test_the_kernel_serves_it_on_the_emulator(world):
-    """backend='emulated': the kernel's source with the router replaced by the given routing."""
+@pytest.mark.parametrize("world,scale", [(1, False), (4, False), (2, True)])
+def test_the_kernel_serves_it_on_the_emulator(world, scale):
+    """backend='emulated': the kernel's source with the router replaced by the given routing (and
+    with scale_expert_input, the kernel built to scale its GEMM0 rows)."""
     torch.manual_seed(1)
     E, H, I = 8, 64, 32
     gate_up = (torch.randn(E, 2 * I, H) * H ** -0.5).bfloat16()
@@ -202,8 +243,9 @@ def test_the_kernel_serves_it_on_the_emulator(world):
     ids[5, 1] = -1
     w = torch.rand(40, 2)
     out = experts_forward(x, ids, w, gate_up.transpose(1, 2), down, transposed=True, backend="emulated",
-                          virtual_world=world)
-    config = make(dtype="bfloat16", hidden_size=H, intermediate_size=I, num_experts=E, top_k=2)
+                          virtual_world=world, scale_expert_input=scale)
+    config = make(dtype="bfloat16", hidden_size=H, intermediate_size=I, num_experts=E, top_k=2,
+                  scale_expert_input=scale)
     routing = reference.given_routing(ids, w, E)
     weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up, down_proj=down.transpose(1, 2))
     ok, err, tol = accuracy.check(out.reshape(40, H), x.reshape(40, H), weights, config, routing=routing)

@@ -6,6 +6,8 @@ ranks, with 0 and 1 tokens, on both GEMM engines."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -40,11 +42,11 @@ def backend(cfg: MoEConfig, world: int, spec: KernelSpec) -> KernelBackend:
 
 def mma_sync(cfg):
     return KernelSpec(arch="sm_80", dtype=cfg.dtype, gated=cfg.gated, block_m=128, block_n=128, threads=256,
-                      stages=3)
+                      stages=3, scale_input=cfg.scale_expert_input)
 
 
 def wgmma(cfg):
-    return wgmma_spec(cfg.dtype, cfg.gated, stages=3)
+    return replace(wgmma_spec(cfg.dtype, cfg.gated, stages=3), scale_input=cfg.scale_expert_input)
 
 
 CASES = [
@@ -62,6 +64,9 @@ CASES = [
      mma_sync),
     ("fp16-gpt-oss-wgmma-k2", config(dtype="float16", activation="swiglu_clamped", swiglu_limit=1.5,
                                      expert_bias=True, top_k=2), 1, 40, wgmma),
+    # the weights scale the experts' inputs (vLLM's apply_router_weight_on_input), a repeat's summed
+    ("bf16-scaled-input-k3-W2", config(scale_expert_input=True), 2, 45, mma_sync),
+    ("bf16-scaled-input-wgmma-k3-W2", config(scale_expert_input=True), 2, 45, wgmma),
 ]
 
 

@@ -186,9 +186,10 @@ def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
     fits each pipeline to the layer: the same specs on an H100/H200 or A100 up to about 640 experts
     a rank, where the task map starts to take a decode stage's room): every dtype, gated and
     plain, at the prefill and the decode tile, on Hopper the wide prefill tile, and of the
-    commonest layout (bf16, gated) the routing-given kernels (flashmoe.experts_forward) and the
-    input-scaling ones (Llama4). A layout or a wide tile whose shared memory the device lacks
-    (fp32's wide epilogue tile, fp32 on a 99 KiB part) is left out, as the layer leaves it out."""
+    commonest layout (bf16, gated) the routing-given kernels (flashmoe.experts_forward), the
+    input-scaling ones (Llama4) and both (experts_forward with scale_expert_input). A layout or a
+    wide tile whose shared memory the device lacks (fp32's wide epilogue tile, fp32 on a 99 KiB
+    part) is left out, as the layer leaves it out."""
     specs = []
     for dtype in DTYPE_CODES:
         for gated in (True, False):
@@ -199,7 +200,8 @@ def device_specs(arch: str, max_smem_per_block: int) -> list[KernelSpec]:
                     specs.append(select_spec(dtype, gated, arch, max_smem_per_block, PREFILL_BLOCK_M,
                                              block_n=WIDE_BLOCK_N))
     common = [s for s in specs if s.dtype == "bfloat16" and s.gated]
-    return specs + [replace(s, routing="given") for s in common] + [replace(s, scale_input=True) for s in common]
+    return specs + [replace(s, routing=routing, scale_input=scale) for s in common
+                    for routing, scale in (("given", False), ("router", True), ("given", True))]
 
 
 def wgmma_spec(dtype: str, gated: bool, stages: int = 4, block_m: int = 128, block_n: int = BLOCK_N,
