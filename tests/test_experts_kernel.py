@@ -64,7 +64,8 @@ CASES = [
      mma_sync),
     ("fp16-gpt-oss-wgmma-k2", config(dtype="float16", activation="swiglu_clamped", swiglu_limit=1.5,
                                      expert_bias=True, top_k=2), 1, 40, wgmma),
-    # the weights scale the experts' inputs (vLLM's apply_router_weight_on_input), a repeat's summed
+    # the weights scale the experts' inputs (vLLM's apply_router_weight_on_input); token 4's repeated
+    # expert runs once, its input scaled by the two slots' summed weight
     ("bf16-scaled-input-k3-W2", config(scale_expert_input=True), 2, 45, mma_sync),
     ("bf16-scaled-input-wgmma-k3-W2", config(scale_expert_input=True), 2, 45, wgmma),
 ]
