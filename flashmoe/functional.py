@@ -69,8 +69,8 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                     transposed: bool = False, interleaved: bool = False, activation: str = "silu",
                     gated: bool = True, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-                    scale_expert_input: bool = False, backend: str = "auto",
-                    virtual_world: int = 1) -> torch.Tensor:
+                    scale_expert_input: bool = False, expert_map: torch.Tensor | None = None,
+                    backend: str = "auto", virtual_world: int = 1) -> torch.Tensor:
     """The experts and the combine with the routing given, the form of vLLM's and SGLang's
     ``fused_experts``: token t goes to experts ``topk_ids[t, j]`` weighted by
     ``topk_weights[t, j]``. An id outside 0..E-1 marks "no expert" and is skipped; an expert
@@ -89,6 +89,9 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     ``scale_expert_input=True`` (Llama4; vLLM's ``apply_router_weight_on_input``): the weight
     scales the expert's input instead of its output, ``expert(w x)``, and the combine adds the
     outputs unweighted; a repeated expert's summed weight scales its one input.
+    ``expert_map`` (vLLM's, for expert parallelism): an integer tensor [G] that maps the global
+    ids in ``topk_ids`` (0..G-1) to this rank's experts 0..E-1, -1 (or any value outside 0..E-1)
+    for an expert held elsewhere; such slots, and ids outside 0..G-1, are skipped.
 
     Returns x's shape and dtype; the weighted sum is fp32, rounded once. ``backend`` and
     ``virtual_world`` as in ``FlashMoELayer``: on a GPU 'auto' runs the flashmoe kernel with its
@@ -109,6 +112,8 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         raise ValueError("interleaved=True reorders gate and up rows: it needs gated=True")
     _check_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
                    transposed, gated)
+    if expert_map is not None:
+        topk_ids = _local_ids(topk_ids, expert_map)
     if transposed:
         gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
     if interleaved:
@@ -157,7 +162,8 @@ def _check_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, tran
                          "and [E, I, H])")
     e, inter = down.shape[0], down.shape[1 if transposed else 2]
     rows = (2 if gated else 1) * inter
-    want_gate_up, want_down = ((e, hidden, rows), (e, inter, hidden)) if transposed else         ((e, rows, hidden), (e, hidden, inter))
+    want_gate_up, want_down = (((e, hidden, rows), (e, inter, hidden)) if transposed
+                               else ((e, rows, hidden), (e, hidden, inter)))
     if tuple(gate_up.shape) != want_gate_up or tuple(down.shape) != want_down:
         up = "2I" if gated else "I"
         layout = f"[E, H, {up}] and [E, I, H]" if transposed else f"[E, {up}, H] and [E, H, I]"
@@ -179,3 +185,20 @@ def _check_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, tran
                     ("down_proj", down), *biases):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: one device for all")
+
+
+def _local_ids(ids: torch.Tensor, expert_map) -> torch.Tensor:
+    """``expert_map[ids]``, -1 where an id is outside the map (no host sync: the kernel and the
+    reference skip every id outside 0..E-1, so the map's own values need no check)."""
+    if (not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.numel() == 0
+            or expert_map.is_floating_point() or expert_map.is_complex() or expert_map.dtype == torch.bool):
+        got = (f"shape {tuple(expert_map.shape)} and dtype {expert_map.dtype}"
+               if isinstance(expert_map, torch.Tensor) else f"a {type(expert_map).__name__}")
+        raise ValueError(f"expert_map has {got}: expected a 1-D integer tensor [G], G >= 1, mapping each "
+                         "global expert id to a local one (-1: held elsewhere)")
+    if expert_map.device != ids.device:
+        raise ValueError(f"expert_map is on {expert_map.device} but topk_ids is on {ids.device}: "
+                         "one device for all")
+    size = expert_map.shape[0]
+    local = expert_map[ids.clamp(0, size - 1)].long()   # long: the -1 below must not wrap in an unsigned map
+    return torch.where((ids >= 0) & (ids < size), local, -1)

@@ -96,15 +96,18 @@ def main(backend: str) -> dict:
 
 
 class RoutedBlock(torch.nn.Module):
-    """A caller's own router in front of flashmoe.experts_forward (the fused_experts form)."""
+    """A caller's own router in front of flashmoe.experts_forward (the fused_experts form), its
+    global ids mapped to the experts held (all of them, in reverse order) by an expert_map."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
+        self.register_buffer("expert_map", torch.arange(layer.gate_up_proj.shape[0]).flip(0))
 
     def forward(self, x):
         w, ids = torch.softmax(x.float() @ self.layer.router_weight.t(), dim=-1).topk(2)
-        return experts_forward(x, ids, w, self.layer.gate_up_proj, self.layer.down_proj)
+        return experts_forward(x, ids, w, self.layer.gate_up_proj.flip(0), self.layer.down_proj.flip(0),
+                               expert_map=self.expert_map)
 
 
 def routing_given(layer) -> dict:

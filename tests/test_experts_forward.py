@@ -214,6 +214,42 @@ def test_gradients_reach_the_biases():
     assert gate_up_bias.grad.abs().sum() > 0
 
 
+def test_an_expert_map_runs_this_ranks_share_of_the_experts():
+    """expert_map (vLLM's expert parallelism): a rank holds some of the experts, the map turns
+    global ids into its local ones, and the ranks' outputs sum to the whole layer's. Slots held
+    elsewhere (-1, or 255 in an unsigned map) and ids outside the map are skipped."""
+    torch.manual_seed(4)
+    G, H, I = 8, 16, 8
+    gate_up, down = torch.randn(G, 2 * I, H), torch.randn(G, H, I) * 0.3
+    x, w = torch.randn(7, H), torch.randn(7, 3)
+    ids = torch.stack([torch.randperm(G)[:3] for _ in range(7)])
+    ids[2, 1], ids[4, 0] = -1, G
+    held = (torch.tensor([5, 0, 3, 6]), torch.tensor([1, 2, 4, 7]))     # neither in order
+    parts = []
+    for experts, dtype, elsewhere in zip(held, (torch.int32, torch.uint8), (-1, 255)):
+        expert_map = torch.full((G,), elsewhere, dtype=dtype)
+        expert_map[experts] = torch.arange(4, dtype=dtype)
+        local = torch.tensor([[experts.tolist().index(e) if e in experts else -1 for e in row]
+                              for row in ids.tolist()])
+        part = experts_forward(x, ids, w, gate_up[experts], down[experts], expert_map=expert_map)
+        torch.testing.assert_close(part, _loop(x, local, w, gate_up[experts], down[experts], make()),
+                                   rtol=1e-5, atol=1e-5)
+        parts.append(part)
+    torch.testing.assert_close(parts[0] + parts[1], experts_forward(x, ids, w, gate_up, down),
+                               rtol=1e-5, atol=1e-5)
+    # an unsigned map of 256 experts, where 255 is a real one: ids outside the map stay skipped
+    big = torch.randn(256, 2 * I, H), torch.randn(256, H, I)
+    edge = torch.tensor([[-1, 3], [300, 255]])
+    out = experts_forward(x[:2], edge, w[:2, :2], *big, expert_map=torch.arange(256).to(torch.uint8))
+    torch.testing.assert_close(out, _loop(x[:2], edge, w[:2, :2], *big, make()), rtol=1e-5, atol=1e-5)
+    for bad, says in ((torch.zeros(G), "dtype torch.float32"), (torch.zeros(2, G, dtype=torch.long), r"shape \(2, 8\)"),
+                      (torch.zeros(0, dtype=torch.long), r"shape \(0,\)"), (list(range(G)), "a list")):
+        with pytest.raises(ValueError, match=f"expert_map has .*{says}.*1-D integer tensor"):
+            experts_forward(x, ids, w, gate_up, down, expert_map=bad)
+    with pytest.raises(ValueError, match="expert_map is on meta but topk_ids is on cpu"):
+        experts_forward(x, ids, w, gate_up, down, expert_map=torch.zeros(G, dtype=torch.long, device="meta"))
+
+
 def test_more_slots_than_experts():
     """k > E: the slots can only repeat or skip; the reference takes it."""
     gate_up, down = torch.randn(2, 16, 16), torch.randn(2, 16, 8)

@@ -61,14 +61,20 @@ def test_routing_given_kernel():
     assert ok, detail
 
 
+def _cuda_experts(num_experts: int):
+    """Random experts at the selftest's shape (H = 512, I = 256), bf16 on the GPU."""
+    from flashmoe import reference
+    return reference.MoEWeights(
+        router_weight=None,
+        gate_up_proj=torch.randn(num_experts, 512, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5,
+        down_proj=torch.randn(num_experts, 512, 256, device="cuda", dtype=torch.bfloat16) / 256 ** 0.5)
+
+
 def test_experts_forward_runs_the_kernel_on_cuda():
     from flashmoe import experts_forward, reference
     from flashmoe.accuracy import check
     config = selftest._cfg(num_experts=16, top_k=2)
-    layer_weights = reference.MoEWeights(
-        router_weight=None,
-        gate_up_proj=torch.randn(16, 512, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5,
-        down_proj=torch.randn(16, 512, 256, device="cuda", dtype=torch.bfloat16) / 256 ** 0.5)
+    layer_weights = _cuda_experts(16)
     x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 16, (200, 2), device="cuda")
     w = torch.rand(200, 2, device="cuda")
@@ -78,6 +84,26 @@ def test_experts_forward_runs_the_kernel_on_cuda():
                               virtual_world=2)
     routing = reference.given_routing(ids, w, 16)
     ok, err, tol = check(out, x, layer_weights, config, routing)
+    assert ok, f"error {err} above {tol}"
+
+
+def test_experts_forward_maps_global_ids_on_cuda():
+    """expert_map (vLLM's expert parallelism): this rank holds 8 of 16 global experts in a
+    shuffled order; the kernel runs the slots whose experts it holds and skips the others."""
+    from flashmoe import experts_forward, reference
+    from flashmoe.accuracy import check
+    config = selftest._cfg(num_experts=8, top_k=2)
+    held = torch.randperm(16, device="cuda")[:8]
+    expert_map = torch.full((16,), -1, device="cuda", dtype=torch.int32)
+    expert_map[held] = torch.arange(8, device="cuda", dtype=torch.int32)
+    weights = _cuda_experts(8)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 16, (300, 2), device="cuda")
+    w = torch.rand(300, 2, device="cuda")
+    with torch.inference_mode():
+        out = experts_forward(x, ids, w, weights.gate_up_proj, weights.down_proj, backend="kernel",
+                              expert_map=expert_map)
+    ok, err, tol = check(out, x, weights, config, reference.given_routing(expert_map.long()[ids], w, 8))
     assert ok, f"error {err} above {tol}"
 
 
