@@ -9,8 +9,9 @@ the dense bf16 matmul rate (useful FLOPs / time) and the copy bandwidth (expert-
 time), and against the roofline those ceilings give the row (``bench.metrics.roofline``: the
 longer of its FLOPs at the matmul rate and its bytes at the copy bandwidth). Speed-ups are over
 the baselines of the same row, and only between correct results. With ``--trace N`` each
-flashmoe row also gets the kernel's phase table: the share of the launch's block time spent in
-route, dispatch, selections, GEMM0, GEMM1 and combine, and in no task (waiting or idle).
+flashmoe row (a kernel variant's too) also gets the kernel's phase table: the share of the
+launch's block time spent in route, dispatch, selections, GEMM0, GEMM1 and combine, and in no
+task (waiting or idle).
 Writes ``bench/results/layer_<device>_<date>.{csv,json,png}``.
 """
 
@@ -166,8 +167,9 @@ def _run_configs(args, device, meta, ceilings, stem, rows, show) -> None:
                                      warmup=args.warmup, repeats=args.repeats, graph=args.cuda_graph))
                 if pname.startswith("flashmoe") and not args.dry_run:
                     group[-1]["tile"] = providers.kernel_tile(p.forward)
-                if traced and pname == "flashmoe" and group[-1].get("status") == "ok":
-                    group[-1].update(attach_trace(source, f"{stem}_{name}_{tokens}"))
+                if traced and pname.startswith("flashmoe") and group[-1].get("status") == "ok":
+                    variant = "" if pname == "flashmoe" else f"_{pname}"
+                    group[-1].update(attach_trace(p.forward, f"{stem}_{name}_{tokens}{variant}"))
             speedups(group, list(BASELINES))
             for r in group:
                 r.update(shape)

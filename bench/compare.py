@@ -11,9 +11,10 @@ routing and provider; a later file's row replaces an earlier one's. Each is prin
 median time over the old. The baselines (the torch loop, transformers' ``grouped_mm``,
 bulk-synchronous expert parallelism) did not change between the runs: their ratio is how far the
 machine, its clocks and the timing moved, the noise a flashmoe ratio has to clear. Traces pair
-by layer and tokens (the names ``bench_layer.py --trace`` gives them): each kind's mean record,
-the phase shares and the routing split, old beside new. Exits 1 when a row that passed before
-fails or is wrong now, 2 when nothing is in both runs.
+by layer, tokens and kernel variant (the names ``bench_layer.py --trace`` gives them), or, one a
+side, whatever their names (a variant against the shipped kernel of the same run): each kind's
+mean record, the phase shares and the routing split, old beside new. Exits 1 when a row that
+passed before fails or is wrong now, 2 when nothing is in both runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from flashmoe import trace as tr  # noqa: E402
 from flashmoe.trace_routing import format_routing, routing_split  # noqa: E402
 
 KEY = ("stage", "config", "tokens", "world", "routing", "provider")
-TRACE_NAME = re.compile(r"_([^_]+)_(\d+)\.trace\.json(\.gz)?$")
+# <stem>_<layer>_<tokens>[_<variant>].trace.json[.gz]: a kernel variant's (bench/providers.py) named.
+TRACE_NAME = re.compile(r"_([^_]+)_(\d+)(_flashmoe_\w+)?\.trace\.json(\.gz)?$")
 
 
 def read_rows(paths) -> dict[tuple, dict]:
@@ -107,11 +109,15 @@ def summary(lines: list[dict]) -> list[str]:
 
 
 def trace_pairs(old_paths, new_paths) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """(layer and tokens, old trace, new trace) for each layer and token count traced in both, and
-    the ones traced in one run only."""
+    """(layer, tokens and variant; old trace, new trace) for each traced in both, and the ones
+    traced in one run only. One trace a side pairs whatever its names."""
     def by_name(paths):
-        return {f"{m[1]} {m[2]} tokens": Path(p) for p in paths if (m := TRACE_NAME.search(str(p)))}
+        return {f"{m[1]} {m[2]} tokens" + (f" {m[3][1:]}" if m[3] else ""): Path(p)
+                for p in paths if (m := TRACE_NAME.search(str(p)))}
     old, new = by_name(old_paths), by_name(new_paths)
+    if len(old) == len(new) == 1 and old.keys() != new.keys():
+        (a, pa), (b, pb) = *old.items(), *new.items()
+        return [(f"{a} -> {b}", pa, pb)], []
     alone = [f"{side} only: {name}" for side, a, b in (("old", old, new), ("new", new, old))
              for name in sorted(a.keys() - b.keys())]
     return [(name, old[name], new[name]) for name in sorted(old.keys() & new.keys())], alone

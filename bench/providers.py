@@ -53,8 +53,10 @@ def share_weights(dst: FlashMoELayer, src: FlashMoELayer) -> FlashMoELayer:
 # cooperative (each a slab of every tile) instead of ping-pong (each whole tiles, in turn); and
 # those cooperative tiles in the NVSHMEM build a process-group layer runs, on one PE (its writes
 # to itself go through pointers as they do to NVLink peers): against flashmoe_cooperative, what
-# that build costs on the same tiles and schedule.
-KERNEL_VARIANTS = ("flashmoe_128x128", "flashmoe_cooperative", "flashmoe_nvshmem")
+# that build costs on the same tiles and schedule; and the shipped tiles with a routed expert's
+# tiles claimed row tile by row tile instead of in bands (KernelSpec.band_tiles = 1): what the
+# bands gain (traced, each kind's mean record shows it in the GEMM tiles).
+KERNEL_VARIANTS = ("flashmoe_128x128", "flashmoe_cooperative", "flashmoe_nvshmem", "flashmoe_rowtiles")
 
 
 def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int | None = None,
@@ -74,7 +76,9 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
                 runtime._import_nvshmem()
             except runtime.NvshmemUnavailable as exc:
                 raise Unavailable(one_line(exc)) from exc
-    options = ({"spec": variant_specs(variant, config, device, virtual_world)}
+    # A variant records the kernel's trace when its source does (bench_layer.py --trace).
+    traced = {k: v for k, v in source.kernel_options.items() if k == "trace_capacity"}
+    options = ({"spec": variant_specs(variant, config, device, virtual_world), **traced}
                if variant != "flashmoe" and not dry_run else None)
     if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
         layer = source
@@ -111,12 +115,16 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
 def variant_specs(variant: str, config: MoEConfig, device, world: int = 1) -> list:
     """The specs of kernel variant ``variant`` on ``device`` for a layer of ``world`` ranks: its
     prefill and decode tiles without the wide one, for "flashmoe_cooperative" with every wgmma
-    tile cooperative, and for "flashmoe_nvshmem" also built with the NVSHMEM transport."""
+    tile cooperative, and for "flashmoe_nvshmem" also built with the NVSHMEM transport; for
+    "flashmoe_rowtiles" the layer's own tiles (the wide one too) in bands of one row tile."""
     from flashmoe.host.backend import _device_info
-    from flashmoe.host.plan import layer_specs
+    from flashmoe.host.plan import kernel_specs, layer_specs
     if variant not in KERNEL_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed are {', '.join(KERNEL_VARIANTS)}")
-    specs = layer_specs(config, world, _device_info(torch.device(device)))
+    info = _device_info(torch.device(device))
+    if variant == "flashmoe_rowtiles":
+        return [replace(s, band_tiles=1) for s in kernel_specs(config, world, info)]
+    specs = layer_specs(config, world, info)
     if variant in ("flashmoe_cooperative", "flashmoe_nvshmem"):
         specs = [replace(s, schedule="cooperative") for s in specs]
     if variant == "flashmoe_nvshmem":

@@ -126,6 +126,24 @@ def test_traces_pair_by_layer_and_tokens_and_show_each_kind_old_beside_new(tmp_p
     assert "old: routing 1.0 us: 2 chunks on 2 blocks" in out
 
 
+def test_a_variants_trace_pairs_with_its_own_or_one_a_side_with_the_shipped_kernels(tmp_path, capsys):
+    """bench_layer.py names a variant's trace after it: across runs it pairs with the same
+    variant's, never the shipped kernel's; a variant and the shipped kernel of one run, one a
+    side, pair whatever their names (what the variant's choice costs)."""
+    run = tmp_path / "layer_h200_1_mixtral-8x7b_4096"
+    shipped = write_trace(Path(f"{run}.trace.json"), 10_000)
+    rows = write_trace(Path(f"{run}_flashmoe_rowtiles.trace.json"), 12_000)
+    later = write_trace(tmp_path / "layer_h200_2_mixtral-8x7b_4096_flashmoe_rowtiles.trace.json.gz", 6_000)
+    pairs, alone = compare.trace_pairs([shipped, rows], [later])
+    assert [name for name, *_ in pairs] == ["mixtral-8x7b 4096 tokens flashmoe_rowtiles"]
+    assert pairs[0][1:] == (rows, later) and alone == ["old only: mixtral-8x7b 4096 tokens"]
+    assert compare.main(["--old", str(shipped), "--new", str(rows)]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral-8x7b 4096 tokens -> mixtral-8x7b 4096 tokens flashmoe_rowtiles: span 41.5 -> 49.5 us" in out
+    gemm0 = next(ln for ln in out.splitlines() if ln.split()[:1] == ["GEMM0"])
+    assert gemm0.split() == ["GEMM0", "8", "->", "8", "10.00", "->", "12.00", "1.200x"]
+
+
 def test_exit_codes_say_a_regression_and_an_empty_comparison(tmp_path, capsys):
     old = kit(tmp_path / "old.jsonl", {"bench": [row()]})
     new = kit(tmp_path / "new.jsonl", {"bench": [row(status="error: KernelUnavailable")]})

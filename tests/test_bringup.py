@@ -394,7 +394,7 @@ def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
     from dataclasses import replace
 
     from flashmoe.bringup.stages import planned_specs
-    from flashmoe.host.plan import DeviceInfo, layer_specs
+    from flashmoe.host.plan import DeviceInfo, kernel_specs, layer_specs
     from flashmoe.host.spec import WIDE_BLOCK_N, select_spec
     from flashmoe.selftest import gpu_cases
     smem = 227 * 1024
@@ -410,6 +410,13 @@ def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
                  replace(wide, trace=True), select_spec("bfloat16", True, "sm_90a", smem, 128, gemm="mma_sync")):
         assert spec.key() in keys, spec
     assert not any(s.arch != "sm_90a" for s in kernels)
+    # The trace stage's layers, traced, in bands and row by row (bench/providers.py flashmoe_rowtiles).
+    from bench import layers
+    info = DeviceInfo(max_smem_per_block=smem, arch="sm_90a")
+    for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        for spec in kernel_specs(layers.layer(name)[0], 1, info):
+            for band in (spec.band_tiles, 1):
+                assert replace(spec, trace=True, band_tiles=band).key() in keys, (name, band, spec)
 
 
 def test_the_kit_on_a_99_kib_gpu_builds_and_runs_what_fits_and_skips_fp32_saying_why(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flashmoe.host import abi, emulator
-from flashmoe.host.spec import KernelSpec
+from flashmoe.host.spec import BAND_TILES, KernelSpec
 from flashmoe.reference import _tf32
 
 pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
@@ -27,7 +27,7 @@ DTYPES = {"bfloat16": (0, torch.bfloat16), "float16": (1, torch.float16), "float
 # Small tiles and 128 threads keep every launch to a few hundred fibers; 3 stages make K = 200
 # (4 stage loads) wrap the pipeline ring.
 DEFINES = {"FLASHMOE_GATED": 1, "FLASHMOE_BLOCK_M": 64, "FLASHMOE_BLOCK_N": 64, "FLASHMOE_STAGES": 3,
-           "FLASHMOE_THREADS": 128}
+           "FLASHMOE_THREADS": 128, "FLASHMOE_BAND_TILES": BAND_TILES}
 P = ctypes.c_void_p
 
 
@@ -160,9 +160,9 @@ def test_mma_sync_tile_random_schedule_matches_round_robin():
     ([896, 0, 1600, 100], 16), ([37 * 64], 2), ([5000, 3], 3)])
 def test_routed_tiles_are_claimed_column_by_column_in_bands_of_twelve_row_tiles(rows, cols):
     """scheduler.cuh routed_tile: every (row tile, column tile) of every expert is one task, an
-    expert's tasks follow the last expert's, and within a band of up to 12 of its row tiles a
-    column's tiles are consecutive tasks, so the blocks running at once read each B panel together
-    (one HBM read) and keep the band's A in L2. A tile's row tile is rank-wide (the GEMM0 tile
+    expert's tasks follow the last expert's, and within a band of up to 12 of its row tiles (the
+    shipped BAND_TILES) a column's tiles are consecutive tasks, so the blocks running at once read
+    each B panel together (one HBM read) and keep the band's A in L2. A tile's row tile is rank-wide (the GEMM0 tile
     signals it and the GEMM1 tile waits for it), its rows the expert's."""
     bm = DEFINES["FLASHMOE_BLOCK_M"]
     tiles = [-(-r // bm) for r in rows]
@@ -171,13 +171,35 @@ def test_routed_tiles_are_claimed_column_by_column_in_bands_of_twelve_row_tiles(
     call("emu_test_routed_tiles", ctypes.c_int(len(rows)), ptr(counts), ctypes.c_int(cols), ptr(out))
     expected, first = [], 0
     for e, (r, t) in enumerate(zip(rows, tiles)):
-        for r0 in range(0, t, 12):
-            h = min(12, t - r0)
-            for i in range(h * cols):
-                row = r0 + i % h
-                expected.append((first + row, i // h, e, row * bm, min(bm, r - row * bm)))
+        for row, col in band_order(t, cols, BAND_TILES):
+            expected.append((first + row, col, e, row * bm, min(bm, r - row * bm)))
         first += t
     assert [tuple(x) for x in out.view(n, 5).tolist()] == expected
+
+
+def band_order(rows: int, cols: int, band: int) -> list[tuple[int, int]]:
+    """(row tile, column tile) of a grid's tasks: bands of ``band`` row tiles, each column by column."""
+    order = []
+    for r0 in range(0, rows, band):
+        h = min(band, rows - r0)
+        order += [(r0 + i % h, i // h) for i in range(h * cols)]
+    return order
+
+
+@pytest.mark.parametrize("band", [1, 5, BAND_TILES, 64])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 9), (7, 3), (12, 112), (30, 4), (64, 2), (65, 5)])
+def test_a_band_of_any_size_walks_its_grid_once_column_by_column(rows, cols, band):
+    """band_tile with the sizes KernelSpec.band_tiles allows: 1 is the plain row-major order (the
+    variant a benchmark runs beside the shipped bands), a band as tall as the grid column-major."""
+    out = torch.full((rows * cols * 2,), -1, dtype=torch.int32)
+    call("emu_test_band_tile", ctypes.c_int(rows), ctypes.c_int(cols), ctypes.c_int(band), ptr(out))
+    got = [tuple(x) for x in out.view(-1, 2).tolist()]
+    assert got == band_order(rows, cols, band)
+    assert sorted(got) == [(r, c) for r in range(rows) for c in range(cols)]
+    if band == 1:
+        assert got == sorted(got)
+    if band >= rows:
+        assert got == sorted(got, key=lambda rc: (rc[1], rc[0]))
 
 
 # ---------------------------------------------------------------- warp, block and atomics

@@ -92,9 +92,11 @@ CASES = [
     # 14 row tiles for each of the two routed experts: a band of 12 walked column by column
     # (3 GEMM0, 2 GEMM1 columns), then a band of 2 (scheduler.cuh band_tile); the shared expert's
     # 14 row tiles go row by row.
-    (Case("small-tile-bf16-single-shared-850-tokens", cfg(hidden_size=128, intermediate_size=96,
-                                                          num_shared_experts=1), tokens=850, routing="single"),
-     SMALL),
+    (BANDED := Case("small-tile-bf16-single-shared-850-tokens", cfg(hidden_size=128, intermediate_size=96,
+                                                                    num_shared_experts=1), tokens=850,
+                    routing="single"), SMALL),
+    # The same, row tile by row tile (bench/providers.py flashmoe_rowtiles).
+    (BANDED, ROW_BY_ROW := dict(SMALL, band_tiles=1)),
 ]
 
 _BACKENDS: dict = {}
@@ -122,7 +124,8 @@ def _prebuilt():
     _BACKENDS.clear()
 
 
-@pytest.mark.parametrize("case,tile", CASES, ids=[c.name for c, _ in CASES])
+@pytest.mark.parametrize("case,tile", CASES, ids=[c.name + ("-row-by-row" if t is ROW_BY_ROW else "")
+                                                   for c, t in CASES])
 def test_kernel_matches_reference(case, tile):
     result = run_case(make_backend(case.config, case.world, tile=tile), case, torch.device("cpu"))
     assert result.passed, f"{case.name}: {result.detail} (err {result.err:.3g}, tol {result.tol:.3g})"
@@ -168,6 +171,15 @@ def test_random_schedules_give_the_same_bits(seed, monkeypatch):
                             error_check="sync", spec=spec_for(case.config))
     assert all(v.kernel.seed == seed for v in backend.variants.values())
     assert torch.equal(backend.forward(x, weights), round_robin)
+
+
+def test_the_order_tiles_are_claimed_in_changes_no_bit():
+    """Each output element is one tile's sum in a fixed K order, whatever order the tiles are
+    claimed in: row tile by row tile gives the bits of the shipped bands."""
+    x, weights = make_inputs(BANDED, torch.device("cpu"))
+    banded, row_by_row = (make_backend(BANDED.config, 1, tile=t) for t in (SMALL, ROW_BY_ROW))
+    assert banded.spec.band_tiles > 1 and row_by_row.spec.band_tiles == 1
+    assert torch.equal(banded.forward(x, weights), row_by_row.forward(x, weights))
 
 
 def test_stalled_rank_times_out_with_a_record_and_recovers():

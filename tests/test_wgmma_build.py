@@ -89,6 +89,23 @@ def test_default_tiles_of_a_backend(arch, dtype, transport, experts, tiles):
     assert pingpong == ({(128, 128)} if arch == "sm_90a" and transport == "peer" else set())
 
 
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_a_layer_scaling_its_experts_input_gets_every_tile_built_so(arch):
+    """Llama4 (scale_expert_input): each default tile, the wide one too, scales GEMM0's rows, so
+    every one plans for the layer (a tile that weighed the combine instead would be refused)."""
+    from flashmoe.host.backend import KernelBackend
+    from flashmoe.host.plan import variant_plans
+    config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=16, top_k=1, scoring="sigmoid",
+                       scale_expert_input=True)
+    backend = KernelBackend.__new__(KernelBackend)
+    backend.config, backend.world, backend.trace_capacity = config, 1, 0
+    backend.device_info = DeviceInfo.for_arch(arch)
+    backend._set_specs(None)
+    assert len(backend.variants) == (3 if arch == "sm_90a" else 2)
+    assert all(v.spec.scale_input for v in backend.variants.values())
+    variant_plans(config, [v.spec for v in backend.variants.values()], 1, 4096, backend.device_info)
+
+
 def test_nvshmem_runs_narrow_tiles_only():
     from flashmoe.host.backend import KernelBackend
     config = MoEConfig(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8)
@@ -116,6 +133,10 @@ def test_spec_validation():
         KernelSpec(gemm="wgmma", threads=384, block_n=256, schedule="pingpong")
     with pytest.raises(ValueError, match="needs transport='peer'"):
         KernelSpec(gemm="wgmma", threads=384, schedule="pingpong", transport="nvshmem")
+    for band in (0, 65):
+        with pytest.raises(ValueError, match=rf"band_tiles={band}: must be in \[1, 64\]"):
+            KernelSpec(band_tiles=band)
+    assert KernelSpec(band_tiles=1).defines()["FLASHMOE_BAND_TILES"] == 1
     # A ping-pong warpgroup takes whole tiles: a 64-row one, too (each its own m64 slab).
     KernelSpec(gemm="wgmma", threads=384, block_m=64, schedule="pingpong")
     # Same staging either way: one 64-row slab a consumer warpgroup at a time.

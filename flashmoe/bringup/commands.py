@@ -61,7 +61,7 @@ BENCHMARKS = {
     "bench": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096", *TIMED],
     "bench_grid": ["bench/bench_layer.py", *TIMED],
     "trace": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "128", "4096",
-              "--providers", "flashmoe", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
+              "--providers", "flashmoe", "flashmoe_rowtiles", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
     "tiles": ["bench/bench_layer.py", "--configs", "qwen3-30b-a3b", "deepseek-v2-lite", "flashmoe-paper",
               "--tokens", "2048", "16384", "--providers", "flashmoe", "flashmoe_128x128", "flashmoe_cooperative",
               "flashmoe_nvshmem", *TIMED],

@@ -170,11 +170,13 @@ def environment(st: Stage) -> str:
 def planned_specs(arch: str, smem: int) -> tuple[list[KernelSpec], list[KernelSpec]]:
     """(kernel specs, probe specs) the later stages of a GPU run use, for building them up front
     in parallel: what the layer selects on this device (the selftest, ``pytest -m gpu`` and the
-    benchmarks run those), its bf16 gated ones with the trace (the trace stage), and on Hopper the
-    portable engine for the layouts ``engine_cases`` runs and the 128 x 128 tile cooperative."""
+    benchmarks run those), its bf16 gated ones with the trace, in bands and row by row (the trace
+    stage), and on Hopper the portable engine for the layouts ``engine_cases`` runs and the
+    128 x 128 tile cooperative."""
     from .probes import probe_spec
     kernels = device_specs(arch, smem)
-    kernels += [replace(s, trace=True) for s in kernels if (s.dtype, s.gated, s.routing) == ("bfloat16", True, "router")]
+    traced = [replace(s, trace=True) for s in kernels if (s.dtype, s.gated, s.routing) == ("bfloat16", True, "router")]
+    kernels += traced + [replace(s, band_tiles=1) for s in traced if not s.scale_input]
     if arch == "sm_90a":
         layouts = (("bfloat16", True), ("bfloat16", False), ("float16", False), ("float32", True))
         kernels += [s for dtype, gated in layouts for s in select_specs(dtype, gated, arch, smem, "mma_sync")]
@@ -474,7 +476,7 @@ STAGES = {
     "soak": (soak, 150, "10000 forwards of changing sizes and routings: errors and memory growth"),
     "gpu_tests": (gpu_tests, 240, "pytest -m gpu, two NVSHMEM processes on one GPU among them"),
     "bench_grid": (benchmark, 300, "bench/bench_layer.py: every layer, 128 to 32768 tokens"),
-    "trace": (benchmark, 120, "the kernel's trace: where the time goes on two layers"),
+    "trace": (benchmark, 120, "the kernel's trace on two layers: where the time goes, what the tile bands gain"),
     "tiles": (benchmark, 240, "the shipped tiles against 128 x 128 ping-pong, cooperative and NVSHMEM-built"),
     "sweep_ep": (benchmark, 180, "bench/sweep_ep.py: W = 1..8 virtual ranks"),
     "sweep_skewed": (benchmark, 90, "W = 8 against W = 1 under skewed routing (work sharing)"),

@@ -10,8 +10,8 @@ compilation (the plan grows, and the heap with it, only when a forward brings mo
 than ever before), and no host synchronisation unless ``error_check="sync"``.
 
 Shape-aware: by default the backend builds one kernel per GEMM tile (the decode 64 x 128, the
-prefill 128 x 128 and, with wgmma and pointer transport, the wide 128 x 256 tile of
-``spec.select_spec``), all compiled when the backend is made, over one heap whose row-tile
+prefill 128 x 128 and, with wgmma and pointer transport, the wide 128 x 256 tile:
+``plan.kernel_specs``), all compiled when the backend is made, over one heap whose row-tile
 counters are sized for the smallest tile; each forward runs the one ``plan.choose_tile`` picks for
 its token count. A batch size never compiles anything.
 
@@ -43,10 +43,9 @@ from ..reference import MoEWeights, Routing
 from . import abi
 from .heap import LocalHeap
 from .launch import check_control
-from .plan import (DeviceInfo, Plan, choose_tile, kernel_support, layer_specs, plan_tokens, smem_layout,
+from .plan import (DeviceInfo, Plan, choose_tile, kernel_specs, kernel_support, layer_specs, plan_tokens,
                    trace_layout, variant_plans)
-from .spec import (BLOCK_N, GEMM_ENGINES, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, arch_for_capability,
-                   select_spec, wgmma_spec)
+from .spec import BLOCK_N, GEMM_ENGINES, KernelSpec, arch_for_capability, wgmma_spec
 from .weights import KernelWeights
 
 
@@ -180,18 +179,13 @@ class KernelBackend:
         self._last = None           # the variant of the last launch (its trace)
 
     def _set_specs(self, spec, transport: str = "peer", gemm: str | None = None, routing: str = "router") -> None:
-        """The kernel variants: the given spec(s), or the device's tiles (with the ``gemm``
-        engine, default the device's best): prefill and decode, and the wide prefill tile where
-        there is one (_wide_spec); all route with ``routing``."""
+        """The kernel variants: the given spec(s), or the layer's on this device with the ``gemm``
+        engine, default the device's best (``plan.kernel_specs``); all route with ``routing``."""
         if spec is None:
-            info = self.device_info
             try:
-                specs = layer_specs(self.config, self.world, info, gemm)
+                specs = kernel_specs(self.config, self.world, self.device_info, gemm, transport)
             except ValueError as e:
                 raise KernelUnavailable(str(e)) from e
-            if transport == "nvshmem":   # it stages GEMM1 puts in one tile per block: one team
-                specs = [replace(s, schedule="cooperative") for s in specs]
-            specs += self._wide_spec(specs[0], transport)
         else:
             specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         specs = [replace(s, trace=self.trace_capacity > 0, routing=routing,
@@ -204,20 +198,6 @@ class KernelBackend:
         if len(self.variants) != len(specs):
             raise ValueError("the backend's specs must differ in their tile (one kernel per block_m x block_n)")
         self.spec = next(iter(self.variants.values())).spec
-
-    def _wide_spec(self, prefill: KernelSpec, transport: str) -> list[KernelSpec]:
-        """[the 128 x 256 prefill spec], or [] where there is none: wgmma only, pointer transport
-        only (the NVSHMEM build of it spills), 2-byte dtypes (fp32's epilogue tile does not fit)
-        and a task map small enough for the ~7 KB it leaves (E / W up to 367 at W = 1, 152 at 8)."""
-        if prefill.gemm != "wgmma" or transport != "peer":
-            return []
-        info = self.device_info
-        try:
-            wide = select_spec(self.config.dtype, self.config.gated, info.arch, info.max_smem_per_block,
-                               PREFILL_BLOCK_M, gemm="wgmma", block_n=WIDE_BLOCK_N)
-        except ValueError:
-            return []
-        return [wide] if smem_layout(self.config, wide, self.world)[2] <= info.max_smem_per_block else []
 
     # -- set-up (cold path) --
 

@@ -63,10 +63,11 @@ a rank receives at most W * T rows whatever the routing, and holds at most R exp
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 
 from ..config import MoEConfig
-from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, select_specs
+from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, KernelSpec, select_spec, select_specs
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
@@ -399,6 +400,27 @@ def layer_specs(config: MoEConfig, world: int, device: DeviceInfo, gemm: str | N
     specs = select_specs(config.dtype, config.gated, device.arch, device.max_smem_per_block, gemm,
                          needs=lambda spec: smem_layout(config, of_layer(spec), world)[2])
     return [of_layer(s) for s in specs]
+
+
+def kernel_specs(config: MoEConfig, world: int, device: DeviceInfo, gemm: str | None = None,
+                 transport: str = "peer") -> list[KernelSpec]:
+    """What a backend builds for a layer unless given its specs: the prefill and the decode spec
+    (``layer_specs``; under NVSHMEM cooperative, since that transport stages GEMM1 puts in one tile
+    per block) and the wide 128 x 256 prefill tile where it runs: wgmma only, pointer transport
+    only (the NVSHMEM build of it spills), 2-byte dtypes (fp32's epilogue tile does not fit) and a
+    task map small enough for the ~7 KB it leaves (E / W up to 367 at W = 1, 152 at 8). Every one
+    scales the expert's input as the layer does. ValueError when no pipeline fits."""
+    specs = layer_specs(config, world, device, gemm)
+    if transport == "nvshmem":
+        specs = [replace(s, schedule="cooperative") for s in specs]
+    if specs[0].gemm == "wgmma" and transport == "peer":
+        with contextlib.suppress(ValueError):
+            wide = replace(select_spec(config.dtype, config.gated, device.arch, device.max_smem_per_block,
+                                       PREFILL_BLOCK_M, gemm="wgmma", block_n=WIDE_BLOCK_N),
+                           scale_input=config.scale_expert_input)
+            if smem_layout(config, wide, world)[2] <= device.max_smem_per_block:
+                specs.append(wide)
+    return specs
 
 
 def variant_plans(config: MoEConfig, specs: list[KernelSpec], world: int, max_tokens: int, info: DeviceInfo,

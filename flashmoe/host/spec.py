@@ -3,9 +3,10 @@
 A spec is the compile-cache key (together with the device sources' hash, the NVRTC version and
 the options; see ``compile.py``). Only what changes the generated code belongs here: the dtype,
 gated or plain experts (one or two B operands per GEMM0 tile), the tile shape and pipeline depth,
-the block size, the GEMM engine and its consumers' schedule, the transport, tracing, whether
-the kernel routes or reads the caller's routing (``flashmoe.experts_forward``: that kernel has no
-router at all), and whether the routing weight scales the expert's input (Llama4) or its output.
+the block size, the GEMM engine and its consumers' schedule, the transport, tracing, whether the
+kernel routes or reads the caller's routing (``flashmoe.experts_forward``: that kernel has no
+router at all), whether the routing weight scales the expert's input (Llama4) or its output, and
+the order a routed expert's tiles are claimed in.
 Shapes (H, I, E, k, tokens), the activation, routing options and capacity are run-time values in
 ``Params``, so a new batch size or model width never recompiles.
 
@@ -51,6 +52,11 @@ DECODE_BLOCK_M = 64
 # plan.choose_tile says when it runs.
 BLOCK_N = 128
 WIDE_BLOCK_N = 256
+# Row tiles per band of a routed expert's tile order (device/roles/scheduler.cuh band_tile says
+# why twelve): the tiles of a band are claimed column by column, so the blocks running at once
+# read each weight panel together. 1 is the plain order, row tile by row tile (bench/providers.py
+# runs it beside the shipped order, so a trace shows what the bands gain).
+BAND_TILES = 12
 _ARCH_RE = re.compile(r"sm_(\d+)a?")
 
 
@@ -69,6 +75,7 @@ class KernelSpec:
     trace: bool = False           # record per-task timestamps into the trace buffer
     routing: str = "router"       # router: the kernel routes; given: LocalRank::topk_ids / topk_weights
     scale_input: bool = False     # MoEConfig.scale_expert_input: the weight scales GEMM0's rows, not the combine
+    band_tiles: int = BAND_TILES  # row tiles per band of a routed expert's tile order (1: row tile by row tile)
 
     def __post_init__(self):
         if not _ARCH_RE.fullmatch(self.arch) or int(_ARCH_RE.fullmatch(self.arch).group(1)) < 80:
@@ -89,6 +96,8 @@ class KernelSpec:
             raise ValueError(f"block_m={self.block_m}: must be a multiple of 16 in [16, 256]")
         if self.block_n % 32 or not 32 <= self.block_n <= 256:
             raise ValueError(f"block_n={self.block_n}: must be a multiple of 32 in [32, 256]")
+        if not 1 <= self.band_tiles <= 64:
+            raise ValueError(f"band_tiles={self.band_tiles}: must be in [1, 64]")
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages={self.stages}: must be in [2, 8]")
         if self.threads % 128 or not 128 <= self.threads <= 512:
@@ -167,6 +176,7 @@ class KernelSpec:
             "FLASHMOE_TRACE": int(self.trace),
             "FLASHMOE_ROUTING_GIVEN": int(self.routing == "given"),
             "FLASHMOE_SCALE_INPUT": int(self.scale_input),
+            "FLASHMOE_BAND_TILES": self.band_tiles,
         }
 
     def key(self) -> str:

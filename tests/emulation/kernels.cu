@@ -310,3 +310,16 @@ FLASHMOE_EMU_EXPORT int emu_test_routed_tiles(int experts, const i32* rows, int 
     }
   }, err, n);
 }
+
+// band_tile on its own, with any band size: for each task of a `rows` x `cols` grid, its row and
+// column tile, two ints.
+FLASHMOE_EMU_EXPORT int emu_test_band_tile(int rows, int cols, int band, i32* out, char* err, u64 n) {
+  return run(1, 32, 0, 0, [=] {
+    if (threadIdx.x != 0) return;
+    for (int j = 0; j < rows * cols; ++j) {
+      const GridTile g = band_tile(j, rows, cols, band);
+      out[j * 2] = g.row;
+      out[j * 2 + 1] = g.col;
+    }
+  }, err, n);
+}

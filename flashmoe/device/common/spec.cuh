@@ -10,7 +10,8 @@
 #endif
 
 #if !defined(FLASHMOE_DTYPE) || !defined(FLASHMOE_GATED) || !defined(FLASHMOE_BLOCK_M) || \
-    !defined(FLASHMOE_BLOCK_N) || !defined(FLASHMOE_STAGES) || !defined(FLASHMOE_THREADS)
+    !defined(FLASHMOE_BLOCK_N) || !defined(FLASHMOE_STAGES) || !defined(FLASHMOE_THREADS) || \
+    !defined(FLASHMOE_BAND_TILES)
 #error "compile through flashmoe.host.compile: the FLASHMOE_* spec macros are missing"
 #endif
 #ifndef FLASHMOE_GEMM_WGMMA
@@ -49,8 +50,11 @@ constexpr bool kRoutingGiven = FLASHMOE_ROUTING_GIVEN != 0;   // no router: the 
 // The routing weight scales the expert's input (Llama4): applied to each routed row's GEMM0
 // result instead (the projection is linear), and the combine weighs by 1 (roles/expert_gemm.cuh).
 constexpr bool kScaleInput = FLASHMOE_SCALE_INPUT != 0;
+// Row tiles per band of a routed expert's tile order (roles/scheduler.cuh band_tile).
+constexpr int kBandTiles = FLASHMOE_BAND_TILES;
 constexpr int kStageKBytes = 128;               // K bytes per stage and row: one swizzle atom
 static_assert(kThreads % 128 == 0, "blocks are whole warpgroups");
+static_assert(kBandTiles >= 1, "a band holds at least one row tile");
 
 #if FLASHMOE_DTYPE == 0
 typedef __nv_bfloat16 elem_t;

@@ -70,8 +70,9 @@ struct TaskMap {
 // on an H200) share one row tile of A and each reads its own column panel of B, gone from L2
 // before the next row tile wants it: Mixtral's GEMM0 (112 column tiles of 2 MB) reads its 235 MB of
 // weights an expert once per row tile, 16 GB at 4096 tokens in an LRU model of a 50 MB L2, which
-// the 4.2 ms it took on an H200 could only just stream. So row tiles go in bands of kBandTiles, a
-// band column by column: the band's tiles read each B panel at about the same time (one read from
+// the 4.2 ms it took on an H200 could only just stream. So row tiles go in bands of kBandTiles
+// (KernelSpec.band_tiles: 12 shipped, 1 the row-by-row order, built beside it to measure), a band
+// column by column: the band's tiles read each B panel at about the same time (one read from
 // HBM serves them all) and its A (kBandTiles x BM x K, 12 MB at K = 4096) stays in L2 over the
 // columns; the model reads 2 GB. Twelve balances the two for ~132 blocks running (sqrt(132 x BN /
 // BM) is 11 to 16). With at most kBandTiles row tiles (decode, small experts) the order is column-
@@ -81,17 +82,16 @@ struct TaskMap {
 // keeps row tile by row tile: its GEMM1 tasks follow its GEMM0 ones at once, and with its few
 // column tiles (16 to 44 in DeepSeek and Qwen2 layers) the row tiles running at once already share
 // each panel.
-constexpr int kBandTiles = 12;
 
 struct GridTile {
   int row, col;
 };
 
-// Task j of a grid of `rows` x `cols` tiles, in the band order above. Every band but the last is
-// full, so the band is j / (kBandTiles * cols).
-__device__ __forceinline__ GridTile band_tile(int j, int rows, int cols) {
-  const int row0 = j / (kBandTiles * cols) * kBandTiles;
-  const int band_rows = min(kBandTiles, rows - row0);
+// Task j of a grid of `rows` x `cols` tiles, in bands of `band` row tiles (kBandTiles, above). Every
+// band but the last is full, so the band is j / (band * cols).
+__device__ __forceinline__ GridTile band_tile(int j, int rows, int cols, int band) {
+  const int row0 = j / (band * cols) * band;
+  const int band_rows = min(band, rows - row0);
   const int i = j - row0 * cols;
   return GridTile{row0 + i % band_rows, i / band_rows};
 }
@@ -107,7 +107,7 @@ __device__ __forceinline__ RoutedTile routed_tile(const Params& p, const TaskMap
   RoutedTile t;
   t.e = tm.expert_of_tile(p, task / col_tiles);
   const int first = tm.tile_off[t.e];
-  const GridTile g = band_tile(task - first * col_tiles, tm.tile_off[t.e + 1] - first, col_tiles);
+  const GridTile g = band_tile(task - first * col_tiles, tm.tile_off[t.e + 1] - first, col_tiles, kBandTiles);
   t.tile = first + g.row;
   t.n = g.col;
   t.q0 = g.row * kBlockM;
