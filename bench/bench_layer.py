@@ -38,7 +38,7 @@ COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "gated", "tok
            "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
            "pct_matmul", "weight_gb", "weight_gbps", "pct_copy", "roofline_ms", "bound", "pct_roofline",
            "max_abs_err", "tol", "correct", "route_agree"] + [f"speedup_vs_{b}" for b in BASELINES] + \
-    ["sm_busy", "comm_overlap", "phases", "routing", "note"]
+    ["sm_busy", "comm_overlap", "phases", "route_split", "note"]
 TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("provider", "provider", ""), ("tile", "tile", ""),
          ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"), ("pct_matmul", "%mm", ".3g"),
          ("weight_gbps", "wGB/s", ".4g"), ("pct_copy", "%copy", ".3g"), ("roofline_ms", "roof ms", ".3g"),
@@ -91,22 +91,6 @@ def build_providers(names, source: FlashMoELayer, family: str, dry_run: bool):
         except providers.Unavailable as exc:
             made[name] = str(exc)
     return made
-
-
-def attach_trace(layer: FlashMoELayer, stem: str) -> dict:
-    """The last forward's kernel timeline: Perfetto JSON and PNG beside the results, and the
-    utilisation figures (flashmoe.trace) for the row."""
-    from flashmoe import trace
-    from flashmoe.trace_routing import format_routing, routing_split
-    t = layer._kernel.last_trace()
-    trace.to_chrome_json(t, f"{stem}.trace.json")
-    try:
-        trace.plot_timeline(t, f"{stem}.trace.png")
-    except ImportError:
-        pass
-    u = trace.utilisation(t)
-    return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"],
-            "phases": trace.format_phase_table(trace.phase_table(t)), "routing": format_routing(routing_split(t))}
 
 
 def main(argv=None) -> int:
@@ -169,13 +153,12 @@ def _run_configs(args, device, meta, ceilings, stem, rows, show) -> None:
                     group[-1]["tile"] = providers.kernel_tile(p.forward)
                 if traced and pname.startswith("flashmoe") and group[-1].get("status") == "ok":
                     variant = "" if pname == "flashmoe" else f"_{pname}"
-                    group[-1].update(attach_trace(p.forward, f"{stem}_{name}_{tokens}{variant}"))
+                    group[-1].update(report.attach_trace(p.forward, f"{stem}_{name}_{tokens}{variant}"))
             speedups(group, list(BASELINES))
             for r in group:
                 r.update(shape)
                 show(r)
-                if r.get("phases"):
-                    print(f"    phases: {r['phases']}\n    {r['routing']}")
+                report.print_trace(r)
             rows += group
             report.write_results(stem, COLUMNS, rows, meta, ceilings)
             del inputs

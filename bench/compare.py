@@ -11,10 +11,11 @@ routing and provider; a later file's row replaces an earlier one's. Each is prin
 median time over the old. The baselines (the torch loop, transformers' ``grouped_mm``,
 bulk-synchronous expert parallelism) did not change between the runs: their ratio is how far the
 machine, its clocks and the timing moved, the noise a flashmoe ratio has to clear. Traces pair
-by layer, tokens and kernel variant (the names ``bench_layer.py --trace`` gives them), or, one a
-side, whatever their names (a variant against the shipped kernel of the same run): each kind's
-mean record, the phase shares and the routing split, old beside new. Exits 1 when a row that
-passed before fails or is wrong now, 2 when nothing is in both runs.
+by layer, tokens, kernel variant and ranks (the names ``bench_layer.py --trace`` and ``sweep_ep.py
+--trace`` give them), or, one a side, whatever their names (a variant against the shipped kernel of
+the same run, W = 8 against W = 1): each kind's mean record, the phase shares, the routing split
+and the rank split, old beside new. Exits 1 when a row that passed before fails or is wrong now,
+2 when nothing is in both runs.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ if __package__ in (None, ""):          # run as a script: the repository root ho
 
 from bench.report import print_table  # noqa: E402
 from flashmoe import trace as tr  # noqa: E402
+from flashmoe.trace_ranks import format_ranks, rank_split  # noqa: E402
 from flashmoe.trace_routing import format_routing, routing_split  # noqa: E402
 
 KEY = ("stage", "config", "tokens", "world", "routing", "provider")
-# <stem>_<layer>_<tokens>[_<variant>].trace.json[.gz]: a kernel variant's (bench/providers.py) named.
-TRACE_NAME = re.compile(r"_([^_]+)_(\d+)(_flashmoe_\w+)?\.trace\.json(\.gz)?$")
+# <stem>_<layer>_<tokens>[_<variant>][_w<W>].trace.json[.gz]: a kernel variant's (bench/providers.py)
+# named, as is the number of ranks of a sweep_ep.py trace.
+TRACE_NAME = re.compile(r"_([^_]+)_(\d+)(_flashmoe_[a-z0-9]+)?(_w\d+)?\.trace\.json(\.gz)?$")
 
 
 def read_rows(paths) -> dict[tuple, dict]:
@@ -109,10 +112,10 @@ def summary(lines: list[dict]) -> list[str]:
 
 
 def trace_pairs(old_paths, new_paths) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """(layer, tokens and variant; old trace, new trace) for each traced in both, and the ones
+    """(layer, tokens, variant and ranks; old trace, new trace) for each traced in both, and the ones
     traced in one run only. One trace a side pairs whatever its names."""
     def by_name(paths):
-        return {f"{m[1]} {m[2]} tokens" + (f" {m[3][1:]}" if m[3] else ""): Path(p)
+        return {f"{m[1]} {m[2]} tokens" + (f" {m[3][1:]}" if m[3] else "") + (f" W={m[4][2:]}" if m[4] else ""): Path(p)
                 for p in paths if (m := TRACE_NAME.search(str(p)))}
     old, new = by_name(old_paths), by_name(new_paths)
     if len(old) == len(new) == 1 and old.keys() != new.keys():
@@ -124,7 +127,8 @@ def trace_pairs(old_paths, new_paths) -> tuple[list[tuple[str, Path, Path]], lis
 
 
 def compare_traces(old: tr.Trace, new: tr.Trace) -> list[str]:
-    """The span, each kind's count and mean record, the phase shares and the routing split."""
+    """The span, each kind's count and mean record, the phase shares, the routing split and, of a
+    launch of several ranks, the rank split."""
     uo, un = tr.utilisation(old), tr.utilisation(new)
     lines = [f"span {uo['span_ns'] / 1e3:.1f} -> {un['span_ns'] / 1e3:.1f} us"
              + (f" ({un['span_ns'] / uo['span_ns']:.3f}x)" if uo["span_ns"] else ""),
@@ -139,6 +143,9 @@ def compare_traces(old: tr.Trace, new: tr.Trace) -> list[str]:
         lines.append(f"  {label}: {tr.format_phase_table(tr.phase_table(t))}")
     for label, t in (("old", old), ("new", new)):
         lines.append(f"  {label}: {format_routing(routing_split(t))}")
+    for label, t in (("old", old), ("new", new)):
+        if (ranks := rank_split(t)) is not None:
+            lines.append(f"  {label}: {format_ranks(ranks)}")
     return lines
 
 

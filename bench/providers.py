@@ -76,16 +76,16 @@ def flashmoe(source: FlashMoELayer, *, virtual_world: int = 1, max_tokens: int |
                 runtime._import_nvshmem()
             except runtime.NvshmemUnavailable as exc:
                 raise Unavailable(one_line(exc)) from exc
-    # A variant records the kernel's trace when its source does (bench_layer.py --trace).
-    traced = {k: v for k, v in source.kernel_options.items() if k == "trace_capacity"}
-    options = ({"spec": variant_specs(variant, config, device, virtual_world), **traced}
-               if variant != "flashmoe" and not dry_run else None)
-    if virtual_world == 1 and max_tokens in (None, source.max_tokens) and options is None:
+    specs = {"spec": variant_specs(variant, config, device, virtual_world)} if variant != "flashmoe" and not dry_run \
+        else {}
+    if virtual_world == 1 and max_tokens in (None, source.max_tokens) and not specs:
         layer = source
     else:
-        # Built on the meta device, then given the source's tensors.
-        layer = FlashMoELayer(config, backend=source.backend, virtual_world=virtual_world,
-                              device="meta", max_tokens=max_tokens or source.max_tokens, kernel_options=options)
+        # Built on the meta device, then given the source's tensors. It records the kernel's trace
+        # when its source does (bench_layer.py and sweep_ep.py --trace).
+        traced = {k: v for k, v in source.kernel_options.items() if k == "trace_capacity"}
+        layer = FlashMoELayer(config, backend=source.backend, virtual_world=virtual_world, device="meta",
+                              max_tokens=max_tokens or source.max_tokens, kernel_options={**specs, **traced} or None)
         share_weights(layer, source)
 
     def checked(x2d):

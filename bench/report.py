@@ -172,3 +172,31 @@ class RowPrinter:
             print(_line([h for _, h, _ in self.columns], self.widths))
             self.started = True
         print(_line([fmt(row.get(k), s) for k, _, s in self.columns], self.widths), flush=True)
+
+
+def attach_trace(layer, stem: str) -> dict:
+    """The last forward's kernel timeline (``layer`` a FlashMoELayer on the kernel backend, its
+    trace recorded): Perfetto JSON and PNG at ``stem``.trace.{json,png}, and the row's figures
+    from flashmoe.trace: SM busy, comm/compute overlap, the phase table, the routing split and,
+    for a launch of several ranks, the rank split."""
+    from flashmoe import trace
+    from flashmoe.trace_ranks import format_ranks, rank_split
+    from flashmoe.trace_routing import format_routing, routing_split
+    t = layer._kernel.last_trace()
+    trace.to_chrome_json(t, f"{stem}.trace.json")
+    try:
+        trace.plot_timeline(t, f"{stem}.trace.png")
+    except ImportError:
+        pass
+    u = trace.utilisation(t)
+    ranks = rank_split(t)
+    return {"sm_busy": u["mean_busy"], "comm_overlap": u["comm_compute_overlap"],
+            "phases": trace.format_phase_table(trace.phase_table(t)), "route_split": format_routing(routing_split(t)),
+            **({"rank_split": format_ranks(ranks)} if ranks else {})}
+
+
+def print_trace(row: dict) -> None:
+    """A traced row's figures (attach_trace), under its line of the table."""
+    for key, label in (("phases", "phases: "), ("route_split", ""), ("rank_split", "")):
+        if row.get(key):
+            print(f"    {label}{row[key]}")

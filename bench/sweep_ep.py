@@ -15,6 +15,9 @@ tolerance exactly when every row is correct. Reported: time, time(W) / time(W=1)
 the first ranks: the busiest rank's share of the expert rows over the mean (``rank_load``) is
 printed beside the time, which shows what skew still costs when the hosted ranks share their
 tasks (every block claims every rank's, its own first).
+``--trace N`` records each flashmoe row's kernel timeline: where W ranks spend the time one rank
+does not (``flashmoe.trace_ranks``: when each rank routed, dispatched, ran its first and last tile
+and combined, and how many tiles other ranks' blocks took).
 Writes ``bench/results/ep_<device>_<date>.{csv,json,png}``.
 """
 
@@ -41,7 +44,8 @@ RATIO_TARGET = 1.15       # flashmoe's goal for time(W=8) / time(W=1); reported,
 COLUMNS = ["config", "hidden", "intermediate", "experts", "top_k", "tokens", "routing", "world",
            "rank_load", "provider", "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "clock", "tflops",
            "pct_matmul", "weight_gbps", "pct_copy", "max_abs_err", "tol", "correct", "route_agree",
-           "ratio_vs_w1", "speedup_vs_bulk_sync", "note"]
+           "ratio_vs_w1", "speedup_vs_bulk_sync", "sm_busy", "comm_overlap", "phases", "route_split",
+           "rank_split", "note"]
 TABLE = [("config", "config", ""), ("tokens", "tokens", ""), ("world", "W", ""),
          ("rank_load", "load", ".3g"), ("provider", "provider", ""), ("median_ms", "ms", ".4g"), ("tflops", "TFLOP/s", ".4g"),
          ("pct_matmul", "%mm", ".3g"), ("ratio_vs_w1", "W/W1", ".3f"),
@@ -68,6 +72,10 @@ def parse_args(argv=None):
                    help="one rank per GPU under torchrun (see sweep_multiprocess)")
     p.add_argument("--out-dir", default=None, help="default bench/results (a temp dir with --dry-run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="record the kernel's timeline (N records per block) and write, per flashmoe row, a "
+                        "Perfetto JSON and a PNG timeline (..._<layer>_<tokens>_w<W>.trace.json) and its "
+                        "phase, routing and rank splits")
     args = p.parse_args(argv)
     args.tokens = args.tokens or ([32] if args.dry_run else [4096, 16384])
     args.repeats = args.repeats or (2 if args.dry_run else 30)
@@ -97,8 +105,10 @@ def sweep_virtual(args, device: torch.device) -> int:
         config, _ = layers.layer(name, args.dry_run)
         shape = dict(config=name, hidden=config.hidden_size, intermediate=config.intermediate_size,
                      experts=config.num_experts, top_k=config.top_k)
+        traced = args.trace and not args.dry_run
         source = FlashMoELayer(config, backend="reference" if args.dry_run else "kernel",
-                               device=device, max_tokens=max(args.tokens))
+                               device=device, max_tokens=max(args.tokens),
+                               kernel_options={"trace_capacity": args.trace} if traced else None)
         shift = routing_shift(args.routing, config, torch.Generator().manual_seed(args.seed))
         if shift is not None:
             with torch.no_grad():
@@ -122,10 +132,13 @@ def sweep_virtual(args, device: torch.device) -> int:
                     else:
                         row = measure(p, inputs, weights, config, ref_routing, ceilings,
                                       warmup=args.warmup, repeats=args.repeats, graph=args.cuda_graph)
+                        if traced and pname == "flashmoe" and row.get("status") == "ok":
+                            row.update(report.attach_trace(p.forward, f"{stem}_{name}_{tokens}_w{world}"))
                     row.update(shape, routing=args.routing, world=world, rank_load=load,
                                series=f"{pname} T={tokens}")
                     mine.append(row)
                     show(row)
+                    report.print_trace(row)
                 report.write_results(stem, COLUMNS, rows + mine, meta, ceilings)
                 del inputs
             del made

@@ -459,7 +459,8 @@ def plot_timeline(trace: Trace, path) -> None:
 
 
 def main(argv=None) -> int:
-    from .trace_routing import format_routing, routing_split     # it builds on this module
+    from .trace_ranks import format_ranks, rank_split           # they build on this module
+    from .trace_routing import format_routing, routing_split
 
     p = argparse.ArgumentParser(prog="python -m flashmoe.trace", description=__doc__.split("\n")[0])
     p.add_argument("buffer", help="raw trace buffer (the bytes of the launch's trace allocation), or the "
@@ -486,6 +487,8 @@ def main(argv=None) -> int:
     print(format_utilisation(utilisation(trace)))
     print(format_phase_table(phase_table(trace)))
     print(format_routing(routing_split(trace)))
+    if (ranks := rank_split(trace)) is not None:
+        print(format_ranks(ranks))
     return 0
 
 

@@ -94,18 +94,23 @@ def test_two_committed_h200_kits_compare_row_by_row(capsys):
     assert "bench: new/old time, geometric mean: flashmoe" in out and "over 4 rows" in out
 
 
-def write_trace(path: Path, gemm0_ns: int) -> Path:
-    """Two blocks: a route record each, then four GEMM0 tiles of ``gemm0_ns`` and a combine."""
+def write_trace(path: Path, gemm0_ns: int, ranks: int = 1) -> Path:
+    """Two blocks: a route record each, then four GEMM0 tiles of ``gemm0_ns`` and a combine; with
+    ``ranks`` = 2 each block is a rank's (its PREFIX record says so)."""
     recs = []
     for block in range(2):
-        recs.append((0, 1000, 0, block, K.ROUTE, 0, block, 0, 64))
+        rank = block % ranks
+        recs.append((0, 1000, 0, block, K.ROUTE, rank, block, 0, 64))
+        if ranks > 1:
+            recs.append((1000, 1000, 0, block, K.PREFIX, rank, block, 0, 0))
         t = 1000
         for i in range(4):
-            recs.append((t, t + gemm0_ns, i, block, K.GEMM0, 0, block, 0, 0))
+            recs.append((t, t + gemm0_ns, i, block, K.GEMM0, rank, block, 0, 0))
             t += gemm0_ns
-        recs.append((t, t + 500, 0, block, K.COMBINE, 0, block, 0, 0))
+        recs.append((t, t + 500, 0, block, K.COMBINE, rank, block, 0, 0))
     records = np.array(recs, dtype=tr.RECORD_DTYPE)
-    tr.to_chrome_json(tr.Trace(records=records, counts=np.array([6, 6], np.uint32), capacity=8), path)
+    counts = np.bincount(records["block"], minlength=2).astype(np.uint32)
+    tr.to_chrome_json(tr.Trace(records=records, counts=counts, capacity=8), path)
     return path
 
 
@@ -142,6 +147,24 @@ def test_a_variants_trace_pairs_with_its_own_or_one_a_side_with_the_shipped_kern
     assert "mixtral-8x7b 4096 tokens -> mixtral-8x7b 4096 tokens flashmoe_rowtiles: span 41.5 -> 49.5 us" in out
     gemm0 = next(ln for ln in out.splitlines() if ln.split()[:1] == ["GEMM0"])
     assert gemm0.split() == ["GEMM0", "8", "->", "8", "10.00", "->", "12.00", "1.200x"]
+
+
+def test_traces_of_w_ranks_pair_by_w_and_show_each_ranks_course(tmp_path, capsys):
+    """sweep_ep.py names a trace after its ranks: across runs W = 2 pairs with W = 2, and W = 2
+    against W = 1 of one run, one a side, prints the rank split of the side that has ranks."""
+    run = tmp_path / "ep_h200_1_qwen3-30b-a3b_4096"
+    one = write_trace(Path(f"{run}_w1.trace.json"), 10_000)
+    two = write_trace(Path(f"{run}_w2.trace.json"), 11_000, ranks=2)
+    later = write_trace(tmp_path / "ep_h200_2_qwen3-30b-a3b_4096_w2.trace.json.gz", 9_000, ranks=2)
+    pairs, alone = compare.trace_pairs([one, two], [later])
+    assert [name for name, *_ in pairs] == ["qwen3-30b-a3b 4096 tokens W=2"]
+    assert pairs[0][1:] == (two, later) and alone == ["old only: qwen3-30b-a3b 4096 tokens W=1"]
+    assert compare.main(["--old", str(one), "--new", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3-30b-a3b 4096 tokens W=1 -> qwen3-30b-a3b 4096 tokens W=2: span 41.5 -> 45.5 us" in out
+    assert "old: 2 ranks" not in out
+    assert ("new: 2 ranks of 1 block, us over ranks: routed 1.0-1.0, first tile 1.0-1.0, last tile 45.0-45.0, "
+            "combined 45.5-45.5; last tile: rank 0; 0.0% of 8 tiles run by another rank's blocks") in out
 
 
 def test_exit_codes_say_a_regression_and_an_empty_comparison(tmp_path, capsys):

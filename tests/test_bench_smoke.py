@@ -182,3 +182,38 @@ def test_nvshmem_heap_is_sized_for_the_largest_layer_unless_the_user_set_it(monk
     monkeypatch.setenv(runtime.HEAP_SIZE_ENV, "3G")
     assert providers.reserve_nvshmem_heap(configs, 32768, "cpu") is None
     assert runtime.os.environ[runtime.HEAP_SIZE_ENV] == "3G"
+
+
+def test_a_traced_run_of_w_ranks_records_each_ranks_course(tmp_path, monkeypatch):
+    """sweep_ep.py --trace: a provider of W virtual ranks keeps its source's trace, and each traced
+    row gets its timeline files and the rank split; at W = 1 the source runs, without a rank split.
+    On the CPU emulator (the provider's kernel check stubbed, since the emulator is not the kernel
+    backend a GPU run must time)."""
+    import torch
+
+    from bench import compare, providers, report
+    from flashmoe import FlashMoELayer
+    from flashmoe.config import MoEConfig
+    from flashmoe.host import emulator
+    if emulator.emulator_available() is not None:
+        pytest.skip(f"emulator unavailable: {emulator.emulator_available()}")
+    monkeypatch.setattr(providers.backend_select, "kernel_unavailable_reason", lambda *a: None)
+    config = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    source = FlashMoELayer(config, backend="emulated", max_tokens=40, kernel_options={"trace_capacity": 64})
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    rows = {}
+    for world in (1, 2):
+        layer = providers.flashmoe(source, virtual_world=world, max_tokens=40 // world).forward
+        assert (layer is source) == (world == 1) and layer.kernel_options["trace_capacity"] == 64
+        with torch.no_grad():
+            layer(x)
+        rows[world] = report.attach_trace(layer, str(tmp_path / f"ep_cpu_1_tiny_40_w{world}"))
+        assert (tmp_path / f"ep_cpu_1_tiny_40_w{world}.trace.json").is_file()
+    # A traced row's figures leave its key alone (compare.py matches it with the run before, traced or not).
+    assert not set(rows[1]) & set(compare.KEY) and not set(rows[2]) & set(compare.KEY)
+    assert "rank_split" not in rows[1] and "x 2 blocks" in rows[1]["phases"]
+    assert rows[2]["rank_split"].startswith("2 ranks of ") and "x 4 blocks" in rows[2]["phases"]
+    pairs, _ = compare.trace_pairs([tmp_path / "ep_cpu_1_tiny_40_w1.trace.json"],
+                                   [tmp_path / "ep_cpu_1_tiny_40_w2.trace.json"])
+    assert [name for name, *_ in pairs] == ["tiny 40 tokens W=1 -> tiny 40 tokens W=2"]

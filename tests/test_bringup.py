@@ -112,12 +112,12 @@ def test_stages_the_budget_cannot_hold_are_skipped_with_the_reason(tmp_path):
 
 @needs_emulator
 def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu(tmp_path):
-    proc = subprocess.run(kit(tmp_path, "--stages", "selftest,soak,trace,gpu_tests,sanitize_large", "--budget-s", "300"),
-                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(kit(tmp_path, "--stages", "selftest,soak,trace,trace_ep,gpu_tests,sanitize_large",
+                              "--budget-s", "300"), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = records(tmp_path)
     stages = {r["stage"]: r for r in lines if r["type"] == "stage"}
-    assert list(stages) == ["selftest", "soak", "trace", "gpu_tests", "sanitize_large"]
+    assert list(stages) == ["selftest", "soak", "trace", "trace_ep", "gpu_tests", "sanitize_large"]
     cases = {r["stage"]: r for r in lines if r["type"] == "case"}
     # The selftest's own grid and extras, its JSON beside the JSONL (the soak writes one too).
     assert cases["selftest"]["passed"] and "cases passed; extras passed" in cases["selftest"]["detail"], cases["selftest"]
@@ -131,7 +131,10 @@ def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu
     # bench/compare.py reads the rows the kit carried, each under its own key.
     from bench import compare
     kit_rows = compare.read_rows([tmp_path / "bringup.jsonl"])
-    assert {k[0] for k in kit_rows} == {"trace"} and len(kit_rows) == len(cases["trace"]["rows"])
+    assert cases["trace_ep"]["passed"] and {(r["config"], r["world"]) for r in cases["trace_ep"]["rows"]} == {
+        (c, w) for c in ("mixtral-8x7b", "deepseek-v2-lite") for w in (1, 8)}
+    assert {k[0] for k in kit_rows} == {"trace", "trace_ep"}
+    assert len(kit_rows) == len(cases["trace"]["rows"]) + len(cases["trace_ep"]["rows"])
     for name in ("gpu_tests", "sanitize_large"):
         assert stages[name]["status"] == "skipped" and "GPU" in stages[name]["reason"], stages[name]
 
@@ -410,13 +413,25 @@ def test_the_kit_builds_up_front_every_kernel_the_later_stages_select():
                  replace(wide, trace=True), select_spec("bfloat16", True, "sm_90a", smem, 128, gemm="mma_sync")):
         assert spec.key() in keys, spec
     assert not any(s.arch != "sm_90a" for s in kernels)
-    # The trace stage's layers, traced, in bands and row by row (bench/providers.py flashmoe_rowtiles).
+    # The trace stage's layers, traced, in bands and row by row (bench/providers.py flashmoe_rowtiles);
+    # the trace_ep stage's, traced, at each of its W.
     from bench import layers
+    from flashmoe.bringup.commands import BENCHMARKS
     info = DeviceInfo(max_smem_per_block=smem, arch="sm_90a")
-    for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+    for name in option(BENCHMARKS["trace"], "--configs"):
         for spec in kernel_specs(layers.layer(name)[0], 1, info):
             for band in (spec.band_tiles, 1):
                 assert replace(spec, trace=True, band_tiles=band).key() in keys, (name, band, spec)
+    for name in option(BENCHMARKS["trace_ep"], "--configs"):
+        for world in map(int, option(BENCHMARKS["trace_ep"], "--worlds")):
+            for spec in kernel_specs(layers.layer(name)[0], world, info):
+                assert replace(spec, trace=True).key() in keys, (name, world, spec)
+
+
+def option(args: list[str], flag: str) -> list[str]:
+    """The values of ``flag`` in a command line (those up to the next flag)."""
+    rest = args[args.index(flag) + 1:]
+    return rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
 
 
 def test_the_kit_on_a_99_kib_gpu_builds_and_runs_what_fits_and_skips_fp32_saying_why(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from flashmoe.config import MoEConfig
 from flashmoe.host import emulator
 from flashmoe.host.backend import KernelBackend
 from flashmoe.host.spec import KernelSpec
+from flashmoe.trace_ranks import rank_split
 from flashmoe.trace_routing import routing_split
 
 pytestmark = pytest.mark.skipif(emulator.emulator_available() is not None,
@@ -271,6 +272,11 @@ def test_blocks_of_an_idle_rank_take_a_busy_ranks_tiles():
     own = backend.plan.blocks_per_rank
     helped = [i for i in gemm if records["rank"][i] != records["block"][i] // own]
     assert helped and all(records["rank"][i] == 0 for i in helped), "rank 1's blocks took none of rank 0's tiles"
+    # flashmoe.trace_ranks finds each block's rank from its PREFIX record: the same blocks, tiles.
+    split = rank_split(backend.last_trace())
+    assert [(r["rank"], r["blocks"], r["shared"]) for r in split] == [(0, own, len(helped)), (1, own, 0)]
+    assert sum(r["tiles"] for r in split) == len(gemm)
+    assert all(r["first_tile"] < r["last_tile"] <= max(s["combined"] for s in split) for r in split)
 
 
 def test_trace_records_every_phase():

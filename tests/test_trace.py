@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from flashmoe import trace as tr, trace_routing as tr_routing
+from flashmoe import trace as tr, trace_ranks as tr_ranks, trace_routing as tr_routing
 from flashmoe.host.abi import TaskKind as K
 from flashmoe.host.plan import trace_layout
 
@@ -383,3 +383,44 @@ def test_routing_split_of_the_committed_h200_traces(name):
     split = tr_routing.routing_split(tr.load(path))
     got = (split["route_us"], split["logits_us"], split["shares"], split["share_rows"], split["selection_us"])
     assert got == pytest.approx(H200_ROUTING[name], abs=0.05)
+
+
+# ---------------------------------------------------------------- a launch of several ranks
+
+def test_rank_split_follows_each_rank_and_the_tiles_other_ranks_ran():
+    """W = 2 of 2 blocks each (blocks 0-1 rank 0, 2-3 rank 1, as their PREFIX records say). Rank 1
+    has no routed row of its own: its block 3 runs one of rank 0's tiles (a record naming rank 0),
+    block 2 idles; rank 1's last tile is its shared expert's (block 2)."""
+    def prefix(block, rank):
+        return rec(100, 110, K.PREFIX, sm=block, rank=rank, task=block % 2)
+    blocks = [[rec(0, 90, K.ROUTE, sm=0, extra=64), prefix(0, 0), rec(115, 130, K.DISPATCH, sm=0),
+               rec(140, 300, K.GEMM0, sm=0), rec(300, 500, K.GEMM1, sm=0), rec(520, 560, K.COMBINE, sm=0)],
+              [prefix(1, 0), rec(140, 320, K.GEMM0, sm=1), rec(320, 510, K.GEMM1, sm=1)],
+              [rec(0, 95, K.ROUTE, sm=2, rank=1, extra=30), prefix(2, 1), rec(150, 260, K.GEMM0, sm=2, rank=1),
+               rec(260, 400, K.GEMM1, sm=2, rank=1), rec(515, 550, K.COMBINE, sm=2, rank=1)],
+              [prefix(3, 1), rec(145, 330, K.GEMM0, sm=3, rank=0)]]
+    split = tr_ranks.rank_split(decode(blocks))
+    assert split == [
+        {"rank": 0, "blocks": 2, "routed": 0.09, "dispatched": 0.13, "first_tile": 0.14, "last_tile": 0.51,
+         "combined": 0.56, "tiles": 5, "shared": 1},
+        {"rank": 1, "blocks": 2, "routed": 0.095, "dispatched": None, "first_tile": 0.15, "last_tile": 0.4,
+         "combined": 0.55, "tiles": 2, "shared": 0}]
+    assert tr_ranks.format_ranks(split) == (
+        "2 ranks of 2 blocks, us over ranks: routed 0.1-0.1, dispatched 0.1-0.1, first tile 0.1-0.1, "
+        "last tile 0.4-0.5, combined 0.6-0.6; last tile: rank 0; 14.3% of 7 tiles run by another rank's blocks")
+    # One rank (every bench_layer.py trace): nothing to split.
+    assert tr_ranks.rank_split(decode([[prefix(0, 0), rec(140, 300, K.GEMM0, sm=0)]])) is None
+    assert tr_ranks.format_ranks(None) == "one rank"
+
+
+def test_rank_split_of_a_trace_read_back_and_the_cli(tmp_path, capsys):
+    """The JSON keeps rank and block, so a kept trace splits the same; the CLI prints the split
+    for a launch of several ranks only."""
+    blocks = [[rec(100, 110, K.PREFIX, sm=0, rank=0), rec(140, 300, K.GEMM0, sm=0)],
+              [rec(100, 112, K.PREFIX, sm=1, rank=1, task=0), rec(150, 290, K.GEMM0, sm=1, rank=0)]]
+    t = decode(blocks)
+    tr.to_chrome_json(t, tmp_path / "t.json")
+    assert tr_ranks.rank_split(tr.load(tmp_path / "t.json")) == tr_ranks.rank_split(t)
+    assert tr_ranks.rank_split(t)[0]["shared"] == 1
+    assert tr.main([str(tmp_path / "t.json")]) == 0
+    assert "2 ranks of 1 block, " in capsys.readouterr().out

@@ -68,6 +68,9 @@ BENCHMARKS = {
     "sweep_ep": ["bench/sweep_ep.py", *TIMED],
     "sweep_skewed": ["bench/sweep_ep.py", "--configs", "qwen3-30b-a3b", "--tokens", "4096", "--worlds", "1", "8",
                      "--routing", "skewed", "--providers", "flashmoe", *TIMED],
+    # Two layers whose W = 8 missed 1.15x of W = 1 (docs/performance.md), traced at both.
+    "trace_ep": ["bench/sweep_ep.py", "--configs", "mixtral-8x7b", "deepseek-v2-lite", "--tokens", "4096",
+                 "--worlds", "1", "8", "--providers", "flashmoe", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
 }
 
 

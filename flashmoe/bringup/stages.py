@@ -95,9 +95,8 @@ class Stage:
         return row
 
     def finish(self, reason: str = "") -> int:
-        c = self.counts
-        status = ("failed" if c["failed"] else "passed" if c["passed"] else "skipped")
-        self.write({"type": "stage", "stage": self.name, "status": status, "reason": reason, **c,
+        status = "failed" if self.counts["failed"] else "passed" if self.counts["passed"] else "skipped"
+        self.write({"type": "stage", "stage": self.name, "status": status, "reason": reason, **self.counts,
                     "seconds": round(time.monotonic() - self.started, 1)})
         return 1 if status == "failed" else 0
 
@@ -480,6 +479,7 @@ STAGES = {
     "tiles": (benchmark, 240, "the shipped tiles against 128 x 128 ping-pong, cooperative and NVSHMEM-built"),
     "sweep_ep": (benchmark, 180, "bench/sweep_ep.py: W = 1..8 virtual ranks"),
     "sweep_skewed": (benchmark, 90, "W = 8 against W = 1 under skewed routing (work sharing)"),
+    "trace_ep": (benchmark, 120, "the kernel's trace of W = 1 and W = 8 virtual ranks: what the ranks cost"),
     "sanitize_large": (sanitize_large, 300, "compute-sanitizer on the selftest's larger cases (--sanitize)"),
 }
 # `--stages kit` (the default) is the bring-up kit; `--stages longer` what comes once it runs clean.
