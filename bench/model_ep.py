@@ -33,6 +33,7 @@ if __package__ in (None, ""):       # run as a script: make the repository impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import layers, metrics
+from bench.model_router import ROUTER_SELECT_US, ROUTER_SMEM_READS_PER_NS, ROUTER_X_GBPS, route_s
 from bench.published import COLUMNS, DEEPEP_LL_US, DEEPEP_NORMAL_GBPS, INDEPENDENT_BF16, published
 from flashmoe.config import MoEConfig
 from flashmoe.host.plan import CHUNK_TOKENS, ENTRY_BYTES, choose_tile, experts_per_rank
@@ -65,23 +66,9 @@ class Gpu:
 GPUS = {"h100": Gpu("H100 SXM", 132, H200_MATMUL, 3350 * H200_COPY / 4800),
         "h200": Gpu("H200 SXM", 132, H200_MATMUL, H200_COPY)}
 
-# The router of the same commit (now flashmoe/device/roles/logits.cuh and router.cuh), from its
-# kernel traces (results/layer_nvidia-h200_20261130-164405_*.trace.json.gz; tests/test_model_ep.py
-# holds the model to them). Its logits were bound by the shared-memory reads of the busiest block
-# (Qwen3 at 4096 tokens: 64-token x 128-row tiles, 3072 reads per k over K = 2048 in 290.7 us;
-# Mixtral at 4096: 4-row slices, 512 per k over K = 4096 in 102.4 us), or, for a few tokens, by
-# one block streaming its chunk's x (Qwen3 at 128 tokens: 256 KB in 44.6 us; Mixtral: 512 KB in
-# 80.2 us). Selection (scores, top-k, counts) then takes a chunk's block a time linear in E (Qwen3,
-# E = 128: 81.8 us at 4096 tokens, 104.7 at 128; Mixtral, E = 8: 16.0 and 20.7). The later router
-# (eight staging loads in flight, selection from shared memory, k-major tiles bound by their FMAs,
-# 64-row halves) is not modelled until its traces refit it: x, tiles and selection high.
-ROUTER_SMEM_READS_PER_NS = 21.06    # per SM, the mean of the two prefill rows
-ROUTER_X_GBPS = 6.21                # per SM, the mean of the two decode rows
-ROUTER_SELECT_US = (13.35, 0.624)   # per chunk: a + b E, through the means at E = 8 and E = 128
-ROUTER_PASS_ROWS, ROUTER_TILE_READS = 128, 64 * 128 // 32 * 12   # 446305b: a tile's rows, its reads per k
 # The combine (k result rows read, one output row written per token) moves its bytes at this share
 # of the copy bandwidth: 1160 GB/s (Qwen3) and 1378 GB/s (Mixtral) over the span of its records in
-# the same traces at 4096 tokens, against 4251 GB/s of copy: a slot at a time, so low for the
+# the router's traces (model_router.py) at 4096 tokens, against 4251 GB/s of copy: a slot at a time, so low for the
 # batched loads after 446305b (roles/combine.cuh) until their traces refit it.
 COMBINE_COPY_SHARE = 0.30
 
@@ -130,28 +117,6 @@ def _ranks_hit_routed(config: MoEConfig, W: int, tokens: int = 8192) -> float:
     ids = reference.route(torch.randn(tokens, E, generator=gen), weights, routed).ids
     owner = ids // experts_per_rank(E, W)
     return torch.zeros(tokens, W, dtype=torch.bool).scatter_(1, owner, True).sum().item() / tokens
-
-
-def route_s(config: MoEConfig, tokens: int, blocks: int, threads: int) -> tuple[float, float]:
-    """(logits, selection) seconds of one rank's routing, 446305b's kernel's way: with at
-    least as many 64-token chunks as blocks, each block its chunks' 128-row passes; with fewer,
-    every block a share first (spread_logits: row slices or 128-row tiles, whichever gives the
-    busiest block fewer shared-memory reads), then each chunk's block selects."""
-    rows = config.num_experts + (1 if config.shared_expert_gate else 0)
-    H, b = config.hidden_size, 4 if config.dtype == "float32" else 2
-    chunks, ntok = math.ceil(tokens / CHUNK_TOKENS), min(tokens, CHUNK_TOKENS)
-    passes = math.ceil(rows / ROUTER_PASS_ROWS)
-    items = math.ceil(chunks / blocks) * passes if chunks >= blocks else math.ceil(chunks * passes / blocks)
-    reads = items * ROUTER_TILE_READS       # the busiest block's, per k
-    if chunks < blocks:
-        ne = max(1, min(ROUTER_PASS_ROWS, threads // ntok, math.ceil(rows * chunks / blocks)))
-        slices = math.ceil(rows / ne)
-        slice_reads = math.ceil(chunks * slices / blocks) * ntok * ne * 2
-        if slice_reads <= reads:
-            items, reads = math.ceil(chunks * slices / blocks), slice_reads
-    logits = max(reads * H / ROUTER_SMEM_READS_PER_NS * 1e-9, items * ntok * H * b / (ROUTER_X_GBPS * 1e9))
-    a, per_expert = ROUTER_SELECT_US
-    return logits, math.ceil(chunks / blocks) * (a + per_expert * config.num_experts) * 1e-6
 
 
 def expected_tiles(n: int, p: float, bm: int) -> tuple[float, float]:

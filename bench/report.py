@@ -180,12 +180,13 @@ def attach_trace(layer, stem: str) -> dict:
     from flashmoe.trace: SM busy, comm/compute overlap, the phase table, the routing split and,
     for a launch of several ranks, the rank split."""
     from flashmoe import trace
+    from flashmoe.trace_plot import plot_timeline
     from flashmoe.trace_ranks import format_ranks, rank_split
     from flashmoe.trace_routing import format_routing, routing_split
     t = layer._kernel.last_trace()
     trace.to_chrome_json(t, f"{stem}.trace.json")
     try:
-        trace.plot_timeline(t, f"{stem}.trace.png")
+        plot_timeline(t, f"{stem}.trace.png")
     except ImportError:
         pass
     u = trace.utilisation(t)

@@ -125,8 +125,8 @@ def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu
     assert any(g["cases"] and g["summary"]["failed"] == 0 and g["extras"]["fault"]["passed"] for g in grids), grids
     assert cases["soak"]["passed"] and "'failed': 0" in cases["soak"]["detail"], cases["soak"]
     # The trace stage ran bench_layer.py dry: its rows came back with the case, its output in its log.
-    assert cases["trace"]["passed"] and {r["config"] for r in cases["trace"]["rows"]} == {"qwen3-30b-a3b",
-                                                                                         "mixtral-8x7b"}
+    assert cases["trace"]["passed"] and {(r["config"], r["tokens"]) for r in cases["trace"]["rows"]} == {
+        (c, t) for c in ("qwen3-30b-a3b", "mixtral-8x7b", "flashmoe-paper") for t in (128, 4096, 16384)}
     assert "dry" in (tmp_path / "trace.log").read_text().lower()
     # bench/compare.py reads the rows the kit carried, each under its own key.
     from bench import compare

@@ -1,6 +1,6 @@
 """Every shipped KernelSpec compiles flashmoe/device/flashmoe.cu to a cubin that can ship.
 
-For each spec of ``shipped_specs()``, and the traced builds of the commonest layout: no spills,
+For each spec of ``shipped_specs()``, and the traced builds of the bf16 layouts: no spills,
 no stack frame and no performance loss ptxas reports (serialised wgmma, setmaxnreg ignored),
 static + dynamic shared memory within the arch's per-block limit (dynamic: the Plan of
 flashmoe.build's representative layer), tensor-core instructions in the SASS (HMMA for mma_sync,
@@ -30,10 +30,11 @@ pytestmark = pytest.mark.slow
 # The shipped specs, and the mma_sync engine forced on Hopper (kernel_options={'gemm': 'mma_sync'}).
 FORCED_MMA_SYNC = [select_spec(dtype, gated, "sm_90a", 227 * 1024, bm, gemm="mma_sync")
                    for dtype, gated, bm in (("bfloat16", True, 128), ("bfloat16", True, 64), ("float32", False, 128))]
-# The traced builds a trace (bench_layer.py --trace, flashmoe.trace) runs, at each Hopper tile and
-# on sm_80: a record's state held through the wgmma consumers' loop spilled the wide tile once.
+# The traced builds a trace (bench_layer.py --trace, flashmoe.trace; the kit's trace stage: gated
+# layers and the plain paper layer) runs, at each Hopper tile and on sm_80: a record's state held
+# through the wgmma consumers' loop spilled the wide tile once.
 TRACED = [replace(s, trace=True) for s in shipped_specs()
-          if (s.dtype, s.gated, s.routing) == ("bfloat16", True, "router") and (s.arch == "sm_90a" or s.block_m == 128)]
+          if (s.dtype, s.routing) == ("bfloat16", "router") and (s.arch == "sm_90a" or s.block_m == 128)]
 SPECS = shipped_specs() + FORCED_MMA_SYNC + TRACED
 by_spec = pytest.mark.parametrize("spec", SPECS, ids=[s.key() for s in SPECS])
 

@@ -189,12 +189,13 @@ def test_phase_table_counts_block_time_by_phase():
 
 def test_png_written(tmp_path):
     pytest.importorskip("matplotlib")
+    from flashmoe.trace_plot import plot_timeline
     t = decode([[rec(0, 100, K.GEMM0, sm=0), rec(100, 150, K.DISPATCH, sm=0)],
                 [rec(20, 90, K.WAIT, sm=1)]])
-    tr.plot_timeline(t, tmp_path / "t.png")
+    plot_timeline(t, tmp_path / "t.png")
     data = (tmp_path / "t.png").read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 1000
-    tr.plot_timeline(decode([[]]), tmp_path / "empty.png")
+    plot_timeline(decode([[]]), tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
 
 

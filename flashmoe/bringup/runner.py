@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from .stages import GROUPS, STAGES, append
+from .stage import append
+from .stages import GROUPS, STAGES
 
 MIN_STAGE_S = 20
 LOG_TAIL = 3000
