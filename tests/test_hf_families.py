@@ -1,11 +1,13 @@
 """FlashMoELayer.from_hf on whole tiny transformers models, one per MoE family: every sparse-MoE
 block of a randomly initialised two-layer model (built from a local config, fp32, nothing
 downloaded) is replaced by the converted layer, and the model's logits and its greedy
-generate() must not change. Routing weights are drawn large so the top-k choices are decisive
-(no near-ties that rounding could flip)."""
+generate() must not change (a vision-language model's text model: its hidden states); convert()
+on the same model records the router logits the original records. Routing weights are drawn
+large so the top-k choices are decisive (no near-ties that rounding could flip)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import replace
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from flashmoe import FlashMoELayer, MoEConfig, reference
-from flashmoe.hf import FAMILIES, config_from_hf
+from flashmoe.hf import FAMILIES, config_from_hf, convert
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,6 +104,43 @@ MODELS = {
                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
                       num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.5,
                       layer_types=["conv", "full_attention"]), 1),
+    "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                            layer_types=["full_attention", "sliding_attention"]), 2),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                         dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                              shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                              mamba_chunk_size=4, layer_types=["linear_attention", "full_attention"]), 2),
+    "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM",
+                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                      n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.5, head_dim=16,
+                      **DEEPSEEK_ATTENTION), 2),
+    "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16), 2),
+    "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM",
+                      dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                           num_experts_per_tok=2, n_group=2, topk_group=1, head_dim=16, v_head_dim=16,
+                           # its sliding layers double the key/value heads, past SMALL's two heads
+                           layer_types=["full_attention", "full_attention"], mlp_layer_types=["dense", "sparse"]), 1),
+    "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                   num_shared_experts=1, router_scaling_factor=2.5, head_dim=16,
+                   mlp_layer_types=["dense", "sparse"]), 1),
+    "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                   num_shared_experts=2, num_dense_layers=1, route_scale=2.0, head_dim=16, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"]), 1),
+    "aria": ("aria", "AriaTextConfig", "AriaTextForCausalLM",
+             dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2, head_dim=16), 2),
+    # Language models inside vision-language ones: the text model alone (no logits, no generate).
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
+                     dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                          head_dim=16), 2),
+    "mistral_large4": ("mistral_large4", "MistralLarge4TextConfig", "MistralLarge4TextModel",
+                       dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                            num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                            routed_scaling_factor=1.5, head_dim=16, first_k_dense_replace=1,
+                            mlp_layer_types=["dense", "sparse"], **DEEPSEEK_ATTENTION), 1),
 }
 
 # variants: (family, config fields changed)
@@ -110,6 +149,7 @@ VARIANTS = {
     "ernie4_5_moe_no_shared": ("ernie4_5_moe", dict(moe_num_shared_experts=0)),
     "lfm2_moe_no_bias_no_norm": ("lfm2_moe", dict(use_expert_bias=False, norm_topk_prob=False)),
     "llama4_top1": ("llama4", dict(num_experts_per_tok=1)),
+    "mistral4_no_norm": ("mistral4", dict(norm_topk_prob=False)),
 }
 CASES = {**{name: (name, {}) for name in MODELS}, **VARIANTS}
 
@@ -166,16 +206,41 @@ def test_whole_model_matches_transformers(case):
     for _, _, block in blocks:
         randomise(block, generator)
     ids = torch.randint(3, 64, (2, 8), generator=generator)
+    generates = model.can_generate()         # a text model inside a vision-language one does not
+
+    def run():
+        out = model(input_ids=ids)
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False) if generates else None
+        return out.logits if generates else out.last_hidden_state, tokens
     with torch.no_grad():
-        expected_logits = model(input_ids=ids).logits
-        expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        expected_logits, expected_tokens = run()
         for parent, name, block in blocks:
             setattr(parent, name, FlashMoELayer.from_hf(block))
-        logits = model(input_ids=ids).logits
-        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        logits, tokens = run()
     assert all(isinstance(child, FlashMoELayer) for _, _, child in moe_blocks_or_layers(model, blocks))
     assert relative_error(logits, expected_logits) < 1e-5
-    assert torch.equal(tokens, expected_tokens)
+    if generates:
+        assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_convert_keeps_the_recorded_router_logits(family):
+    """convert() on the whole model: every block converted, and output_router_logits=True records
+    what the original model records (transformers' load-balancing loss reads it)."""
+    model, expected_blocks = build_model(family)
+    generator = torch.Generator().manual_seed(1)
+    for _, _, block in moe_blocks(model):
+        randomise(block, generator)
+    ids = torch.randint(3, 64, (2, 8), generator=generator)
+    original = copy.deepcopy(model)
+    report = convert(model)
+    assert len(report.converted) == expected_blocks and not report.left, report
+    with torch.no_grad():
+        theirs = original(input_ids=ids, output_router_logits=True).router_logits
+        mine = model(input_ids=ids, output_router_logits=True).router_logits
+    assert len(mine) == len(theirs) == expected_blocks
+    for a, b in zip(mine, theirs):
+        assert relative_error(a.float(), b.float()) < 1e-5
 
 
 def moe_blocks_or_layers(model, blocks):
@@ -258,10 +323,11 @@ def test_unconvertible_variants_name_the_feature():
         config_from_hf(first_block("ernie4_5_moe", use_bias=True))
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "mistral4", "hy_v3"])
 def test_a_converted_block_runs_on_the_kernel(family):
-    """GPT-OSS's block (router bias, expert biases, clamped SwiGLU with a limit that binds) and
-    Llama4's (the routing weight scales the expert's input; a shared expert) converted and run on
+    """GPT-OSS's block (router bias, expert biases, clamped SwiGLU with a limit that binds),
+    Llama4's (the routing weight scales the expert's input; a shared expert), Mistral 4's (groups
+    over softmax scores) and HY-V3's (sigmoid with a selection bias, scaled) converted and run on
     the emulated kernel, within the accuracy rule of the reference that the tests above hold to
     the blocks themselves."""
     from flashmoe import accuracy
@@ -271,7 +337,8 @@ def test_a_converted_block_runs_on_the_kernel(family):
     layer = FlashMoELayer.from_hf(first_block(family), backend="emulated")
     x = torch.randn(37, H, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        out, _ = layer(x)
+        out = layer(x)
+    out = out[0] if layer.returns_router_logits else out
     assert layer.last_backend == "emulated"
     ok, err, tol = accuracy.check(out, x, layer.weights(), layer.config)
     assert ok, f"error {err:.3g} above tolerance {tol:.3g}"

@@ -6,7 +6,9 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
 
     block (family)                   router                                  shared experts
     MixtralSparseMoeBlock, MiniMax-  softmax, top-k, renormalised            -
-      SparseMoeBlock, HunYuanMoEV1Moe                                        (HunYuan: one MLP)
+      SparseMoeBlock, HunYuanMoEV1-                                          (HunYuan: one MLP)
+      Moe, Qwen3VLMoeTextSparse-
+      MoeBlock
     Qwen2MoeSparseMoeBlock, Qwen3-   softmax, top-k, renormalised if         one MLP, sigmoid-gated
       NextSparseMoeBlock             norm_topk_prob
     Qwen3_5MoeSparseMoeBlock         softmax, top-k, renormalised            one MLP, sigmoid-gated
@@ -14,17 +16,26 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
       FlexOlmoSparseMoeBlock         norm_topk_prob
     JambaSparseMoeBlock              softmax, top-k                          -
     GraniteMoeMoE, GraniteMoe-       softmax over the top-k logits           - (Granite-MoE-Shared's
-      SharedMoE                                                              shared MLP sits in the
-                                                                             decoder layer, outside)
+      SharedMoE, -HybridMoE,                                                 and -Hybrid's shared
+      -SWAMoE; AriaTextMoELayer                                              MLP sits in the decoder
+                                                                             layer, outside; Aria:
+                                                                             one MLP)
     GptOssMLP                        logits + bias, softmax over the top-k   -
                                      logits; experts with biases and the
                                      clamped SwiGLU ('swiglu_clamped')
     Llama4TextMoe                    sigmoid of the top-k logits, which      one MLP
                                      scales the expert's input
     DeepseekV3MoE, Glm4MoeMoE,       sigmoid + e_score_correction_bias       n shared MLPs fused
-      Dots1MoE, ExaoneMoeSparse-     (selection only), groups scored by      into one
-      MoEBlock                       their top-2 sum, norm_topk_prob, then
+      Dots1MoE, ExaoneMoeSparse-     (selection only), groups scored by      into one (MiMo: none)
+      MoEBlock, MiMoV2FlashMoE       their top-2 sum, norm_topk_prob, then
                                      routed_scaling_factor
+    Mistral4MoE, MistralLarge4-      softmax, groups scored by their top-2   n shared MLPs fused
+      TextMoE                        sum, norm_topk_prob (Large 4: always),  into one
+                                     routed_scaling_factor
+    MiniMaxM2SparseMoeBlock,         sigmoid + a selection bias (the block's - (HY-V3, AFMoE: n
+      HYV3MoE, AfmoeSparseMoeBlock   e_score_correction_bias or expert_bias) shared MLPs fused)
+                                     renormalised, times router_scaling_-
+                                     factor (HY-V3) or route_scale (AFMoE)
     DeepseekV2Moe                    softmax, top-k ('greedy') or within the n shared MLPs fused
                                      topk_group groups of best max score
                                      ('group_limited_greedy'), times
@@ -50,8 +61,12 @@ item is the router logits [T, E], which the decoder layers discard).
 Differences that are rounding only: transformers computes the router logits in the model dtype
 (flashmoe: fp32) and several families round the top-k weights to the model dtype; flashmoe adds
 1e-20 to a top-k sum that ERNIE clamps from below at moe_norm_min instead (the two differ only if
-the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default). Router jitter
-(Mixtral, MiniMax: ``jitter_noise``) carries over to the layer, which applies it in training mode.
+the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default) and MiniMax-M2 leaves
+out; HY-V3 without enable_moe_fp32_combine rounds the routed sum before adding the shared expert's
+(flashmoe adds them in fp32). Mistral 4 sets the scores outside the chosen groups to 0, not -inf:
+the same choice while the eligible experts' softmax probabilities are above 0. Router jitter
+(Mixtral, MiniMax, MiniMax-M2: ``jitter_noise``) carries over to the layer, which applies it in
+training mode.
 """
 
 from __future__ import annotations
@@ -62,6 +77,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig, dtype_name
+from .routing import ROUTING, selection_bias
 
 # name of the block class -> family
 FAMILIES = {
@@ -86,7 +102,20 @@ FAMILIES = {
     "DeepseekV2Moe": "deepseek_v2",
     "Ernie4_5_MoeSparseMoeBlock": "ernie4_5_moe",
     "Lfm2MoeSparseMoeBlock": "lfm2_moe",
+    "GraniteMoeSWAMoE": "granitemoe_swa",
+    "GraniteMoeHybridMoE": "granitemoehybrid",
+    "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
+    "Mistral4MoE": "mistral4",
+    "MistralLarge4TextMoE": "mistral_large4",
+    "MiniMaxM2SparseMoeBlock": "minimax_m2",
+    "MiMoV2FlashMoE": "mimo_v2_flash",
+    "HYV3MoE": "hy_v3",
+    "AfmoeSparseMoeBlock": "afmoe",
+    "AriaTextMoELayer": "aria",
 }
+
+# family -> the router's child Linear that holds its weight (the others' routers hold it)
+_ROUTER_LINEAR = {"hunyuan_v1_moe": "wg", "afmoe": "gate"}
 
 # name of a block class flashmoe knows and cannot convert -> what it lacks
 REFUSED = {
@@ -111,23 +140,20 @@ _QWEN2 = _Spec(shared="shared_expert", shared_gate="shared_expert_gate")
 _DEEPSEEK = _Spec(shared="shared_experts")
 _SPECS = {
     "mixtral": _Spec(), "minimax": _Spec(), "qwen3_moe": _Spec(), "olmoe": _Spec(),
-    "flex_olmo": _Spec(), "lfm2_moe": _Spec(),
+    "flex_olmo": _Spec(), "lfm2_moe": _Spec(), "qwen3_vl_moe": _Spec(), "minimax_m2": _Spec(),
+    "mimo_v2_flash": _Spec(),
     "qwen2_moe": _QWEN2, "qwen3_next": _QWEN2, "qwen3_5_moe": _QWEN2,
     "deepseek_v3": _DEEPSEEK, "glm4_moe": _DEEPSEEK, "dots1": _DEEPSEEK, "exaone_moe": _DEEPSEEK,
-    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v2": _DEEPSEEK, "mistral4": _DEEPSEEK, "mistral_large4": _DEEPSEEK, "hy_v3": _DEEPSEEK,
     "ernie4_5_moe": _DEEPSEEK,          # its shared MLP is optional (None when there is none)
     "hunyuan_v1_moe": _Spec(shared="shared_mlp"),
     "jamba": _Spec(router="router"), "granitemoe": _Spec(router="router"),
-    "granitemoeshared": _Spec(router="router"),
+    "granitemoeshared": _Spec(router="router"), "granitemoe_swa": _Spec(router="router"),
+    "granitemoehybrid": _Spec(router="router"),
+    "afmoe": _Spec(router="router", shared="shared_experts"), "aria": _Spec(router="router", shared="shared_experts"),
     "gpt_oss": _Spec(router="router", returns_router_output=True),
     "llama4": _Spec(router="router", shared="shared_expert", returns_router_output=True),
 }
-
-# Families whose router is DeepSeek-V3's (the same code under other names).
-_DEEPSEEK_V3_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe")
-
-# LFM2-MoE adds this to the top-k sum it divides by (a constant of its modeling code).
-LFM2_NORM_EPSILON = 1e-6
 
 # transformers' hidden_act names -> flashmoe activation
 HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
@@ -245,8 +271,8 @@ class Conversion:
                       num_experts=num_experts, top_k=int(router.top_k), gated=True,
                       dtype=dtype_name(self.gate_up[0].dtype), router_bias=self.router_bias is not None,
                       expert_bias=self.down_bias is not None, **activation)
-        fields.update(_ROUTING[family](block, router))
-        self.selection_bias = _selection_bias(block, router, family) if fields.get("selection_bias") else None
+        fields.update(ROUTING[family](block, router))
+        self.selection_bias = selection_bias(block, router, family) if fields.get("selection_bias") else None
         if self.shared is not None:
             fields.update(self._shared_fields(block, activation["activation"]))
         self.config = MoEConfig(**fields)
@@ -269,8 +295,9 @@ class Conversion:
                              f"(gate and up of width I, then down back to H)")
 
     def _read_router(self, router: nn.Module, family: str, num_experts: int, hidden: int) -> None:
-        # HunYuan's router keeps its projection in a child Linear; the others hold the weight.
-        linear = router.wg if family == "hunyuan_v1_moe" else router
+        # HunYuan's and AFMoE's routers keep their projection in a child Linear; the others hold
+        # the weight.
+        linear = getattr(router, _ROUTER_LINEAR[family]) if family in _ROUTER_LINEAR else router
         self.router_weight = linear.weight
         self.router_bias = getattr(linear, "bias", None)
         if tuple(self.router_weight.shape) != (num_experts, hidden):
@@ -338,90 +365,6 @@ def _gate_then_up(t: torch.Tensor, layout: dict) -> tuple:
     if layout["is_concatenated"]:
         return (t,)
     return (t[:, 0::2], t[:, 1::2])
-
-
-def _softmax_renormalised(block, router) -> dict:
-    return dict(norm_topk_prob=True)
-
-
-def _softmax_plain(block, router) -> dict:
-    return dict(norm_topk_prob=False)
-
-
-def _softmax_optional_norm(block, router) -> dict:
-    return dict(norm_topk_prob=bool(router.norm_topk_prob))
-
-
-def _deepseek_v3_routing(block, router) -> dict:
-    return dict(scoring="sigmoid", selection_bias=True, n_group=int(router.num_group),
-                topk_group=int(router.topk_group), group_score="top2_sum",
-                norm_topk_prob=bool(router.norm_topk_prob),
-                routed_scaling_factor=float(router.routed_scaling_factor))
-
-
-def _deepseek_v2_routing(block, router) -> dict:
-    fields = dict(routed_scaling_factor=float(router.routed_scaling_factor))
-    if router.topk_method == "group_limited_greedy":
-        fields.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
-                      group_score="max")
-    elif router.topk_method != "greedy":
-        raise ValueError(f"DeepSeek-V2's topk_method={router.topk_method!r} has no MoEConfig "
-                         "equivalent: 'greedy' and 'group_limited_greedy' convert")
-    return fields
-
-
-# ERNIE's moe_norm_min up to which its clamp is accepted: a chosen top-k sum below it needs
-# every chosen expert's probability below it, which only a selection bias overriding the scores
-# by orders of magnitude brings about.
-ERNIE_NORM_MIN_LIMIT = 1e-6
-
-
-def _ernie_routing(block, router) -> dict:
-    if float(router.norm_min) > ERNIE_NORM_MIN_LIMIT:
-        raise ValueError(f"ERNIE's moe_norm_min={router.norm_min} clamps the top-k sum from below, "
-                         f"which MoEConfig (norm_topk_epsilon adds to the sum) matches only for a "
-                         f"clamp that never binds: moe_norm_min <= {ERNIE_NORM_MIN_LIMIT} converts")
-    return dict(selection_bias=True, norm_topk_prob=True)
-
-
-def _llama4_routing(block, router) -> dict:
-    # sigmoid is monotonic, so the top-k of the logits is the top-k of the sigmoid scores.
-    return dict(scoring="sigmoid", scale_expert_input=True)
-
-
-def _lfm2_routing(block, router) -> dict:
-    fields = dict(scoring="sigmoid", selection_bias=bool(block.use_expert_bias),
-                  norm_topk_prob=bool(router.norm_topk_prob),
-                  routed_scaling_factor=float(router.routed_scaling_factor))
-    if fields["norm_topk_prob"]:
-        fields["norm_topk_epsilon"] = LFM2_NORM_EPSILON
-    return fields
-
-
-# family -> its routing fields (beyond E, k and the dtype), from the block and its router
-_ROUTING = {
-    "mixtral": _softmax_renormalised, "minimax": _softmax_renormalised,
-    "hunyuan_v1_moe": _softmax_renormalised, "qwen3_5_moe": _softmax_renormalised,
-    "gpt_oss": _softmax_renormalised, "granitemoe": _softmax_renormalised,
-    "granitemoeshared": _softmax_renormalised,
-    "jamba": _softmax_plain,
-    "qwen2_moe": _softmax_optional_norm, "qwen3_next": _softmax_optional_norm,
-    "qwen3_moe": _softmax_optional_norm, "olmoe": _softmax_optional_norm,
-    "flex_olmo": _softmax_optional_norm,
-    **{family: _deepseek_v3_routing for family in _DEEPSEEK_V3_ROUTERS},
-    "deepseek_v2": _deepseek_v2_routing,
-    "ernie4_5_moe": _ernie_routing,
-    "llama4": _llama4_routing,
-    "lfm2_moe": _lfm2_routing,
-}
-
-
-def _selection_bias(block, router, family: str) -> torch.Tensor:
-    if family == "lfm2_moe":
-        return block.expert_bias
-    if family == "ernie4_5_moe":
-        return router.moe_statics.e_score_correction_bias      # [1, E]
-    return router.e_score_correction_bias
 
 
 def _shared_count(block: nn.Module) -> int:
