@@ -328,19 +328,12 @@ class FlashMoELayer(nn.Module):
         """A layer computing what a transformers 5 sparse-MoE block computes, with its weights
         copied (see ``flashmoe.hf`` for the supported blocks). ``kwargs`` go to the
         constructor (virtual_world, device, max_tokens, process_group). The block's router
-        jitter (``jitter_noise``, Mixtral) carries over as the layer's ``jitter_noise``. For a
-        block whose forward returns (hidden states, router output) (GPT-OSS, Llama4) the
-        layer's forward returns (out, router logits) likewise (``returns_router_logits``), so
-        it takes the block's place in its decoder layer."""
+        jitter (Mixtral's ``jitter_noise``, DBRX's ``moe_jitter_eps``) carries over as the
+        layer's ``jitter_noise``. For a block whose forward returns (hidden states, router
+        output) (GPT-OSS, Llama4) the layer's forward returns (out, router logits) likewise
+        (``returns_router_logits``), so it takes the block's place in its decoder layer."""
         from .hf import from_hf
-        layer = from_hf(cls, block, backend=backend, **kwargs)
-        jitter = getattr(block, "jitter_noise", 0.0)
-        if jitter:
-            if not isinstance(jitter, numbers.Real) or not 0 <= jitter < 1:
-                raise ValueError(f"{type(block).__name__}.jitter_noise={jitter!r}: expected a "
-                                 "number in [0, 1)")
-            layer.jitter_noise = float(jitter)
-        return layer
+        return from_hf(cls, block, backend=backend, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,6 +14,11 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
     Qwen3_5MoeSparseMoeBlock         softmax, top-k, renormalised            one MLP, sigmoid-gated
     Qwen3MoeSparseMoeBlock, Olmoe-,  softmax, top-k, renormalised if         -
       FlexOlmoSparseMoeBlock         norm_topk_prob
+    LaraMiniSparseMoeBlock           softmax, top-k, renormalised if         one MLP
+                                     norm_topk_prob
+    DbrxFFN                          softmax, top-k, renormalised if         -
+                                     moe_normalize_expert_weights is 1
+                                     (None: not)
     JambaSparseMoeBlock              softmax, top-k                          -
     GraniteMoeMoE, GraniteMoe-       softmax over the top-k logits           - (Granite-MoE-Shared's
       SharedMoE, -HybridMoE,                                                 and -Hybrid's shared
@@ -33,9 +38,11 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
       TextMoE                        sum, norm_topk_prob (Large 4: always),  into one
                                      routed_scaling_factor
     MiniMaxM2SparseMoeBlock,         sigmoid + a selection bias (the block's - (HY-V3, AFMoE: n
-      HYV3MoE, AfmoeSparseMoeBlock   e_score_correction_bias or expert_bias) shared MLPs fused)
-                                     renormalised, times router_scaling_-
-                                     factor (HY-V3) or route_scale (AFMoE)
+      HYV3MoE, AfmoeSparseMoeBlock,  or the router's e_score_correction_-    shared MLPs fused;
+      LagunaSparseMoeBlock           bias, or expert_bias) renormalised,     Laguna: one MLP)
+                                     times router_scaling_factor (HY-V3),
+                                     route_scale (AFMoE) or the block's
+                                     routed_scaling_factor (Laguna)
     DeepseekV2Moe                    softmax, top-k ('greedy') or within the n shared MLPs fused
                                      topk_group groups of best max score
                                      ('group_limited_greedy'), times
@@ -49,10 +56,12 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
 Experts are gated. transformers' experts decorator records their layout (is_transposed,
 is_concatenated, has_bias); flashmoe's is gate_up_proj[E, 2I, H] = [gate; up] and
 down_proj[E, H, I], so transposed weights (GPT-OSS, Llama4) are transposed and interleaved gate/up
-columns (GPT-OSS) split into gate then up while copying. A block is recognised by its class (or
-a subclass); a block of another class is accepted when its structure matches the Qwen2/Qwen3/
-DeepSeek-V3 blocks exactly, since the modular transformers code copies these under new names.
-PhiMoE's block is refused: its sparsemixer router has no MoEConfig equivalent.
+columns (GPT-OSS) split into gate then up while copying. DBRX's experts are not decorated: each
+of gate (w1), up (v1) and down (w2, transposed) is one [E * I, H] matrix. A block is recognised by
+its class (or a subclass); a block of another class is accepted when its structure matches the
+Qwen2/Qwen3/DeepSeek-V3 blocks exactly (its router too), since the modular transformers code
+copies these under new names. Blocks refused by class, each for what MoEConfig does not express
+(``REFUSED``): PhiMoE's, Inkling's, ZAYA's and LongCat-Flash's.
 
 GPT-OSS's and Llama4's blocks return (hidden states, router output) and their decoder layers
 unpack the pair; a layer converted from them does the same (``returns_router_logits``: the second
@@ -64,20 +73,21 @@ Differences that are rounding only: transformers computes the router logits in t
 the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default) and MiniMax-M2 leaves
 out; HY-V3 without enable_moe_fp32_combine rounds the routed sum before adding the shared expert's
 (flashmoe adds them in fp32). Mistral 4 sets the scores outside the chosen groups to 0, not -inf:
-the same choice while the eligible experts' softmax probabilities are above 0. Router jitter
-(Mixtral, MiniMax, MiniMax-M2: ``jitter_noise``) carries over to the layer, which applies it in
-training mode.
+the same choice while the eligible experts' softmax probabilities are above 0; DBRX divides by
+the top-k sum without an epsilon. Router jitter (Mixtral, MiniMax, MiniMax-M2: ``jitter_noise``;
+DBRX: ``moe_jitter_eps``) carries over to the layer, which applies it in training mode.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..config import MoEConfig, dtype_name
-from .routing import ROUTING, selection_bias
+from .routing import DEEPSEEK_V3_ROUTER_ATTRIBUTES, ROUTING, router_jitter, selection_bias
 
 # name of the block class -> family
 FAMILIES = {
@@ -112,10 +122,13 @@ FAMILIES = {
     "HYV3MoE": "hy_v3",
     "AfmoeSparseMoeBlock": "afmoe",
     "AriaTextMoELayer": "aria",
+    "LagunaSparseMoeBlock": "laguna",
+    "LaraMiniSparseMoeBlock": "lara_mini",
+    "DbrxFFN": "dbrx",
 }
 
 # family -> the router's child Linear that holds its weight (the others' routers hold it)
-_ROUTER_LINEAR = {"hunyuan_v1_moe": "wg", "afmoe": "gate"}
+_ROUTER_LINEAR = {"hunyuan_v1_moe": "wg", "afmoe": "gate", "dbrx": "layer"}
 
 # name of a block class flashmoe knows and cannot convert -> what it lacks
 REFUSED = {
@@ -123,6 +136,15 @@ REFUSED = {
         "PhiMoE's sparsemixer router (each of its top-2 weights is a softmax over only the experts "
         "whose logit lies within a relative 2 * router_jitter_noise of the best remaining one) has "
         "no MoEConfig equivalent"),
+    "InklingMoE": (
+        "Inkling's shared experts are weighted by the router (their logits are normalised together "
+        "with the chosen experts'), which MoEConfig has no field for"),
+    "ZayaSparseMoeBlock": (
+        "ZAYA's router (an MLP whose state passes from layer to layer, with a skip expert) is not "
+        "one linear map, which MoEConfig's router is"),
+    "LongcatFlashMoE": (
+        "LongCat-Flash's block, whose router also chooses zero-computation (identity) experts "
+        "(zero_expert_num), has no MoEConfig equivalent"),
 }
 
 
@@ -141,7 +163,8 @@ _DEEPSEEK = _Spec(shared="shared_experts")
 _SPECS = {
     "mixtral": _Spec(), "minimax": _Spec(), "qwen3_moe": _Spec(), "olmoe": _Spec(),
     "flex_olmo": _Spec(), "lfm2_moe": _Spec(), "qwen3_vl_moe": _Spec(), "minimax_m2": _Spec(),
-    "mimo_v2_flash": _Spec(),
+    "mimo_v2_flash": _Spec(), "dbrx": _Spec(router="router"),
+    "lara_mini": _Spec(shared="shared_expert"), "laguna": _DEEPSEEK,
     "qwen2_moe": _QWEN2, "qwen3_next": _QWEN2, "qwen3_5_moe": _QWEN2,
     "deepseek_v3": _DEEPSEEK, "glm4_moe": _DEEPSEEK, "dots1": _DEEPSEEK, "exaone_moe": _DEEPSEEK,
     "deepseek_v2": _DEEPSEEK, "mistral4": _DEEPSEEK, "mistral_large4": _DEEPSEEK, "hy_v3": _DEEPSEEK,
@@ -178,7 +201,8 @@ def detect_family(block: nn.Module) -> str:
     gate = getattr(block, "gate", None)
     experts = getattr(block, "experts", None)
     if gate is not None and hasattr(getattr(experts, "gate_up_proj", None), "shape"):
-        if children == _expected_children(_DEEPSEEK) and hasattr(gate, "e_score_correction_bias"):
+        if children == _expected_children(_DEEPSEEK) \
+                and all(hasattr(gate, name) for name in DEEPSEEK_V3_ROUTER_ATTRIBUTES):
             return "deepseek_v3"
         if children == _expected_children(_QWEN2) and hasattr(gate, "norm_topk_prob"):
             return "qwen2_moe"
@@ -191,6 +215,11 @@ def detect_family(block: nn.Module) -> str:
                     "weights into FlashMoELayer with load_state_dict.")
 
 
+def known_block(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base class) is a block flashmoe converts or refuses."""
+    return any(klass.__name__ in FAMILIES or klass.__name__ in REFUSED for klass in type(module).__mro__)
+
+
 def config_from_hf(block: nn.Module) -> MoEConfig:
     """The MoEConfig of a supported transformers MoE block."""
     return Conversion(block).config
@@ -200,13 +229,16 @@ def from_hf(layer_cls, block: nn.Module, backend: str = "auto", **kwargs):
     """Build ``layer_cls`` (FlashMoELayer) from a transformers MoE block, weights copied. The
     parameters land on the block's device unless ``device=`` is given."""
     conversion = Conversion(block)
-    config = conversion.config
+    config, jitter = conversion.config, conversion.jitter or 0.0
+    if not isinstance(jitter, numbers.Real) or not 0 <= jitter < 1:
+        raise ValueError(f"{type(block).__name__}'s router jitter {jitter!r}: expected a number in [0, 1)")
     kwargs.setdefault("device", conversion.gate_up[0].device)
     layer = layer_cls(config, backend=backend, **kwargs)
     with torch.no_grad():
         for theirs, mine in weight_pairs(conversion, layer):
             mine.copy_(theirs)
     layer.returns_router_logits = _SPECS[conversion.family].returns_router_output
+    layer.jitter_noise = float(jitter)
     return layer
 
 
@@ -250,7 +282,14 @@ class Conversion:
     gate then up, so interleaved columns are split without a copy of the whole block)."""
 
     def __init__(self, block: nn.Module):
-        self.family = family = detect_family(block)
+        self.family = detect_family(block)
+        try:
+            self._read(block, self.family)
+        except AttributeError as error:      # a block whose class changed under its name
+            raise TypeError(f"{type(block).__name__} lacks what a {self.family} block has ({error}): "
+                            "not converted") from error
+
+    def _read(self, block: nn.Module, family: str) -> None:
         spec = _SPECS[family]
         children = _children(block)
         expected = _expected_children(spec)
@@ -267,23 +306,35 @@ class Conversion:
         self.shared = getattr(block, spec.shared) if spec.shared else None
         self.shared_gate = getattr(block, spec.shared_gate) if spec.shared_gate else None
         activation = self._activation(block.experts, family)
+        # DBRX's block holds top_k, the others' routers do
+        top_k = router.top_k if hasattr(router, "top_k") else block.top_k
         fields = dict(hidden_size=hidden, intermediate_size=self.down.shape[2],
-                      num_experts=num_experts, top_k=int(router.top_k), gated=True,
+                      num_experts=num_experts, top_k=int(top_k), gated=True,
                       dtype=dtype_name(self.gate_up[0].dtype), router_bias=self.router_bias is not None,
                       expert_bias=self.down_bias is not None, **activation)
         fields.update(ROUTING[family](block, router))
         self.selection_bias = selection_bias(block, router, family) if fields.get("selection_bias") else None
+        self.jitter = router_jitter(block, router, family)
         if self.shared is not None:
             fields.update(self._shared_fields(block, activation["activation"]))
         self.config = MoEConfig(**fields)
 
     def _read_experts(self, experts: nn.Module, family: str) -> None:
+        self.gate_up_bias = self.down_bias = None
+        if family == "dbrx":
+            mlp = experts.mlp
+            shape = (mlp.moe_num_experts, mlp.ffn_hidden_size, mlp.hidden_size)
+            if any(w.shape != (shape[0] * shape[1], shape[2]) for w in (mlp.w1, mlp.v1, mlp.w2)):
+                raise ValueError(f"DBRX's experts w1, v1 and w2 must each be [E * I, H] = "
+                                 f"[{shape[0] * shape[1]}, {shape[2]}]")
+            self.gate_up = (mlp.w1.view(shape), mlp.v1.view(shape))
+            self.down = mlp.w2.view(shape).transpose(1, 2)
+            return
         layout = _expert_layout(experts, family)
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if layout["is_transposed"]:            # [E, H, 2I] and [E, I, H]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         self.gate_up, self.down = _gate_then_up(gate_up, layout), down
-        self.gate_up_bias = self.down_bias = None
         if layout["has_bias"]:
             self.gate_up_bias = _gate_then_up(experts.gate_up_proj_bias, layout)
             self.down_bias = experts.down_proj_bias
@@ -295,8 +346,8 @@ class Conversion:
                              f"(gate and up of width I, then down back to H)")
 
     def _read_router(self, router: nn.Module, family: str, num_experts: int, hidden: int) -> None:
-        # HunYuan's and AFMoE's routers keep their projection in a child Linear; the others hold
-        # the weight.
+        # HunYuan's, AFMoE's and DBRX's routers keep their projection in a child Linear; the
+        # others hold the weight.
         linear = getattr(router, _ROUTER_LINEAR[family]) if family in _ROUTER_LINEAR else router
         self.router_weight = linear.weight
         self.router_bias = getattr(linear, "bias", None)
@@ -312,6 +363,8 @@ class Conversion:
         if family == "gpt_oss":
             return dict(activation="swiglu_clamped", swiglu_alpha=float(experts.alpha),
                         swiglu_limit=float(experts.limit))
+        if family == "dbrx":
+            return dict(activation=_activation(experts.mlp))
         # transformers' experts decorator installs its default act(gate) * up unless the class
         # brings its own gating, whose activation could be anything.
         apply_gate = getattr(type(experts), "_apply_gate", None)
@@ -379,9 +432,9 @@ def _shared_count(block: nn.Module) -> int:
 
 
 def _activation(module: nn.Module) -> str:
-    """flashmoe's name of the activation ``module.act_fn`` (Llama4's MLP: ``activation_fn``)
-    runs. The module is what actually runs, so it decides; config.hidden_act is the fallback for
-    a module without one."""
+    """flashmoe's name of the activation ``module.act_fn`` (Llama4's MLP, DBRX's experts:
+    ``activation_fn``) runs. The module is what actually runs, so it decides; config.hidden_act is
+    the fallback for a module without one."""
     act = getattr(module, "act_fn", None)
     if act is None:
         act = getattr(module, "activation_fn", None)

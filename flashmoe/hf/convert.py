@@ -1,11 +1,12 @@
 """``convert`` / ``unconvert``: every sparse-MoE block of a transformers model into a
 FlashMoELayer, and back.
 
-A candidate block is the parent of an experts module: a module holding 3-D expert tensors
-``down_proj`` and ``gate_up_proj`` (or ``up_proj``), as transformers 5 stores every family's
-experts. So blocks are found wherever they sit (``mlp``, ``feed_forward``, ``block_sparse_moe``,
-...) and dense layers are left alone. Each candidate goes through ``FlashMoELayer.from_hf``;
-the blocks it refuses stay as they are, with its reason in the report.
+A candidate block is a block of a class flashmoe knows, or the parent of an experts module: a
+module holding 3-D expert tensors ``down_proj`` and ``gate_up_proj`` (or ``up_proj``), as
+transformers 5 stores nearly every family's experts. So blocks are found wherever they sit
+(``mlp``, ``feed_forward``, ``block_sparse_moe``, ...) and dense layers are left alone. Each
+candidate goes through ``FlashMoELayer.from_hf``; the blocks it refuses stay as they are, with its
+reason in the report.
 
 Inside the model a converted layer keeps what transformers expects of the block:
 
@@ -13,7 +14,7 @@ Inside the model a converted layer keeps what transformers expects of the block:
   the load-balancing loss) from the block's router, the layer holds a parameter-free stand-in
   of the router's class at the router's path, whose output transformers records: the layer's
   fp32 router logits, differentiable. They are computed only once something records them.
-- router jitter (Mixtral): applied in training mode by the layer itself (``jitter_noise``).
+- router jitter (Mixtral, DBRX): applied in training mode by the layer itself (``jitter_noise``).
 - saving: a converted model's ``state_dict`` holds flashmoe's tensor names, which plain
   transformers does not load. ``unconvert(model)`` puts the original blocks back, with the
   layers' current weights written into them, so ``save_pretrained`` then writes an ordinary
@@ -158,19 +159,21 @@ def unconvert(model: nn.Module) -> list[str]:
 
 
 def _candidate_paths(model: nn.Module) -> list[str]:
-    """Paths of the modules that hold an experts module (never the model itself)."""
+    """Paths of the outermost modules that are a block class flashmoe knows (converts or
+    refuses; DBRX's experts hold 2-D tensors, LongCat-Flash's more gate_up than down) or that
+    hold an experts module (never the model itself)."""
+    from .blocks import known_block
     paths = []
     for path, module in model.named_modules():
-        if path and _is_experts(module):
-            parent = path.rpartition(".")[0]
-            if parent and parent not in paths and not any(parent.startswith(p + ".") for p in paths):
-                paths.append(parent)
+        if not path or isinstance(module, FlashMoELayer):       # its tensors look like experts
+            continue
+        candidate = path if known_block(module) else path.rpartition(".")[0] if _is_experts(module) else ""
+        if candidate and candidate not in paths and not any(candidate.startswith(p + ".") for p in paths):
+            paths.append(candidate)
     return paths
 
 
 def _is_experts(module: nn.Module) -> bool:
-    if isinstance(module, FlashMoELayer):
-        return False
     down = getattr(module, "down_proj", None)
     up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
     return all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (down, up)) \

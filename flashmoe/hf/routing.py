@@ -7,6 +7,10 @@ import torch
 
 # Families whose router is DeepSeek-V3's (the same code under other names).
 _DEEPSEEK_V3_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "mimo_v2_flash")
+# What DeepSeek-V3's routing reads from its router: a block of another class is taken for one
+# only when its router has all of it.
+DEEPSEEK_V3_ROUTER_ATTRIBUTES = ("e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob",
+                                 "routed_scaling_factor")
 
 # LFM2-MoE adds this to the top-k sum it divides by (a constant of its modeling code).
 LFM2_NORM_EPSILON = 1e-6
@@ -46,6 +50,24 @@ def _sigmoid_biased_renormalised(scale: str | None):
         return dict(scoring="sigmoid", selection_bias=True, norm_topk_prob=True,
                     routed_scaling_factor=float(getattr(router, scale)) if scale else 1.0)
     return routing
+
+
+def _laguna_routing(block, router) -> dict:
+    softcap = float(router.router_logit_softcapping)
+    if softcap > 0:
+        raise ValueError(f"Laguna's moe_router_logit_softcapping={softcap} passes the router logits "
+                         "through tanh before the sigmoid, which MoEConfig has no field for: 0 converts")
+    return dict(scoring="sigmoid", selection_bias=True, norm_topk_prob=True,
+                routed_scaling_factor=float(block.routed_scaling_factor))
+
+
+def _dbrx_routing(block, router) -> dict:
+    # DBRX divides the top-k softmax weights by their L^p norm; for p = 1 that is their sum.
+    p = block.moe_normalize_expert_weights
+    if p is not None and float(p) != 1.0:
+        raise ValueError(f"DBRX's moe_normalize_expert_weights={p} divides the top-k weights by their "
+                         f"L{p:g} norm, which MoEConfig has no field for: 1 (their sum) and None convert")
+    return dict(norm_topk_prob=p is not None)
 
 
 def _deepseek_v2_routing(block, router) -> dict:
@@ -96,9 +118,10 @@ ROUTING = {
     "granitemoehybrid": _softmax_renormalised, "qwen3_vl_moe": _softmax_renormalised,
     "aria": _softmax_renormalised,
     "jamba": _softmax_plain,
+    "dbrx": _dbrx_routing,
     "qwen2_moe": _softmax_optional_norm, "qwen3_next": _softmax_optional_norm,
     "qwen3_moe": _softmax_optional_norm, "olmoe": _softmax_optional_norm,
-    "flex_olmo": _softmax_optional_norm,
+    "flex_olmo": _softmax_optional_norm, "lara_mini": _softmax_optional_norm,
     **{family: _deepseek_v3_routing for family in _DEEPSEEK_V3_ROUTERS},
     "deepseek_v2": _deepseek_v2_routing,
     "ernie4_5_moe": _ernie_routing,
@@ -108,7 +131,16 @@ ROUTING = {
     "minimax_m2": _sigmoid_biased_renormalised(None),
     "hy_v3": _sigmoid_biased_renormalised("router_scaling_factor"),
     "afmoe": _sigmoid_biased_renormalised("route_scale"),
+    "laguna": _laguna_routing,
 }
+
+
+def router_jitter(block, router, family: str):
+    """The relative noise by which a family's router scales its input in training mode (the
+    experts see the scaled input too); 0 or None: none."""
+    if family == "dbrx":
+        return router.moe_jitter_eps
+    return getattr(block, "jitter_noise", 0.0)
 
 
 def selection_bias(block, router, family: str) -> torch.Tensor:
