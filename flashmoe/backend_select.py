@@ -16,8 +16,8 @@ from .errors import KernelUnavailable
 BACKENDS = ("auto", "kernel", "reference", "emulated")
 
 # The reference backend computes the contract with torch's own GEMMs in the dtype where it has
-# fast ones (fp32 accumulation inside each GEMM) and everything else in fp32, rounded once: about
-# as fast as transformers' experts on the same weights (bench/bench_cpu.py), more accurate, and
+# fast ones (fp32 accumulation inside each GEMM) and everything else in fp32, rounded once: on a
+# CPU about as fast as transformers' experts on the same weights (bench/bench_reference.py), more accurate, and
 # within the accuracy rule by a margin (flashmoe.accuracy); for float32 it is the fp32 reference.
 REFERENCE_MATH = "mixed"
 

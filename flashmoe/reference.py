@@ -233,13 +233,31 @@ def fast_matmul_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> to
     return dtype
 
 
-def _grouped_mm_serves(x: torch.Tensor, rows: list[int]) -> bool:
-    """torch's grouped GEMM runs the 'mixed' experts of ``x`` on its device: on the CPU, when
-    every expert's GEMM runs in x's own low-precision dtype (its CUDA one needs layouts and
-    architectures the loop does not)."""
-    return (hasattr(F, "grouped_mm") and x.device.type == "cpu" and x.shape[0] > 0
+def _grouped_mm_serves(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs the 'mixed' experts of ``x`` on its device: a CPU or a CUDA GPU
+    (on sm_90/sm_100 in bf16 one grouped kernel; elsewhere torch's loop of one matmul per expert,
+    still without this module's per-expert activation and copies), when every expert's GEMM runs
+    in x's own low-precision dtype and torch takes the operands (``_grouped_mm_operand``), in
+    both projections and in their backward."""
+    return (hasattr(F, "grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
             and x.dtype in (torch.bfloat16, torch.float16)
-            and fast_matmul_dtype(x.dtype, x.device, max(rows)) == x.dtype)
+            and fast_matmul_dtype(x.dtype, x.device, max(rows)) == x.dtype
+            and all(_grouped_mm_operand(t) for t in (x, gate_up.transpose(1, 2), down.transpose(1, 2)))
+            and down.shape[-1] * x.element_size() % 16 == 0)        # h [n, I], the second GEMM's rows
+
+
+def _grouped_mm_operand(t: torch.Tensor) -> bool:
+    """``t`` is a matrix (or a stack) torch's grouped GEMM takes: one of its two last dims
+    contiguous, the other's stride a multiple of 16 bytes, and on a GPU its address 16-byte
+    aligned (torch refuses anything else; e.g. a hidden size that is not a multiple of 8 in bf16)."""
+    (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+    if row_stride == 1 and col_stride >= max(1, rows):          # the order torch checks them in
+        lead = col_stride
+    elif col_stride == 1 and row_stride >= max(1, cols):
+        lead = row_stride
+    else:
+        return False
+    return lead * t.element_size() % 16 == 0 and (t.device.type == "cpu" or t.data_ptr() % 16 == 0)
 
 
 def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -410,9 +428,10 @@ def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: t
     """Expert e on the next ``rows[e]`` rows of ``x``, for every e: [sum(rows), H] (fp32 for
     math='fp32', else x's dtype). ``gate_up_bias`` [E, 2I or I] and ``down_bias`` [E, H] are
     the experts' biases (None: none); ``scale`` [sum(rows)] is ``expert_mlp``'s."""
-    if math == "mixed" and _grouped_mm_serves(x, rows):
-        # One grouped GEMM per projection: the same products as one matmul per expert (checked
-        # bitwise by the tests), without a call and a copy per expert.
+    if math == "mixed" and _grouped_mm_serves(x, rows, gate_up, down):
+        # One grouped GEMM per projection: the products of one matmul per expert (on a CPU the
+        # same bits, checked by the tests; a GPU's grouped kernel may sum in another order),
+        # without a call, an activation and a copy per expert.
         offs = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
         expert_of_row = None
         if gate_up_bias is not None or down_bias is not None:
@@ -450,17 +469,18 @@ def combine(tok: torch.Tensor, slot: torch.Tensor, y: torch.Tensor, shared: torc
     out_dtype = torch.float32 if math == "fp32" else dtype
     (t, k), hidden = routing.ids.shape, y.shape[1]
     # y slot-major ([slot, token]: each slot's rows contiguous), zeros where a pair was dropped,
-    # whose weight becomes 0 (so a NaN weight of a dropped pair contributes nothing).
+    # whose weight becomes 0 (so a NaN weight of a dropped pair contributes nothing). A copy to
+    # each pair's place (not a gather): its backward is a gather too, where a gather's is a
+    # scatter-add into a zeroed [T * k, H].
     position = slot * t + tok
-    if position.shape[0] == t * k:     # every pair kept: one gather
-        y = y[torch.argsort(position)]
-    else:
-        y = y.new_zeros(t * k, hidden).index_put((position,), y)
-    y = y.view(k, t, hidden)
+    every_pair = position.shape[0] == t * k
+    y = (y.new_empty if every_pair else y.new_zeros)(t * k, hidden).index_copy(0, position, y)
     w = torch.where(routing.kept, routing.weights, 0).to(acc_dtype)
     out = torch.zeros(t, hidden, dtype=acc_dtype, device=y.device)
-    for j in range(k):                 # fixed slot order
-        out += w[:, j, None] * y[j]                 # y promotes to acc_dtype
+    # One view per slot (unbind: its backward stacks the k gradients once, where indexing y[j]
+    # would zero a whole [k, T, H] gradient per slot).
+    for w_j, y_j in zip(w.unbind(1), y.view(k, t, hidden).unbind(0)):   # fixed slot order
+        out += w_j[:, None] * y_j                   # y promotes to acc_dtype
     if shared is not None:
         shared = shared.to(acc_dtype)
         if routing.shared_gate is not None:

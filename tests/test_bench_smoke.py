@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:          # bench/ is a directory of scripts, not a
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
-from bench import bench_cpu, bench_layer, sweep_ep  # noqa: E402
+from bench import bench_layer, bench_reference, sweep_ep  # noqa: E402
 
 
 def _outputs(directory: Path, prefix: str) -> dict:
@@ -115,14 +115,25 @@ def test_multiprocess_mode_says_what_is_missing(monkeypatch, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_bench_cpu_prints_both_times_and_errors_within_the_rule(capsys):
-    rows = bench_cpu.main(["--tokens", "4", "33", "--hidden", "64", "--intermediate", "32",
-                           "--experts", "8", "--top-k", "2", "--repeats", "1"])
-    assert [r["tokens"] for r in rows] == [4, 33]
+@pytest.mark.parametrize("step", ["forward", "train"])
+def test_bench_reference_times_both_and_checks_their_errors_against_the_rule(step, tmp_path, capsys):
+    # the reference backend against transformers' grouped_mm, a forward or a training step
+    # (forward and backward), each checked under its own routing; its rows land in the results
+    rows = bench_reference.main(["--dry-run", "--tokens", "4", "33", "--out-dir", str(tmp_path)]
+                                + (["--train"] if step == "train" else []))
+    assert [(r["tokens"], r["provider"]) for r in rows] == [
+        (t, p) for t in (4, 33) for p in ("flashmoe_reference", "hf_grouped_mm")]
     for r in rows:
-        assert r["flashmoe_ms"] > 0 and r["hf_grouped_mm_ms"] > 0
-        assert r["flashmoe_err"] <= r["tolerance"] and r["hf_err"] <= r["tolerance"]
-    assert "speed-up" in capsys.readouterr().out
+        assert r["step"] == step and r["status"] == "ok" and r["median_ms"] > 0 and r["clock"] == "host"
+        assert r["max_abs_err"] <= r["tol"] and r["correct"]
+        assert (r["speedup_vs_hf_grouped_mm"] is not None) and r["speedup_vs_hf_grouped_mm"] > 0
+    written = _outputs(tmp_path, "reference_dryrun_")
+    assert [r["provider"] for r in written["csv"]] == [r["provider"] for r in rows]
+    assert "x hf" in capsys.readouterr().out
+    # the kit's train stage carries these rows in its case line, as it does bench_layer.py's
+    from flashmoe.bringup.commands import _bench_rows
+    assert [(r["step"], r["tokens"], r["provider"], r["correct"]) for r in _bench_rows(tmp_path, 0)] == [
+        (step, r["tokens"], r["provider"], True) for r in rows]
 
 
 def test_roofline_is_the_longer_of_compute_and_memory():

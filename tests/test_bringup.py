@@ -141,10 +141,11 @@ def test_longer_checks_run_emulated_or_dry_and_say_why_not_where_they_need_a_gpu
 
 def test_the_groups_cover_every_stage_and_each_benchmark_line_parses():
     assert GROUPS["kit"] + GROUPS["longer"] == list(STAGES)
-    from bench import bench_layer, sweep_ep
+    from bench import bench_layer, bench_reference, sweep_ep
     for name, (script, *args) in BENCHMARKS.items():
         assert name in STAGES
-        module = {"bench/bench_layer.py": bench_layer, "bench/sweep_ep.py": sweep_ep}[script]
+        module = {"bench/bench_layer.py": bench_layer, "bench/sweep_ep.py": sweep_ep,
+                  "bench/bench_reference.py": bench_reference}[script]
         module.parse_args(args)       # an option or a choice the script does not know exits
 
 

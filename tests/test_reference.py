@@ -170,24 +170,111 @@ def test_math_modes_differ_by_rounding_in_low_precision(dtype):
     assert errors["mixed"] <= errors["native"]
 
 
+def _experts_both_ways(config, x, gate_up, down):
+    """run_experts on x's routed rows, and the same experts one matmul each (expert_mlp), with the
+    gradients of both (to x and the weights) for one random output gradient."""
+    from flashmoe import reference
+    tok, _, rows = reference.expert_rows(route(x.cpu(), random_weights(config), config), config.num_experts)
+    leaves = [t.detach().requires_grad_() for t in (x[tok.to(x.device)], gate_up, down)]
+
+    def one_by_one(rows_x, gu, dn):
+        pieces, start = [], 0
+        for e, n in enumerate(rows):
+            pieces.append(reference.expert_mlp(rows_x[start:start + n], gu[e], dn[e], config, "mixed"))
+            start += n
+        return torch.cat(pieces)
+    grad = torch.randn(len(tok), config.hidden_size, device=x.device).to(x.dtype)
+    results = []
+    for run in (lambda *t: reference.run_experts(t[0], rows, t[1], t[2], config, "mixed"), one_by_one):
+        out = run(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    return reference._grouped_mm_serves(leaves[0], rows, gate_up, down), results
+
+
 @pytest.mark.parametrize("dtype,tokens", [("bfloat16", 3), ("bfloat16", 200), ("float16", 3),
                                           ("float16", 200)])
 def test_mixed_experts_grouped_or_one_by_one_are_bitwise_equal(dtype, tokens):
     # run_experts takes one grouped GEMM per projection where it can (CPU bf16; fp16 with few
-    # rows per expert), else a matmul per expert: the same products either way
-    from flashmoe import reference
+    # rows per expert), else a matmul per expert: the same products either way, in the forward
+    # and in the backward a training step runs
     config = small(dtype=dtype, hidden_size=64, intermediate_size=32, num_experts=8)
     w = random_weights(config)
     x = torch.randn(tokens, 64).to(config.torch_dtype)
-    routing = route(x, w, config)
-    tok, slot, rows = reference.expert_rows(routing, config.num_experts)
-    grouped = reference.run_experts(x[tok], rows, w.gate_up_proj, w.down_proj, config, "mixed")
-    one_by_one, start = [], 0
-    for e, n in enumerate(rows):
-        one_by_one.append(reference.expert_mlp(x[tok][start:start + n], w.gate_up_proj[e],
-                                               w.down_proj[e], config, "mixed"))
-        start += n
-    assert torch.equal(grouped, torch.cat(one_by_one))
+    grouped, (ours, loop) = _experts_both_ways(config, x, w.gate_up_proj, w.down_proj)
+    assert grouped == (dtype == "bfloat16" or tokens == 3)
+    for a, b in zip(ours, loop):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hidden,intermediate,layout", [
+    (12, 32, ""), (64, 20, ""), (64, 32, "gate_up with strides (1, 2I + 1)"), (64, 20, "down stored [I, H]")])
+def test_experts_torch_cannot_group_run_one_by_one(hidden, intermediate, layout):
+    # torch's grouped GEMM refuses a row that is not a multiple of 16 bytes (a hidden or
+    # intermediate size that is not a multiple of 8 in bf16; h [n, I] whatever down's layout) and
+    # a weight whose rows are neither contiguous nor 16-byte strided; such experts run one matmul
+    # each instead of raising
+    config = small(dtype="bfloat16", hidden_size=hidden, intermediate_size=intermediate)
+    w = random_weights(config)
+    gate_up, down = w.gate_up_proj, w.down_proj
+    if layout.startswith("gate_up"):
+        padded = torch.randn(config.num_experts, hidden, config.up_rows + 1).to(config.torch_dtype)
+        gate_up = padded[..., :config.up_rows].transpose(1, 2)
+    elif layout:
+        down = down.transpose(1, 2).contiguous().transpose(1, 2)
+    x = torch.randn(40, hidden).to(config.torch_dtype)
+    grouped, (ours, loop) = _experts_both_ways(config, x, gate_up, down)
+    assert not grouped
+    for a, b in zip(ours, loop):
+        assert torch.equal(a, b)
+
+
+def test_grouped_operand_rule_is_torchs():
+    # _grouped_mm_operand says yes exactly where torch's grouped GEMM runs and no where it raises
+    import torch.nn.functional as F
+    from flashmoe import reference
+    base = torch.randn(6, 40, 40).to(torch.bfloat16)
+    x = torch.randn(12, 16).to(torch.bfloat16)
+    offs = torch.tensor([4, 8, 12, 12, 12, 12], dtype=torch.int32)
+    cases = [base[:, :16, :24], base[:, :16, :16].transpose(1, 2), base[:, :16, 1:25],
+             base[:, :16, :24].contiguous(), base[:, :16, :24].transpose(1, 2).contiguous().transpose(1, 2),
+             torch.randn(6, 24, 16).to(torch.bfloat16).transpose(1, 2),
+             torch.randn(6, 16, 12).to(torch.bfloat16), torch.randn(6, 12, 16).to(torch.bfloat16).transpose(1, 2)]
+    for b in cases:
+        try:
+            F.grouped_mm(x, b, offs=offs)
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert reference._grouped_mm_operand(b) == runs, (b.shape, b.stride())
+    assert {reference._grouped_mm_operand(b) for b in cases} == {True, False}
+
+
+def test_a_bf16_layer_of_any_width_trains_on_the_cpu():
+    # a bf16 layer whose sizes torch's grouped GEMM refuses used to raise "strides should be
+    # multiple of 16 bytes" on the reference backend; it runs, forward and backward, as the oracle
+    from flashmoe import FlashMoELayer
+    config = small(dtype="bfloat16", hidden_size=12, intermediate_size=20, num_experts=4)
+    layer = FlashMoELayer(config)
+    x = torch.randn(64, 12).to(torch.bfloat16).requires_grad_()
+    out = layer(x)
+    out.float().square().sum().backward()
+    assert layer.last_backend == "reference"
+    want = oracle_forward(x.detach(), layer.weights(), config)
+    assert relative_error(out.detach(), want) < 0.02
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_grouped_experts_match_one_by_one_forward_and_backward():
+    # on a GPU run_experts takes torch's grouped GEMM (one kernel on sm_90 in bf16): the forward
+    # and every gradient are the per-expert matmuls' up to bf16 rounding of the GEMMs' results
+    config = small(dtype="bfloat16", hidden_size=256, intermediate_size=128, num_experts=16, top_k=4)
+    w = random_weights(config)
+    x = torch.randn(1000, 256).to(config.torch_dtype).cuda()      # routed on the CPU, computed here
+    grouped, (ours, loop) = _experts_both_ways(config, x, w.gate_up_proj.cuda(), w.down_proj.cuda())
+    assert grouped
+    for name, a, b in zip(("out", "d rows", "d gate_up", "d down"), ours, loop):
+        assert relative_error(a.detach(), b.detach()) < 2 ** -6, name
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

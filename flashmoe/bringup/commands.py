@@ -45,10 +45,10 @@ def run_command(st: Stage, args: list[str], summary: str = "") -> None:
 
 def _bench_rows(out: Path, since: float) -> list[dict]:
     """The main fields of every row of the benchmark results written to ``out`` after ``since``."""
-    keys = ("config", "tokens", "world", "routing", "provider", "tile", "status", "median_ms", "pct_matmul", "pct_copy",
-            "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm", "correct")
+    keys = ("config", "tokens", "world", "routing", "step", "provider", "tile", "status", "median_ms", "pct_matmul",
+            "pct_copy", "speedup_vs_torch_loop", "speedup_vs_hf_grouped_mm", "correct")
     rows = []
-    for path in sorted([*out.glob("layer_*.json"), *out.glob("ep_*.json")]):
+    for path in sorted([*out.glob("layer_*.json"), *out.glob("ep_*.json"), *out.glob("reference_*.json")]):
         if path.stat().st_mtime >= since and not path.name.endswith(".trace.json"):
             rows += [{k: r[k] for k in keys if k in r} for r in json.loads(path.read_text()).get("rows", [])]
     return rows
@@ -74,6 +74,8 @@ BENCHMARKS = {
     # Two layers whose W = 8 missed 1.15x of W = 1 (docs/performance.md), traced at both.
     "trace_ep": ["bench/sweep_ep.py", "--configs", "mixtral-8x7b", "deepseek-v2-lite", "--tokens", "4096",
                  "--worlds", "1", "8", "--providers", "flashmoe", "--trace", "4096", "--repeats", "3", "--warmup", "1"],
+    # A training step runs the reference backend (autograd records): its grouped GEMMs against transformers'.
+    "train": ["bench/bench_reference.py", "--train", "--tokens", "512", "4096", "16384", *TIMED],
 }
 
 

@@ -386,6 +386,7 @@ STAGES = {
     "sweep_skewed": (benchmark, 90, "W = 8 against W = 1 under skewed routing (work sharing)"),
     "trace_ep": (benchmark, 120, "the kernel's trace of W = 1 and W = 8 virtual ranks: what the ranks cost"),
     "sanitize_large": (sanitize_large, 300, "compute-sanitizer on the selftest's larger cases (--sanitize)"),
+    "train": (benchmark, 120, "a training step (the reference backend) against transformers' grouped_mm experts"),
 }
 # `--stages kit` (the default) is the bring-up kit; `--stages longer` what comes once it runs clean.
 GROUPS = {"kit": list(STAGES)[:8], "longer": list(STAGES)[8:]}
