@@ -1,8 +1,8 @@
 """The reference backend against transformers' own ``grouped_mm`` experts: a forward, or a training step.
 
 A layer runs its reference backend wherever the kernel cannot: on a CPU, and on any device while
-autograd records, so every training step runs it (its backward recomputes the forward from the
-inputs). It should cost no more than what a transformers user already has. Both run the same
+autograd records, so every training step runs it (in eager mode as plain torch, whose activations
+autograd keeps). It should cost no more than what a transformers user already has. Both run the same
 weights of a layer of ``bench/layers.py`` (shared, not copied; transformers' block, built by
 ``bench/hf_baseline.py``, routes with its own router); on a CPU the layer is scaled down to
 ``--hidden`` (default 1024). Each row, per implementation: the median time (CUDA events on a GPU,

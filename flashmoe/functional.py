@@ -132,9 +132,9 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         t is not None and t.requires_grad
         for t in (x, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias))
     x2d = x.reshape(-1, x.shape[-1])
-    out = torch.ops.flashmoe.experts(x2d, topk_ids, topk_weights, gate_up_proj, down_proj,
-                                     gate_up_bias, down_bias, activation, gated, float(swiglu_alpha),
-                                     float(swiglu_limit), scale_expert_input, backend, virtual_world, grad)
+    out = ops.experts_2d(x2d, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                         activation, gated, float(swiglu_alpha), float(swiglu_limit), scale_expert_input,
+                         backend, virtual_world, grad)
     return out.reshape(x.shape)
 
 

@@ -68,6 +68,8 @@ class FlashMoELayer(nn.Module):
 
     The forward is the custom op ``flashmoe::moe`` (``flashmoe.ops``): ``torch.compile``
     (also ``fullgraph=True`` with dynamic token counts) and ``torch.export`` take it whole.
+    In eager mode under autograd it is the reference in plain torch, whose activations
+    autograd keeps (the op's backward would compute the forward again).
     The reference backend runs torch's GEMMs in the dtype (fp32 accumulation) and the rest in
     fp32, rounded once (``reference`` math 'mixed'). The last backend used is in
     ``last_backend`` ('kernel', 'emulated' or 'reference').

@@ -19,9 +19,12 @@ or autocast needs no other string). Routing outputs are empty (shape [0]) unless
 where the kernel's availability is a run-time fact and not something a graph bakes in. ``grad``
 says whether autograd records this forward: under it 'auto' runs the reference.
 
-Autograd: the backward recomputes the reference forward under autograd and differentiates it
-(``moe_backward``, ``experts_backward``), so nothing but the inputs is saved (as activation checkpointing would) and
-the backward is itself one opaque op for the compiler.
+Autograd: in eager mode a forward that autograd records does not take the ops: it runs the
+reference as plain torch (``autograd_in_eager``), whose activations autograd keeps. In a compiled
+or exported graph the ops' backward recomputes the reference forward under autograd and
+differentiates it (``moe_backward``, ``experts_backward``), so nothing but the inputs is saved
+(as activation checkpointing would) and the backward is itself one opaque op for the compiler.
+Both differentiate the same code and give the same bits (tests/test_autograd.py).
 
 ``owner`` names the FlashMoELayer whose kernel (built for its virtual_world, max_tokens and
 kernel_options) serves the call; 0, or an owner that no longer exists (an exported program run
@@ -209,9 +212,29 @@ def experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Ten
         weights = reference.MoEWeights(router_weight=None, gate_up_proj=gate_up_proj, down_proj=down_proj,
                                        gate_up_bias=gate_up_bias, down_bias=down_bias)
         return kernel.forward(x.contiguous(), weights, routing=(topk_ids, topk_weights))
+    return _experts_reference(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, cfg)
+
+
+def _experts_reference(x, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, cfg):
     return reference.experts_forward(x, topk_ids, topk_weights, gate_up_proj, down_proj, cfg,
                                      math=backend_select.REFERENCE_MATH, gate_up_bias=gate_up_bias,
                                      down_bias=down_bias).to(x.dtype).contiguous()
+
+
+def experts_2d(x2d: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+               gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, gated: bool,
+               swiglu_alpha: float, swiglu_limit: float, scale_expert_input: bool, backend: str,
+               virtual_world: int, grad: bool) -> Tensor:
+    """``flashmoe::experts``, or under autograd in eager mode the reference it would run
+    (``autograd_in_eager``)."""
+    if autograd_in_eager(grad, backend):
+        cfg = _experts_op_config(x2d, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha,
+                                 swiglu_limit, scale_expert_input)
+        return _experts_reference(x2d, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                                  cfg)
+    return torch.ops.flashmoe.experts(x2d, topk_ids, topk_weights, gate_up_proj, down_proj, gate_up_bias,
+                                      down_bias, activation, gated, swiglu_alpha, swiglu_limit, scale_expert_input,
+                                      backend, virtual_world, grad)
 
 
 def _experts_op_config(x, topk_ids, down_proj, activation, gated, gate_up_bias, swiglu_alpha, swiglu_limit,
@@ -252,8 +275,7 @@ def experts_backward(grad_out: Tensor, x: Tensor, topk_ids: Tensor, topk_weights
                              scale_expert_input)
 
     def forward(x, ids, w, gate_up, down, gate_up_bias, down_bias):
-        return reference.experts_forward(x, ids, w, gate_up, down, cfg, math=backend_select.REFERENCE_MATH,
-                                         gate_up_bias=gate_up_bias, down_bias=down_bias).to(x.dtype)
+        return _experts_reference(x, ids, w, gate_up, down, gate_up_bias, down_bias, cfg)
     needs = [need and i != 1 for i, need in enumerate(needs)]     # ids have no gradient
     return _recomputed_grads(forward, grad_out, (x, topk_ids, topk_weights, gate_up_proj, down_proj,
                                                  gate_up_bias, down_bias), needs)
@@ -306,14 +328,38 @@ def _autograd_inside_op():
         yield
 
 
+def autograd_in_eager(grad: bool, backend: str) -> bool:
+    """Whether a forward that autograd records runs the reference as plain torch instead of
+    through the op: in eager mode, with a backend that runs the reference under autograd anyway
+    ('auto', 'reference'). Autograd then keeps the reference's activations, as for any module,
+    and the backward differentiates them instead of computing the forward a second time (the
+    same bits; a training step about a quarter shorter, bench/bench_reference.py --train). A
+    compiled or exported graph keeps the op: the compiler cannot trace the routing's
+    data-dependent row counts, and the op's backward saves only the inputs."""
+    return grad and backend in ("auto", "reference") and not torch.compiler.is_compiling()
+
+
 def forward_2d(x2d: Tensor, weights: reference.MoEWeights, config: MoEConfig, *, backend: str,
                virtual_world: int = 1, return_routing: bool = False, owner: int = 0,
                config_text: str | None = None):
-    """``flashmoe::moe`` on ``x2d[T, H]``: (out[T, H], Routing or None). The router logits of a
+    """``flashmoe::moe`` on ``x2d[T, H]`` (or, under autograd in eager mode, the reference it
+    would run: ``autograd_in_eager``): (out[T, H], Routing or None). The router logits of a
     returned Routing are computed here, in plain torch (differentiable, fp32). ``config_text``
     is ``config_json(config)`` when the caller keeps it (a compiled caller must: building it
     is not traceable)."""
     grad = backend_select.needs_autograd(x2d, weights)
+    if autograd_in_eager(grad, backend):
+        with reference.no_autocast(x2d.device):
+            out, routing = backend_select.forward_2d("reference", x2d, weights, config)
+        layer = _OWNERS.get(owner)
+        if layer is not None:
+            layer.last_backend = "reference"
+        if not return_routing:
+            return out, None
+        # as the op returns them: the decisions without a graph, the logits differentiable
+        decided = {name: None if t is None else t.detach()
+                   for name, t in vars(routing).items() if name != "logits"}
+        return out, dataclasses.replace(routing, **decided)
     out, ids, topk_weights, kept, gate = torch.ops.flashmoe.moe(
         x2d, *(getattr(weights, name) for name in _WEIGHTS), config_text or config_json(config), backend,
         virtual_world, grad, return_routing, owner)
