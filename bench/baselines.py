@@ -30,7 +30,7 @@ def torch_router(x2d: torch.Tensor, w: MoEWeights, config: MoEConfig) -> Routing
     if config.n_group > 1 or config.selection_bias or config.capacity_factor is not None:
         return reference.route(x2d, w, config)
     logits = F.linear(x2d.float(), w.router_weight.float())
-    scores = torch.softmax(logits, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits)
+    scores = reference.router_scores(logits, config.scoring)
     weights, ids = torch.topk(scores, config.top_k, dim=-1)
     if config.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -39,10 +39,7 @@ def torch_router(x2d: torch.Tensor, w: MoEWeights, config: MoEConfig) -> Routing
 
 
 def _mlp_tail(h: torch.Tensor, config: MoEConfig) -> torch.Tensor:
-    if config.gated:
-        g, u = h.chunk(2, dim=-1)
-        return reference.activation(g, config.activation) * u
-    return reference.activation(h, config.activation)
+    return reference._activate(h, config)       # act(gate) * up, act, or a clamped SwiGLU, in h's dtype
 
 
 def torch_loop(x2d: torch.Tensor, w: MoEWeights, config: MoEConfig, routing: Routing | None = None):

@@ -82,6 +82,9 @@ def build(family: str, config: MoEConfig, weights: MoEWeights) -> nn.Module:
         raise ValueError(f"no transformers baseline for family {family!r}")
     if config.num_shared_experts or config.selection_bias or config.n_group > 1 or config.scoring != "softmax":
         raise ValueError("the transformers baselines here cover softmax top-k routed experts only")
+    if config.activation not in _HF_ACT:
+        raise ValueError(f"the transformers baselines here cover the activations {', '.join(_HF_ACT)}, "
+                         f"not {config.activation!r}")
     dt = config.torch_dtype
     common = dict(hidden_size=config.hidden_size, num_experts_per_tok=config.top_k,
                   hidden_act=_HF_ACT[config.activation])

@@ -136,8 +136,9 @@ def selection_gaps(x: torch.Tensor, weights: MoEWeights, config: MoEConfig) -> t
     eligible selection score, and between the topk_group-th and next group score."""
     logits = reference.router_logits(x, weights.router_weight,
                                      weights.router_bias if config.router_bias else None)
-    scores = torch.softmax(logits, -1) if config.scoring == "softmax" else torch.sigmoid(logits)
-    select = scores + (weights.selection_bias.float() if config.selection_bias else 0)
+    select = reference.router_scores(logits, config.scoring)
+    if config.selection_bias:
+        select = select + weights.selection_bias.float()
     gap = torch.full((x.shape[0],), float("inf"), device=x.device)
     if config.n_group > 1:
         grouped = select.view(x.shape[0], config.n_group, config.num_experts // config.n_group)

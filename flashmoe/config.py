@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped", "silu_clamped")
 # Activations defined only for gated experts (they transform the up half too).
-GATED_ONLY_ACTIVATIONS = ("swiglu_clamped",)
-SCORINGS = ("softmax", "sigmoid")
+GATED_ONLY_ACTIVATIONS = ("swiglu_clamped", "silu_clamped")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("top2_sum", "max")
 
 # dtype name -> torch dtype. Names are what the config stores, so a config stays hashable and
@@ -51,21 +51,24 @@ class MoEConfig:
         num_experts (E): routed experts.
         top_k (k): experts each token goes to.
     Experts
-        activation: 'silu', 'gelu' (erf), 'gelu_tanh', 'relu', or 'swiglu_clamped' (gated
-            only, GPT-OSS): with g = min(x Wg^T, swiglu_limit) and
-            u = clamp(x Wu^T, -swiglu_limit, swiglu_limit), ``g * sigmoid(swiglu_alpha * g) * (u + 1)``.
+        activation: 'silu', 'gelu' (erf), 'gelu_tanh', 'relu', or one of two clamped SwiGLUs
+            (gated only) of g = min(x Wg^T, swiglu_limit) and
+            u = clamp(x Wu^T, -swiglu_limit, swiglu_limit): 'swiglu_clamped' (GPT-OSS,
+            MiniMax-M3) ``g * sigmoid(swiglu_alpha * g) * (u + 1)``, 'silu_clamped'
+            (DeepSeek-V4, GLM-5-Next, HY-V4) ``silu(g) * u``.
         gated: True: ``act(x Wg^T) * (x Wu^T)`` then ``W_down`` (SwiGLU with silu), with
             gate_up_proj[e] = [Wg; Wu]; False: ``act(x W1^T) W2^T``.
-        swiglu_alpha, swiglu_limit: the constants of 'swiglu_clamped' (finite, > 0; read only
-            by that activation).
+        swiglu_alpha, swiglu_limit: the constants of the clamped SwiGLUs (finite, > 0; read
+            only by them, swiglu_alpha only by 'swiglu_clamped').
         expert_bias: each routed expert has biases, gate_up_bias[e] added after its first
             projection and down_bias[e] after its second (GPT-OSS); the shared experts have none.
         scale_expert_input: the routing weight multiplies the expert's input instead of its
             output, whose outputs are then summed unweighted (Llama4).
     Router (always fp32)
         router_bias: a per-expert bias added to the router logits before scoring (GPT-OSS).
-        scoring: 'softmax' over the E logits, or 'sigmoid' per expert. A softmax over the k
-            chosen logits only (GPT-OSS, Granite) is 'softmax' with norm_topk_prob=True.
+        scoring: 'softmax' over the E logits, 'sigmoid' per expert, or 'sqrtsoftplus' per
+            expert (sqrt(softplus(logit)), DeepSeek-V4). A softmax over the k chosen logits
+            only (GPT-OSS, Granite) is 'softmax' with norm_topk_prob=True.
         norm_topk_prob: divide the k chosen weights by (their sum + norm_topk_epsilon).
         norm_topk_epsilon: the denominator's guard against a zero sum (default 1e-20; LFM2
             uses 1e-6); a number >= 0.

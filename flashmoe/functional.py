@@ -84,8 +84,9 @@ def experts_forward(x, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     in x's dtype, as transformers stores them. ``transposed=True``: gate_up_proj [E, H, 2I] and
     down_proj [E, I, H]; the kernel reads a copy in its own layout, made when the weights it
     last ran differ (so on every call when calls alternate between layers). ``interleaved=True``:
-    the gate and up rows alternate (gate 0, up 0, gate 1, ...), reordered on every call. ``activation``: one of ``flashmoe.config.ACTIVATIONS``;
-    'swiglu_clamped' (GPT-OSS) reads ``swiglu_alpha`` and ``swiglu_limit``.
+    the gate and up rows alternate (gate 0, up 0, gate 1, ...), reordered on every call.
+    ``activation``: one of ``flashmoe.config.ACTIVATIONS``; 'swiglu_clamped' (GPT-OSS) reads
+    ``swiglu_alpha`` and ``swiglu_limit``, 'silu_clamped' (DeepSeek-V4) ``swiglu_limit``.
     ``scale_expert_input=True`` (Llama4; vLLM's ``apply_router_weight_on_input``): the weight
     scales the expert's input instead of its output, ``expert(w x)``, and the combine adds the
     outputs unweighted; a repeated expert's summed weight scales its one input.

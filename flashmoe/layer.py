@@ -187,9 +187,12 @@ class FlashMoELayer(nn.Module):
             shared_gate_weight=self.shared_gate_weight, router_bias=self.router_bias,
             gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
+    def forward(self, x: torch.Tensor, return_routing: bool = False, input_ids: torch.Tensor | None = None):
         """``x[..., H]`` -> same shape and dtype; with ``return_routing`` also the ``Routing``
-        (ids, weights, kept, shared gate, logits) of the flattened tokens."""
+        (ids, weights, kept, shared gate, logits) of the flattened tokens. ``input_ids`` is
+        taken and not read: DeepSeek-V4's decoder layers pass the token ids to their MoE block
+        (for its hash-routed layers, which ``from_hf`` refuses), and this layer routes by its
+        router."""
         if torch.jit.is_tracing():
             raise RuntimeError("torch.jit.trace would freeze this layer's routing (which experts "
                                "each token goes to) into the trace: use torch.compile or "

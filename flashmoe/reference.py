@@ -4,7 +4,7 @@ The GPU kernel must match this module; every kernel test compares against it.
 
 Routing (always fp32)
     logits  = fp32(x) @ fp32(W_router)^T  (+ router_bias)              [T, E]
-    scores  = softmax(logits) or sigmoid(logits)
+    scores  = softmax(logits), sigmoid(logits) or sqrt(softplus(logits))
     select  = scores + bias            (selection bias: chooses experts, never weighs them)
     groups  (n_group > 1): a group's score is the sum of its two best ``select`` values
             ('top2_sum', DeepSeek-V3) or its best ('max', DeepSeek-V2); only the best
@@ -26,7 +26,7 @@ Experts (weights in the transformers 5 layout)
     expert_bias: gate_up_bias[e] is added to x @ [gate; up]^T (or x @ W1^T) and down_bias[e]
             to y, each in the precision of its projection's result before rounding
     'swiglu_clamped' (gated): g = min(x @ gate^T, limit), u = clamp(x @ up^T, -limit, limit),
-            h = g * sigmoid(alpha * g) * (u + 1)
+            h = g * sigmoid(alpha * g) * (u + 1); 'silu_clamped' (gated): h = silu(g) * u
     scale_expert_input: the routing weight scales the expert's input, not its output: expert
             ids[t, j]'s first projection is weights[t, j] * (x[t] @ gate_up^T), before its bias
             and in that result's precision (= (weights[t, j] * x[t]) @ gate_up^T, one rounding
@@ -104,6 +104,13 @@ def router_logits(x2d: torch.Tensor, router_weight: torch.Tensor,
     return logits if router_bias is None else logits + router_bias.float()
 
 
+def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The scores [T, E] of fp32 router logits under ``scoring`` (MoEConfig.scoring)."""
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return torch.sigmoid(logits) if scoring == "sigmoid" else F.softplus(logits).sqrt()
+
+
 def _topk_stable(values: torch.Tensor, k: int):
     """Top-k along the last dim, best first, ties to the lower index (torch.topk leaves ties open)."""
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
@@ -131,7 +138,7 @@ def _route(x2d, weights, config, token_index, num_tokens_total) -> Routing:
         raise ValueError("config.router_bias=True but no router_bias tensor was given")
     logits = router_logits(x2d, weights.router_weight,
                            weights.router_bias if config.router_bias else None)
-    scores = torch.softmax(logits, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits)
+    scores = router_scores(logits, config.scoring)
     select = scores
     if config.selection_bias:
         if weights.selection_bias is None:
@@ -195,11 +202,12 @@ def activation(h: torch.Tensor, name: str, inplace: bool = False, *, alpha: floa
                limit: float = 7.0) -> torch.Tensor:
     """act(h); ``inplace`` overwrites h where torch has an in-place form (silu, relu).
 
-    For 'swiglu_clamped' (gated only) this is the gate half, ``g * sigmoid(alpha * g)`` with
-    g = min(h, limit); ``_activate`` applies the up half's clamp and offset."""
-    if name == "swiglu_clamped":
+    For the clamped SwiGLUs (gated only) this is the gate half, ``g * sigmoid(alpha * g)``
+    ('swiglu_clamped') or ``silu(g)`` ('silu_clamped') with g = min(h, limit); ``_activate``
+    applies the up half's clamp (and offset)."""
+    if name in ("swiglu_clamped", "silu_clamped"):
         g = h.clamp(max=limit)
-        return g * torch.sigmoid(g * alpha)
+        return g * torch.sigmoid(g * alpha) if name == "swiglu_clamped" else F.silu(g)
     if name == "silu":
         return F.silu(h, inplace=inplace)
     if name == "gelu":
@@ -266,7 +274,7 @@ def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = No
     instead of a separate copy, and runs in place unless autograd records it (a fresh output
     costs more than the multiplication)."""
     recording = torch.is_grad_enabled() and h.requires_grad
-    if config.activation == "swiglu_clamped":
+    if config.activation in ("swiglu_clamped", "silu_clamped"):
         return _swiglu_clamped(h, config, dtype)
     if config.gated:
         g, u = h.chunk(2, dim=-1)
@@ -277,13 +285,15 @@ def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = No
 
 
 def _swiglu_clamped(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None) -> torch.Tensor:
-    """GPT-OSS's clamped SwiGLU on h = [gate, up]: act(gate) * (clamp(up, -limit, limit) + 1),
-    act as in ``activation``; computed in ``dtype`` (default h's)."""
+    """A clamped SwiGLU on h = [gate, up]: act(gate) * (clamp(up, -limit, limit) + 1) (GPT-OSS's
+    'swiglu_clamped') or act(gate) * clamp(up, -limit, limit) ('silu_clamped'), act as in
+    ``activation``; computed in ``dtype`` (default h's)."""
     g, u = h.chunk(2, dim=-1)
     dtype = dtype or g.dtype
     limit = config.swiglu_limit
-    a = activation(g.to(dtype), "swiglu_clamped", alpha=config.swiglu_alpha, limit=limit)
-    return a * (u.to(dtype).clamp(-limit, limit) + 1)
+    a = activation(g.to(dtype), config.activation, alpha=config.swiglu_alpha, limit=limit)
+    u = u.to(dtype).clamp(-limit, limit)
+    return a * (u + 1 if config.activation == "swiglu_clamped" else u)
 
 
 def _add_bias(t: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:

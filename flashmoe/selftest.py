@@ -48,6 +48,8 @@ from .host.plan import DeviceInfo
 # groups (E must be a multiple of n_group), scaled weights, shared experts. GPT-OSS: router and expert
 # biases, the clamped SwiGLU (a limit of 1 clamps many gate and up elements of O(1) activations; GPT-OSS
 # itself: 7). Llama4: a sigmoid top-1 whose weight scales the expert's input, and a shared expert.
+# DeepSeek-V4: sqrt(softplus) scores with a selection-only bias, scaled weights, the SiLU clamped SwiGLU in
+# the routed and shared experts (DeepSeek-V4 itself: a limit of 10).
 FAMILY_OPTIONS = {
     "mixtral": dict(norm_topk_prob=True),
     "qwen2": dict(num_shared_experts=1, shared_expert_gate=True),
@@ -56,6 +58,8 @@ FAMILY_OPTIONS = {
     "gpt-oss": dict(activation="swiglu_clamped", swiglu_limit=1.0, expert_bias=True, router_bias=True,
                     norm_topk_prob=True),
     "llama4": dict(top_k=1, scoring="sigmoid", scale_expert_input=True, num_shared_experts=1),
+    "deepseek-v4": dict(scoring="sqrtsoftplus", selection_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
+                        activation="silu_clamped", swiglu_limit=1.0, num_shared_experts=1),
 }
 
 
@@ -97,6 +101,8 @@ def gpu_cases(quick: bool = False) -> list[Case]:
                                                    shared_intermediate_size=1024), world=4, tokens=512))
     cases.append(Case("gpt-oss-W4", _cfg(FAMILY_OPTIONS["gpt-oss"], num_experts=32, top_k=4), world=4, tokens=600))
     cases.append(Case("llama4-W4", _cfg(FAMILY_OPTIONS["llama4"], num_experts=16), world=4, tokens=600))
+    cases.append(Case("deepseek-v4-W4", _cfg(FAMILY_OPTIONS["deepseek-v4"], num_experts=64, top_k=6), world=4,
+                      tokens=600))
     if not quick:
         qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
         cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
@@ -121,6 +127,7 @@ def emulated_cases() -> list[Case]:
                                   n_group=4, topk_group=2, routed_scaling_factor=1.5), tokens=33),
         Case("emu-gpt-oss", _cfg({**small, **FAMILY_OPTIONS["gpt-oss"]}, swiglu_limit=1.5), tokens=33),
         Case("emu-llama4", _cfg(small, **FAMILY_OPTIONS["llama4"]), tokens=33),
+        Case("emu-deepseek-v4", _cfg(small, **FAMILY_OPTIONS["deepseek-v4"]), tokens=33),
     ]
 
 

@@ -28,8 +28,10 @@ def route_token(x, w, config):
         top = max(logits)
         exps = [math.exp(v - top) for v in logits]
         scores = [v / sum(exps) for v in exps]
-    else:
+    elif config.scoring == "sigmoid":
         scores = [1.0 / (1.0 + math.exp(-v)) for v in logits]
+    else:   # sqrtsoftplus
+        scores = [math.sqrt(math.log1p(math.exp(v))) for v in logits]
     select = list(scores)
     if config.selection_bias:
         select = [s + b for s, b in zip(scores, w.selection_bias)]
@@ -51,10 +53,22 @@ def route_token(x, w, config):
     return ranked, [v * config.routed_scaling_factor for v in weights]
 
 
+def _clamped_swiglu(gate, up, config):
+    """The clamped SwiGLUs of one gate and up element."""
+    limit = config.swiglu_limit
+    g, u = min(gate, limit), max(-limit, min(up, limit))
+    if config.activation == "swiglu_clamped":
+        return g / (1.0 + math.exp(-config.swiglu_alpha * g)) * (u + 1.0)
+    return g / (1.0 + math.exp(-g)) * u
+
+
 def mlp(x, gate_up, down, config):
-    act = ACTIVATIONS[config.activation]
     width = len(down[0])
     pre = [sum(a * b for a, b in zip(x, r)) for r in gate_up]
+    if config.activation in ("swiglu_clamped", "silu_clamped"):
+        h = [_clamped_swiglu(pre[r], pre[width + r], config) for r in range(width)]
+        return [sum(a * b for a, b in zip(h, r)) for r in down]
+    act = ACTIVATIONS[config.activation]
     if config.gated:
         h = [act(pre[r]) * pre[width + r] for r in range(width)]
     else:

@@ -64,6 +64,8 @@ CASES = [
      mma_sync),
     ("fp16-gpt-oss-wgmma-k2", config(dtype="float16", activation="swiglu_clamped", swiglu_limit=1.5,
                                      expert_bias=True, top_k=2), 1, 40, wgmma),
+    # DeepSeek-V4's SiLU clamped SwiGLU (activation code 5) in the wgmma epilogue
+    ("bf16-silu-clamped-wgmma-k2-W2", config(activation="silu_clamped", swiglu_limit=1.0, top_k=2), 2, 40, wgmma),
     # the weights scale the experts' inputs (vLLM's apply_router_weight_on_input); token 4's repeated
     # expert runs once, its input scaled by the two slots' summed weight
     ("bf16-scaled-input-k3-W2", config(scale_expert_input=True), 2, 45, mma_sync),

@@ -263,6 +263,12 @@ def test_expert_placement_partitions_contiguously():
 
 # ---------------------------------------------------------------- reference
 
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return torch.softmax(logits, -1)
+    return torch.sigmoid(logits) if scoring == "sigmoid" else torch.nn.functional.softplus(logits).sqrt()
+
+
 def check_routing(config: MoEConfig, weights: ref.MoEWeights, x2d: torch.Tensor,
                   r: ref.Routing, token_index: torch.Tensor):
     E, k = config.num_experts, config.top_k
@@ -277,7 +283,7 @@ def check_routing(config: MoEConfig, weights: ref.MoEWeights, x2d: torch.Tensor,
     assert all(len(set(row)) == k for row in ids.tolist()), "an expert chosen twice by one token"
 
     # Selection on the fp32 scores the router uses (ties decide ids, so no float64 here).
-    scores32 = torch.softmax(r.logits, -1) if config.scoring == "softmax" else torch.sigmoid(r.logits)
+    scores32 = _scores(r.logits, config.scoring)
     select = scores32 + (weights.selection_bias.float() if config.selection_bias else 0)
     select = select.numpy()
     eligible = np.ones((n, E), bool)
@@ -305,8 +311,7 @@ def check_routing(config: MoEConfig, weights: ref.MoEWeights, x2d: torch.Tensor,
     assert (beaten | ~rest).all(), "an unchosen eligible expert outranks a chosen one"
 
     # Weights: scores of the chosen experts, optionally renormalised, then scaled (float64 here).
-    s64 = (torch.softmax(r.logits.double(), -1) if config.scoring == "softmax"
-           else torch.sigmoid(r.logits.double()))
+    s64 = _scores(r.logits.double(), config.scoring)
     w = s64.gather(1, r.ids)
     if config.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)

@@ -165,7 +165,7 @@ def test_unknown_blocks_are_refused_clearly():
 
 def test_unsupported_activation_is_refused():
     block = qwen3_block(hidden_act="tanh")
-    with pytest.raises(ValueError, match=r"activation Tanh has no flashmoe equivalent"):
+    with pytest.raises(ValueError, match=r"the activation Tanh computes none of flashmoe's gated activations"):
         FlashMoELayer.from_hf(block)
 
 

@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 import flashmoe.hf  # noqa: E402,F401  (registers the implementation)
+from flashmoe.hf import activations  # noqa: E402
 from flashmoe.hf import experts as hf_experts  # noqa: E402
 
 # Sizes every family gets where its config has the field.
@@ -45,11 +46,11 @@ SERVED = {
     "openai_privacy_filter": NO_SPECIAL_TOKENS,
     # ungated experts (up_proj only)
     "nemotron_h": dict(layers_block_type=["moe", "attention"], mlp_hidden_act="relu"),
+    # their own gates: SiLU clamped SwiGLUs, the limit kept as limit and as swiglu_limit
+    "deepseek_v4": dict(q_lora_rank=16, swiglu_limit=0.8), "hy_v4": dict(q_lora_rank=16, **NO_SPECIAL_TOKENS),
 }
 # model_type -> (config fields, what the fallback warning names)
 FALLBACK = {
-    "hy_v4": (dict(q_lora_rank=16, **NO_SPECIAL_TOKENS), "its own gate HYV4Experts._apply_gate"),
-    "deepseek_v4": (dict(q_lora_rank=16), "its own gate DeepseekV4Experts._apply_gate"),
     "nemotron_h": (dict(layers_block_type=["moe", "attention"], mlp_hidden_act="relu2"),
                    "the activation ReLUSquaredActivation"),
 }
@@ -137,7 +138,7 @@ def test_layouts_are_read_from_the_modules(calls):
     out = logits(model, ids)
     assert relative_error(out, expected) < 1e-5
     assert calls[0]["transposed"] and calls[0]["interleaved"] and "gate_up_bias" in calls[0]
-    plan, _ = hf_experts.plan_for(experts)
+    plan, _ = activations.plan_for(experts)
     assert (plan.activation, plan.swiglu_alpha, plan.swiglu_limit) == ("swiglu_clamped", 1.5, 5.0)
 
 
@@ -159,6 +160,45 @@ def test_what_flashmoe_cannot_compute_falls_back_with_one_warning(model_type):
         logits(model, ids)                      # no second warning
 
 
+def test_an_own_gate_flashmoe_cannot_compute_falls_back(monkeypatch):
+    model = build("deepseek_v4", q_lora_rank=16, swiglu_limit=0.8)
+    experts_class = type(model.model.layers[0].mlp.experts)
+
+    def clamp_after_silu(self, gate_up):            # Step-3.7's order: the clamp after the activation
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate).clamp(max=self.limit) * up.clamp(-self.limit, self.limit)
+
+    monkeypatch.setattr(experts_class, "_apply_gate", clamp_after_silu)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    expected = logits(model, ids)
+    model.set_experts_implementation("flashmoe")
+    with pytest.warns(UserWarning, match="its own gate DeepseekV4Experts._apply_gate computes none"):
+        out = logits(model, ids)
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("limit", [0.5, 50.0])
+def test_a_clamp_is_told_from_none_at_any_limit(limit):
+    """A shared MLP that keeps no limit attribute is still probed past the routed experts' limit:
+    its clamp (or the lack of one) decides whether it computes their activation."""
+    class SharedMLP(torch.nn.Module):
+        def __init__(self, clamp):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
+            self.down_proj, self.clamp = torch.nn.Linear(4, 8, bias=False), clamp
+
+        def forward(self, x):
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if self.clamp:
+                gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+    plan = activations.ExpertsPlan("silu_clamped", gated=True, swiglu_limit=limit)
+    assert activations.shared_computes(SharedMLP(clamp=True), plan)
+    assert not activations.shared_computes(SharedMLP(clamp=False), plan)
+    assert activations.shared_computes(SharedMLP(clamp=False), activations.ExpertsPlan("silu", gated=True))
+
+
 def test_a_renamed_activation_is_identified_by_what_it_computes():
     model = build("qwen3_moe")
     experts = model.model.layers[0].mlp.experts
@@ -168,7 +208,7 @@ def test_a_renamed_activation_is_identified_by_what_it_computes():
             return x * torch.sigmoid(x)
 
     experts.act_fn = MySwish()
-    assert hf_experts.plan_for(experts)[0].activation == "silu"
+    assert activations.plan_for(experts)[0].activation == "silu"
 
     class Shifted(torch.nn.Module):             # a class name that says silu, computing else
         def forward(self, x):
@@ -176,7 +216,7 @@ def test_a_renamed_activation_is_identified_by_what_it_computes():
 
     Shifted.__name__ = "SiLUActivation"
     experts.act_fn = Shifted()
-    plan, missing = hf_experts.plan_for(experts)
+    plan, missing = activations.plan_for(experts)
     assert plan is None and "the activation SiLUActivation computes none" in missing
 
 

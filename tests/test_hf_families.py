@@ -19,156 +19,8 @@ from flashmoe.hf import FAMILIES, config_from_hf, convert, unconvert
 
 transformers = pytest.importorskip("transformers")
 
-H = 32
-SMALL = dict(vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=2, max_position_embeddings=64, experts_implementation="eager",
-             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-DEEPSEEK_ATTENTION = dict(q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
-                          qk_rope_head_dim=8, v_head_dim=8)
-DBRX_ATTENTION = dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)
+from hf_models import H, MODELS, SMALL, VARIANTS, make_block
 
-# family -> (module, config class, model class, config fields, number of MoE blocks)
-MODELS = {
-    "mixtral": ("mixtral", "MixtralConfig", "MixtralForCausalLM",
-                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16), 2),
-    "qwen2_moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                       num_experts_per_tok=3, shared_expert_intermediate_size=40,
-                       norm_topk_prob=False), 2),
-    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                       num_experts_per_tok=2, head_dim=16, norm_topk_prob=True), 2),
-    "olmoe": ("olmoe", "OlmoeConfig", "OlmoeForCausalLM",
-              dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2), 2),
-    "flex_olmo": ("flex_olmo", "FlexOlmoConfig", "FlexOlmoForCausalLM",
-                  dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                       norm_topk_prob=True), 2),
-    "deepseek_v3": ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
-                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                         num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-                         first_k_dense_replace=1, **DEEPSEEK_ATTENTION), 1),
-    "minimax": ("minimax", "MiniMaxConfig", "MiniMaxForCausalLM",
-                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                     layer_types=["linear_attention", "full_attention"], block_size=4), 2),
-    "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
-                       dict(intermediate_size=24, num_experts=8, moe_topk=2, head_dim=16), 2),
-    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM",
-                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                        num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=16,
-                        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
-                        linear_value_head_dim=8, norm_topk_prob=True,
-                        layer_types=["linear_attention", "full_attention"]), 2),
-    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
-                    dict(moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                         shared_expert_intermediate_size=24, head_dim=16, linear_num_key_heads=2,
-                         linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-                         layer_types=["linear_attention", "full_attention"]), 2),
-    "jamba": ("jamba", "JambaConfig", "JambaForCausalLM",
-              dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
-                   expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0,
-                   mamba_d_state=4, mamba_expand=2), 1),
-    "granitemoe": ("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
-                   dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                        residual_multiplier=0.5, embedding_multiplier=2.0), 2),
-    "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
-                         dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                              shared_intermediate_size=40), 2),
-    "gpt_oss": ("gpt_oss", "GptOssConfig", "GptOssForCausalLM",
-                # a small limit so that the clamps of the SwiGLU bind on many elements
-                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                     swiglu_limit=0.8, sliding_window=4,
-                     layer_types=["sliding_attention", "full_attention"]), 2),
-    "llama4": ("llama4", "Llama4TextConfig", "Llama4ForCausalLM",
-               dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8,
-                    num_experts_per_tok=2, head_dim=16, interleave_moe_layer_step=2), 1),
-    "glm4_moe": ("glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM",
-                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                      num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=2,
-                      first_k_dense_replace=1, routed_scaling_factor=2.5, head_dim=16), 1),
-    "dots1": ("dots1", "Dots1Config", "Dots1ForCausalLM",
-              dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                   num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
-                   first_k_dense_replace=1, norm_topk_prob=True, head_dim=16), 1),
-    "exaone_moe": ("exaone_moe", "ExaoneMoeConfig", "ExaoneMoeForCausalLM",
-                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                        num_experts_per_tok=2, num_shared_experts=1, n_group=2, topk_group=1,
-                        mlp_layer_types=["dense", "sparse"], head_dim=16), 1),
-    "deepseek_v2": ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                         num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4,
-                         topk_group=2, n_shared_experts=2, routed_scaling_factor=2.0,
-                         first_k_dense_replace=1, **DEEPSEEK_ATTENTION), 1),
-    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
-                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
-                          moe_num_shared_experts=2, moe_layer_start_index=1), 1),
-    "lfm2_moe": ("lfm2_moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM",
-                 dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                      num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.5,
-                      layer_types=["conv", "full_attention"]), 1),
-    "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
-                       dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
-                            layer_types=["full_attention", "sliding_attention"]), 2),
-    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
-                         dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                              shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
-                              mamba_chunk_size=4, layer_types=["linear_attention", "full_attention"]), 2),
-    "mistral4": ("mistral4", "Mistral4Config", "Mistral4ForCausalLM",
-                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-                      n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.5, head_dim=16,
-                      **DEEPSEEK_ATTENTION), 2),
-    "minimax_m2": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM",
-                   dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16), 2),
-    "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM",
-                      dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                           num_experts_per_tok=2, n_group=2, topk_group=1, head_dim=16, v_head_dim=16,
-                           # its sliding layers double the key/value heads, past SMALL's two heads
-                           layer_types=["full_attention", "full_attention"], mlp_layer_types=["dense", "sparse"]), 1),
-    "hy_v3": ("hy_v3", "HYV3Config", "HYV3ForCausalLM",
-              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                   num_shared_experts=1, router_scaling_factor=2.5, head_dim=16,
-                   mlp_layer_types=["dense", "sparse"]), 1),
-    "afmoe": ("afmoe", "AfmoeConfig", "AfmoeForCausalLM",
-              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                   num_shared_experts=2, num_dense_layers=1, route_scale=2.0, head_dim=16, sliding_window=4,
-                   layer_types=["sliding_attention", "full_attention"]), 1),
-    "aria": ("aria", "AriaTextConfig", "AriaTextForCausalLM",
-             dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2, head_dim=16), 2),
-    "laguna": ("laguna", "LagunaConfig", "LagunaForCausalLM",
-               dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                    shared_expert_intermediate_size=24, moe_routed_scaling_factor=2.0, head_dim=16,
-                    mlp_layer_types=["dense", "sparse"]), 1),
-    "lara_mini": ("lara_mini", "LaraMiniConfig", "LaraMiniForCausalLM",
-                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                       shared_expert_intermediate_size=24, head_dim=16, linear_num_key_heads=2,
-                       linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-                       layer_types=["linear_attention", "full_attention"]), 2),
-    # DBRX names its sizes its own way (d_model, ...); real checkpoints set rope_theta and
-    # clip_qkv, which its attention needs
-    "dbrx": ("dbrx", "DbrxConfig", "DbrxForCausalLM",
-             dict(d_model=H, n_heads=2, n_layers=2, max_seq_len=64, attn_config=DBRX_ATTENTION,
-                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)), 2),
-    # Language models inside vision-language ones: the text model alone (no logits, no generate).
-    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
-                     dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                          head_dim=16), 2),
-    "mistral_large4": ("mistral_large4", "MistralLarge4TextConfig", "MistralLarge4TextModel",
-                       dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                            num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
-                            routed_scaling_factor=1.5, head_dim=16, first_k_dense_replace=1,
-                            mlp_layer_types=["dense", "sparse"], **DEEPSEEK_ATTENTION), 1),
-}
-
-# variants: (family, config fields changed)
-VARIANTS = {
-    "deepseek_v2_greedy": ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None)),
-    "ernie4_5_moe_no_shared": ("ernie4_5_moe", dict(moe_num_shared_experts=0)),
-    "lfm2_moe_no_bias_no_norm": ("lfm2_moe", dict(use_expert_bias=False, norm_topk_prob=False)),
-    "llama4_top1": ("llama4", dict(num_experts_per_tok=1)),
-    "mistral4_no_norm": ("mistral4", dict(norm_topk_prob=False)),
-    "lara_mini_no_norm": ("lara_mini", dict(norm_topk_prob=False)),
-    "dbrx_no_norm": ("dbrx", dict(ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2,
-                                                  moe_normalize_expert_weights=None))),
-}
 CASES = {**{name: (name, {}) for name in MODELS}, **VARIANTS}
 
 
@@ -261,22 +113,28 @@ def test_convert_keeps_the_recorded_router_logits(family):
         assert relative_error(a.float(), b.float()) < 1e-5
 
 
-def test_dbrx_unconvert_writes_back_into_its_matrices():
-    """DBRX's experts are three [E * I, H] matrices (w2 holds down transposed), read through views:
-    unconvert writes the layers' changed weights back through the same views."""
-    model, expected_blocks = build_model("dbrx")
+@pytest.mark.parametrize("family", ["dbrx", "minimax_m3_vl"])
+def test_unconvert_writes_back_through_the_blocks_own_layout(family):
+    """DBRX's experts are three [E * I, H] matrices (w2 holds down transposed), MiniMax-M3's shared
+    expert one fused gate_up_proj, each read through views: unconvert writes the layers' changed
+    weights back through the same views."""
+    model, expected_blocks = build_model(family)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def output():
+        out = model(input_ids=ids)
+        return out.logits if model.can_generate() else out.last_hidden_state
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert len(convert(model).converted) == expected_blocks
     with torch.no_grad():       # stands in for training: every converted tensor changes
         for layer in (m for m in model.modules() if isinstance(m, FlashMoELayer)):
             for p in layer.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        trained = model(input_ids=ids).logits
+        trained = output()
         assert len(unconvert(model)) == expected_blocks
         assert {k: v.shape for k, v in model.state_dict().items()} == shapes
         assert not any(t.is_meta for t in model.state_dict().values())
-        assert relative_error(model(input_ids=ids).logits, trained) < 1e-5
+        assert relative_error(output(), trained) < 1e-5
 
 
 def moe_blocks_or_layers(model, blocks):
@@ -308,6 +166,41 @@ def test_configs_read_from_the_blocks():
     assert (c.norm_topk_prob, c.scoring) == (False, "softmax")
     c = config_from_hf(first_block("exaone_moe"))
     assert (c.selection_bias, c.n_group, c.num_shared_experts) == (True, 2, 1)
+    c = config_from_hf(first_block("deepseek_v4"))
+    assert (c.scoring, c.selection_bias, c.norm_topk_prob, c.routed_scaling_factor) == ("sqrtsoftplus", True, True, 1.5)
+    assert (c.activation, c.swiglu_limit, c.num_shared_experts, c.shared_intermediate_size) == ("silu_clamped", 0.8, 1, 16)
+    assert config_from_hf(first_block("deepseek_v4", scoring_func="sigmoid")).scoring == "sigmoid"
+    c = config_from_hf(first_block("minimax_m3_vl"))
+    assert (c.activation, c.swiglu_alpha, c.swiglu_limit, c.routed_scaling_factor) == ("swiglu_clamped", 1.702, 0.8, 1.5)
+    assert (c.scoring, c.selection_bias, c.shared_intermediate_size) == ("sigmoid", True, 24)
+    c = config_from_hf(first_block("beam"))
+    assert (c.n_group, c.topk_group, c.routed_scaling_factor, c.num_shared_experts) == (2, 1, 2.0, 0)
+    c = config_from_hf(first_block("flint"))
+    assert (c.scoring, c.selection_bias, c.norm_topk_prob, c.shared_intermediate_size) == ("sigmoid", False, True, 24)
+
+
+# Blocks of models whose whole tiny model is too elaborate to build here (linear and indexed
+# attention, vision towers): the block against the converted layer.
+BLOCKS = {
+    # DeepSeek-V3's routing under another name, with the SiLU clamped SwiGLU in both kinds of experts
+    "glm5_next": lambda: make_block("glm5_next", "Glm5NextTextMoE", "Glm5NextTextConfig", hidden_size=H,
+                                    moe_intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                    n_group=2, topk_group=1, n_shared_experts=1, swiglu_limit=0.8),
+    # DeepSeek-V2's routing under another name
+    "unlimited_ocr": lambda: make_block("unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig",
+                                        hidden_size=H, num_attention_heads=2, moe_intermediate_size=16,
+                                        num_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                                        topk_method="group_limited_greedy", n_group=4, topk_group=2),
+}
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_a_block_matches_its_converted_layer(name):
+    block = BLOCKS[name]().eval()
+    randomise(block, torch.Generator().manual_seed(2))
+    x = torch.randn(2, 9, H, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative_error(FlashMoELayer.from_hf(block)(x), block(x)) < 1e-5
 
 
 def test_gpt_oss_weights_are_deinterleaved_and_transposed():
@@ -339,13 +232,14 @@ def test_blocks_returning_a_pair_are_replaced_by_a_layer_returning_one(family):
     assert relative_error(logits, x.reshape(-1, H) @ router.weight.t() + bias) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "mistral4", "hy_v3"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "mistral4", "hy_v3", "deepseek_v4", "minimax_m3_vl"])
 def test_a_converted_block_runs_on_the_kernel(family):
     """GPT-OSS's block (router bias, expert biases, clamped SwiGLU with a limit that binds),
     Llama4's (the routing weight scales the expert's input; a shared expert), Mistral 4's (groups
-    over softmax scores) and HY-V3's (sigmoid with a selection bias, scaled) converted and run on
-    the emulated kernel, within the accuracy rule of the reference that the tests above hold to
-    the blocks themselves."""
+    over softmax scores), HY-V3's (sigmoid with a selection bias, scaled), DeepSeek-V4's (sqrt(softplus)
+    scores, the SiLU clamped SwiGLU) and MiniMax-M3's (GPT-OSS's SwiGLU with a shared expert)
+    converted and run on the emulated kernel, within the accuracy rule of the reference that the
+    tests above hold to the blocks themselves."""
     from flashmoe import accuracy
     from flashmoe.host import emulator
     if emulator.emulator_available() is not None:
@@ -381,8 +275,11 @@ def test_kernel_specs_match_the_layers_input_scaling():
 
 def test_new_config_fields_are_validated():
     base = dict(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
-    with pytest.raises(ValueError, match=r"activation='swiglu_clamped' is defined for gated experts only"):
-        MoEConfig(**base, activation="swiglu_clamped", gated=False)
+    for clamped in ("swiglu_clamped", "silu_clamped"):
+        with pytest.raises(ValueError, match=rf"activation='{clamped}' is defined for gated experts only"):
+            MoEConfig(**base, activation=clamped, gated=False)
+    with pytest.raises(ValueError, match=r"scoring='softplus': allowed are softmax, sigmoid, sqrtsoftplus"):
+        MoEConfig(**base, scoring="softplus")
     for name, bad in (("swiglu_alpha", 0.0), ("swiglu_limit", float("inf")), ("norm_topk_epsilon", -1.0)):
         with pytest.raises(ValueError, match=name):
             MoEConfig(**base, **{name: bad})

@@ -13,26 +13,47 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 from flashmoe import FlashMoELayer  # noqa: E402
 from flashmoe.hf import config_from_hf, convert, detect_family  # noqa: E402
-from test_hf_families import SMALL, first_block  # noqa: E402
-
-
-def _block(module: str, block: str, config: str, *args, **fields):
-    config_module = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
-    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    return getattr(modeling, block)(getattr(config_module, config)(**fields), *args)
+from hf_models import SMALL, make_block  # noqa: E402
+from test_hf_families import first_block  # noqa: E402
 
 
 # name -> (the block, built from a small config; what its refusal names)
 REFUSED = {
-    "inkling": (lambda: _block("inkling", "InklingMoE", "InklingTextConfig", hidden_size=32,
+    "inkling": (lambda: make_block("inkling", "InklingMoE", "InklingTextConfig", hidden_size=32,
                                moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                                n_shared_experts=1),
                 "Inkling's shared experts are weighted by the router"),
-    "zaya": (lambda: _block("zaya", "ZayaSparseMoeBlock", "ZayaConfig", 1, hidden_size=32,
+    "zaya": (lambda: make_block("zaya", "ZayaSparseMoeBlock", "ZayaConfig", 1, hidden_size=32,
                             moe_intermediate_size=16, num_experts=8, num_experts_per_tok=1,
                             router_hidden_size=16),
              "ZAYA's router .* is not one linear map"),
-    "longcat_flash": (lambda: _block("longcat_flash", "LongcatFlashMoE", "LongcatFlashConfig",
+    "kolibri1": (lambda: make_block("kolibri1", "Kolibri1SparseMoeBlock", "Kolibri1Config", hidden_size=32,
+                                    moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                    shared_expert_intermediate_size=16),
+                 "Kolibri-1's router chooses experts by logit plus e_score_correction_bias"),
+    "axk1": (lambda: make_block("axk1", "AXK1MoE", "AXK1Config", hidden_size=32, moe_intermediate_size=16,
+                                num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+                                topk_group=1),
+             "A.X-K1's block normalises its output"),
+    "muse_spark": (lambda: make_block("muse_spark", "MuseSparkMoE", "MuseSparkTextConfig", hidden_size=32,
+                                      num_attention_heads=2, moe_hidden_size=16, moe_intermediate_size=16,
+                                      num_local_experts=8, num_experts_per_tok=2),
+                   "Muse Spark's experts work in a projected, normalised space"),
+    # refused for what the block computes, found by running its parts: a token-id router, a shared
+    # expert without the routed experts' clamp, a clamp after the SiLU
+    "deepseek_v4_hash": (lambda: make_block("deepseek_v4", "DeepseekV4SparseMoeBlock", "DeepseekV4Config", 0,
+                                            hidden_size=32, intermediate_size=16, num_local_experts=8,
+                                            num_experts_per_tok=2, vocab_size=64),
+                         "DeepSeek-V4's hash-routed layers .* choose each token's experts by its token id"),
+    "hy_v4": (lambda: make_block("hy_v4", "HYV4MoE", "HYV4Config", hidden_size=32, moe_intermediate_size=16,
+                                 num_local_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 n_shared_experts=1),
+              r"the shared expert \(HYV4MLP\) does not compute the routed experts' activation .*silu_clamped"),
+    "step3p7_clamped": (lambda: make_block("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig", 0,
+                                           hidden_size=32, moe_intermediate_size=16, num_local_experts=8,
+                                           num_experts_per_tok=2, share_expert_dim=16, swiglu_limits=[7.0]),
+                        r"its own gate Step3p7Experts._apply_gate computes none of flashmoe's gated activations"),
+    "longcat_flash": (lambda: make_block("longcat_flash", "LongcatFlashMoE", "LongcatFlashConfig",
                                      hidden_size=32, expert_ffn_hidden_size=16, n_routed_experts=8,
                                      zero_expert_num=2, num_experts_per_tok=2),
                       "zero-computation \\(identity\\) experts"),

@@ -70,6 +70,11 @@ CASES = [
     # GPT-OSS: router bias, expert biases, the clamped SwiGLU (a limit of 1.5 clamps many elements)
     (Case("bf16-gpt-oss-W2", cfg(activation="swiglu_clamped", swiglu_limit=1.5, expert_bias=True,
                                  router_bias=True, norm_topk_prob=True), world=2, tokens=45), SHIPPED),
+    # DeepSeek-V4: sqrt(softplus) scores with a selection bias, the SiLU clamped SwiGLU in the routed and
+    # shared experts (a limit of 1 clamps many elements)
+    (Case("bf16-deepseek-v4-W2", cfg(num_experts=8, scoring="sqrtsoftplus", selection_bias=True, norm_topk_prob=True,
+                                     routed_scaling_factor=1.5, activation="silu_clamped", swiglu_limit=1.0,
+                                     num_shared_experts=1), world=2, tokens=45), SHIPPED),
     (Case("small-tile-bf16-W2-shared", cfg(hidden_size=192, intermediate_size=96, num_experts=8,
                                            num_shared_experts=1), world=2, tokens=150, routing="skewed"), SMALL),
     # Biased experts over several column tiles, the last of each GEMM part-filled (I = 80: 32 + 32 +

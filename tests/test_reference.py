@@ -48,8 +48,19 @@ def test_every_activation_matches_the_oracle(activation, gated):
     assert relative_error(moe_forward(x, w, config, math="fp32"), oracle_forward(x, w, config)) < 1e-5
 
 
+@pytest.mark.parametrize("activation", ["swiglu_clamped", "silu_clamped"])
+def test_clamped_swiglus_match_the_oracle(activation):
+    # a limit of 0.5 clamps many gate and up elements of O(1) pre-activations, on both sides
+    config = small(activation=activation, swiglu_limit=0.5, swiglu_alpha=1.3, num_shared_experts=1)
+    w = random_weights(config)
+    x = torch.randn(10, 12)
+    assert relative_error(moe_forward(x, w, config, math="fp32"), oracle_forward(x, w, config)) < 1e-5
+
+
 @pytest.mark.parametrize("options", [
     dict(norm_topk_prob=True),
+    dict(scoring="sqrtsoftplus", selection_bias=True, norm_topk_prob=True,    # DeepSeek-V4
+         routed_scaling_factor=1.5, activation="silu_clamped", swiglu_limit=0.7),
     dict(scoring="sigmoid", routed_scaling_factor=2.5),
     dict(scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2, norm_topk_prob=True),
     dict(scoring="softmax", n_group=2, topk_group=1, group_score="max", top_k=3),

@@ -32,18 +32,27 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
                                      scales the expert's input
     DeepseekV3MoE, Glm4MoeMoE,       sigmoid + e_score_correction_bias       n shared MLPs fused
       Dots1MoE, ExaoneMoeSparse-     (selection only), groups scored by      into one (MiMo: none)
-      MoEBlock, MiMoV2FlashMoE       their top-2 sum, norm_topk_prob, then
-                                     routed_scaling_factor
+      MoEBlock, MiMoV2FlashMoE,      their top-2 sum, norm_topk_prob, then
+      Glm5NextTextMoE (SiLU clamped  routed_scaling_factor (Beam: the
+      SwiGLU), BeamMoE               block's)
+    DeepseekV4SparseMoeBlock         sqrt(softplus) (or sigmoid) + e_score_- one MLP
+                                     correction_bias, renormalised, times
+                                     routed_scaling_factor; hash-routed
+                                     layers refused; SiLU clamped SwiGLU
+    FlintSparseMoeBlock              sigmoid, top-k, renormalised if         one MLP
+                                     norm_topk_prob
     Mistral4MoE, MistralLarge4-      softmax, groups scored by their top-2   n shared MLPs fused
       TextMoE                        sum, norm_topk_prob (Large 4: always),  into one
                                      routed_scaling_factor
     MiniMaxM2SparseMoeBlock,         sigmoid + a selection bias (the block's - (HY-V3, AFMoE: n
       HYV3MoE, AfmoeSparseMoeBlock,  or the router's e_score_correction_-    shared MLPs fused;
-      LagunaSparseMoeBlock           bias, or expert_bias) renormalised,     Laguna: one MLP)
-                                     times router_scaling_factor (HY-V3),
-                                     route_scale (AFMoE) or the block's
-                                     routed_scaling_factor (Laguna)
-    DeepseekV2Moe                    softmax, top-k ('greedy') or within the n shared MLPs fused
+      LagunaSparseMoeBlock,          bias, or expert_bias) renormalised,     Laguna, MiniMax-M3,
+      MiniMaxM3VLSparseMoeBlock      times router_scaling_factor (HY-V3),    Step-3.7: one MLP)
+      (clamped SwiGLU), Step3p7-     route_scale (AFMoE) or the block's
+      SparseMoeBlock                 routed_scaling_factor (Laguna, M3,
+                                     Step-3.7)
+    DeepseekV2Moe, DeepseekOcr2-     softmax, top-k ('greedy') or within the n shared MLPs fused
+      TextMoe, UnlimitedOcrTextMoe
                                      topk_group groups of best max score
                                      ('group_limited_greedy'), times
                                      routed_scaling_factor
@@ -61,7 +70,15 @@ of gate (w1), up (v1) and down (w2, transposed) is one [E * I, H] matrix. A bloc
 its class (or a subclass); a block of another class is accepted when its structure matches the
 Qwen2/Qwen3/DeepSeek-V3 blocks exactly (its router too), since the modular transformers code
 copies these under new names. Blocks refused by class, each for what MoEConfig does not express
-(``REFUSED``): PhiMoE's, Inkling's, ZAYA's and LongCat-Flash's.
+(``REFUSED``): PhiMoE's, Inkling's, ZAYA's, LongCat-Flash's, Kolibri-1's, A.X-K1's and Muse Spark's.
+
+What the experts compute between their projections is identified by running their gate
+(``activations.py``; DBRX's and Llama4's by their activation's class), and the shared MLP must
+compute the same: so DeepSeek-V4's and GLM-5-Next's SiLU clamped SwiGLU and MiniMax-M3's (GPT-OSS's,
+on concatenated gate/up) convert, while a gate no activation matches (Step-3.7's clamped layers,
+which clamp after the SiLU) or a shared MLP that differs (HY-V4's, unclamped) leaves its block
+with the reason; their experts still run in flashmoe through experts_implementation="flashmoe"
+where the gate is one flashmoe computes.
 
 GPT-OSS's and Llama4's blocks return (hidden states, router output) and their decoder layers
 unpack the pair; a layer converted from them does the same (``returns_router_logits``: the second
@@ -70,8 +87,9 @@ item is the router logits [T, E], which the decoder layers discard).
 Differences that are rounding only: transformers computes the router logits in the model dtype
 (flashmoe: fp32) and several families round the top-k weights to the model dtype; flashmoe adds
 1e-20 to a top-k sum that ERNIE clamps from below at moe_norm_min instead (the two differ only if
-the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default) and MiniMax-M2 leaves
-out; HY-V3 without enable_moe_fp32_combine rounds the routed sum before adding the shared expert's
+the chosen experts' probabilities sum below moe_norm_min, 1e-12 by default) and MiniMax-M2,
+MiniMax-M3, Step-3.7 and Flint leave out; DeepSeek-V4 takes its scores from logits in the model
+dtype; Beam computes its experts' activation in fp32 (as flashmoe does); HY-V3 without enable_moe_fp32_combine rounds the routed sum before adding the shared expert's
 (flashmoe adds them in fp32). Mistral 4 sets the scores outside the chosen groups to 0, not -inf:
 the same choice while the eligible experts' softmax probabilities are above 0; DBRX divides by
 the top-k sum without an epsilon. Router jitter (Mixtral, MiniMax, MiniMax-M2: ``jitter_noise``;
@@ -87,6 +105,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig, dtype_name
+from .activations import ExpertsPlan, activation_name, plan_for, shared_computes
 from .routing import DEEPSEEK_V3_ROUTER_ATTRIBUTES, ROUTING, router_jitter, selection_bias
 
 # name of the block class -> family
@@ -125,6 +144,14 @@ FAMILIES = {
     "LagunaSparseMoeBlock": "laguna",
     "LaraMiniSparseMoeBlock": "lara_mini",
     "DbrxFFN": "dbrx",
+    "DeepseekV4SparseMoeBlock": "deepseek_v4",
+    "Glm5NextTextMoE": "glm5_next",
+    "MiniMaxM3VLSparseMoeBlock": "minimax_m3_vl",
+    "Step3p7SparseMoeBlock": "step3p7",
+    "BeamMoE": "beam",
+    "FlintSparseMoeBlock": "flint",
+    "DeepseekOcr2TextMoe": "deepseek_v2",           # DeepSeek-V2's language model in DeepSeek-OCR 2
+    "UnlimitedOcrTextMoe": "deepseek_v2",           # and in Unlimited-OCR
 }
 
 # family -> the router's child Linear that holds its weight (the others' routers hold it)
@@ -145,6 +172,13 @@ REFUSED = {
     "LongcatFlashMoE": (
         "LongCat-Flash's block, whose router also chooses zero-computation (identity) experts "
         "(zero_expert_num), has no MoEConfig equivalent"),
+    "Kolibri1SparseMoeBlock": (
+        "Kolibri-1's router chooses experts by logit plus e_score_correction_bias (MoEConfig's "
+        "selection bias is added to the sigmoid scores, which orders experts differently)"),
+    "AXK1MoE": "A.X-K1's block normalises its output (post_mlp_layernorm), which MoEConfig has no field for",
+    "MuseSparkMoE": (
+        "Muse Spark's experts work in a projected, normalised space (pre_expert_proj, pre_expert_norm, "
+        "post_expert_proj), which MoEConfig has no field for"),
 }
 
 
@@ -174,20 +208,11 @@ _SPECS = {
     "granitemoeshared": _Spec(router="router"), "granitemoe_swa": _Spec(router="router"),
     "granitemoehybrid": _Spec(router="router"),
     "afmoe": _Spec(router="router", shared="shared_experts"), "aria": _Spec(router="router", shared="shared_experts"),
+    "deepseek_v4": _DEEPSEEK, "glm5_next": _DEEPSEEK, "minimax_m3_vl": _DEEPSEEK,
+    "step3p7": _DEEPSEEK, "beam": _Spec(), "flint": _Spec(shared="shared_expert"),
     "gpt_oss": _Spec(router="router", returns_router_output=True),
     "llama4": _Spec(router="router", shared="shared_expert", returns_router_output=True),
 }
-
-# transformers' hidden_act names -> flashmoe activation
-HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_python": "gelu",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu"}
-# activation module class names (what experts.act_fn is) -> flashmoe activation
-_ACT_CLASSES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu",
-                "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
-                "NewGELUActivation": "gelu_tanh", "ReLU": "relu"}
-# torch functions an experts module may hold as act_fn -> flashmoe activation
-_ACT_FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "relu"}
-
 
 def detect_family(block: nn.Module) -> str:
     """The family of a transformers MoE block, by class (or base class) name, else by structure.
@@ -267,10 +292,13 @@ def weight_pairs(conversion: "Conversion", layer) -> list:
         pairs.append((conversion.down_bias[mine], layer.down_bias))
     shared = conversion.shared
     if shared is not None:
-        rows = shared.gate_proj.weight.shape[0]
-        pairs += [(shared.gate_proj.weight, layer.shared_gate_up_proj[:rows]),
-                  (shared.up_proj.weight, layer.shared_gate_up_proj[rows:]),
-                  (shared.down_proj.weight, layer.shared_down_proj)]
+        parts = (shared.gate_up_proj,) if hasattr(shared, "gate_up_proj") else (shared.gate_proj, shared.up_proj)
+        start = 0
+        for part in parts:
+            rows = part.weight.shape[0]
+            pairs.append((part.weight, layer.shared_gate_up_proj[start:start + rows]))
+            start += rows
+        pairs.append((shared.down_proj.weight, layer.shared_down_proj))
     if config.shared_expert_gate:
         pairs.append((conversion.shared_gate.weight, layer.shared_gate_weight))
     return pairs
@@ -305,18 +333,18 @@ class Conversion:
         self._read_router(router, family, num_experts, hidden)
         self.shared = getattr(block, spec.shared) if spec.shared else None
         self.shared_gate = getattr(block, spec.shared_gate) if spec.shared_gate else None
-        activation = self._activation(block.experts, family)
+        self.plan = self._plan(block.experts, family)
         # DBRX's block holds top_k, the others' routers do
         top_k = router.top_k if hasattr(router, "top_k") else block.top_k
         fields = dict(hidden_size=hidden, intermediate_size=self.down.shape[2],
                       num_experts=num_experts, top_k=int(top_k), gated=True,
                       dtype=dtype_name(self.gate_up[0].dtype), router_bias=self.router_bias is not None,
-                      expert_bias=self.down_bias is not None, **activation)
+                      expert_bias=self.down_bias is not None, **self.plan.config_fields())
         fields.update(ROUTING[family](block, router))
         self.selection_bias = selection_bias(block, router, family) if fields.get("selection_bias") else None
         self.jitter = router_jitter(block, router, family)
         if self.shared is not None:
-            fields.update(self._shared_fields(block, activation["activation"]))
+            fields.update(self._shared_fields(block))
         self.config = MoEConfig(**fields)
 
     def _read_experts(self, experts: nn.Module, family: str) -> None:
@@ -359,22 +387,21 @@ class Conversion:
                              f"{tuple(self.router_bias.shape)}: expected [{num_experts}]")
 
     @staticmethod
-    def _activation(experts: nn.Module, family: str) -> dict:
-        if family == "gpt_oss":
-            return dict(activation="swiglu_clamped", swiglu_alpha=float(experts.alpha),
-                        swiglu_limit=float(experts.limit))
+    def _plan(experts: nn.Module, family: str) -> ExpertsPlan:
+        """What the experts compute between their projections: for the decorated experts as
+        ``experts_implementation="flashmoe"`` identifies it, by running their gate; DBRX's and
+        Llama4's (undecorated: no gate to run) by their activation's class."""
         if family == "dbrx":
-            return dict(activation=_activation(experts.mlp))
-        # transformers' experts decorator installs its default act(gate) * up unless the class
-        # brings its own gating, whose activation could be anything.
-        apply_gate = getattr(type(experts), "_apply_gate", None)
-        if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
-            raise ValueError(f"{type(experts).__name__} defines its own gating (_apply_gate), whose "
-                             "activation flashmoe cannot identify: not converted")
-        return dict(activation=_activation(experts))
+            return ExpertsPlan(activation_name(experts.mlp), gated=True)
+        if not hasattr(experts, "_apply_gate"):
+            return ExpertsPlan(activation_name(experts), gated=True)
+        plan, missing = plan_for(experts)
+        if plan is None:
+            raise ValueError(f"{type(experts).__name__}: {missing}; not converted")
+        return plan
 
-    def _shared_fields(self, block: nn.Module, activation: str) -> dict:
-        width = _shared_width(self.shared, activation)
+    def _shared_fields(self, block: nn.Module) -> dict:
+        width = _shared_width(self.shared, self.plan)
         if self.shared_gate is not None:
             _check_linear(self.shared_gate, _SPECS[self.family].shared_gate)
             return dict(num_shared_experts=1, shared_intermediate_size=width, shared_expert_gate=True)
@@ -431,38 +458,16 @@ def _shared_count(block: nn.Module) -> int:
     return 1
 
 
-def _activation(module: nn.Module) -> str:
-    """flashmoe's name of the activation ``module.act_fn`` (Llama4's MLP, DBRX's experts:
-    ``activation_fn``) runs. The module is what actually runs, so it decides; config.hidden_act is
-    the fallback for a module without one."""
-    act = getattr(module, "act_fn", None)
-    if act is None:
-        act = getattr(module, "activation_fn", None)
-    if act is not None:
-        if type(act).__name__ in _ACT_CLASSES:
-            return _ACT_CLASSES[type(act).__name__]
-        for function, name in _ACT_FUNCTIONS.items():      # a torch function itself (LFM2-MoE)
-            if act is function:
-                return name
-        described = getattr(act, "__name__", type(act).__name__)
-    else:
-        hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
-        if hidden_act in HIDDEN_ACTS:
-            return HIDDEN_ACTS[hidden_act]
-        described = repr(hidden_act)
-    raise ValueError(f"activation {described} has no flashmoe equivalent: supported hidden_act "
-                     f"values are {', '.join(HIDDEN_ACTS)}")
-
-
-def _shared_width(mlp: nn.Module, activation: str) -> int:
-    """Width of a shared-expert MLP (gate_proj / up_proj / down_proj), checked convertible."""
-    for name in ("gate_proj", "up_proj", "down_proj"):
+def _shared_width(mlp: nn.Module, plan: ExpertsPlan) -> int:
+    """Width of a shared-expert MLP (gate_proj / up_proj / down_proj, or a fused gate_up_proj and
+    down_proj), checked convertible: bias-free Linears around the routed experts' activation."""
+    fused = hasattr(mlp, "gate_up_proj")
+    for name in ("gate_up_proj", "down_proj") if fused else ("gate_proj", "up_proj", "down_proj"):
         _check_linear(getattr(mlp, name, None), f"shared expert {name}")
-    shared_activation = _activation(mlp)
-    if shared_activation != activation:
-        raise ValueError(f"the shared expert's activation {shared_activation!r} differs from the "
-                         f"routed experts' {activation!r}: flashmoe uses one activation for both")
-    return mlp.gate_proj.out_features
+    if not shared_computes(mlp, plan):
+        raise ValueError(f"the shared expert ({type(mlp).__name__}) does not compute the routed experts' "
+                         f"activation {plan.config_fields()}: flashmoe uses one activation for both")
+    return mlp.gate_up_proj.out_features // 2 if fused else mlp.gate_proj.out_features
 
 
 def _check_linear(linear: nn.Module, name: str) -> None:

@@ -52,7 +52,9 @@ class TransformersMoELayer(FlashMoELayer):
     it hands its router logits to the router stand-in transformers records, and keeps the
     original block, without its weights, for ``unconvert``."""
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
+    def forward(self, x: torch.Tensor, return_routing: bool = False, input_ids: torch.Tensor | None = None):
+        """As ``FlashMoELayer.forward`` (``input_ids``, which DeepSeek-V4's decoder layers pass,
+        is not read)."""
         recorder = self._modules.get(self.__dict__.get("_recorder_name") or "")
         # transformers installs its recording hooks the first time outputs are requested;
         # before that nobody reads the logits, so they are not computed.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import router_scores
+
 # Families whose router is DeepSeek-V3's (the same code under other names).
-_DEEPSEEK_V3_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "mimo_v2_flash")
+_DEEPSEEK_V3_ROUTERS = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "mimo_v2_flash", "glm5_next")
 # What DeepSeek-V3's routing reads from its router: a block of another class is taken for one
 # only when its router has all of it.
 DEEPSEEK_V3_ROUTER_ATTRIBUTES = ("e_score_correction_bias", "num_group", "topk_group", "norm_topk_prob",
@@ -52,13 +54,53 @@ def _sigmoid_biased_renormalised(scale: str | None):
     return routing
 
 
+def _sigmoid_biased_block_scaled(block, router) -> dict:
+    """Sigmoid scores, the router's selection bias, the top k renormalised, then times the
+    block's routed_scaling_factor (MiniMax-M3, Step-3.7, Laguna)."""
+    return dict(scoring="sigmoid", selection_bias=True, norm_topk_prob=True,
+                routed_scaling_factor=float(block.routed_scaling_factor))
+
+
 def _laguna_routing(block, router) -> dict:
     softcap = float(router.router_logit_softcapping)
     if softcap > 0:
         raise ValueError(f"Laguna's moe_router_logit_softcapping={softcap} passes the router logits "
                          "through tanh before the sigmoid, which MoEConfig has no field for: 0 converts")
-    return dict(scoring="sigmoid", selection_bias=True, norm_topk_prob=True,
+    return _sigmoid_biased_block_scaled(block, router)
+
+
+def _beam_routing(block, router) -> dict:
+    # DeepSeek-V3's router, the scaling factor kept on the block
+    return dict(scoring="sigmoid", selection_bias=True, n_group=int(router.num_group),
+                topk_group=int(router.topk_group), group_score="top2_sum",
+                norm_topk_prob=bool(router.norm_topk_prob),
                 routed_scaling_factor=float(block.routed_scaling_factor))
+
+
+def _deepseek_v4_routing(block, router) -> dict:
+    if hasattr(router, "tid2eid"):
+        raise ValueError("DeepSeek-V4's hash-routed layers ('hash_moe' in mlp_layer_types) choose each "
+                         "token's experts by its token id (tid2eid), which MoEConfig's router does not: "
+                         "their experts still run in flashmoe with experts_implementation='flashmoe'")
+    return dict(scoring=_elementwise_scoring(router.score_fn, "DeepSeek-V4's scoring_func"),
+                selection_bias=True, norm_topk_prob=True,
+                routed_scaling_factor=float(router.routed_scaling_factor))
+
+
+def _elementwise_scoring(score_fn, what: str) -> str:
+    """The MoEConfig scoring an elementwise score function computes, found by running it."""
+    probe = torch.linspace(-30.0, 30.0, 241).unsqueeze(0)
+    with torch.no_grad():
+        theirs = score_fn(probe.clone())
+    for scoring in ("sigmoid", "sqrtsoftplus"):
+        if torch.allclose(theirs.float(), router_scores(probe, scoring), rtol=1e-6, atol=1e-7):
+            return scoring
+    raise ValueError(f"{what} ({type(score_fn).__name__}) computes neither sigmoid nor sqrt(softplus) "
+                     "on a probe input, the elementwise scorings MoEConfig has")
+
+
+def _flint_routing(block, router) -> dict:
+    return dict(scoring="sigmoid", norm_topk_prob=bool(router.norm_topk_prob))
 
 
 def _dbrx_routing(block, router) -> dict:
@@ -132,6 +174,8 @@ ROUTING = {
     "hy_v3": _sigmoid_biased_renormalised("router_scaling_factor"),
     "afmoe": _sigmoid_biased_renormalised("route_scale"),
     "laguna": _laguna_routing,
+    "minimax_m3_vl": _sigmoid_biased_block_scaled, "step3p7": _sigmoid_biased_block_scaled,
+    "beam": _beam_routing, "deepseek_v4": _deepseek_v4_routing, "flint": _flint_routing,
 }
 
 

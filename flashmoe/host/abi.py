@@ -66,8 +66,8 @@ class FaultKind(enum.IntEnum):
     STALL = 1
 
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamped": 4}
-SCORING_CODES = {"softmax": 0, "sigmoid": 1}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamped": 4, "silu_clamped": 5}
+SCORING_CODES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 GROUP_SCORE_CODES = {"top2_sum": 0, "max": 1}
 
 u8, u16, u32, i32, u64, f32, f64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_int32, C.c_uint64, C.c_float, C.c_double

@@ -136,14 +136,15 @@ struct Params {
   i32 num_chunks;           // ceil(T / kChunkTokens)
   i32 max_row_tiles;        // entries of kTileDone
   // Routing and experts.
-  i32 scoring;              // 0 softmax, 1 sigmoid
+  i32 scoring;              // 0 softmax, 1 sigmoid, 2 sqrt(softplus)
   i32 norm_topk;
   i32 n_group;
   i32 topk_group;
   i32 group_score;          // 0 sum of the best two, 1 max
   i32 has_bias;
   i32 shared_gate;          // the shared expert output is scaled by sigmoid(x . w)
-  i32 activation;           // 0 silu, 1 gelu, 2 gelu_tanh, 3 relu, 4 clamped SwiGLU (GPT-OSS)
+  i32 activation;           // 0 silu, 1 gelu, 2 gelu_tanh, 3 relu, clamped SwiGLUs: 4 GPT-OSS's,
+                            //   5 silu(min(gate, limit)) * clamp(up, -limit, limit) (DeepSeek-V4)
   float routed_scaling_factor;
   i32 weights_first_expert; // global expert id of gate_up[0] / down[0]
   double capacity_factor;   // 0: dropless
@@ -156,7 +157,7 @@ struct Params {
   u32 smem_scratch_offset;  // shared memory: block-wide scratch words
   float norm_topk_epsilon;  // added to the sum of the top-k weights before dividing
   float swiglu_alpha;       // activation 4: g * sigmoid(alpha g) with g = min(gate, limit),
-  float swiglu_limit;       //   times clamp(up, -limit, limit) + 1
+  float swiglu_limit;       //   times clamp(up, -limit, limit) + 1; activation 5: the limit
   u64 timeout_ns;           // bound of every wait
   // Weights.
   const float* router_weight;   // [E (+1 shared gate row), H] fp32

@@ -151,6 +151,14 @@ __device__ __forceinline__ float div_full(float a, float b) {
   asm("div.full.f32 %0, %1, %2;" : "=f"(q) : "f"(a), "f"(b));
   return q;
 }
+// sqrt(a) to about an ulp (what sqrtf compiles to with -prec-sqrt=false; denormals kept), inline:
+// the IEEE square root branches to a subroutine, as the IEEE quotient does (div_full), and the
+// NVSHMEM build must have no call (tests/test_nvshmem_build.py counts them in the Hopper SASS).
+__device__ __forceinline__ float sqrt_approx(float a) {
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
 // fp32 -> tf32, round to nearest (ties away), as reference.py's _tf32 does.
 __device__ __forceinline__ u32 to_tf32(u32 fp32_bits) {
   u32 r;

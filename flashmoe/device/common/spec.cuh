@@ -100,13 +100,17 @@ __device__ __forceinline__ float activate(float v, int activation) {
   }
 }
 
-// Activation code 4, GPT-OSS's clamped SwiGLU of one gate and up element: g * sigmoid(alpha g) *
-// (u' + 1) with g = min(gate, limit), u' = clamp(up, -limit, limit), in fp32 as flashmoe/reference.py
-// computes it. The comparisons keep a NaN (fminf would turn it into the limit, torch's clamp does not).
+// The clamped SwiGLUs of one gate and up element, with g = min(gate, limit) and
+// u' = clamp(up, -limit, limit), in fp32 as flashmoe/reference.py computes them: code 4 (GPT-OSS)
+// g * sigmoid(alpha g) * (u' + 1), code 5 (DeepSeek-V4) silu(g) * u'. The comparisons keep a NaN
+// (fminf would turn it into the limit, torch's clamp does not).
+template <int kAct>
 __device__ __forceinline__ float swiglu_clamped(float gate, float up, float alpha, float limit) {
+  static_assert(kAct == 4 || kAct == 5, "the clamped SwiGLUs are activation codes 4 and 5");
   const float g = gate > limit ? limit : gate;
   const float u = up > limit ? limit : (up < -limit ? -limit : up);
-  return g * div_full(1.0f, 1.0f + expf(-alpha * g)) * (u + 1.0f);
+  if constexpr (kAct == 4) return g * div_full(1.0f, 1.0f + expf(-alpha * g)) * (u + 1.0f);
+  else return activate(g, 0) * u;
 }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }

@@ -450,6 +450,8 @@ inline void mma_tf32_m16n8k8(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
 
 // div.full.f32 is within 2 ulp of the quotient; the CPU's is exact.
 inline float div_full(float a, float b) { return a / b; }
+// sqrt.approx.f32 is within about an ulp of the square root; the CPU's is exact.
+inline float sqrt_approx(float a) { return std::sqrt(a); }
 
 // cvt.rna.tf32.f32: keep 10 explicit mantissa bits, round to nearest with ties away from zero
 // (adding half an ulp to the magnitude bits does exactly that); NaN and Inf pass unchanged.

@@ -134,14 +134,14 @@ __device__ __forceinline__ void gemm1_b_rows(TileTables& tt, const elem_t* w, in
 // One GEMM0 output element for activation code kAct: with kScaleInput the row's routing weight
 // times the products (x w) W = w (x W), one rounding fewer than scaling x, then the tile's biases
 // added (for the columns below valid_cols, the stored ones: the others' biases lie past the
-// tensor), then act(gate) * up, act, or the clamped SwiGLU (code 4, gated only; spec.cuh).
+// tensor), then act(gate) * up, act, or a clamped SwiGLU (codes 4 and 5, gated only; spec.cuh).
 template <int kAct>
 struct Gemm0Epilogue {
   const float* scale;   // TileTables::scale
   const elem_t* bias;   // WeightTile::bias
   int inter;            // the up biases' offset
   int valid_cols;
-  float alpha, limit;   // code 4's constants
+  float alpha, limit;   // the clamped SwiGLUs' constants
   __device__ __forceinline__ float operator()(int row, int col, const float* v) const {
     float gate = v[0], up = v[kNumB - 1];
     if constexpr (kScaleInput) {
@@ -152,7 +152,7 @@ struct Gemm0Epilogue {
       gate += to_float(bias[col]);
       if (kGated) up += to_float(bias[inter + col]);
     }
-    if (kAct == 4) return swiglu_clamped(gate, up, alpha, limit);
+    if constexpr (kAct == 4 || kAct == 5) return swiglu_clamped<kAct>(gate, up, alpha, limit);
     return kGated ? activate(gate, kAct) * up : activate(gate, kAct);
   }
 };
@@ -197,7 +197,7 @@ __device__ __forceinline__ void store_tile(const u8* staged, int pass, const boo
 // GEMM0's epilogue (thread group G, every thread holding accumulators among them): act(gate) * up
 // (or act) into the staging tile, then into this rank's slice. One staging pass per activation: a
 // run-time switch inside the per-element function is inlined into every element, and that code
-// (all cases, interleaved) costs as many registers as the tile. The clamped SwiGLU is gated only.
+// (all cases, interleaved) costs as many registers as the tile. The clamped SwiGLUs are gated only.
 template <class G, class E>
 __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, TileTables& tt, const E& g,
                                              int valid_cols) {
@@ -213,9 +213,15 @@ __device__ __forceinline__ void finish_gemm0(const Params& p, const Ctx& c, Tile
       case 0: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<0>{scale, bias, inter, valid_cols}); break;
       case 1: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<1>{scale, bias, inter, valid_cols}); break;
       case 2: stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<2>{scale, bias, inter, valid_cols}); break;
-      case 4:   // gated only (MoEConfig refuses it for plain experts): a plain spec compiles no copy
+      case 4:   // gated only (MoEConfig refuses them for plain experts): a plain spec compiles no copy
         if constexpr (kGated) {
           stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<4>{scale, bias, inter, valid_cols, alpha, limit});
+          break;
+        }
+        [[fallthrough]];
+      case 5:
+        if constexpr (kGated) {
+          stage_tile<kNumB>(g, staged, pass, Gemm0Epilogue<5>{scale, bias, inter, valid_cols, alpha, limit});
           break;
         }
         [[fallthrough]];

@@ -77,7 +77,9 @@ __device__ void route_token(const Params& p, const float* logits_row, float* sel
   }
   auto score = [&](int e) {
     const float l = ld_weak(logits_row + e);
-    return p.scoring == 0 ? div_full(expf(l - m), sum) : div_full(1.0f, 1.0f + expf(-l));
+    if (p.scoring == 0) return div_full(expf(l - m), sum);
+    if (p.scoring == 1) return div_full(1.0f, 1.0f + expf(-l));
+    return sqrt_approx(l > 20.0f ? l : log1pf(expf(l)));   // sqrt(softplus), torch's threshold of 20
   };
   for (int i = 0; i < per_lane; ++i) {
     const int e = i * 32 + lane;
