@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped", "silu_clamped")
-# Activations defined only for gated experts (they transform the up half too).
+# Activations defined only for gated experts: the clamped SwiGLUs (they clamp the up half too).
 GATED_ONLY_ACTIVATIONS = ("swiglu_clamped", "silu_clamped")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("top2_sum", "max")

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig
+from .config import GATED_ONLY_ACTIVATIONS, MoEConfig
 
 MATH_MODES = ("contract", "fp32", "native", "mixed")
 
@@ -205,7 +205,7 @@ def activation(h: torch.Tensor, name: str, inplace: bool = False, *, alpha: floa
     For the clamped SwiGLUs (gated only) this is the gate half, ``g * sigmoid(alpha * g)``
     ('swiglu_clamped') or ``silu(g)`` ('silu_clamped') with g = min(h, limit); ``_activate``
     applies the up half's clamp (and offset)."""
-    if name in ("swiglu_clamped", "silu_clamped"):
+    if name in GATED_ONLY_ACTIVATIONS:
         g = h.clamp(max=limit)
         return g * torch.sigmoid(g * alpha) if name == "swiglu_clamped" else F.silu(g)
     if name == "silu":
@@ -274,7 +274,7 @@ def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = No
     instead of a separate copy, and runs in place unless autograd records it (a fresh output
     costs more than the multiplication)."""
     recording = torch.is_grad_enabled() and h.requires_grad
-    if config.activation in ("swiglu_clamped", "silu_clamped"):
+    if config.activation in GATED_ONLY_ACTIVATIONS:
         return _swiglu_clamped(h, config, dtype)
     if config.gated:
         g, u = h.chunk(2, dim=-1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..config import ACTIVATIONS
+from ..config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS as _CLAMPED
 from ..functional import experts_forward
 
 # transformers' hidden_act names -> flashmoe activation
@@ -35,7 +35,6 @@ ACT_FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "re
 # limit; MiniMax-M3, GLM-5-Next, HY-V4: swiglu_*; DeepSeek-V4: limit).
 _ALPHAS, _LIMITS = ("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")
 _DEFAULT_SWIGLU = (1.702, 7.0)
-_CLAMPED = ("swiglu_clamped", "silu_clamped")
 _PROBE_WIDTH = 16       # intermediate columns of a probe input
 
 
