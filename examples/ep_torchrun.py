@@ -9,7 +9,7 @@ tokens with the kernel (one launch per rank per forward), and checks each agains
 ``flashmoe.distributed.ep_forward`` computed on the CPU over the same gloo group (the reference
 path: fp32 math, and torch's own low-precision error to set the tolerance). Rank 0 prints a table.
 --family picks the routing and expert options of a model family (flashmoe.selftest.FAMILY_OPTIONS:
-mixtral, qwen2, deepseek, gpt-oss, llama4, deepseek-v4) at the shape the other options give.
+mixtral, qwen2, deepseek, gpt-oss, llama4, deepseek-v4, longcat-flash) at the shape the other options give.
 
 --same-gpu places every process on GPU 0: NVSHMEM's multi-PE-per-GPU mode. Without MPS it is the
 "limited" mode: P2P and barrier_all work, but kernels of different processes time-slice instead

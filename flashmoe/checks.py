@@ -82,7 +82,7 @@ def routing_shift(routing: str, config, generator: torch.Generator) -> tuple[tor
     token picks them."""
     if routing == "uniform":
         return None
-    E = config.num_experts
+    E = config.router_experts
     d = torch.randn(config.hidden_size, generator=generator)
     d = d / d.norm()
     strength = torch.zeros(E)
@@ -100,7 +100,8 @@ def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
     E, H, I, dt = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.torch_dtype
     randn = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
     x = randn(case.tokens, H)
-    router = randn(E, H, scale=H ** -0.5)
+    Er = cfg.router_experts
+    router = randn(Er, H, scale=H ** -0.5)
     shift = routing_shift(case.routing, cfg, g)
     if shift is not None:
         x, router = x + shift[0], router + shift[1]
@@ -109,7 +110,7 @@ def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
                    gate_up_proj=randn(E, Iu, H, scale=H ** -0.5),
                    down_proj=randn(E, H, I, scale=I ** -0.5))
     if cfg.selection_bias:
-        w.selection_bias = randn(E, scale=0.05)
+        w.selection_bias = randn(Er, scale=0.05)
     if cfg.num_shared_experts:
         Is = cfg.shared_intermediate_total
         w.shared_gate_up_proj = randn((2 if cfg.gated else 1) * Is, H, scale=H ** -0.5)
@@ -117,7 +118,7 @@ def make_inputs(case: Case, device) -> tuple[torch.Tensor, MoEWeights]:
     if cfg.shared_expert_gate:
         w.shared_gate_weight = randn(1, H, scale=H ** -0.5)
     if cfg.router_bias:
-        w.router_bias = randn(E, scale=0.5)
+        w.router_bias = randn(Er, scale=0.5)
     if cfg.expert_bias:     # as large as the projections' outputs, so that a lost bias shows
         w.gate_up_bias, w.down_bias = randn(E, Iu), randn(E, H)
     to = lambda t, dtype: None if t is None else t.to(device=device, dtype=dtype).contiguous()
@@ -141,15 +142,15 @@ def selection_gaps(x: torch.Tensor, weights: MoEWeights, config: MoEConfig) -> t
         select = select + weights.selection_bias.float()
     gap = torch.full((x.shape[0],), float("inf"), device=x.device)
     if config.n_group > 1:
-        grouped = select.view(x.shape[0], config.n_group, config.num_experts // config.n_group)
+        grouped = select.view(x.shape[0], config.n_group, config.router_experts // config.n_group)
         gs = (grouped.topk(2, -1).values.sum(-1) if config.group_score == "top2_sum"
               else grouped.max(-1).values)
         top = gs.sort(-1, descending=True).values
         if config.topk_group < config.n_group:
             gap = torch.minimum(gap, top[:, config.topk_group - 1] - top[:, config.topk_group])
         keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(config.topk_group, -1).indices, True)
-        select = select.masked_fill(~keep.repeat_interleave(config.num_experts // config.n_group, 1), -1e30)
-    if config.top_k < config.num_experts:
+        select = select.masked_fill(~keep.repeat_interleave(config.router_experts // config.n_group, 1), -1e30)
+    if config.top_k < config.router_experts:
         top = select.sort(-1, descending=True).values
         gap = torch.minimum(gap, top[:, config.top_k - 1] - top[:, config.top_k])
     return gap

@@ -64,9 +64,12 @@ class MoEConfig:
             projection and down_bias[e] after its second (GPT-OSS); the shared experts have none.
         scale_expert_input: the routing weight multiplies the expert's input instead of its
             output, whose outputs are then summed unweighted (Llama4).
+        identity_experts (Z): zero-computation experts beside the E routed ones (LongCat-Flash's
+            zero_expert_num): the router chooses among E + Z experts, and choosing expert E + z
+            adds the token's own input, times its routing weight, to the output.
     Router (always fp32)
         router_bias: a per-expert bias added to the router logits before scoring (GPT-OSS).
-        scoring: 'softmax' over the E logits, 'sigmoid' per expert, or 'sqrtsoftplus' per
+        scoring: 'softmax' over the E (+ Z) logits, 'sigmoid' per expert, or 'sqrtsoftplus' per
             expert (sqrt(softplus(logit)), DeepSeek-V4). A softmax over the k chosen logits
             only (GPT-OSS, Granite) is 'softmax' with norm_topk_prob=True.
         norm_topk_prob: divide the k chosen weights by (their sum + norm_topk_epsilon).
@@ -120,11 +123,13 @@ class MoEConfig:
     scale_expert_input: bool = False
     router_bias: bool = False
     norm_topk_epsilon: float = 1e-20
+    identity_experts: int = 0
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
             _require_int(self, name, minimum=1)
         _require_int(self, "num_shared_experts", minimum=0)
+        _require_int(self, "identity_experts", minimum=0)
         _require_bool("gated", self.gated)
         _require_bool("norm_topk_prob", self.norm_topk_prob)
         _require_bool("selection_bias", self.selection_bias)
@@ -136,19 +141,26 @@ class MoEConfig:
         _require_choice("group_score", self.group_score, GROUP_SCORES)
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k}: must be at most num_experts={self.num_experts}")
-        if self.num_experts % self.n_group:
-            raise ValueError(f"n_group={self.n_group}: must divide num_experts={self.num_experts}")
+        # Routing chooses among the router's experts: the E routed ones and the Z identity ones.
+        chosen_from = f"num_experts={self.num_experts}" + (
+            f" + identity_experts={self.identity_experts}" if self.identity_experts else "")
+        if self.top_k > self.router_experts:
+            raise ValueError(f"top_k={self.top_k}: must be at most {chosen_from}")
+        if self.router_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group}: must divide {chosen_from}")
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group}: must be at most n_group={self.n_group}")
-        eligible = self.topk_group * (self.num_experts // self.n_group)
+        eligible = self.topk_group * (self.router_experts // self.n_group)
         if self.top_k > eligible:
-            raise ValueError(f"top_k={self.top_k}: only topk_group * num_experts / n_group = {eligible} "
+            experts = "(num_experts + identity_experts)" if self.identity_experts else "num_experts"
+            raise ValueError(f"top_k={self.top_k}: only topk_group * {experts} / n_group = {eligible} "
                              "experts are eligible per token")
-        if self.n_group > 1 and self.group_score == "top2_sum" and self.num_experts // self.n_group < 2:
+        if self.n_group > 1 and self.group_score == "top2_sum" and self.router_experts // self.n_group < 2:
             raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
-                             f"n_group={self.n_group} leaves {self.num_experts // self.n_group}")
+                             f"n_group={self.n_group} leaves {self.router_experts // self.n_group}")
+        if self.identity_experts and self.scale_expert_input:
+            raise ValueError(f"identity_experts={self.identity_experts} with scale_expert_input=True: "
+                             "no model scales the input of identity experts; set one of them off")
         if self.activation in GATED_ONLY_ACTIVATIONS and not self.gated:
             raise ValueError(f"activation={self.activation!r} is defined for gated experts only "
                              "(it clamps and offsets the up half): set gated=True")
@@ -179,12 +191,22 @@ class MoEConfig:
             if not _is_real(cf) or not math.isfinite(cf) or cf <= 0:
                 raise ValueError(f"capacity_factor={cf!r}: must be None (dropless) or a finite number > 0")
             object.__setattr__(self, "capacity_factor", float(cf))
+            if self.identity_experts:
+                raise ValueError(f"capacity_factor={cf} with identity_experts={self.identity_experts}: "
+                                 "a capacity limits the routed experts' rows, and which identity choices "
+                                 "it should drop is not defined; use one or the other")
 
     # Derived facts, one place each.
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def router_experts(self) -> int:
+        """The experts the router scores and chooses from: the E routed ones, then the Z
+        identity ones (router weight rows, logits and selection bias all have E + Z)."""
+        return self.num_experts + self.identity_experts
 
     @property
     def shared_intermediate_total(self) -> int:

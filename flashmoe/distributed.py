@@ -90,7 +90,8 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
     # pairs beat is beaten by at least C pairs overall, so only locally kept pairs can survive
     # and only those travel. The owner makes the final decision.
     routing = reference.route(x2d, weights, config, token_index=token_index, num_tokens_total=total)
-    tok, slot = torch.nonzero(routing.kept, as_tuple=True)         # token-major
+    routed = routing.kept & (routing.ids < e_all)                  # identity experts stay home
+    tok, slot = torch.nonzero(routed, as_tuple=True)               # token-major
     expert = routing.ids[tok, slot]
     order = torch.argsort(expert // per_rank, stable=True)         # by destination, token order kept
     tok, slot, expert = tok[order], slot[order], expert[order]
@@ -116,7 +117,7 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
 
     # 4. Back to the home rank, in the order the pairs were sent; combine there.
     keep_back = trip.back(keep.to(torch.uint8)).bool()
-    kept = torch.zeros_like(routing.kept)
+    kept = routing.kept & ~routed
     kept[tok, slot] = keep_back
     routing.kept = kept
     shared = None
@@ -124,7 +125,8 @@ def _ep_forward(x_local, weights, config, group, math, return_routing, grad):
         shared = reference.expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
                                       config, math)
     live = torch.nonzero(keep_back).squeeze(1)
-    out = reference.combine(tok[live], slot[live], y_back[live], shared,
+    pairs = reference.with_identity(x2d, routing, config, tok[live], slot[live], y_back[live])
+    out = reference.combine(*pairs, shared,
                             reference.combine_routing(routing, config), math,
                             x2d.dtype).reshape(*lead, hidden)
     return (out, routing) if return_routing else out

@@ -37,16 +37,16 @@ def check_weights(weights: MoEWeights, config: MoEConfig, num_experts: int | Non
     """Raise ValueError / TypeError unless every tensor the config needs is there with the
     right shape and dtype. ``num_experts`` is how many routed experts the tensors hold (fewer
     than config.num_experts when a process holds only its expert-parallel share)."""
-    e_all, h = config.num_experts, config.hidden_size
-    e = e_all if num_experts is None else num_experts
+    e_router, h = config.router_experts, config.hidden_size
+    e = config.num_experts if num_experts is None else num_experts
     fp32, dt = torch.float32, config.torch_dtype
     want = {
-        "router_weight": ((e_all, h), fp32),
+        "router_weight": ((e_router, h), fp32),
         "gate_up_proj": ((e, config.up_rows, h), dt),
         "down_proj": ((e, h, config.intermediate_size), dt),
     }
     if config.selection_bias:
-        want["selection_bias"] = ((e_all,), fp32)
+        want["selection_bias"] = ((e_router,), fp32)
     if config.num_shared_experts:
         rows = (2 if config.gated else 1) * config.shared_intermediate_total
         want["shared_gate_up_proj"] = ((rows, h), dt)
@@ -54,7 +54,7 @@ def check_weights(weights: MoEWeights, config: MoEConfig, num_experts: int | Non
     if config.shared_expert_gate:
         want["shared_gate_weight"] = ((1, h), fp32)
     if config.router_bias:
-        want["router_bias"] = ((e_all,), fp32)
+        want["router_bias"] = ((e_router,), fp32)
     if config.expert_bias:
         want["gate_up_bias"] = ((e, config.up_rows), dt)
         want["down_bias"] = ((e, h), dt)

@@ -116,7 +116,7 @@ class FlashMoELayer(nn.Module):
         self._dtype_configs = {DTYPES[n]: config.replace(dtype=n) for n in DTYPES}
         self._owner = ops.register_owner(self)
 
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        e, h, i = config.router_experts, config.hidden_size, config.intermediate_size   # e: router rows
         fp32 = dict(device=device, dtype=torch.float32)
         low = dict(device=device, dtype=config.torch_dtype)
         e_local = len(self.local_experts)
@@ -345,6 +345,8 @@ class FlashMoELayer(nn.Module):
         parts = [f"hidden={c.hidden_size}", f"intermediate={c.intermediate_size}",
                  f"experts={c.num_experts}", f"top_k={c.top_k}", f"dtype={c.dtype}",
                  f"backend={self.backend!r}"]
+        if c.identity_experts:
+            parts.insert(3, f"identity_experts={c.identity_experts}")
         if self.world_size > 1:
             parts.append(f"rank={self.rank}/{self.world_size} experts "
                          f"{self.local_experts.start}..{self.local_experts.stop - 1}")

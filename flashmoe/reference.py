@@ -3,7 +3,8 @@
 The GPU kernel must match this module; every kernel test compares against it.
 
 Routing (always fp32)
-    logits  = fp32(x) @ fp32(W_router)^T  (+ router_bias)              [T, E]
+    logits  = fp32(x) @ fp32(W_router)^T  (+ router_bias)              [T, E + Z]
+            (Z = identity_experts, usually 0: routing scores and chooses among all E + Z)
     scores  = softmax(logits), sigmoid(logits) or sqrt(softplus(logits))
     select  = scores + bias            (selection bias: chooses experts, never weighs them)
     groups  (n_group > 1): a group's score is the sum of its two best ``select`` values
@@ -32,6 +33,8 @@ Experts (weights in the transformers 5 layout)
             and in that result's precision (= (weights[t, j] * x[t]) @ gate_up^T, one rounding
             fewer; 'native' scales x[t] in the dtype, as transformers does), and its output is
             combined with weight 1
+    identity experts (identity_experts = Z > 0): y_e(x) = x for e = E .. E + Z - 1, the token's
+            own row in the dtype; no computation, weighed and summed in its slot like any expert's
     The shared experts are one MLP of width ``num_shared_experts * shared_intermediate_size``
     applied to every token, optionally scaled by sigmoid(fp32(x) @ w_shared_gate^T).
 
@@ -67,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GATED_ONLY_ACTIVATIONS, MoEConfig
+from .fast_matmul import fast_matmul_dtype, grouped_mm_serves
 
 MATH_MODES = ("contract", "fp32", "native", "mixed")
 
@@ -75,14 +79,14 @@ MATH_MODES = ("contract", "fp32", "native", "mixed")
 class MoEWeights:
     """The tensors a layer computes with (shapes for E experts, H hidden, I intermediate)."""
 
-    router_weight: torch.Tensor                     # [E, H] fp32
+    router_weight: torch.Tensor                     # [E + Z, H] fp32 (Z identity experts)
     gate_up_proj: torch.Tensor                      # [E, 2I or I, H] dtype
     down_proj: torch.Tensor                         # [E, H, I] dtype
-    selection_bias: torch.Tensor | None = None      # [E] fp32
+    selection_bias: torch.Tensor | None = None      # [E + Z] fp32
     shared_gate_up_proj: torch.Tensor | None = None  # [2Is or Is, H] dtype
     shared_down_proj: torch.Tensor | None = None    # [H, Is] dtype
     shared_gate_weight: torch.Tensor | None = None  # [1, H] fp32
-    router_bias: torch.Tensor | None = None         # [E] fp32, added to the router logits
+    router_bias: torch.Tensor | None = None         # [E + Z] fp32, added to the router logits
     gate_up_bias: torch.Tensor | None = None        # [E, 2I or I] dtype
     down_bias: torch.Tensor | None = None           # [E, H] dtype
 
@@ -91,11 +95,11 @@ class MoEWeights:
 class Routing:
     """What the router decided for T tokens."""
 
-    ids: torch.Tensor            # [T, k] int64, best first
+    ids: torch.Tensor            # [T, k] int64, best first (E and above: identity experts)
     weights: torch.Tensor        # [T, k] fp32 combine weights
     kept: torch.Tensor           # [T, k] bool; all True when dropless
     shared_gate: torch.Tensor | None = None   # [T] fp32 when the shared expert is gated
-    logits: torch.Tensor | None = None        # [T, E] fp32
+    logits: torch.Tensor | None = None        # [T, E + Z] fp32
 
 
 def router_logits(x2d: torch.Tensor, router_weight: torch.Tensor,
@@ -105,7 +109,7 @@ def router_logits(x2d: torch.Tensor, router_weight: torch.Tensor,
 
 
 def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """The scores [T, E] of fp32 router logits under ``scoring`` (MoEConfig.scoring)."""
+    """The scores [T, E + Z] of fp32 router logits under ``scoring`` (MoEConfig.scoring)."""
     if scoring == "softmax":
         return torch.softmax(logits, dim=-1)
     return torch.sigmoid(logits) if scoring == "sigmoid" else F.softplus(logits).sqrt()
@@ -146,14 +150,14 @@ def _route(x2d, weights, config, token_index, num_tokens_total) -> Routing:
         select = scores + weights.selection_bias.float()
     if config.n_group > 1:
         t = select.shape[0]
-        grouped = select.view(t, config.n_group, config.num_experts // config.n_group)
+        grouped = select.view(t, config.n_group, config.router_experts // config.n_group)
         if config.group_score == "top2_sum":
             group_scores = _topk_stable(grouped, 2)[0].sum(dim=-1)
         else:
             group_scores = grouped.max(dim=-1).values
         best_groups = _topk_stable(group_scores, config.topk_group)[1]
         eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
-        eligible = eligible.repeat_interleave(config.num_experts // config.n_group, dim=1)
+        eligible = eligible.repeat_interleave(config.router_experts // config.n_group, dim=1)
         select = select.masked_fill(~eligible, float("-inf"))
     _, ids = _topk_stable(select, config.top_k)
     w = scores.gather(1, ids)
@@ -225,47 +229,6 @@ def _tf32(t: torch.Tensor) -> torch.Tensor:
     rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
     # Keep NaN/Inf as they are (the add would carry into the exponent of a NaN payload).
     return torch.where(torch.isfinite(t), rounded, t.float())
-
-
-# Rows above which a CPU float16 GEMM is slower than converting its operands to float32: torch's
-# CPU float16 matmul is fast as a matrix-vector product only (measured: 8 rows break even with
-# the conversion; a 2048 x 1024 x 1024 product is hundreds of times slower than in bfloat16).
-CPU_FP16_ROWS = 8
-
-
-def fast_matmul_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
-    """The dtype the 'mixed' math runs a GEMM of ``rows`` rows of ``dtype`` operands in: the
-    dtype itself where torch has a fast matmul for it, else float32."""
-    if dtype == torch.float16 and device.type == "cpu" and rows > CPU_FP16_ROWS:
-        return torch.float32
-    return dtype
-
-
-def _grouped_mm_serves(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """torch's grouped GEMM runs the 'mixed' experts of ``x`` on its device: a CPU or a CUDA GPU
-    (on sm_90/sm_100 in bf16 one grouped kernel; elsewhere torch's loop of one matmul per expert,
-    still without this module's per-expert activation and copies), when every expert's GEMM runs
-    in x's own low-precision dtype and torch takes the operands (``_grouped_mm_operand``), in
-    both projections and in their backward."""
-    return (hasattr(F, "grouped_mm") and x.device.type in ("cpu", "cuda") and x.shape[0] > 0
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and fast_matmul_dtype(x.dtype, x.device, max(rows)) == x.dtype
-            and all(_grouped_mm_operand(t) for t in (x, gate_up.transpose(1, 2), down.transpose(1, 2)))
-            and down.shape[-1] * x.element_size() % 16 == 0)        # h [n, I], the second GEMM's rows
-
-
-def _grouped_mm_operand(t: torch.Tensor) -> bool:
-    """``t`` is a matrix (or a stack) torch's grouped GEMM takes: one of its two last dims
-    contiguous, the other's stride a multiple of 16 bytes, and on a GPU its address 16-byte
-    aligned (torch refuses anything else; e.g. a hidden size that is not a multiple of 8 in bf16)."""
-    (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
-    if row_stride == 1 and col_stride >= max(1, rows):          # the order torch checks them in
-        lead = col_stride
-    elif col_stride == 1 and row_stride >= max(1, cols):
-        lead = row_stride
-    else:
-        return False
-    return lead * t.element_size() % 16 == 0 and (t.device.type == "cpu" or t.data_ptr() % 16 == 0)
 
 
 def _activate(h: torch.Tensor, config: MoEConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -355,6 +318,7 @@ def moe_forward(x: torch.Tensor, weights: MoEWeights, config: MoEConfig, math: s
         biases = (weights.gate_up_bias, weights.down_bias) if config.expert_bias else (None, None)
         tok, slot, y = routed_experts(x2d, routing, weights.gate_up_proj, weights.down_proj,
                                       config, math, *biases)
+        tok, slot, y = with_identity(x2d, routing, config, tok, slot, y)
         shared = None
         if config.num_shared_experts:
             shared = expert_mlp(x2d, weights.shared_gate_up_proj, weights.shared_down_proj,
@@ -407,6 +371,16 @@ def routed_experts(x2d: torch.Tensor, routing: Routing, gate_up: torch.Tensor, d
                                   expert_scale(tok, slot, routing, config))
 
 
+def with_identity(x2d: torch.Tensor, routing: Routing, config: MoEConfig, tok: torch.Tensor,
+                  slot: torch.Tensor, y: torch.Tensor):
+    """(tok, slot, y) of the routed experts' pairs, with the kept pairs that chose an identity
+    expert (id >= E) added: their output is the token's row of ``x2d`` itself."""
+    if not config.identity_experts:
+        return tok, slot, y
+    t_id, s_id = torch.nonzero(routing.kept & (routing.ids >= config.num_experts), as_tuple=True)
+    return torch.cat([tok, t_id]), torch.cat([slot, s_id]), torch.cat([y, x2d[t_id].to(y.dtype)])
+
+
 def expert_scale(tok: torch.Tensor, slot: torch.Tensor, routing: Routing, config: MoEConfig) -> torch.Tensor | None:
     """The ``scale`` of ``run_experts`` for the pairs (tok[n], slot[n]): with
     config.scale_expert_input their routing weights in fp32, else None."""
@@ -423,9 +397,10 @@ def combine_routing(routing: Routing, config: MoEConfig) -> Routing:
 
 
 def expert_rows(routing: Routing, num_experts: int):
-    """The kept (token, slot) pairs grouped by expert, tokens in order within an expert:
-    (tok, slot, rows), ``rows[e]`` the number of pairs expert e has (a list: one host sync)."""
-    tok, slot = torch.nonzero(routing.kept, as_tuple=True)
+    """The kept (token, slot) pairs of experts 0..E-1 (not the identity experts past them)
+    grouped by expert, tokens in order within an expert: (tok, slot, rows), ``rows[e]`` the
+    number of pairs expert e has (a list: one host sync)."""
+    tok, slot = torch.nonzero(routing.kept & (routing.ids < num_experts), as_tuple=True)
     expert = routing.ids[tok, slot]
     order = torch.argsort(expert, stable=True)
     rows = torch.bincount(expert, minlength=num_experts).tolist()
@@ -438,7 +413,7 @@ def run_experts(x: torch.Tensor, rows: list[int], gate_up: torch.Tensor, down: t
     """Expert e on the next ``rows[e]`` rows of ``x``, for every e: [sum(rows), H] (fp32 for
     math='fp32', else x's dtype). ``gate_up_bias`` [E, 2I or I] and ``down_bias`` [E, H] are
     the experts' biases (None: none); ``scale`` [sum(rows)] is ``expert_mlp``'s."""
-    if math == "mixed" and _grouped_mm_serves(x, rows, gate_up, down):
+    if math == "mixed" and grouped_mm_serves(x, rows, gate_up, down):
         # One grouped GEMM per projection: the products of one matmul per expert (on a CPU the
         # same bits, checked by the tests; a GPU's grouped kernel may sum in another order),
         # without a call, an activation and a copy per expert.

@@ -49,7 +49,8 @@ from .host.plan import DeviceInfo
 # biases, the clamped SwiGLU (a limit of 1 clamps many gate and up elements of O(1) activations; GPT-OSS
 # itself: 7). Llama4: a sigmoid top-1 whose weight scales the expert's input, and a shared expert.
 # DeepSeek-V4: sqrt(softplus) scores with a selection-only bias, scaled weights, the SiLU clamped SwiGLU in
-# the routed and shared experts (DeepSeek-V4 itself: a limit of 10).
+# the routed and shared experts (DeepSeek-V4 itself: a limit of 10). LongCat-Flash: identity experts (four; the
+# cases give more, as LongCat-Flash has 256 beside 512 routed), a selection-only bias, scaled weights.
 FAMILY_OPTIONS = {
     "mixtral": dict(norm_topk_prob=True),
     "qwen2": dict(num_shared_experts=1, shared_expert_gate=True),
@@ -60,6 +61,7 @@ FAMILY_OPTIONS = {
     "llama4": dict(top_k=1, scoring="sigmoid", scale_expert_input=True, num_shared_experts=1),
     "deepseek-v4": dict(scoring="sqrtsoftplus", selection_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
                         activation="silu_clamped", swiglu_limit=1.0, num_shared_experts=1),
+    "longcat-flash": dict(identity_experts=4, selection_bias=True, routed_scaling_factor=6.0),
 }
 
 
@@ -103,6 +105,8 @@ def gpu_cases(quick: bool = False) -> list[Case]:
     cases.append(Case("llama4-W4", _cfg(FAMILY_OPTIONS["llama4"], num_experts=16), world=4, tokens=600))
     cases.append(Case("deepseek-v4-W4", _cfg(FAMILY_OPTIONS["deepseek-v4"], num_experts=64, top_k=6), world=4,
                       tokens=600))
+    cases.append(Case("longcat-flash-W4", _cfg(FAMILY_OPTIONS["longcat-flash"], num_experts=64, identity_experts=32,
+                                               top_k=12), world=4, tokens=600))
     if not quick:
         qwen3 = dict(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8, norm_topk_prob=True)
         cases.append(Case("qwen3-tpr16384", _cfg(qwen3), tokens=16384))
@@ -128,6 +132,7 @@ def emulated_cases() -> list[Case]:
         Case("emu-gpt-oss", _cfg({**small, **FAMILY_OPTIONS["gpt-oss"]}, swiglu_limit=1.5), tokens=33),
         Case("emu-llama4", _cfg(small, **FAMILY_OPTIONS["llama4"]), tokens=33),
         Case("emu-deepseek-v4", _cfg(small, **FAMILY_OPTIONS["deepseek-v4"]), tokens=33),
+        Case("emu-longcat-flash", _cfg(small, **FAMILY_OPTIONS["longcat-flash"]), tokens=33),
     ]
 
 

@@ -151,6 +151,12 @@ MODELS = {
               dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                    shared_expert_intermediate_size=24, head_dim=16, norm_topk_prob=True, sliding_window=4,
                    mlp_only_layers=[0], layer_types=["full_attention", "sliding_attention"]), 1),
+    # LongCat-Flash: identity experts beside the routed ones (a third of the router's experts, as in
+    # LongCat-Flash); a decoder layer counts twice in num_hidden_layers (it has two attention blocks)
+    "longcat_flash": ("longcat_flash", "LongcatFlashConfig", "LongcatFlashForCausalLM",
+                      dict(ffn_hidden_size=48, expert_ffn_hidden_size=16, n_routed_experts=8,
+                           zero_expert_num=4, moe_topk=3, routed_scaling_factor=2.0, head_dim=8,
+                           **{**DEEPSEEK_ATTENTION, "q_lora_rank": 16}), 1),
     # Language models inside vision-language ones: the text model alone (no logits, no generate).
     "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
                      dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,

@@ -22,7 +22,7 @@ def _best(values, count):
 
 def route_token(x, w, config):
     """(ids, weights) of one token: lists of length k."""
-    e = config.num_experts
+    e = config.num_experts + config.identity_experts     # the identity experts follow the routed ones
     logits = [sum(a * b for a, b in zip(x, w.router_weight[j])) for j in range(e)]
     if config.scoring == "softmax":
         top = max(logits)
@@ -84,7 +84,9 @@ def oracle_forward(x: torch.Tensor, weights, config) -> torch.Tensor:
         ids, ws = route_token(row, w, config)
         acc = [0.0] * config.hidden_size
         for e, wt in zip(ids, ws):
-            if config.scale_expert_input:    # the weight scales the expert's input, not its output
+            if e >= config.num_experts:      # an identity expert: the token itself
+                y = row
+            elif config.scale_expert_input:    # the weight scales the expert's input, not its output
                 y, wt = mlp([wt * a for a in row], w.gate_up_proj[e], w.down_proj[e], config), 1.0
             else:
                 y = mlp(row, w.gate_up_proj[e], w.down_proj[e], config)

@@ -43,12 +43,23 @@ BASE = dict(hidden_size=16, intermediate_size=8, num_experts=8, top_k=2)
     (dict(capacity_factor=0), r"capacity_factor=0: must be None \(dropless\) or a finite number > 0"),
     (dict(capacity_factor=float("nan")), r"capacity_factor=nan: must be None"),
     (dict(capacity_factor=False), r"capacity_factor=False: must be None"),
+    (dict(identity_experts=-1), r"identity_experts=-1: must be an integer >= 0"),
+    (dict(identity_experts=2, top_k=11), r"top_k=11: must be at most num_experts=8 \+ identity_experts=2"),
+    (dict(identity_experts=2, n_group=4), r"n_group=4: must divide num_experts=8 \+ identity_experts=2"),
+    (dict(identity_experts=4, capacity_factor=1.0), r"capacity_factor=1.0 with identity_experts=4: .*use one"),
+    (dict(identity_experts=4, scale_expert_input=True), r"identity_experts=4 with scale_expert_input=True"),
     (dict(dtype="int8"), r"dtype='int8': allowed are bfloat16, float16, float32"),
     (dict(dtype=torch.float64), r"dtype=torch.float64: allowed are bfloat16, float16, float32"),
 ])
 def test_invalid_value_names_field_and_value(changes, message):
     with pytest.raises(ValueError, match=message):
         MoEConfig(**{**BASE, **changes})
+
+
+def test_identity_experts_are_chosen_among_with_the_routed_ones():
+    """The router's experts are E + Z: top_k and the groups count the identity experts too."""
+    config = MoEConfig(**{**BASE, "top_k": 9, "identity_experts": 4, "n_group": 4, "topk_group": 3})
+    assert (config.num_experts, config.router_experts) == (8, 12)
 
 
 @pytest.mark.parametrize("given, stored", [("bf16", "bfloat16"), (torch.float16, "float16"),

@@ -39,6 +39,9 @@ CASES = {
     # Llama4: the routing weight scales the expert's input, a sigmoid top-1, a shared expert
     "llama4_like": dict(config=dict(scale_expert_input=True, scoring="sigmoid", top_k=1,
                                     num_shared_experts=1, capacity_factor=1.0), math="contract"),
+    # LongCat-Flash: identity experts, combined on the token's own rank
+    "longcat_like": dict(config=dict(identity_experts=4, top_k=3, selection_bias=True,
+                                     routed_scaling_factor=6.0), math="contract"),
     # experts 2 and 3 are never chosen: in a world of 4, rank 1 receives no rows at all
     "idle_experts": dict(config=dict(scoring="sigmoid", selection_bias=True), math="contract",
                          bias={2: -100.0, 3: -100.0}),
@@ -54,14 +57,15 @@ def make_weights(config, bias=None):
     """The same full weights on every rank (fixed seed)."""
     g = torch.Generator().manual_seed(1234)
     e, h, i, dt = config.num_experts, config.hidden_size, config.intermediate_size, config.torch_dtype
+    er = config.router_experts
 
     def rnd(*shape, fan_in, dtype=dt, std=1.0):
         return (torch.randn(*shape, generator=g) * std / fan_in ** 0.5).to(dtype)
-    w = MoEWeights(router_weight=rnd(e, h, fan_in=h, dtype=torch.float32, std=3.0),
+    w = MoEWeights(router_weight=rnd(er, h, fan_in=h, dtype=torch.float32, std=3.0),
                    gate_up_proj=rnd(e, config.up_rows, h, fan_in=h),
                    down_proj=rnd(e, h, i, fan_in=i))
     if config.selection_bias:
-        w.selection_bias = torch.randn(e, generator=g) * 0.1
+        w.selection_bias = torch.randn(er, generator=g) * 0.1
         for expert, value in (bias or {}).items():
             w.selection_bias[expert] = value
     if config.num_shared_experts:
@@ -71,7 +75,7 @@ def make_weights(config, bias=None):
     if config.shared_expert_gate:
         w.shared_gate_weight = rnd(1, h, fan_in=h, dtype=torch.float32)
     if config.router_bias:
-        w.router_bias = torch.randn(e, generator=g)
+        w.router_bias = torch.randn(er, generator=g)
     if config.expert_bias:     # as large as the projections' outputs, so that a lost bias shows
         w.gate_up_bias, w.down_bias = rnd(e, config.up_rows, fan_in=1), rnd(e, h, fan_in=1)
     return w

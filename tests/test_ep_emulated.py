@@ -125,13 +125,16 @@ def test_wgmma_engine_in_separate_launches(ranks_per_node):
 # GPT-OSS: router and expert biases, the clamped SwiGLU (a limit of 1.5 clamps many elements).
 GPT_OSS = CONFIG.replace(router_bias=True, expert_bias=True, activation="swiglu_clamped", swiglu_limit=1.5)
 LLAMA4 = CONFIG.replace(scoring="sigmoid", top_k=1, scale_expert_input=True)
+# LongCat-Flash: identity experts, whose slots no other rank sees.
+LONGCAT = CONFIG.replace(identity_experts=4, top_k=3, selection_bias=True, routed_scaling_factor=6.0)
 
 
 @pytest.mark.parametrize("ranks_per_node", [2, 1], ids=["pointers", "nvshmem"])
-@pytest.mark.parametrize("config", [GPT_OSS, LLAMA4], ids=["gpt-oss", "llama4"])
-def test_gpt_oss_and_llama4_in_separate_launches(config, ranks_per_node):
+@pytest.mark.parametrize("config", [GPT_OSS, LLAMA4, LONGCAT], ids=["gpt-oss", "llama4", "longcat-flash"])
+def test_families_in_separate_launches(config, ranks_per_node):
     """Each rank's launch adds its own experts' biases (given all E experts' weights and biases,
-    it takes its slice of both), or scales its rows by the weights their pairs' entries brought."""
+    it takes its slice of both), scales its rows by the weights their pairs' entries brought, or
+    combines its tokens' identity choices from its own x."""
     counts = [c[:2] for c in COUNTS]
     spec = replace(SPEC, scale_input=config.scale_expert_input)
     xs, weights = inputs(counts, seed=19, config=config)

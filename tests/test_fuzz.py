@@ -35,21 +35,23 @@ def _one_thread():
 
 @st.composite
 def layers(draw, dropless: bool | None = None):
-    """(config, world): E divisible by W, k within the eligible experts of the group rule."""
+    """(config, world): E divisible by W, k within the eligible experts of the group rule (over the
+    E + Z experts the router chooses from; identity experts only when dropless)."""
     world = draw(st.sampled_from([1, 2, 4, 8]))
     E = world * draw(st.integers(1, 16 // world))
-    n_group = draw(st.sampled_from([g for g in range(1, E + 1) if E % g == 0]))
-    topk_group = draw(st.integers(1, n_group))
-    group_score = draw(st.sampled_from(GROUP_SCORES)) if E // n_group >= 2 else "max"
-    shared = draw(st.integers(0, 2))
     cf = None if dropless else draw(st.floats(0.1, 2.0))
     if dropless is None:
         cf = draw(st.sampled_from([None, cf]))
+    Z = draw(st.sampled_from([0, 0, 1, 4])) if cf is None else 0
+    n_group = draw(st.sampled_from([g for g in range(1, E + Z + 1) if (E + Z) % g == 0]))
+    topk_group = draw(st.integers(1, n_group))
+    group_score = draw(st.sampled_from(GROUP_SCORES)) if (E + Z) // n_group >= 2 else "max"
+    shared = draw(st.integers(0, 2))
     config = MoEConfig(
         hidden_size=8 * draw(st.integers(1, 8)),
         intermediate_size=8 * draw(st.integers(1, 8)),
-        num_experts=E,
-        top_k=draw(st.integers(1, topk_group * (E // n_group))),
+        num_experts=E, identity_experts=Z,
+        top_k=draw(st.integers(1, topk_group * ((E + Z) // n_group))),
         # the activations of both expert kinds (the oracle and the kernel know these)
         activation=draw(st.sampled_from([a for a in ACTIVATIONS if a not in GATED_ONLY_ACTIVATIONS])),
         gated=draw(st.booleans()),
@@ -90,11 +92,11 @@ def make_weights(config: MoEConfig, seed: int) -> ref.MoEWeights:
 
     def randn(*shape, fan_in):
         return torch.randn(*shape, generator=g) / math.sqrt(fan_in)
-    w = ref.MoEWeights(router_weight=randn(E, H, fan_in=H),
+    w = ref.MoEWeights(router_weight=randn(config.router_experts, H, fan_in=H),
                        gate_up_proj=randn(E, config.up_rows, H, fan_in=H).to(dt),
                        down_proj=randn(E, H, I, fan_in=I).to(dt))
     if config.selection_bias:
-        w.selection_bias = 0.1 * torch.randn(E, generator=g)
+        w.selection_bias = 0.1 * torch.randn(config.router_experts, generator=g)
     if Is:
         w.shared_gate_up_proj = randn((2 if config.gated else 1) * Is, H, fan_in=H).to(dt)
         w.shared_down_proj = randn(H, Is, fan_in=Is).to(dt)
@@ -137,7 +139,7 @@ def closed_forms(config: MoEConfig, spec: KernelSpec, W: int, T: int) -> dict[st
     R = W * T * min(k, El)
     # M: the docstring's "ceil(T / BM)" term is the shared experts' own tiles, so only with them.
     M = math.ceil(R / bm) + El + (math.ceil(T / bm) if shared else 0)
-    names = dict(W=W, T=T, H=config.hidden_size, E=config.num_experts, k=k,
+    names = dict(W=W, T=T, H=config.hidden_size, E=config.num_experts, Z=config.identity_experts, k=k,
                  I=config.intermediate_size, E_l=El, I_s=config.shared_intermediate_total,
                  S=k + shared, b=4 if config.dtype == "float32" else 2, C=math.ceil(T / 64),
                  R=R, M=M, BM=bm, BN=spec.block_n, P=plan_mod.PUT_STAGE_TILES)
@@ -230,7 +232,7 @@ def test_plan_bounds_hold_for_real_routing(data, layer, T, mode, seed):
     sent = np.zeros((W, W), np.int64)       # [source, destination]: token rows, once per destination
     for src, n in enumerate(tokens):
         ids = ref.route(make_tokens(config, n, mode, seed + src), weights, config).ids
-        rows[src] = torch.bincount(ids.reshape(-1), minlength=E).numpy()
+        rows[src] = torch.bincount(ids[ids < E], minlength=E).numpy()      # identity experts: no rows
         owner = ids // El
         for dst in range(W):
             sent[src, dst] = int((owner == dst).any(dim=1).sum())
@@ -271,7 +273,7 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
 def check_routing(config: MoEConfig, weights: ref.MoEWeights, x2d: torch.Tensor,
                   r: ref.Routing, token_index: torch.Tensor):
-    E, k = config.num_experts, config.top_k
+    E, k = config.router_experts, config.top_k      # the experts chosen from, identity ones too
     n = x2d.shape[0]
     # Logits: fp32 x @ W^T, within fp32 rounding of the float64 product.
     exact = x2d.double() @ weights.router_weight.double().t()

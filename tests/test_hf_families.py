@@ -113,11 +113,11 @@ def test_convert_keeps_the_recorded_router_logits(family):
         assert relative_error(a.float(), b.float()) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["dbrx", "minimax_m3_vl"])
+@pytest.mark.parametrize("family", ["dbrx", "minimax_m3_vl", "longcat_flash"])
 def test_unconvert_writes_back_through_the_blocks_own_layout(family):
     """DBRX's experts are three [E * I, H] matrices (w2 holds down transposed), MiniMax-M3's shared
-    expert one fused gate_up_proj, each read through views: unconvert writes the layers' changed
-    weights back through the same views."""
+    expert one fused gate_up_proj, LongCat-Flash's gate_up_proj rows for its identity experts too,
+    each read through views: unconvert writes the layers' changed weights back through the same views."""
     model, expected_blocks = build_model(family)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
@@ -175,6 +175,9 @@ def test_configs_read_from_the_blocks():
     assert (c.scoring, c.selection_bias, c.shared_intermediate_size) == ("sigmoid", True, 24)
     c = config_from_hf(first_block("beam"))
     assert (c.n_group, c.topk_group, c.routed_scaling_factor, c.num_shared_experts) == (2, 1, 2.0, 0)
+    c = config_from_hf(first_block("longcat_flash"))
+    assert (c.num_experts, c.identity_experts, c.top_k, c.scoring, c.norm_topk_prob) == (8, 4, 3, "softmax", False)
+    assert (c.selection_bias, c.routed_scaling_factor, c.router_bias) == (True, 2.0, False)
     c = config_from_hf(first_block("flint"))
     assert (c.scoring, c.selection_bias, c.norm_topk_prob, c.shared_intermediate_size) == ("sigmoid", False, True, 24)
 
@@ -232,12 +235,14 @@ def test_blocks_returning_a_pair_are_replaced_by_a_layer_returning_one(family):
     assert relative_error(logits, x.reshape(-1, H) @ router.weight.t() + bias) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "mistral4", "hy_v3", "deepseek_v4", "minimax_m3_vl"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "mistral4", "hy_v3", "deepseek_v4", "minimax_m3_vl",
+                                    "longcat_flash"])
 def test_a_converted_block_runs_on_the_kernel(family):
     """GPT-OSS's block (router bias, expert biases, clamped SwiGLU with a limit that binds),
     Llama4's (the routing weight scales the expert's input; a shared expert), Mistral 4's (groups
     over softmax scores), HY-V3's (sigmoid with a selection bias, scaled), DeepSeek-V4's (sqrt(softplus)
-    scores, the SiLU clamped SwiGLU) and MiniMax-M3's (GPT-OSS's SwiGLU with a shared expert)
+    scores, the SiLU clamped SwiGLU), MiniMax-M3's (GPT-OSS's SwiGLU with a shared expert) and
+    LongCat-Flash's (identity experts)
     converted and run on the emulated kernel, within the accuracy rule of the reference that the
     tests above hold to the blocks themselves."""
     from flashmoe import accuracy

@@ -75,6 +75,11 @@ CASES = [
     (Case("bf16-deepseek-v4-W2", cfg(num_experts=8, scoring="sqrtsoftplus", selection_bias=True, norm_topk_prob=True,
                                      routed_scaling_factor=1.5, activation="silu_clamped", swiglu_limit=1.0,
                                      num_shared_experts=1), world=2, tokens=45), SHIPPED),
+    # LongCat-Flash: 4 identity experts beside the 8 routed ones (about a third of the choices at
+    # this size), the shared row after the identity slots, on both ranks.
+    (Case("bf16-longcat-identity-W2", cfg(num_experts=8, identity_experts=4, top_k=4, selection_bias=True,
+                                          routed_scaling_factor=2.0, num_shared_experts=1), world=2, tokens=45),
+     SHIPPED),
     (Case("small-tile-bf16-W2-shared", cfg(hidden_size=192, intermediate_size=96, num_experts=8,
                                            num_shared_experts=1), world=2, tokens=150, routing="skewed"), SMALL),
     # Biased experts over several column tiles, the last of each GEMM part-filled (I = 80: 32 + 32 +

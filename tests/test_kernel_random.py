@@ -66,6 +66,8 @@ def draw(index: int) -> tuple[Case, KernelSpec, int, int]:
         kw.update(num_shared_experts=r.randint(1, 2), shared_expert_gate=r.random() < 0.5)
     if r.random() < 0.3:
         kw["capacity_factor"] = r.choice([0.5, 1.0, 1.5])
+    elif kw.get("n_group", 1) == 1 and r.random() < 0.5:     # LongCat-Flash's identity experts
+        kw["identity_experts"] = r.choice([1, 4, 2 * E])
     tokens = r.choice([0, 1, 7, 64, 65, 129, 200, 300])
     case = Case(f"random-{index}", MoEConfig(**kw), world=world, tokens=tokens, routing=r.choice(ROUTINGS),
                 seed=index)

@@ -15,11 +15,11 @@ def random_weights(config, scale=1.0, bias_scale=0.0):
     e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
     dt = config.torch_dtype
     w = MoEWeights(
-        router_weight=torch.randn(e, h) * scale / h ** 0.5,
+        router_weight=torch.randn(config.router_experts, h) * scale / h ** 0.5,
         gate_up_proj=(torch.randn(e, config.up_rows, h) / h ** 0.5).to(dt),
         down_proj=(torch.randn(e, h, i) / i ** 0.5).to(dt))
     if config.selection_bias:
-        w.selection_bias = torch.randn(e) * bias_scale
+        w.selection_bias = torch.randn(config.router_experts) * bias_scale
     if config.num_shared_experts:
         s = config.shared_intermediate_total
         w.shared_gate_up_proj = (torch.randn((2 if config.gated else 1) * s, h) / h ** 0.5).to(dt)
@@ -68,6 +68,9 @@ def test_clamped_swiglus_match_the_oracle(activation):
     dict(num_shared_experts=2, shared_intermediate_size=3, shared_expert_gate=True),
     dict(num_shared_experts=1, shared_expert_gate=True, gated=False, activation="relu"),
     dict(scoring="sigmoid", scale_expert_input=True, num_shared_experts=1),   # Llama4, at k = 2
+    dict(identity_experts=4, top_k=4, selection_bias=True, routed_scaling_factor=6.0,   # LongCat-Flash
+         num_shared_experts=1),
+    dict(identity_experts=4, top_k=3, scoring="sigmoid", n_group=3, topk_group=2),     # groups over E + Z
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_routing_options_and_shared_experts_match_the_oracle(options):
     config = small(**options)
@@ -184,7 +187,7 @@ def test_math_modes_differ_by_rounding_in_low_precision(dtype):
 def _experts_both_ways(config, x, gate_up, down):
     """run_experts on x's routed rows, and the same experts one matmul each (expert_mlp), with the
     gradients of both (to x and the weights) for one random output gradient."""
-    from flashmoe import reference
+    from flashmoe import fast_matmul, reference
     tok, _, rows = reference.expert_rows(route(x.cpu(), random_weights(config), config), config.num_experts)
     leaves = [t.detach().requires_grad_() for t in (x[tok.to(x.device)], gate_up, down)]
 
@@ -199,7 +202,7 @@ def _experts_both_ways(config, x, gate_up, down):
     for run in (lambda *t: reference.run_experts(t[0], rows, t[1], t[2], config, "mixed"), one_by_one):
         out = run(*leaves)
         results.append((out, *torch.autograd.grad(out, leaves, grad)))
-    return reference._grouped_mm_serves(leaves[0], rows, gate_up, down), results
+    return fast_matmul.grouped_mm_serves(leaves[0], rows, gate_up, down), results
 
 
 @pytest.mark.parametrize("dtype,tokens", [("bfloat16", 3), ("bfloat16", 200), ("float16", 3),
@@ -240,9 +243,9 @@ def test_experts_torch_cannot_group_run_one_by_one(hidden, intermediate, layout)
 
 
 def test_grouped_operand_rule_is_torchs():
-    # _grouped_mm_operand says yes exactly where torch's grouped GEMM runs and no where it raises
+    # grouped_mm_operand says yes exactly where torch's grouped GEMM runs and no where it raises
     import torch.nn.functional as F
-    from flashmoe import reference
+    from flashmoe import fast_matmul
     base = torch.randn(6, 40, 40).to(torch.bfloat16)
     x = torch.randn(12, 16).to(torch.bfloat16)
     offs = torch.tensor([4, 8, 12, 12, 12, 12], dtype=torch.int32)
@@ -256,8 +259,8 @@ def test_grouped_operand_rule_is_torchs():
             runs = True
         except RuntimeError:
             runs = False
-        assert reference._grouped_mm_operand(b) == runs, (b.shape, b.stride())
-    assert {reference._grouped_mm_operand(b) for b in cases} == {True, False}
+        assert fast_matmul.grouped_mm_operand(b) == runs, (b.shape, b.stride())
+    assert {fast_matmul.grouped_mm_operand(b) for b in cases} == {True, False}
 
 
 def test_a_bf16_layer_of_any_width_trains_on_the_cpu():

@@ -261,7 +261,8 @@ def rank_cases(st: Stage) -> list[Case]:
                  Case("qwen2-shared-gate-W2", _cfg(small, **family["qwen2"]), world=2, tokens=29),
                  Case("gpt-oss-W2", _cfg({**small, **family["gpt-oss"]}, swiglu_limit=1.5), world=2, tokens=33),
                  Case("llama4-W2", _cfg(small, **family["llama4"]), world=2, tokens=33),
-                 Case("deepseek-v4-W2", _cfg(small, **family["deepseek-v4"]), world=2, tokens=33)]
+                 Case("deepseek-v4-W2", _cfg(small, **family["deepseek-v4"]), world=2, tokens=33),
+                 Case("longcat-flash-W2", _cfg(small, **family["longcat-flash"]), world=2, tokens=33)]
         return cases if st.quick else cases + [Case("W8-t50", _cfg(small), world=8, tokens=50)]
     return [c for c in selftest.gpu_cases(quick=True)
             if c.world > 1 or c.name.startswith(("W1-", "skewed", "single", "capacity", "deepseek"))]

@@ -61,6 +61,11 @@ renormalised" is also how flashmoe expresses a softmax taken over the k best log
     Lfm2MoeSparseMoeBlock            sigmoid (+ expert_bias for selection),  -
                                      renormalised with +1e-6 if
                                      norm_topk_prob, routed_scaling_factor
+    LongcatFlashMoE                  softmax over the routed and the         -
+                                     zero-computation experts (identity_-
+                                     experts: zero_expert_num), + e_score_-
+                                     correction_bias (selection only),
+                                     times routed_scaling_factor
 
 Experts are gated. transformers' experts decorator records their layout (is_transposed,
 is_concatenated, has_bias); flashmoe's is gate_up_proj[E, 2I, H] = [gate; up] and
@@ -70,7 +75,7 @@ of gate (w1), up (v1) and down (w2, transposed) is one [E * I, H] matrix. A bloc
 its class (or a subclass); a block of another class is accepted when its structure matches the
 Qwen2/Qwen3/DeepSeek-V3 blocks exactly (its router too), since the modular transformers code
 copies these under new names. Blocks refused by class, each for what MoEConfig does not express
-(``REFUSED``): PhiMoE's, Inkling's, ZAYA's, LongCat-Flash's, Kolibri-1's, A.X-K1's and Muse Spark's.
+(``REFUSED``): PhiMoE's, Inkling's, ZAYA's, Kolibri-1's, A.X-K1's and Muse Spark's.
 
 What the experts compute between their projections is identified by running their gate
 (``activations.py``; DBRX's and Llama4's by their activation's class), and the shared MLP must
@@ -152,10 +157,11 @@ FAMILIES = {
     "FlintSparseMoeBlock": "flint",
     "DeepseekOcr2TextMoe": "deepseek_v2",           # DeepSeek-V2's language model in DeepSeek-OCR 2
     "UnlimitedOcrTextMoe": "deepseek_v2",           # and in Unlimited-OCR
+    "LongcatFlashMoE": "longcat_flash",
 }
 
 # family -> the router's child Linear that holds its weight (the others' routers hold it)
-_ROUTER_LINEAR = {"hunyuan_v1_moe": "wg", "afmoe": "gate", "dbrx": "layer"}
+_ROUTER_LINEAR = {"hunyuan_v1_moe": "wg", "afmoe": "gate", "dbrx": "layer", "longcat_flash": "classifier"}
 
 # name of a block class flashmoe knows and cannot convert -> what it lacks
 REFUSED = {
@@ -169,9 +175,6 @@ REFUSED = {
     "ZayaSparseMoeBlock": (
         "ZAYA's router (an MLP whose state passes from layer to layer, with a skip expert) is not "
         "one linear map, which MoEConfig's router is"),
-    "LongcatFlashMoE": (
-        "LongCat-Flash's block, whose router also chooses zero-computation (identity) experts "
-        "(zero_expert_num), has no MoEConfig equivalent"),
     "Kolibri1SparseMoeBlock": (
         "Kolibri-1's router chooses experts by logit plus e_score_correction_bias (MoEConfig's "
         "selection bias is added to the sigmoid scores, which orders experts differently)"),
@@ -210,6 +213,7 @@ _SPECS = {
     "afmoe": _Spec(router="router", shared="shared_experts"), "aria": _Spec(router="router", shared="shared_experts"),
     "deepseek_v4": _DEEPSEEK, "glm5_next": _DEEPSEEK, "minimax_m3_vl": _DEEPSEEK,
     "step3p7": _DEEPSEEK, "beam": _Spec(), "flint": _Spec(shared="shared_expert"),
+    "longcat_flash": _Spec(router="router"),
     "gpt_oss": _Spec(router="router", returns_router_output=True),
     "llama4": _Spec(router="router", shared="shared_expert", returns_router_output=True),
 }
@@ -328,9 +332,11 @@ class Conversion:
                             f"{family} block has {sorted(expected)}: not converted, since "
                             "parts of it would be ignored")
         router = getattr(block, spec.router)
-        self._read_experts(block.experts, family)
+        # LongCat-Flash's zero-computation experts: chosen by the router, computing nothing
+        identity = int(getattr(block.experts, "zero_expert_num", 0) or 0)
+        self._read_experts(block.experts, family, identity)
         num_experts, hidden = self.gate_up[0].shape[0], self.gate_up[0].shape[2]
-        self._read_router(router, family, num_experts, hidden)
+        self._read_router(router, family, num_experts + identity, hidden)
         self.shared = getattr(block, spec.shared) if spec.shared else None
         self.shared_gate = getattr(block, spec.shared_gate) if spec.shared_gate else None
         self.plan = self._plan(block.experts, family)
@@ -339,7 +345,8 @@ class Conversion:
         fields = dict(hidden_size=hidden, intermediate_size=self.down.shape[2],
                       num_experts=num_experts, top_k=int(top_k), gated=True,
                       dtype=dtype_name(self.gate_up[0].dtype), router_bias=self.router_bias is not None,
-                      expert_bias=self.down_bias is not None, **self.plan.config_fields())
+                      expert_bias=self.down_bias is not None, identity_experts=identity,
+                      **self.plan.config_fields())
         fields.update(ROUTING[family](block, router))
         self.selection_bias = selection_bias(block, router, family) if fields.get("selection_bias") else None
         self.jitter = router_jitter(block, router, family)
@@ -347,7 +354,7 @@ class Conversion:
             fields.update(self._shared_fields(block))
         self.config = MoEConfig(**fields)
 
-    def _read_experts(self, experts: nn.Module, family: str) -> None:
+    def _read_experts(self, experts: nn.Module, family: str, identity: int) -> None:
         self.gate_up_bias = self.down_bias = None
         if family == "dbrx":
             mlp = experts.mlp
@@ -362,6 +369,8 @@ class Conversion:
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if layout["is_transposed"]:            # [E, H, 2I] and [E, I, H]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        if identity and gate_up.shape[0] == down.shape[0] + identity:
+            gate_up = gate_up[:down.shape[0]]  # LongCat-Flash's rows for its identity experts, never read
         self.gate_up, self.down = _gate_then_up(gate_up, layout), down
         if layout["has_bias"]:
             self.gate_up_bias = _gate_then_up(experts.gate_up_proj_bias, layout)
@@ -374,11 +383,13 @@ class Conversion:
                              f"(gate and up of width I, then down back to H)")
 
     def _read_router(self, router: nn.Module, family: str, num_experts: int, hidden: int) -> None:
-        # HunYuan's, AFMoE's and DBRX's routers keep their projection in a child Linear; the
-        # others hold the weight.
+        """``num_experts``: the experts the router chooses from (identity ones included)."""
+        # HunYuan's, AFMoE's, DBRX's and LongCat-Flash's routers keep their projection in a child
+        # Linear; the others hold the weight.
         linear = getattr(router, _ROUTER_LINEAR[family]) if family in _ROUTER_LINEAR else router
         self.router_weight = linear.weight
-        self.router_bias = getattr(linear, "bias", None)
+        # LongCat-Flash's router multiplies by its classifier's weight alone, bias or not
+        self.router_bias = None if family == "longcat_flash" else getattr(linear, "bias", None)
         if tuple(self.router_weight.shape) != (num_experts, hidden):
             raise ValueError(f"the router ({type(router).__name__}) weight has shape "
                              f"{tuple(self.router_weight.shape)}: expected [{num_experts}, {hidden}]")

@@ -99,6 +99,11 @@ def _elementwise_scoring(score_fn, what: str) -> str:
                      "on a probe input, the elementwise scorings MoEConfig has")
 
 
+def _longcat_flash_routing(block, router) -> dict:
+    # softmax over the routed and identity experts, a selection-only bias, no renormalisation
+    return dict(selection_bias=True, routed_scaling_factor=float(router.routed_scaling_factor))
+
+
 def _flint_routing(block, router) -> dict:
     return dict(scoring="sigmoid", norm_topk_prob=bool(router.norm_topk_prob))
 
@@ -176,6 +181,7 @@ ROUTING = {
     "laguna": _laguna_routing,
     "minimax_m3_vl": _sigmoid_biased_block_scaled, "step3p7": _sigmoid_biased_block_scaled,
     "beam": _beam_routing, "deepseek_v4": _deepseek_v4_routing, "flint": _flint_routing,
+    "longcat_flash": _longcat_flash_routing,
 }
 
 

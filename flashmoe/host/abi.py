@@ -111,6 +111,7 @@ class LocalRank(C.Structure):
 _PARAMS_FIELDS = [
         ("weight_maps", TensorMap * len(WEIGHT_MAPS)), ("weight_maps_valid", u32), ("pad_maps", u32),
         ("hidden", i32), ("intermediate", i32), ("shared_intermediate", i32), ("num_experts", i32),
+        ("router_experts", i32),
         ("experts_per_rank", i32), ("top_k", i32), ("slots", i32), ("world", i32),
         ("num_local_ranks", i32), ("first_local_rank", i32), ("blocks_per_rank", i32),
         ("max_tokens", i32), ("num_chunks", i32), ("max_row_tiles", i32),
@@ -241,7 +242,7 @@ def fill_params(plan, *, heap: int, peer_bases: int, control: int,
     p = Params()
     p.hidden, p.intermediate = cfg.hidden_size, cfg.intermediate_size
     p.shared_intermediate = cfg.shared_intermediate_total
-    p.num_experts, p.experts_per_rank = cfg.num_experts, plan.experts_per_rank
+    p.num_experts, p.router_experts, p.experts_per_rank = cfg.num_experts, cfg.router_experts, plan.experts_per_rank
     p.top_k, p.slots, p.world = cfg.top_k, plan.slots, plan.world
     p.num_local_ranks, p.first_local_rank = plan.num_local_ranks, plan.first_local_rank
     p.blocks_per_rank, p.max_tokens = plan.blocks_per_rank, plan.max_tokens

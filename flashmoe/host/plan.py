@@ -33,7 +33,7 @@ counters are always banked: launch n zeroes launch n+1's.
     count_flags     no      W * 4                      source ranks    "my counts are written" (epoch value)
     data_flags      no      W * 4                      source ranks    "my rows and entries are written"
     done_flags      no      W * 4                      expert ranks    "your results are written"
-    logits          no      T * E * 4                  this rank       router logits (fp32)
+    logits          no      T * (E + Z) * 4            this rank       router logits (fp32), Z identity experts
     topk_ids        no      T * k * 4                  this rank       chosen experts (int32)
     topk_weights    no      T * k * 4                  this rank       combine weights (fp32)
     shared_gate     no      T * 4                      this rank       sigmoid gate of the shared expert
@@ -71,7 +71,7 @@ from .spec import BLOCK_N, DECODE_BLOCK_M, PREFILL_BLOCK_M, WIDE_BLOCK_N, Kernel
 
 REGION_ALIGN = 256           # bytes; >= 128 so every region starts a cache line and a TMA box
 CHUNK_TOKENS = 64            # tokens per route task / dispatch chunk (one 64-bit mask per expert)
-MAX_EXPERTS = 1024           # routed experts the kernel selects from (32 per lane of a warp)
+MAX_EXPERTS = 1024           # experts the kernel selects from, identity ones too (32 per lane of a warp)
 ENTRY_BYTES = 16             # struct Entry { u32 recv_row, token, slot; f32 weight; }
 NUM_BANKS = 2
 NUM_SYNC_COUNTERS = 5        # barrier, claim, dispatched, finished, exited
@@ -246,7 +246,7 @@ def region_sizes(config: MoEConfig, spec: KernelSpec, world: int, max_tokens: in
         ("count_flags", W * 4, False),
         ("data_flags", W * 4, False),
         ("done_flags", W * 4, False),
-        ("logits", T * E * 4, False),
+        ("logits", T * config.router_experts * 4, False),
         ("topk_ids", T * k * 4, False),
         ("topk_weights", T * k * 4, False),
         ("shared_gate", T * 4, False),
@@ -278,8 +278,9 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
             return f"{name}={getattr(config, name)} must be a multiple of {row_multiple} for {config.dtype}"
     if config.shared_intermediate_total % row_multiple:
         return f"shared width {config.shared_intermediate_total} must be a multiple of {row_multiple}"
-    if config.num_experts > MAX_EXPERTS:
-        return f"num_experts={config.num_experts} is above the kernel's limit of {MAX_EXPERTS}"
+    if config.router_experts > MAX_EXPERTS:
+        return (f"num_experts={config.num_experts} + identity_experts={config.identity_experts} is above "
+                f"the kernel's limit of {MAX_EXPERTS} experts to choose from")
     if config.top_k > 32:
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:

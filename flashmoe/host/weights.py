@@ -54,15 +54,15 @@ class KernelWeights:
         keep = {"gate_up": need(w.gate_up_proj, "gate_up_proj", (E, cfg.up_rows, H), dt),
                 "down": need(w.down_proj, "down_proj", (E, H, cfg.intermediate_size), dt)}
         if self.routing == "router":
-            router = need(w.router_weight, "router_weight", (cfg.num_experts, H), torch.float32)
+            router = need(w.router_weight, "router_weight", (cfg.router_experts, H), torch.float32)
             if cfg.shared_expert_gate:
                 router = torch.cat([router, need(w.shared_gate_weight, "shared_gate_weight", (1, H),
                                                  torch.float32)])
             keep["router"] = router
             if cfg.router_bias:
-                keep["router_bias"] = need(w.router_bias, "router_bias", (cfg.num_experts,), torch.float32)
+                keep["router_bias"] = need(w.router_bias, "router_bias", (cfg.router_experts,), torch.float32)
         if cfg.selection_bias:
-            keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.num_experts,), torch.float32)
+            keep["bias"] = need(w.selection_bias, "selection_bias", (cfg.router_experts,), torch.float32)
         if cfg.expert_bias:
             keep["gate_up_bias"] = need(w.gate_up_bias, "gate_up_bias", (E, cfg.up_rows), dt)
             keep["down_bias"] = need(w.down_bias, "down_bias", (E, H), dt)

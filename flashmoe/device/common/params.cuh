@@ -125,6 +125,7 @@ struct Params {
   i32 intermediate;         // I
   i32 shared_intermediate;  // I_s (0: no shared experts)
   i32 num_experts;          // E
+  i32 router_experts;       // E + Z: the router's experts, the Z past E identity experts (no GEMM)
   i32 experts_per_rank;     // E_l
   i32 top_k;                // k
   i32 slots;                // S = k + has shared experts
@@ -160,9 +161,9 @@ struct Params {
   float swiglu_limit;       //   times clamp(up, -limit, limit) + 1; activation 5: the limit
   u64 timeout_ns;           // bound of every wait
   // Weights.
-  const float* router_weight;   // [E (+1 shared gate row), H] fp32
-  const float* selection_bias;  // [E] fp32
-  const float* router_bias;     // [E] fp32, added to the logits (nullptr: none)
+  const float* router_weight;   // [E + Z (+1 shared gate row), H] fp32
+  const float* selection_bias;  // [E + Z] fp32
+  const float* router_bias;     // [E + Z] fp32, added to the logits (nullptr: none)
   const void* gate_up;          // [experts, 2I or I, H]
   const void* down;             // [experts, H, I]
   const void* gate_up_bias;     // [experts, 2I or I] dtype, added before the activation (nullptr: none)

@@ -1,6 +1,7 @@
 // Combine: once every rank has signalled that its results for this rank are written, each token's
 // output is the sum of its slots' rows weighted by the routing weights (by 1 where they scaled
-// the expert's input, kScaleInput), in slot order, in fp32,
+// the expert's input, kScaleInput), in slot order, in fp32 (a slot that chose an identity expert
+// has the token's own row of x, which never left this rank),
 // then the shared experts' row (scaled by its gate), rounded once to the dtype
 // (flashmoe/reference.py moe_forward). A fixed order and no atomics: bitwise reproducible, and
 // independent of how many ranks the experts are spread over.
@@ -41,6 +42,7 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
   const float* shared_gate = region<float>(p, c.slice, kSharedGate);
   const u32* drops = region<u32>(p, c.slice, kDropMarks, c.bank);
   const bool capacity = p.capacity_factor > 0.0;
+  const bool identity = p.router_experts > p.num_experts;
   // Slot k (after the routed ones) holds the shared experts' row: ret_row_index's layout.
   const u32 slots = p.slots;
   // The block's tokens are c.block, c.block + blocks_per_rank, ...; its items (token, 16-byte
@@ -80,7 +82,10 @@ __device__ bool combine(const Params& p, const Ctx& c, volatile u32* scratch) {
       use[b] = q0 + b < pairs;
       if (use[b]) {
         const u32 t = token(load), j = load.slot;
-        rows[b] = ld_cg_v4(ret + ret_row_index(p, t, j) * H + (u64)load.vec * kVecElems);
+        const elem_t* row = ret + ret_row_index(p, t, j) * H;
+        // Only a layer with identity experts reads the slot's id before its row.
+        if (identity && j < (u32)k && ld_weak(ids + (u64)t * k + j) >= p.num_experts) row = c.x + (u64)t * H;
+        rows[b] = ld_cg_v4(row + (u64)load.vec * kVecElems);
         if (j == (u32)k) {
           w[b] = p.shared_gate ? ld_weak(shared_gate + t) : 1.0f;
         } else {

@@ -46,6 +46,12 @@ __device__ void signal_counts(const Params& p, const Ctx& c) {
   for (int dst = c.block; dst < p.world; dst += p.blocks_per_rank) remote_signal(p, dst, off, c.epoch);
 }
 
+// Whether a slot's id names an expert whose rank gets the row: not "no expert" (-1, a caller's
+// routing) nor an identity expert (E and above, whose output is the row itself).
+__device__ __forceinline__ bool dispatched(const Params& p, int e) {
+  return static_cast<u32>(e) < static_cast<u32>(p.num_experts);
+}
+
 struct DispatchSmem {
   u64 masks[1];   // [E + W]: bit t set when chunk token t goes to that expert / destination rank
 };
@@ -67,7 +73,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   __syncthreads();
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
     const int e = ld_weak(ids + pair);
-    if (kRoutingGiven && e < 0) continue;   // "no expert" in the caller's routing
+    if (!dispatched(p, e)) continue;
     const u64 bit = 1ull << (pair / k);
     atomicOr(&expert_mask[e], bit);
     atomicOr(&rank_mask[e / p.experts_per_rank], bit);
@@ -79,7 +85,7 @@ __device__ void dispatch_chunk(const Params& p, const Ctx& c, int chunk) {
   for (int pair = threadIdx.x; pair < ntok * k; pair += kThreads) {
     const int tl = pair / k, j = pair % k;
     const int e = ld_weak(ids + pair);
-    if (kRoutingGiven && e < 0) continue;
+    if (!dispatched(p, e)) continue;
     const int dst = e / p.experts_per_rank;
     const u64 below = (1ull << tl) - 1;
     // Entry {recv_row, token, slot, weight} as one vector.

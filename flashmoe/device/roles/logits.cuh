@@ -37,7 +37,7 @@ constexpr int kWVecsPerSegment = kRouterSegment / 4;           // and of W_route
 // Shared memory of route_chunk (flashmoe/host/plan.py phase_smem_bytes()): a tile's segment,
 // k-major, so that a thread reads its 4 tokens and each 4 of its rows as one 16-byte vector.
 // Decode staging (router_logits_rows) reuses it and whatever else of the phase area its segments
-// need. Selection (router.cuh route_token) then holds each warp's E selection values there.
+// need. Selection (router.cuh route_token) then holds each warp's E + Z selection values there.
 struct RouterSmem {
   float x[kRouterSegment][kChunkTokens];
   float w[kRouterSegment][kRouterTileRows];
@@ -97,18 +97,19 @@ __device__ __forceinline__ float segment_dot(const float* x, const float* w) {
   return acc;
 }
 
-// Router row e's logit of token t: a routed expert's, plus its router bias, into the logits; the
-// shared-expert gate's row (e = E) through its sigmoid into the gates; rows past those are padding.
+// Router row e's logit of token t: a router expert's (routed or identity), plus its router bias,
+// into the logits; the shared-expert gate's row (e = E + Z) through its sigmoid into the gates;
+// rows past those are padding.
 // (The regions' addresses are found here, not held by the callers across their K loops.)
 __device__ __forceinline__ void store_logit(const Params& p, const Ctx& c, int t, int e, float v) {
-  if (e < p.num_experts)
-    st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.num_experts + e,
+  if (e < p.router_experts)
+    st_weak(region<float>(p, c.slice, kLogits) + (u64)t * p.router_experts + e,
             p.router_bias ? v + p.router_bias[e] : v);
-  else if (e == p.num_experts && p.shared_gate)
+  else if (e == p.router_experts && p.shared_gate)
     st_weak(region<float>(p, c.slice, kSharedGate) + t, div_full(1.0f, 1.0f + expf(-v)));
 }
 
-// logits[t][e] of chunk `chunk`'s tokens for router rows [e0, e0 + 64 kHalves) (E, then the
+// logits[t][e] of chunk `chunk`'s tokens for router rows [e0, e0 + 64 kHalves) (E + Z, then the
 // shared-expert gate's row; rows past those are zeros and not stored). 256 virtual threads, 16 x 16,
 // each 4 tokens (4 ty..) x 4 rows of each half (64 h + 4 tx..): per k a warp reads its two x
 // vectors as one broadcast and each half's 16 W_router vectors as 2 wavefronts, so a full tile
@@ -121,7 +122,7 @@ __device__ void router_tile(const Params& p, const Ctx& c, int chunk, int e0) {
   RouterSmem& sm = *reinterpret_cast<RouterSmem*>(c.smem());
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int rows = p.router_experts + (p.shared_gate ? 1 : 0);
   constexpr int kVirtual = 256;
   constexpr int kPerThread = (kVirtual + kThreads - 1) / kThreads;
   constexpr int kCols = 4 * kHalves;
@@ -215,7 +216,7 @@ __device__ __forceinline__ void logits_tile(const Params& p, const Ctx& c, int c
 __device__ void router_logits_rows(const Params& p, const Ctx& c, int chunk, int e0, int ne) {
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int rows = p.router_experts + (p.shared_gate ? 1 : 0);
   const int pairs = ntok * ne;
   const int nseg = ceil_div(p.hidden, kRouterSegment);
   const int per_segment = (ntok + ne) * kSegmentPitch + pairs;   // floats: x, W_router, chain sums
@@ -277,7 +278,7 @@ __device__ __forceinline__ bool logits_first(const Params& p, int nchunks) {
 // the 32 reads the cycle would hold. A few tokens take slices (one token: ~E / blocks rows a
 // block instead of a tile), more take tiles (E = 256 on 132 blocks: slices up to 192 tokens).
 __device__ void spread_logits(const Params& p, const Ctx& c, int nchunks) {
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int rows = p.router_experts + (p.shared_gate ? 1 : 0);
   const int ntok_max = min(kChunkTokens, c.num_tokens);
   const int wide = min(kRouterTileRows, kThreads / ntok_max);
   const int ne = max(1, min(wide, ceil_div(rows * nchunks, p.blocks_per_rank)));

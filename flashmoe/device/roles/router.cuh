@@ -34,10 +34,12 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 }
 
 // Lane j < k holds the token's j-th choice (id -1: none): store it and count the token once per
-// expert and once per destination rank (lane j counts rank r unless an earlier slot did).
+// expert and once per destination rank (lane j counts rank r unless an earlier slot did). An
+// identity expert (id >= E) is stored and counted nowhere: its row is the token's own, which the
+// combine reads from x (combine.cuh).
 __device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_out, float* weights_out,
                               i32* counts, int lane) {
-  const bool chosen = lane < p.top_k && my_id >= 0;
+  const bool chosen = lane < p.top_k && my_id >= 0 && my_id < p.num_experts;
   if (lane < p.top_k) {
     st_weak(ids_out + lane, my_id);
     st_weak(weights_out + lane, my_w);
@@ -56,10 +58,10 @@ __device__ void record_choice(const Params& p, int my_id, float my_w, i32* ids_o
 // experts l, l + 32, ...; their selection values (score plus bias) go to the warp's `sel` in shared
 // memory once, for the group pass and the k rounds of arg-best; lane j < k scores its choice again
 // for its weight. (Scoring every expert in every round from global memory took 82-105 us a chunk
-// at E = 128, k = 8 in the H200 traces of 446305b.)
+// at E = 128, k = 8 in the H200 traces of 446305b.) It chooses among the router's E + Z experts.
 __device__ void route_token(const Params& p, const float* logits_row, float* sel, i32* ids_out,
                             float* weights_out, i32* counts, int lane) {
-  const int E = p.num_experts;
+  const int E = p.router_experts;
   const int per_lane = ceil_div(E, 32);   // <= 32: one bit per entry in `taken`
   __syncwarp();   // the warp's last token is done with `sel` (its group pass reads other lanes' entries)
   float m = neg_inf(), sum = 0.0f;
@@ -195,7 +197,7 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logit
   // Each thread zeroes the counts it stored for the last chunk (store_chunk_counts); router_tile
   // stays clear of them.
   for (int i = threadIdx.x; i < p.num_experts + p.world; i += kThreads) sm.counts[i] = 0;
-  const int rows = p.num_experts + (p.shared_gate ? 1 : 0);
+  const int rows = p.router_experts + (p.shared_gate ? 1 : 0);
   if (!logits_done)
     for (int e0 = 0; e0 < rows; e0 += kRouterTileRows) logits_tile(p, c, chunk, e0, min(kRouterTileRows, rows - e0));
   __syncthreads();   // the counts are zero and the chunk's logits in before any warp reads them
@@ -207,10 +209,10 @@ __device__ void route_chunk(const Params& p, const Ctx& c, int chunk, bool logit
   const int t0 = chunk * kChunkTokens;
   const int ntok = min(kChunkTokens, c.num_tokens - t0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* sel = &sm.x[0][0] + warp * p.num_experts;
+  float* sel = &sm.x[0][0] + warp * p.router_experts;
   for (int tl = warp; tl < ntok; tl += kWarps) {
     const u64 t = t0 + tl;
-    route_token(p, logits + t * p.num_experts, sel, ids + t * p.top_k, weights + t * p.top_k, sm.counts, lane);
+    route_token(p, logits + t * p.router_experts, sel, ids + t * p.top_k, weights + t * p.top_k, sm.counts, lane);
   }
   store_chunk_counts(p, c, chunk, sm.counts);
   if (threadIdx.x == 0) trace_record(p, c, scope, kTaskRoute, chunk, ntok);
