@@ -249,6 +249,15 @@ def test_plan_bounds_hold_for_real_routing(data, layer, T, mode, seed):
         assert tiles <= plan.max_row_tiles
 
 
+def test_the_expert_limit_counts_identity_experts():
+    """The router selects among E + Z (32 a lane of a warp): identity experts count toward its limit."""
+    spec = KernelSpec(arch="sm_90a", dtype="bfloat16", gated=True)
+    at_limit = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=1016, identity_experts=8, top_k=2)
+    assert plan_mod.kernel_support(at_limit, spec, 1) is None
+    assert plan_mod.kernel_support(at_limit.replace(identity_experts=9), spec, 1) == (
+        "num_experts + identity_experts = 1025 is above the kernel's limit of 1024 experts to choose from")
+
+
 def test_expert_placement_partitions_contiguously():
     for W in (1, 2, 4, 8):
         for E in range(W, 65, W):

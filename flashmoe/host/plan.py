@@ -8,7 +8,7 @@ GPU, L = 1 for one process per GPU), E experts, E_l = E / W per rank, k experts 
 T = max tokens per rank, H hidden, I intermediate, I_s the fused shared-expert width (0 if none),
 S = k + (1 if shared experts) result slots per token, b = element bytes (2, or 4 for fp32),
 C = ceil(T / 64) token chunks, R = W * T * min(k, E_l) expert rows a rank can receive, BM x BN the
-GEMM tile.
+GEMM tile, Z identity experts (chosen by the router beside the E, never placed on a rank).
 
 Placement: rank r owns the contiguous experts [r * E_l, (r + 1) * E_l).
 
@@ -279,8 +279,8 @@ def kernel_support(config: MoEConfig, spec: KernelSpec, world: int) -> str | Non
     if config.shared_intermediate_total % row_multiple:
         return f"shared width {config.shared_intermediate_total} must be a multiple of {row_multiple}"
     if config.router_experts > MAX_EXPERTS:
-        return (f"num_experts={config.num_experts} + identity_experts={config.identity_experts} is above "
-                f"the kernel's limit of {MAX_EXPERTS} experts to choose from")
+        return (f"num_experts + identity_experts = {config.router_experts} is above the kernel's limit of "
+                f"{MAX_EXPERTS} experts to choose from")
     if config.top_k > 32:
         return f"top_k={config.top_k} is above the kernel's limit of 32"
     if config.n_group > 32:
